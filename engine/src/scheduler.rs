@@ -989,8 +989,10 @@ mod tests {
         // plus its adapter) is admitted; request 1 (49 more) would leave no room for request
         // 0's growth, so it waits although 90 pages are free right now.
         let mut s = scheduler(100, &[2]);
-        s.submit(RequestMeta::new(0, Some(0), 10, 40), Nanos(0)).unwrap();
-        s.submit(RequestMeta::new(1, None, 10, 40), Nanos(0)).unwrap();
+        s.submit(RequestMeta::new(0, Some(0), 10, 40), Nanos(0))
+            .unwrap();
+        s.submit(RequestMeta::new(1, None, 10, 40), Nanos(0))
+            .unwrap();
         let (plan, out) = step(&mut s, Nanos(0));
         assert_eq!(plan.prefill.len(), 1);
         assert_eq!(plan.loads.len(), 1);
