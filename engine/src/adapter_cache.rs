@@ -50,6 +50,7 @@ pub struct AdapterCache {
     loading: Vec<AdapterId>,
     use_clock: u64,
     pinned_adapters: u32,
+    pinned_rank_sum: u64,
 }
 
 impl AdapterCache {
@@ -75,6 +76,7 @@ impl AdapterCache {
             loading: Vec::new(),
             use_clock: 0,
             pinned_adapters: 0,
+            pinned_rank_sum: 0,
         }
     }
 
@@ -132,6 +134,12 @@ impl AdapterCache {
         self.pinned_adapters
     }
 
+    /// Sum of the ranks of the adapters running requests use (their weights are read once
+    /// per step by the LoRA kernels).
+    pub fn pinned_rank_sum(&self) -> u64 {
+        self.pinned_rank_sum
+    }
+
     /// Pages held by resident adapters that no running request uses.
     pub fn evictable_pages(&self) -> u64 {
         self.evictable_pages
@@ -160,6 +168,7 @@ impl AdapterCache {
         e.pins += 1;
         if e.pins == 1 {
             self.pinned_adapters += 1;
+            self.pinned_rank_sum += e.rank as u64;
             if e.state == Residency::Resident && self.evictable.remove(&(e.last_used, id.0)) {
                 self.evictable_pages -= e.pages_needed as u64;
             }
@@ -172,6 +181,7 @@ impl AdapterCache {
         e.pins = e.pins.saturating_sub(1);
         if e.pins == 0 {
             self.pinned_adapters -= 1;
+            self.pinned_rank_sum -= e.rank as u64;
             self.use_clock += 1;
             e.last_used = self.use_clock;
             if e.state == Residency::Resident {
@@ -258,7 +268,7 @@ impl AdapterCache {
                 ));
             }
             for &p in &e.pages {
-                if pool.owner(p) != Some(PageOwner::Adapter(id)) {
+                if pool.owner(p).is_some_and(|o| o != PageOwner::Adapter(id)) {
                     return Err(format!(
                         "{id} lists page {p:?} owned by {:?}",
                         pool.owner(p)

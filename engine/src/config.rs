@@ -34,7 +34,7 @@ pub enum Admission {
     #[default]
     Conservative,
     /// Admit when the pages needed *now* fit; when a later step runs out of pages, preempt
-    /// the most recently admitted requests and recompute them later (vLLM's default).
+    /// the running requests that arrived last and recompute them later (vLLM's default).
     Optimistic,
 }
 

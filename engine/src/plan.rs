@@ -77,8 +77,22 @@ pub struct StepPlan {
     pub pool: PoolUsage,
     /// Requests left waiting after this plan.
     pub waiting: u32,
-    /// Distinct adapters used by the batch.
+    /// Distinct adapters used by running requests, and the sum of their ranks.
     pub distinct_adapters: u32,
+    pub distinct_rank_sum: u64,
+    /// Aggregates of `decode`, gathered while planning so a cost model need not walk it.
+    pub decode_stats: DecodeStats,
+}
+
+/// Sums over a plan's decode work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecodeStats {
+    /// KV rows attention reads: `context_len + 1` per decode request.
+    pub context_tokens: u64,
+    pub max_context: u32,
+    /// Decode requests that use an adapter, and the sum of those adapters' ranks.
+    pub lora_requests: u32,
+    pub lora_rank_sum: u64,
 }
 
 impl StepPlan {

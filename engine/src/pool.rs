@@ -11,8 +11,11 @@
 //! every page is either on exactly one free list or has exactly one owner; the counters equal
 //! a recount of the owners; `kv + adapter + free == capacity`.
 //!
-//! Complexity: allocating or freeing a page is O(1) (a stack push or pop and one owner
-//! write). Pages are handed out in whatever order they were freed: allocation is
+//! The owner table exists in debug builds only (where tests re-check every invariant after
+//! every step): in release the hot path is a stack pop or push and a counter, and writes no
+//! per-page table, whose random stores cost more than the rest of a decode step together.
+//!
+//! Complexity: allocating or freeing a page is O(1) (a stack push or pop). Pages are handed out in whatever order they were freed: allocation is
 //! deliberately non-contiguous, which the executor's gather kernels support.
 
 use crate::request::RequestId;
@@ -58,9 +61,56 @@ pub struct PoolUsage {
     pub free: u32,
 }
 
+/// Per-page owners, tracked in debug builds only (see the module doc).
+#[derive(Debug)]
+struct OwnerTable {
+    #[cfg(debug_assertions)]
+    owners: Vec<PageOwner>,
+}
+
+impl OwnerTable {
+    fn new(_capacity: u32) -> Self {
+        OwnerTable {
+            #[cfg(debug_assertions)]
+            owners: vec![PageOwner::Free; _capacity as usize],
+        }
+    }
+
+    #[inline]
+    fn set(&mut self, _page: PageId, _owner: PageOwner) {
+        #[cfg(debug_assertions)]
+        {
+            self.owners[_page.0 as usize] = _owner;
+        }
+    }
+
+    /// Replaces an owner, checking the old one (debug builds).
+    #[inline]
+    fn release(&mut self, _page: PageId, _expected: PageOwner) {
+        #[cfg(debug_assertions)]
+        {
+            let slot = &mut self.owners[_page.0 as usize];
+            debug_assert_eq!(*slot, _expected, "page {_page:?} freed by a non-owner");
+            *slot = PageOwner::Free;
+        }
+    }
+
+    fn get(&self, _page: PageId) -> Option<PageOwner> {
+        #[cfg(debug_assertions)]
+        {
+            self.owners.get(_page.0 as usize).copied()
+        }
+        #[cfg(not(debug_assertions))]
+        {
+            None
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct PagePool {
-    owners: Vec<PageOwner>,
+    capacity: u32,
+    owners: OwnerTable,
     /// `free[0]` serves KV (and adapters when unified); `free[1]` serves adapters when separate.
     free: [Vec<PageId>; 2],
     region_capacity: [u32; 2],
@@ -81,7 +131,8 @@ impl PagePool {
         let kv_free: Vec<PageId> = (0..kv_region).rev().map(PageId).collect();
         let adapter_free: Vec<PageId> = (kv_region..capacity).rev().map(PageId).collect();
         PagePool {
-            owners: vec![PageOwner::Free; capacity as usize],
+            capacity,
+            owners: OwnerTable::new(capacity),
             free: [kv_free, adapter_free],
             region_capacity: [kv_region, adapter_region],
             separate,
@@ -98,7 +149,7 @@ impl PagePool {
     }
 
     pub fn capacity(&self) -> u32 {
-        self.owners.len() as u32
+        self.capacity
     }
 
     pub fn is_unified(&self) -> bool {
@@ -128,8 +179,9 @@ impl PagePool {
         }
     }
 
+    /// Who holds a page; `None` in release builds, which do not track owners.
     pub fn owner(&self, page: PageId) -> Option<PageOwner> {
-        self.owners.get(page.0 as usize).copied()
+        self.owners.get(page)
     }
 
     /// Allocates `n` pages for `owner`, appending them to `out`; all or nothing.
@@ -149,7 +201,7 @@ impl PagePool {
             let Some(page) = self.free[list].pop() else {
                 return false;
             };
-            self.owners[page.0 as usize] = owner;
+            self.owners.set(page, owner);
             out.push(page);
         }
         match kind {
@@ -157,6 +209,15 @@ impl PagePool {
             PageKind::Adapter => self.adapter += n,
         }
         true
+    }
+
+    /// Allocates one KV page: the decode fast path (one per running request per step).
+    #[inline]
+    pub(crate) fn alloc_kv_page(&mut self, request: RequestId) -> Option<PageId> {
+        let page = self.free[0].pop()?;
+        self.owners.set(page, PageOwner::Kv(request));
+        self.kv += 1;
+        Some(page)
     }
 
     /// Returns pages to their free list. Each page must be owned by `owner`; a page that is
@@ -169,9 +230,7 @@ impl PagePool {
         };
         let list = self.list(kind);
         for &page in pages {
-            let slot = &mut self.owners[page.0 as usize];
-            debug_assert_eq!(*slot, owner, "page {page:?} freed by a non-owner");
-            *slot = PageOwner::Free;
+            self.owners.release(page, owner);
             self.free[list].push(page);
         }
         let n = pages.len() as u32;
@@ -183,49 +242,54 @@ impl PagePool {
 
     /// Recounts everything from scratch; O(capacity). For tests and debugging.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut on_free_list = vec![false; self.owners.len()];
+        let capacity = self.capacity as usize;
+        let mut on_free_list = vec![false; capacity];
         for (list, pages) in self.free.iter().enumerate() {
             for &p in pages {
                 let i = p.0 as usize;
-                if i >= self.owners.len() {
+                if i >= capacity {
                     return Err(format!("free list {list} holds out-of-range page {i}"));
                 }
                 if on_free_list[i] {
                     return Err(format!("page {i} is on a free list twice"));
                 }
                 on_free_list[i] = true;
-                if self.owners[i] != PageOwner::Free {
-                    return Err(format!(
-                        "page {i} is free-listed but owned by {:?}",
-                        self.owners[i]
-                    ));
-                }
                 let kv_region = self.region_capacity[0];
                 if self.separate && ((i as u32) < kv_region) != (list == 0) {
                     return Err(format!("page {i} is on the wrong region's free list"));
                 }
             }
         }
-        let (mut kv, mut adapter) = (0u32, 0u32);
-        for (i, owner) in self.owners.iter().enumerate() {
-            match owner {
-                PageOwner::Free if !on_free_list[i] => {
-                    return Err(format!("page {i} is free but on no free list (leaked)"))
-                }
-                PageOwner::Free => {}
-                PageOwner::Kv(_) => kv += 1,
-                PageOwner::Adapter(_) => adapter += 1,
-            }
-        }
-        if kv != self.kv || adapter != self.adapter {
+        let free = on_free_list.iter().filter(|&&f| f).count() as u32;
+        let u = self.usage();
+        if u.kv + u.adapter + free != u.capacity {
             return Err(format!(
-                "counters say kv={} adapter={}, recount says kv={kv} adapter={adapter}",
-                self.kv, self.adapter
+                "counters {u:?} do not sum to capacity ({free} free-listed)"
             ));
         }
-        let u = self.usage();
-        if u.kv + u.adapter + u.free != u.capacity {
-            return Err(format!("counters {u:?} do not sum to capacity"));
+        // With an owner table (debug builds): every page is free-listed xor owned, and the
+        // counters equal a recount.
+        if self.owner(PageId(0)).is_some() {
+            let (mut kv, mut adapter) = (0u32, 0u32);
+            for (i, &listed) in on_free_list.iter().enumerate() {
+                match self.owner(PageId(i as u32)) {
+                    Some(PageOwner::Free) if !listed => {
+                        return Err(format!("page {i} is free but on no free list (leaked)"))
+                    }
+                    Some(PageOwner::Free) | None => {}
+                    Some(owner) if listed => {
+                        return Err(format!("page {i} is free-listed but owned by {owner:?}"))
+                    }
+                    Some(PageOwner::Kv(_)) => kv += 1,
+                    Some(PageOwner::Adapter(_)) => adapter += 1,
+                }
+            }
+            if kv != self.kv || adapter != self.adapter {
+                return Err(format!(
+                    "counters say kv={} adapter={}, recount says kv={kv} adapter={adapter}",
+                    self.kv, self.adapter
+                ));
+            }
         }
         Ok(())
     }

@@ -8,7 +8,7 @@
 //! 1. **Early abort** (if configured): drop waiting requests whose first token can no longer
 //!    arrive by `arrival + ttft_slo`.
 //! 2. **Decode**: every running request whose prompt is done gets one new KV page. Under
-//!    optimistic admission, if pages run out, the most recently admitted requests are
+//!    optimistic admission, if pages run out, the latest-arriving running requests are
 //!    preempted (recompute) until the rest fit. Unpinned adapters are evicted (LRU) first.
 //! 3. **Continuing prefills** (chunked prefill): requests admitted earlier with prompt left
 //!    get the next chunk, within the step's prefill-token budget.
@@ -34,7 +34,8 @@ use crate::config::{
 };
 use crate::fairness::VirtualTokenCounters;
 use crate::plan::{
-    AdapterLoad, DecodeWork, Emitted, PageSpan, PrefillWork, StepOutcome, StepPlan, StepReport,
+    AdapterLoad, DecodeStats, DecodeWork, Emitted, PageSpan, PrefillWork, StepOutcome, StepPlan,
+    StepReport,
 };
 use crate::pool::{PageId, PageKind, PageOwner, PagePool, PoolUsage};
 use crate::request::{AbortReason, Aborted, Finished, Reject, RequestId, RequestMeta};
@@ -101,6 +102,8 @@ struct Running {
     kv_len: u32,
     generated: u32,
     preemptions: u32,
+    /// Rank of its adapter (0 without one), kept here so planning touches no other table.
+    rank: u32,
     pages: Vec<PageId>,
     work: Work,
 }
@@ -149,7 +152,8 @@ pub struct Scheduler {
     waiting: BTreeMap<u64, Waiting>,
     /// `(deadline, seq)` of waiting requests that have not produced a first token.
     deadlines: BTreeSet<(Nanos, u64)>,
-    /// In admission order: the last is the first preemption victim.
+    /// Running requests, in no particular order (finished ones are swap-removed); preemption
+    /// picks the latest arrival by `seq`.
     running: Vec<Running>,
     live: HashSet<RequestId>,
     reserved: u64,
@@ -160,6 +164,8 @@ pub struct Scheduler {
     overload: OverloadEstimator,
     candidates: Vec<u64>,
     vtc_scratch: Vec<(f64, u32)>,
+    prefill_order: Vec<usize>,
+    finished_scratch: Vec<usize>,
     counters: EngineCounters,
 }
 
@@ -191,6 +197,8 @@ impl Scheduler {
             },
             candidates: Vec::new(),
             vtc_scratch: Vec::new(),
+            prefill_order: Vec::new(),
+            finished_scratch: Vec::new(),
             counters: EngineCounters::default(),
         })
     }
@@ -360,12 +368,16 @@ impl Scheduler {
         self.abort_unreachable(now, &mut plan);
         self.plan_decodes(&mut plan);
         let mut budget = self.cfg.max_prefill_tokens;
-        self.plan_continuing_prefills(&mut budget, &mut plan);
-        if !plan.has_compute() && !self.running.is_empty() {
+        // Without chunking a prompt is prefilled whole in its admission step, so no running
+        // request is ever left mid-prompt.
+        if self.cfg.chunked_prefill {
+            self.plan_continuing_prefills(&mut budget, &mut plan);
+        }
+        if self.cfg.chunked_prefill && !plan.has_compute() && !self.running.is_empty() {
             // Optimistic chunked prefills can all be short of pages at once: give the oldest
             // room by preempting from the back until it can proceed.
             while self.running.len() > 1 && !plan.has_compute() {
-                self.preempt_last(&mut plan);
+                self.preempt_newest(&mut plan);
                 self.plan_continuing_prefills(&mut budget, &mut plan);
             }
         }
@@ -383,6 +395,7 @@ impl Scheduler {
         plan.pool = self.pool.usage();
         plan.waiting = self.waiting.len() as u32;
         plan.distinct_adapters = self.adapters.pinned_adapters();
+        plan.distinct_rank_sum = self.adapters.pinned_rank_sum();
         self.in_flight = Some(plan.step);
         Ok(Some(plan))
     }
@@ -456,10 +469,13 @@ impl Scheduler {
         let mut decoders = self.running.iter().filter(|r| !r.in_prefill()).count() as u64;
         if self.cfg.admission == Admission::Optimistic {
             while self.kv_reclaimable() < decoders && !self.running.is_empty() {
-                if !self.running.last().is_some_and(|r| r.in_prefill()) {
+                if self
+                    .newest_running()
+                    .is_some_and(|i| !self.running[i].in_prefill())
+                {
                     decoders -= 1;
                 }
-                self.preempt_last(plan);
+                self.preempt_newest(plan);
             }
         }
         // Conservative admission reserved these pages; optimistic just made room.
@@ -468,34 +484,50 @@ impl Scheduler {
             room,
             "decode pages must be available after reservation/preemption"
         );
-        let mut scratch = Vec::with_capacity(1);
-        for i in 0..self.running.len() {
-            if self.running[i].in_prefill() {
-                self.running[i].work = Work::Idle;
+        let conservative = self.cfg.admission == Admission::Conservative;
+        plan.decode.reserve(self.running.len());
+        let mut stats = DecodeStats::default();
+        for r in &mut self.running {
+            if r.in_prefill() {
+                r.work = Work::Idle;
                 continue;
             }
-            scratch.clear();
-            if !self.alloc_kv(i, 1, &mut scratch) {
-                self.running[i].work = Work::Idle;
+            let Some(page) = self.pool.alloc_kv_page(r.meta.id) else {
+                r.work = Work::Idle;
                 continue;
+            };
+            r.pages.push(page);
+            if conservative {
+                self.reserved -= 1;
             }
-            let r = &mut self.running[i];
             r.work = Work::Decode;
+            stats.context_tokens += r.kv_len as u64 + 1;
+            stats.max_context = stats.max_context.max(r.kv_len + 1);
+            if r.meta.adapter.is_some() {
+                stats.lora_requests += 1;
+                stats.lora_rank_sum += r.rank as u64;
+            }
             plan.decode.push(DecodeWork {
                 request: r.meta.id,
                 adapter: r.meta.adapter,
                 context_len: r.kv_len,
-                page: scratch[0],
+                page,
             });
         }
+        plan.decode_stats = stats;
     }
 
     fn plan_continuing_prefills(&mut self, budget: &mut u32, plan: &mut StepPlan) {
-        for i in 0..self.running.len() {
+        // Oldest first. Only chunked prefills are ever left mid-prompt, so this is usually empty.
+        let mut order = std::mem::take(&mut self.prefill_order);
+        order.clear();
+        order.extend(
+            (0..self.running.len())
+                .filter(|&i| self.running[i].in_prefill() && self.running[i].work == Work::Idle),
+        );
+        order.sort_unstable_by_key(|&i| self.running[i].seq);
+        for &i in &order {
             let r = &self.running[i];
-            if !r.in_prefill() || r.work != Work::Idle {
-                continue;
-            }
             let remaining = r.prefill_target - r.kv_len;
             let chunk = remaining.min(*budget);
             if chunk == 0 {
@@ -527,12 +559,19 @@ impl Scheduler {
                 emits_token: emits,
             });
         }
+        self.prefill_order = order;
     }
 
-    fn preempt_last(&mut self, plan: &mut StepPlan) {
-        let Some(r) = self.running.pop() else {
+    /// Index of the running request that arrived last: the first preemption victim.
+    fn newest_running(&self) -> Option<usize> {
+        (0..self.running.len()).max_by_key(|&i| self.running[i].seq)
+    }
+
+    fn preempt_newest(&mut self, plan: &mut StepPlan) {
+        let Some(index) = self.newest_running() else {
             return;
         };
+        let r = self.running.swap_remove(index);
         self.pool.free(PageOwner::Kv(r.meta.id), &r.pages);
         if self.cfg.admission == Admission::Conservative {
             self.reserved -= r.worst_case_pages() - r.pages.len() as u64;
@@ -667,8 +706,17 @@ impl Scheduler {
             _ => false,
         };
         let mut admitted = 0usize;
+        // Plain queue order looks at the head only; clustering, the adapter cap and VTC choose
+        // among `lookahead` candidates.
+        let simple =
+            !self.cfg.clustering && self.cfg.max_adapters_per_batch.is_none() && self.vtc.is_none();
+        let lookahead = if simple {
+            1
+        } else {
+            self.cfg.lookahead as usize
+        };
         while (self.running.len() as u32) < self.cfg.max_batch_size && *budget > 0 {
-            self.fill_candidates(self.cfg.lookahead as usize, newest_first);
+            self.fill_candidates(lookahead, newest_first);
             let Some(seq) = self.choose() else { break };
             let w = &self.waiting[&seq];
             let target = w.meta.prompt_tokens + w.generated;
@@ -725,6 +773,7 @@ impl Scheduler {
             kv_len: 0,
             generated: w.generated,
             preemptions: w.preemptions,
+            rank: w.meta.adapter.map_or(0, |a| self.adapters.rank(a)),
             pages: Vec::with_capacity(w.meta.worst_case_pages().min(1 << 16) as usize),
             work: Work::Idle,
         });
@@ -832,8 +881,9 @@ impl Scheduler {
             emitted: Vec::with_capacity(self.running.len()),
             finished: Vec::new(),
         };
-        let mut any_finished = false;
-        for r in &mut self.running {
+        let mut finished = std::mem::take(&mut self.finished_scratch);
+        finished.clear();
+        for (i, r) in self.running.iter_mut().enumerate() {
             let emits = match r.work {
                 Work::Idle => false,
                 Work::Decode => {
@@ -856,36 +906,33 @@ impl Scheduler {
                 if let Some(vtc) = self.vtc.as_mut() {
                     vtc.charge_output(r.client, 1);
                 }
-                any_finished |= r.generated >= r.meta.output_tokens;
+                if r.generated >= r.meta.output_tokens {
+                    finished.push(i);
+                }
             }
         }
-        if any_finished {
-            let mut i = 0;
-            while i < self.running.len() {
-                if self.running[i].generated < self.running[i].meta.output_tokens {
-                    i += 1;
-                    continue;
-                }
-                let r = self.running.remove(i);
-                self.pool.free(PageOwner::Kv(r.meta.id), &r.pages);
-                if self.cfg.admission == Admission::Conservative {
-                    self.reserved -= r.worst_case_pages() - r.pages.len() as u64;
-                }
-                if let Some(a) = r.meta.adapter {
-                    self.adapters.unpin(a);
-                }
-                self.live.remove(&r.meta.id);
-                self.counters.finished += 1;
-                outcome.finished.push(Finished {
-                    request: r.meta.id,
-                    adapter: r.meta.adapter,
-                    prompt_tokens: r.meta.prompt_tokens,
-                    output_tokens: r.meta.output_tokens,
-                    arrival: r.arrival,
-                    preemptions: r.preemptions,
-                });
+        // Descending, so each swap_remove moves an element that is not itself finished.
+        for &i in finished.iter().rev() {
+            let r = self.running.swap_remove(i);
+            self.pool.free(PageOwner::Kv(r.meta.id), &r.pages);
+            if self.cfg.admission == Admission::Conservative {
+                self.reserved -= r.worst_case_pages() - r.pages.len() as u64;
             }
+            if let Some(a) = r.meta.adapter {
+                self.adapters.unpin(a);
+            }
+            self.live.remove(&r.meta.id);
+            self.counters.finished += 1;
+            outcome.finished.push(Finished {
+                request: r.meta.id,
+                adapter: r.meta.adapter,
+                prompt_tokens: r.meta.prompt_tokens,
+                output_tokens: r.meta.output_tokens,
+                arrival: r.arrival,
+                preemptions: r.preemptions,
+            });
         }
+        self.finished_scratch = finished;
         Ok(outcome)
     }
 
@@ -899,7 +946,11 @@ impl Scheduler {
         let mut kv_pages = 0u64;
         for r in &self.running {
             for &p in &r.pages {
-                if self.pool.owner(p) != Some(PageOwner::Kv(r.meta.id)) {
+                if self
+                    .pool
+                    .owner(p)
+                    .is_some_and(|o| o != PageOwner::Kv(r.meta.id))
+                {
                     return Err(format!("{} lists page {p:?} it does not own", r.meta.id));
                 }
             }

@@ -1,0 +1,2017 @@
+//! Cost models: how long a step takes on a GPU, with a breakdown of where the time goes.
+//!
+//! INTERFACE (fixed): `BatchShape`, `StepCost`, `CostModel`, `Provenance`.
+//!
+//! Below it: the GPU catalogue ([`gpu_catalogue`], [`find_gpu`]; every number cites its
+//! datasheet), the derived roofline model [`AnalyticCost`] with its [`Efficiency`] factors
+//! (defaults fitted to the H200 measurements in DESIGN.md, see [`Efficiency`]), the KV pool
+//! size [`kv_pool_pages`], and the calibration profile file format ([`CalibrationProfile`],
+//! [`load_profile`]) that `slora-plan calibrate` writes and a calibrated model reads.
+//!
+//! `step_cost` runs once per simulated step: `AnalyticCost` precomputes every rate in `new`,
+//! so a call is a few dozen floating-point operations (about 60 ns), with no allocation.
+
+use serde::{Deserialize, Serialize};
+use slora_engine::{ModelSpec, Nanos, SpecError, StepPlan, TargetModule};
+use std::path::{Path, PathBuf};
+
+/// Where a cost figure comes from. Every result is labelled with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provenance {
+    /// Roofline from datasheet numbers and efficiency factors.
+    Derived,
+    /// Lookup tables measured by `slora-plan calibrate` on a real GPU.
+    Calibrated,
+    /// Measured live on a GPU (`simulate --execute`).
+    Executed,
+}
+
+/// The shape of one step, summarised for a cost model. Built from a `StepPlan` in O(batch).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchShape {
+    /// Requests with prefill work this step, and their tokens.
+    pub prefill_requests: u32,
+    pub prefill_tokens: u32,
+    /// Sum over prefill chunks of (query token, key token) pairs attended, causal:
+    /// `tokens * context_start + tokens * (tokens + 1) / 2`.
+    pub prefill_attention_pairs: u64,
+    /// Longest prefill chunk (kernels pad to it within a block).
+    pub max_prefill_tokens: u32,
+    pub decode_requests: u32,
+    /// Sum over decode requests of KV rows read (`context_len + 1`).
+    pub decode_context_tokens: u64,
+    /// Longest decode context.
+    pub max_decode_context: u32,
+    /// Tokens (prefill + decode) of requests that use an adapter.
+    pub lora_tokens: u32,
+    /// Sum over those tokens of their adapter's rank (LoRA FLOPs scale with it).
+    pub lora_token_rank: u64,
+    /// Distinct adapters of running requests, and the sum of their ranks (weights read once).
+    pub distinct_adapters: u32,
+    pub distinct_rank_sum: u64,
+    /// Adapter bytes the step must copy before compute (blocking loads) and may overlap.
+    pub blocking_load_bytes: u64,
+    pub prefetch_load_bytes: u64,
+}
+
+impl BatchShape {
+    /// Summarises a plan in O(prefill entries + loads). `rank_of[a]` is adapter `a`'s rank.
+    /// `distinct_adapters` counts the adapters of all running requests (a chunked prefill
+    /// waiting for budget still holds its adapter on the device).
+    pub fn from_plan(plan: &StepPlan, rank_of: &[u32]) -> BatchShape {
+        // Decode aggregates and the pinned adapters' rank sum come with the plan (the engine
+        // gathers them while planning); only the few prefill entries are walked here.
+        let d = &plan.decode_stats;
+        let mut s = BatchShape {
+            decode_requests: plan.decode.len() as u32,
+            decode_context_tokens: d.context_tokens,
+            max_decode_context: d.max_context,
+            lora_tokens: d.lora_requests,
+            lora_token_rank: d.lora_rank_sum,
+            distinct_adapters: plan.distinct_adapters,
+            distinct_rank_sum: plan.distinct_rank_sum,
+            ..BatchShape::default()
+        };
+        for p in &plan.prefill {
+            s.prefill_requests += 1;
+            s.prefill_tokens += p.tokens;
+            let t = p.tokens as u64;
+            s.prefill_attention_pairs += t * p.context_start as u64 + t * (t + 1) / 2;
+            s.max_prefill_tokens = s.max_prefill_tokens.max(p.tokens);
+            if let Some(a) = p.adapter {
+                s.lora_tokens += p.tokens;
+                s.lora_token_rank += rank_of[a.0 as usize] as u64 * t;
+            }
+        }
+        for l in &plan.loads {
+            if l.blocking {
+                s.blocking_load_bytes += l.bytes;
+            } else {
+                s.prefetch_load_bytes += l.bytes;
+            }
+        }
+        s
+    }
+
+    pub fn tokens(&self) -> u32 {
+        self.prefill_tokens + self.decode_requests
+    }
+}
+
+/// Time of one step, by part. `total` is what the step takes end to end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepCost {
+    pub base_gemm: Nanos,
+    pub attention_prefill: Nanos,
+    pub attention_decode: Nanos,
+    pub lora_shrink: Nanos,
+    pub lora_expand: Nanos,
+    /// Host-to-device adapter copies the step waits for: blocking loads, plus the part of
+    /// prefetch copies that outlasts compute.
+    pub adapter_h2d: Nanos,
+    pub sampling: Nanos,
+    pub fixed_overhead: Nanos,
+}
+
+impl StepCost {
+    pub const PARTS: [&'static str; 8] = [
+        "base_gemm",
+        "attention_prefill",
+        "attention_decode",
+        "lora_shrink",
+        "lora_expand",
+        "adapter_h2d",
+        "sampling",
+        "fixed_overhead",
+    ];
+
+    pub fn parts(&self) -> [Nanos; 8] {
+        [
+            self.base_gemm,
+            self.attention_prefill,
+            self.attention_decode,
+            self.lora_shrink,
+            self.lora_expand,
+            self.adapter_h2d,
+            self.sampling,
+            self.fixed_overhead,
+        ]
+    }
+
+    pub fn total(&self) -> Nanos {
+        self.parts().iter().fold(Nanos::ZERO, |a, &b| a + b)
+    }
+}
+
+/// Predicts step times. Implementations must be deterministic and cheap (called per step).
+pub trait CostModel: Send + Sync {
+    fn step_cost(&self, batch: &BatchShape) -> StepCost;
+    fn provenance(&self) -> Provenance;
+    /// One line for reports: GPU, model, TP, source of the numbers.
+    fn describe(&self) -> String;
+}
+
+// =============================================================================================
+// Below the fixed interface: the GPU catalogue, the derived (roofline) cost model, the KV pool
+// size, and the calibration profile format.
+// =============================================================================================
+
+/// Bytes in a decimal gigabyte, the unit datasheets and our error messages use.
+const GB: f64 = 1e9;
+
+// ---------------------------------------------------------------------------------------------
+// GPU catalogue
+// ---------------------------------------------------------------------------------------------
+
+/// One GPU kind, as its datasheet states it. Sizes and rates are decimal (1 GB = 1e9 bytes),
+/// as NVIDIA writes them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GpuSpec {
+    /// Catalogue key used in scenarios (`h200`, `h100-sxm`, `l4`, ...).
+    pub key: &'static str,
+    /// Name for reports.
+    pub name: &'static str,
+    /// Device memory in bytes, the datasheet figure (141 GB -> 141e9). The driver reserves a
+    /// little of it; `kv_pool_pages` takes a utilization factor for that and for fragmentation.
+    pub memory_bytes: u64,
+    /// Peak device-memory (HBM or GDDR) bandwidth, bytes/s.
+    pub hbm_bandwidth: f64,
+    /// Dense fp16/bf16 tensor-core rate, FLOP/s, with fp32 accumulate where the datasheet
+    /// distinguishes. Never the 2:4-sparsity figure (which is twice this).
+    pub dense_fp16_flops: f64,
+    /// Host link (PCIe) bandwidth per direction, bytes/s: half the datasheet's bidirectional
+    /// figure, because adapter loads only flow host-to-device.
+    pub host_link_bandwidth: f64,
+    /// NVLink bandwidth of one GPU per direction, bytes/s (half the datasheet's total, which
+    /// counts both directions); 0 for GPUs without NVLink. Ring collectives move data one way
+    /// per link, so the per-direction figure is the one a tensor-parallel model needs.
+    pub interconnect_bandwidth: f64,
+    /// Price of one GPU-hour in USD. An assumption (see `sources`): scenarios override it.
+    pub price_per_hour_usd: f64,
+    /// Where each number comes from.
+    pub sources: &'static str,
+}
+
+/// The price list every catalogue price comes from. Prices change often: they are a default.
+macro_rules! price_list {
+    () => {
+        " Price: AWS EC2 On-Demand list price, us-east-1, Linux \
+(https://aws.amazon.com/ec2/pricing/on-demand/), instance price divided by its GPU count, as \
+recorded for this catalogue and not re-checked since; an ASSUMPTION that users override in the \
+scenario (discounts, reserved capacity and other clouds differ widely). "
+    };
+}
+
+static GPU_CATALOGUE: [GpuSpec; 7] = [
+    GpuSpec {
+        key: "h200",
+        name: "NVIDIA H200 SXM 141GB",
+        memory_bytes: 141_000_000_000,
+        hbm_bandwidth: 4.8e12,
+        dense_fp16_flops: 989.4e12,
+        host_link_bandwidth: 64e9,
+        interconnect_bandwidth: 450e9,
+        price_per_hour_usd: 7.91,
+        sources: concat!(
+            "NVIDIA H200 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/h200/), \
+H200 SXM column: 141 GB HBM3e, 4.8 TB/s, FP16/BF16 Tensor Core 1,979 TFLOPS with sparsity \
+(dense = half = 989.4), NVLink 900 GB/s (450 per direction), PCIe Gen5 128 GB/s (64 per \
+direction).",
+            price_list!(),
+            "p5en.48xlarge (8x H200) at $63.30/h = $7.91 per GPU-hour."
+        ),
+    },
+    GpuSpec {
+        key: "h100-sxm",
+        name: "NVIDIA H100 SXM 80GB",
+        memory_bytes: 80_000_000_000,
+        hbm_bandwidth: 3.35e12,
+        dense_fp16_flops: 989.4e12,
+        host_link_bandwidth: 64e9,
+        interconnect_bandwidth: 450e9,
+        price_per_hour_usd: 6.88,
+        sources: concat!(
+            "NVIDIA H100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/h100/), \
+H100 SXM column: 80 GB HBM3, 3.35 TB/s, FP16/BF16 Tensor Core 1,979 TFLOPS with sparsity \
+(dense 989.4), NVLink 900 GB/s, PCIe Gen5 128 GB/s.",
+            price_list!(),
+            "p5.48xlarge (8x H100) at \
+$55.04/h = $6.88 per GPU-hour."
+        ),
+    },
+    GpuSpec {
+        key: "a100-80g",
+        name: "NVIDIA A100 SXM4 80GB",
+        memory_bytes: 80_000_000_000,
+        hbm_bandwidth: 2.039e12,
+        dense_fp16_flops: 312e12,
+        host_link_bandwidth: 32e9,
+        interconnect_bandwidth: 300e9,
+        price_per_hour_usd: 3.43,
+        sources: concat!(
+            "NVIDIA A100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/a100/), \
+A100 80GB SXM column: 80 GB HBM2e, 2,039 GB/s, FP16/BF16 Tensor Core 312 TFLOPS dense \
+(624 with sparsity), NVLink 600 GB/s, PCIe Gen4 64 GB/s.",
+            price_list!(),
+            "p4de.24xlarge (8x A100 80GB) \
+at $27.45/h = $3.43 per GPU-hour."
+        ),
+    },
+    GpuSpec {
+        key: "a100-40g",
+        name: "NVIDIA A100 SXM4 40GB",
+        memory_bytes: 40_000_000_000,
+        hbm_bandwidth: 1.555e12,
+        dense_fp16_flops: 312e12,
+        host_link_bandwidth: 32e9,
+        interconnect_bandwidth: 300e9,
+        price_per_hour_usd: 2.75,
+        sources: concat!(
+            "NVIDIA A100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/a100/), \
+A100 40GB SXM column: 40 GB HBM2, 1,555 GB/s, FP16/BF16 Tensor Core 312 TFLOPS dense \
+(624 with sparsity), NVLink 600 GB/s, PCIe Gen4 64 GB/s.",
+            price_list!(),
+            "p4d.24xlarge (8x A100 40GB) \
+at $21.96/h = $2.75 per GPU-hour."
+        ),
+    },
+    GpuSpec {
+        key: "a10g",
+        name: "NVIDIA A10G 24GB",
+        memory_bytes: 24_000_000_000,
+        hbm_bandwidth: 600e9,
+        dense_fp16_flops: 70e12,
+        host_link_bandwidth: 32e9,
+        interconnect_bandwidth: 0.0,
+        price_per_hour_usd: 1.006,
+        sources: concat!(
+            "The A10G is an AWS-only variant with no public NVIDIA datasheet. Memory (24 GB \
+GDDR6, 600 GB/s) and PCIe Gen4 64 GB/s from the NVIDIA A10 Tensor Core GPU datasheet \
+(https://www.nvidia.com/en-us/data-center/products/a10-gpu/), which the A10G shares; the dense \
+FP16 tensor rate of 70 TFLOPS (the A10 has 125) is the figure AWS and third-party comparisons \
+give for the A10G (Amazon EC2 G5 page https://aws.amazon.com/ec2/instance-types/g5/; Baseten, \
+'NVIDIA A10 vs A10G for ML model inference').",
+            price_list!(),
+            "g5.xlarge (1x A10G) at $1.006/h."
+        ),
+    },
+    GpuSpec {
+        key: "l4",
+        name: "NVIDIA L4 24GB",
+        memory_bytes: 24_000_000_000,
+        hbm_bandwidth: 300e9,
+        dense_fp16_flops: 121e12,
+        host_link_bandwidth: 32e9,
+        interconnect_bandwidth: 0.0,
+        price_per_hour_usd: 0.8048,
+        sources: concat!(
+            "NVIDIA L4 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/l4/): \
+24 GB GDDR6, 300 GB/s, FP16/BF16 Tensor Core 242 TFLOPS with sparsity (dense 121), PCIe Gen4 \
+x16 64 GB/s, no NVLink.",
+            price_list!(),
+            "g6.xlarge (1x L4) at $0.8048/h."
+        ),
+    },
+    GpuSpec {
+        key: "l40s",
+        name: "NVIDIA L40S 48GB",
+        memory_bytes: 48_000_000_000,
+        hbm_bandwidth: 864e9,
+        dense_fp16_flops: 362.05e12,
+        host_link_bandwidth: 32e9,
+        interconnect_bandwidth: 0.0,
+        price_per_hour_usd: 1.861,
+        sources: concat!(
+            "NVIDIA L40S GPU datasheet (https://www.nvidia.com/en-us/data-center/l40s/): 48 GB \
+GDDR6 with ECC, 864 GB/s, FP16/BF16 Tensor Core 362.05 TFLOPS dense (733 with sparsity), PCIe \
+Gen4 x16 64 GB/s, no NVLink.",
+            price_list!(),
+            "g6e.xlarge (1x L40S) at $1.861/h."
+        ),
+    },
+];
+
+/// Accepted spellings besides the keys themselves (after lower-casing, `_`/space -> `-`).
+const GPU_ALIASES: [(&str, &str); 6] = [
+    ("h100", "h100-sxm"),
+    ("h200-sxm", "h200"),
+    ("a100-80gb", "a100-80g"),
+    ("a100-40gb", "a100-40g"),
+    ("l40-s", "l40s"),
+    ("a10-g", "a10g"),
+];
+
+/// The built-in GPU kinds, in catalogue order. Each entry's `sources` cites its datasheet and
+/// the price list used.
+pub fn gpu_catalogue() -> &'static [GpuSpec] {
+    &GPU_CATALOGUE
+}
+
+/// Looks up a GPU by catalogue key, case-insensitively (`H100_SXM`, `h100`, `h100-sxm` all
+/// work). The error lists every known key.
+pub fn find_gpu(key: &str) -> Result<&'static GpuSpec, CostError> {
+    let wanted: String = key
+        .trim()
+        .chars()
+        .map(|c| match c {
+            '_' | ' ' => '-',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    let canonical = GPU_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == wanted)
+        .map_or(wanted.as_str(), |(_, target)| target);
+    GPU_CATALOGUE
+        .iter()
+        .find(|g| g.key == canonical)
+        .ok_or_else(|| CostError::UnknownGpu {
+            key: key.to_string(),
+            known: known_gpu_keys(),
+        })
+}
+
+fn known_gpu_keys() -> String {
+    GPU_CATALOGUE
+        .iter()
+        .map(
+            |g| match GPU_ALIASES.iter().find(|(_, target)| *target == g.key) {
+                Some((alias, _)) if g.key == "h100-sxm" => format!("{} (alias {alias})", g.key),
+                _ => g.key.to_string(),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl GpuSpec {
+    /// Checks a GPU's numbers are usable (scenarios may describe GPUs of their own).
+    pub fn validate(&self) -> Result<(), CostError> {
+        let bad = |field: &'static str, value: f64, expected: &str| CostError::InvalidGpu {
+            gpu: self.name.to_string(),
+            field,
+            reason: format!("must be {expected}, got {value}"),
+        };
+        if self.memory_bytes == 0 {
+            return Err(bad("memory_bytes", 0.0, "at least 1"));
+        }
+        for (field, value) in [
+            ("hbm_bandwidth", self.hbm_bandwidth),
+            ("dense_fp16_flops", self.dense_fp16_flops),
+            ("host_link_bandwidth", self.host_link_bandwidth),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(bad(field, value, "a positive finite number"));
+            }
+        }
+        for (field, value) in [
+            ("interconnect_bandwidth", self.interconnect_bandwidth),
+            ("price_per_hour_usd", self.price_per_hour_usd),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(bad(field, value, "a finite number >= 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Errors of the cost models, the catalogue and calibration profiles. Each names the field
+/// and the numbers involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CostError {
+    #[error("unknown GPU `{key}`; known GPUs: {known}")]
+    UnknownGpu { key: String, known: String },
+    #[error("GPU `{gpu}`: field `{field}` {reason}")]
+    InvalidGpu {
+        gpu: String,
+        field: &'static str,
+        reason: String,
+    },
+    #[error(
+        "model `{model}` does not fit on {gpu}: its weights take {:.2} GB but only {:.2} GB are \
+         usable ({:.2} GB x memory utilization {utilization} - {:.2} GB activation reserve)",
+        *.weight_bytes as f64 / GB,
+        usable_bytes(*.memory_bytes, *.utilization, *.reserve_bytes) / GB,
+        *.memory_bytes as f64 / GB,
+        *.reserve_bytes as f64 / GB
+    )]
+    ModelDoesNotFit {
+        model: String,
+        gpu: String,
+        weight_bytes: u64,
+        memory_bytes: u64,
+        utilization: f64,
+        reserve_bytes: u64,
+    },
+    #[error(
+        "model `{model}` on {gpu} leaves {:.3} GB after weights and reserve, less than one KV \
+         page of {page_bytes} bytes: lower `activation_reserve` or raise the memory utilization",
+        *.free_bytes / GB
+    )]
+    NoKvSpace {
+        model: String,
+        gpu: String,
+        free_bytes: f64,
+        page_bytes: u64,
+    },
+    #[error("efficiency factor `{field}` must be {expected}, got {value}")]
+    InvalidEfficiency {
+        field: &'static str,
+        value: f64,
+        expected: &'static str,
+    },
+    #[error("`{field}` {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error(transparent)]
+    Model(#[from] SpecError),
+    #[error("calibration profile {}: cannot read it: {source}", .path.display())]
+    ProfileRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("calibration profile {}: not a valid profile: {source}", .path.display())]
+    ProfileParse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("calibration profile {}: field `{field}` {reason}", .path.display())]
+    ProfileInvalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+/// `memory * utilization - reserve` in bytes (may be negative when nothing is usable).
+fn usable_bytes(memory_bytes: u64, utilization: f64, reserve_bytes: u64) -> f64 {
+    memory_bytes as f64 * utilization - reserve_bytes as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Efficiency factors
+// ---------------------------------------------------------------------------------------------
+
+/// How far below datasheet peaks real kernels run. Every field has a default; a scenario may
+/// override any subset (`efficiency: { lora_kernel: 0.4 }`).
+///
+/// # How the defaults were obtained
+///
+/// The base-GEMM factors (`weight_streaming`, `tensor_core`, `gemm_fill_tokens`,
+/// `roofline_sharpness`) are a minimax fit of [`AnalyticCost`]'s base-GEMM formula to the seven
+/// H200 measurements in DESIGN.md ("Reference measurements on an H200", 2026-11-28, cuBLAS
+/// fp16): the six Llama-7B linear-layer step times (batch 1, 32, 64, 128, 256, 512: 3.71, 3.85,
+/// 3.87, 4.13, 5.53, 10.25 ms; 12.95 GB of weights) and the 8192^3 GEMM at ~870 TFLOP/s. The
+/// fit (factors rounded to 3 digits) leaves at most 5.1% error on every point: -2.7, -5.0,
+/// -3.5, -0.2, +5.1, -5.0% for the six batches and 826 TFLOP/s (-5.0%) for the 8192^3 GEMM;
+/// the tests `h200_reference_table` and `square_gemm_reaches_the_measured_tensor_rate` check
+/// it.
+/// The formula is a roofline per GEMM with two refinements the data demands: a smooth maximum
+/// (the step time rises from 3.71 to 3.87 ms while still memory-bound, then bends over
+/// gradually between batch 128 and 256), and a fixed `gemm_fill_tokens` of padding work per
+/// GEMM (batch 256 and 512 reach only 600 and 647 TFLOP/s, far below the 870 of a square
+/// 8192 GEMM, because a few hundred rows do not fill the GPU's waves of tiles).
+///
+/// The D2D copy (4,275 GB/s counting read and write, 0.89 of 4.8 TB/s) is the ceiling of any
+/// streaming kernel; the fitted cuBLAS weight stream reaches 0.748. The other defaults are not
+/// covered by the table; each field's doc says where its value comes from. Calibration
+/// (`slora-plan calibrate`) replaces all of them with measurements.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Efficiency {
+    /// Fraction of peak memory bandwidth at which GEMMs stream weights and activations.
+    /// Fitted: 0.748 (3.59 TB/s on the H200; the D2D copy shows 4.28 TB/s is the ceiling).
+    pub weight_streaming: f64,
+    /// Fraction of peak memory bandwidth at which attention reads and writes KV rows. Not
+    /// measured: set equal to `weight_streaming`, since the paged kernels read whole 8 KiB
+    /// (Llama-7B) K and V rows, as streaming as a GEMM's weight reads.
+    pub kv_read: f64,
+    /// Fraction of the dense fp16 tensor-core peak that a large GEMM reaches. Fitted: 0.847
+    /// (838 TFLOP/s on the H200 before the fill penalty below).
+    pub tensor_core: f64,
+    /// Extra rows of work each GEMM pays, in tokens: compute time is that of
+    /// `tokens + gemm_fill_tokens` rows, so efficiency is `tokens / (tokens + fill)` of
+    /// `tensor_core` (half at 118 tokens, 0.81 at 512, 0.99 at 8192). Fitted: 118.
+    pub gemm_fill_tokens: f64,
+    /// Exponent `p` of the smooth maximum `(mem^p + compute^p)^(1/p)` used for GEMMs; larger
+    /// is sharper (infinite = the plain roofline). Fitted: 8.
+    pub roofline_sharpness: f64,
+    /// Fraction of both peak bandwidth and peak tensor rate that the LoRA shrink/expand kernels
+    /// reach. Gather kernels over non-contiguous pages with ranks of 8-64 reach far less than
+    /// cuBLAS (S-LoRA's MBGMM/MBGMV, Punica's SGMV); not measured here: 0.25, a third of the
+    /// cuBLAS weight stream, as a conservative estimate until calibration.
+    pub lora_kernel: f64,
+    /// Fraction of the per-direction host-link bandwidth that pinned host-to-device copies
+    /// reach. Not measured here: 0.8, what `bandwidthTest`-style pinned copies typically reach
+    /// on PCIe Gen4/Gen5 x16 (~26 of 32 GB/s, ~52 of 64 GB/s).
+    pub host_link: f64,
+    /// Seconds each small kernel adds to a step beyond its modelled work (launch latency and
+    /// the idle gap before the next kernel; no CUDA graphs). Not measured: 2 us, an estimate for
+    /// eager launches through the driver API. The base GEMMs' own launches are inside the
+    /// cuBLAS measurement and not counted here.
+    pub kernel_launch_s: f64,
+    /// Kernels per layer that pay `kernel_launch_s`: our executor launches about 10 (two
+    /// RMSNorms, RoPE, KV write, attention, SiLU-mul, two residual adds, LoRA shrink and
+    /// expand). With `kernel_launch_s` this gives 0.64 ms per Llama-7B step.
+    pub kernels_per_layer: u32,
+    /// Seconds of per-step host work on the critical path: copying the batch's page tables and
+    /// indices to the device, reading back sampled tokens, synchronising. Not measured: 50 us.
+    pub step_overhead_s: f64,
+    /// Passes over one sampled token's fp32 logits (vocab x 4 bytes) that sampling makes at
+    /// `weight_streaming` bandwidth: max, sum of exponentials, the top-p threshold, the draw.
+    /// Not measured: 4.
+    pub sampling_logit_passes: f64,
+}
+
+impl Default for Efficiency {
+    fn default() -> Self {
+        Efficiency {
+            weight_streaming: 0.748,
+            kv_read: 0.748,
+            tensor_core: 0.847,
+            gemm_fill_tokens: 118.0,
+            roofline_sharpness: 8.0,
+            lora_kernel: 0.25,
+            host_link: 0.8,
+            kernel_launch_s: 2.0e-6,
+            kernels_per_layer: 10,
+            step_overhead_s: 50e-6,
+            sampling_logit_passes: 4.0,
+        }
+    }
+}
+
+impl Efficiency {
+    /// Checks every factor is in its range; the error names the field and its value.
+    pub fn validate(&self) -> Result<(), CostError> {
+        let check = |field: &'static str, value: f64, ok: bool, expected: &'static str| {
+            if ok && value.is_finite() {
+                Ok(())
+            } else {
+                Err(CostError::InvalidEfficiency {
+                    field,
+                    value,
+                    expected,
+                })
+            }
+        };
+        const FRACTION: &str = "a fraction in (0, 1]";
+        for (field, v) in [
+            ("weight_streaming", self.weight_streaming),
+            ("kv_read", self.kv_read),
+            ("tensor_core", self.tensor_core),
+            ("lora_kernel", self.lora_kernel),
+            ("host_link", self.host_link),
+        ] {
+            check(field, v, v > 0.0 && v <= 1.0, FRACTION)?;
+        }
+        let v = self.gemm_fill_tokens;
+        check(
+            "gemm_fill_tokens",
+            v,
+            (0.0..=1e6).contains(&v),
+            "a number of tokens in [0, 1e6]",
+        )?;
+        let v = self.roofline_sharpness;
+        check(
+            "roofline_sharpness",
+            v,
+            (1.0..=1000.0).contains(&v),
+            "an exponent in [1, 1000] (1 adds memory and compute time, large is a plain max)",
+        )?;
+        for (field, v) in [
+            ("kernel_launch_s", self.kernel_launch_s),
+            ("step_overhead_s", self.step_overhead_s),
+        ] {
+            check(field, v, (0.0..1.0).contains(&v), "seconds in [0, 1)")?;
+        }
+        let v = self.kernels_per_layer as f64;
+        check("kernels_per_layer", v, v <= 1000.0, "at most 1000")?;
+        let v = self.sampling_logit_passes;
+        check(
+            "sampling_logit_passes",
+            v,
+            (0.0..=1000.0).contains(&v),
+            "a number of passes in [0, 1000]",
+        )?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The derived cost model
+// ---------------------------------------------------------------------------------------------
+
+/// A group of GEMMs that see the same tokens: their weight bytes, the activation bytes each
+/// token adds (input read, output written) and the FLOPs each token costs.
+#[derive(Clone, Copy, Debug)]
+struct GemmGroup {
+    weight_bytes: f64,
+    act_bytes_per_token: f64,
+    flops_per_token: f64,
+}
+
+/// Roofline step costs from a GPU's datasheet numbers and [`Efficiency`] factors, for GPUs we
+/// cannot measure. Labelled [`Provenance::Derived`].
+///
+/// Per part, for a step of `T = prefill_tokens + decode_requests` tokens of which
+/// `S = prefill_requests + decode_requests` sample a token:
+///
+/// * `base_gemm`: q,k,v,o,gate,up,down of every layer for `T` tokens, weights streamed once per
+///   step, plus the LM head for `S` tokens. Each group takes the smooth maximum of memory time
+///   (weights + activations at `weight_streaming`) and compute time (`2 * params` FLOPs per
+///   token over `T + gemm_fill_tokens` rows at `tensor_core`).
+/// * `attention_decode`: `decode_context_tokens` KV rows read at `kv_read` (or their `4H` FLOPs
+///   per row and layer at `tensor_core`, whichever is longer; always the reads in practice).
+/// * `attention_prefill`: `4 * H * layers` FLOPs per attended pair (QK^T and PV, causal) at
+///   `tensor_core`, or the new KV rows written at `kv_read`, whichever is longer.
+/// * `lora_shrink` / `lora_expand`: `2 * rank` FLOPs per token per input (shrink) or output
+///   (expand) element of each adapted module, against the bytes moved: each distinct adapter's
+///   A (shrink) or B (expand) read once, plus the activations (x read by shrink; y read and
+///   written by expand); both at `lora_kernel`, the longer wins.
+/// * `adapter_h2d`: blocking loads over the host link, plus the part of prefetch copies that
+///   outlasts the rest of the step (they overlap compute on a copy engine).
+/// * `sampling`: `sampling_logit_passes` passes over each sampled token's fp32 logits.
+/// * `fixed_overhead`: `kernels_per_layer * layers * kernel_launch_s + step_overhead_s`.
+///
+/// The step time is non-decreasing in every `BatchShape` field. `step_cost` does a few dozen
+/// floating-point operations and at most four `powf`, allocates nothing.
+#[derive(Clone, Debug)]
+pub struct AnalyticCost {
+    gpu: GpuSpec,
+    model: ModelSpec,
+    eff: Efficiency,
+    targets: Vec<TargetModule>,
+    // Rates and sizes precomputed by `new`, so `step_cost` is arithmetic only.
+    layers: GemmGroup,
+    lm_head: GemmGroup,
+    weight_bw: f64,
+    tensor_flops: f64,
+    kv_bw: f64,
+    kv_bytes_per_token: f64,
+    attention_flops_per_row: f64,
+    /// Sum over adapted modules and layers of the module's input width, and output width.
+    lora_in_elems: f64,
+    lora_out_elems: f64,
+    dtype_bytes: f64,
+    lora_bw: f64,
+    lora_flops: f64,
+    host_bw: f64,
+    sampling_s_per_token: f64,
+    fixed_s: f64,
+    smooth_max: SmoothMax,
+}
+
+impl AnalyticCost {
+    /// A derived cost model for `model` on one `gpu`. `targets` are the projections the
+    /// adapters adapt (pass the union when adapters differ: an upper bound);
+    /// `TargetModule::ATTENTION` is S-LoRA's setting. Only `tensor_parallel = 1` is modelled.
+    pub fn new(
+        gpu: &GpuSpec,
+        model: &ModelSpec,
+        tensor_parallel: u32,
+        eff: Efficiency,
+        targets: &[TargetModule],
+    ) -> Result<Self, CostError> {
+        gpu.validate()?;
+        model.validate()?;
+        eff.validate()?;
+        if tensor_parallel != 1 {
+            return Err(CostError::InvalidArgument {
+                field: "tensor_parallel",
+                reason: format!(
+                    "is {tensor_parallel}, but the derived cost model covers one GPU per replica \
+                     only (tensor_parallel = 1) for now; multi-GPU modelling arrives with the \
+                     planner"
+                ),
+            });
+        }
+        if targets.is_empty() {
+            return Err(CostError::InvalidArgument {
+                field: "targets",
+                reason: "must name at least one adapted projection (S-LoRA adapts q_proj, \
+                         k_proj, v_proj, o_proj)"
+                    .into(),
+            });
+        }
+        if let Some((i, m)) = targets
+            .iter()
+            .enumerate()
+            .find(|(i, m)| targets[..*i].contains(m))
+        {
+            return Err(CostError::InvalidArgument {
+                field: "targets",
+                reason: format!("lists {m} twice (entry {i})"),
+            });
+        }
+        if model.weight_bytes() >= gpu.memory_bytes {
+            return Err(CostError::ModelDoesNotFit {
+                model: model.name.clone(),
+                gpu: gpu.name.to_string(),
+                weight_bytes: model.weight_bytes(),
+                memory_bytes: gpu.memory_bytes,
+                utilization: 1.0,
+                reserve_bytes: 0,
+            });
+        }
+
+        let dtype = model.dtype.bytes() as f64;
+        let layers = model.num_layers as f64;
+        let hidden = model.hidden_size as f64;
+        let vocab = model.vocab_size as f64;
+        let mut params = 0.0;
+        for m in TargetModule::ALL {
+            let (i, o) = model.module_shape(m);
+            params += i as f64 * o as f64;
+        }
+        // Activation elements each token moves through the GEMMs, with q,k,v fused into one
+        // GEMM and gate,up into another (as the executor and the reference table run them):
+        // the fused GEMM reads its input once.
+        let kv_width = model.kv_width() as f64;
+        let inter = model.intermediate_size as f64;
+        let io_elems = (hidden + hidden + 2.0 * kv_width)
+            + (hidden + hidden)
+            + (hidden + 2.0 * inter)
+            + (inter + hidden);
+        let (mut lora_in, mut lora_out) = (0.0, 0.0);
+        for &m in targets {
+            let (i, o) = model.module_shape(m);
+            lora_in += i as f64;
+            lora_out += o as f64;
+        }
+        let weight_bw = eff.weight_streaming * gpu.hbm_bandwidth;
+        Ok(AnalyticCost {
+            layers: GemmGroup {
+                weight_bytes: params * layers * dtype,
+                act_bytes_per_token: io_elems * layers * dtype,
+                flops_per_token: 2.0 * params * layers,
+            },
+            lm_head: GemmGroup {
+                weight_bytes: vocab * hidden * dtype,
+                act_bytes_per_token: (hidden + vocab) * dtype,
+                flops_per_token: 2.0 * vocab * hidden,
+            },
+            weight_bw,
+            tensor_flops: eff.tensor_core * gpu.dense_fp16_flops,
+            kv_bw: eff.kv_read * gpu.hbm_bandwidth,
+            kv_bytes_per_token: model.kv_bytes_per_token() as f64,
+            // QK^T and PV: 2 FLOPs per multiply-add, over num_heads * head_dim = H per layer.
+            attention_flops_per_row: 4.0 * hidden * layers,
+            lora_in_elems: lora_in * layers,
+            lora_out_elems: lora_out * layers,
+            dtype_bytes: dtype,
+            lora_bw: eff.lora_kernel * gpu.hbm_bandwidth,
+            lora_flops: eff.lora_kernel * gpu.dense_fp16_flops,
+            host_bw: eff.host_link * gpu.host_link_bandwidth,
+            sampling_s_per_token: eff.sampling_logit_passes * vocab * 4.0 / weight_bw,
+            fixed_s: eff.kernels_per_layer as f64 * layers * eff.kernel_launch_s
+                + eff.step_overhead_s,
+            smooth_max: SmoothMax::new(eff.roofline_sharpness),
+            gpu: gpu.clone(),
+            model: model.clone(),
+            eff,
+            targets: targets.to_vec(),
+        })
+    }
+
+    pub fn gpu(&self) -> &GpuSpec {
+        &self.gpu
+    }
+
+    pub fn model(&self) -> &ModelSpec {
+        &self.model
+    }
+
+    pub fn efficiency(&self) -> &Efficiency {
+        &self.eff
+    }
+
+    pub fn targets(&self) -> &[TargetModule] {
+        &self.targets
+    }
+
+    /// Seconds for one GEMM group over `tokens` tokens (0 for no tokens).
+    fn gemm_seconds(&self, g: &GemmGroup, tokens: f64) -> f64 {
+        if tokens <= 0.0 {
+            return 0.0;
+        }
+        let memory = (g.weight_bytes + tokens * g.act_bytes_per_token) / self.weight_bw;
+        let compute = g.flops_per_token * (tokens + self.eff.gemm_fill_tokens) / self.tensor_flops;
+        self.smooth_max.of(memory, compute)
+    }
+}
+
+/// The smooth maximum `(a^p + b^p)^(1/p)` of a memory time and a compute time.
+#[derive(Clone, Copy, Debug)]
+struct SmoothMax {
+    p: f64,
+    /// `k` when `p = 2^k` (the default 8 has k = 3): then `r^p` is `k` squarings and the
+    /// `p`-th root `k` square roots, several times cheaper than two `powf` in a function called
+    /// once per simulated step.
+    squarings: Option<u32>,
+}
+
+impl SmoothMax {
+    fn new(p: f64) -> SmoothMax {
+        SmoothMax {
+            p,
+            squarings: (0..=9).find(|&k| f64::from(1u32 << k) == p),
+        }
+    }
+
+    /// Computed as `hi * (1 + (lo/hi)^p)^(1/p)` with `hi = max(a, b)`, so that small times
+    /// (1e-6 s)^8 cannot underflow. Non-decreasing in both arguments, between `max(a, b)` and
+    /// `2^(1/p) * max(a, b)`. Arguments must be >= 0.
+    fn of(self, a: f64, b: f64) -> f64 {
+        let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
+        if hi <= 0.0 {
+            return 0.0;
+        }
+        let ratio = lo / hi;
+        // Below 1e-3 the correction is under 1e-3^p / p: for p >= 4 it is below f64 precision
+        // relative to `hi`, so skipping it changes nothing and saves the work.
+        if ratio < 1e-3 && self.p >= 4.0 {
+            return hi;
+        }
+        match self.squarings {
+            Some(k) => {
+                let mut x = ratio;
+                for _ in 0..k {
+                    x *= x;
+                }
+                let mut root = 1.0 + x;
+                for _ in 0..k {
+                    root = root.sqrt();
+                }
+                hi * root
+            }
+            None => hi * (1.0 + ratio.powf(self.p)).powf(self.p.recip()),
+        }
+    }
+}
+
+impl CostModel for AnalyticCost {
+    fn step_cost(&self, b: &BatchShape) -> StepCost {
+        // f64 sums: u32 additions of user-sized fields could overflow.
+        let tokens = b.prefill_tokens as f64 + b.decode_requests as f64;
+        let sampled = b.prefill_requests as f64 + b.decode_requests as f64;
+
+        let base =
+            self.gemm_seconds(&self.layers, tokens) + self.gemm_seconds(&self.lm_head, sampled);
+
+        let decode_rows = b.decode_context_tokens as f64;
+        let attention_decode = (decode_rows * self.kv_bytes_per_token / self.kv_bw)
+            .max(decode_rows * self.attention_flops_per_row / self.tensor_flops);
+
+        let attention_prefill = (b.prefill_attention_pairs as f64 * self.attention_flops_per_row
+            / self.tensor_flops)
+            .max(b.prefill_tokens as f64 * self.kv_bytes_per_token / self.kv_bw);
+
+        let token_rank = b.lora_token_rank as f64;
+        let rank_sum = b.distinct_rank_sum as f64;
+        let lora_tokens = b.lora_tokens as f64;
+        let shrink_bytes = (rank_sum + lora_tokens) * self.lora_in_elems * self.dtype_bytes;
+        let lora_shrink = (shrink_bytes / self.lora_bw)
+            .max(2.0 * token_rank * self.lora_in_elems / self.lora_flops);
+        let expand_bytes = (rank_sum + 2.0 * lora_tokens) * self.lora_out_elems * self.dtype_bytes;
+        let lora_expand = (expand_bytes / self.lora_bw)
+            .max(2.0 * token_rank * self.lora_out_elems / self.lora_flops);
+
+        let sampling = sampled * self.sampling_s_per_token;
+        let fixed = self.fixed_s;
+
+        // Blocking copies finish before compute starts; prefetch copies run on the copy engine
+        // beside the step and only delay it by what outlasts everything else. The step time is
+        // then `blocking + max(rest, prefetch)`, non-decreasing in both.
+        let rest = base
+            + attention_decode
+            + attention_prefill
+            + lora_shrink
+            + lora_expand
+            + sampling
+            + fixed;
+        let blocking = b.blocking_load_bytes as f64 / self.host_bw;
+        let prefetch = b.prefetch_load_bytes as f64 / self.host_bw;
+        let adapter_h2d = blocking + (prefetch - rest).max(0.0);
+
+        StepCost {
+            base_gemm: Nanos::from_secs_f64(base),
+            attention_prefill: Nanos::from_secs_f64(attention_prefill),
+            attention_decode: Nanos::from_secs_f64(attention_decode),
+            lora_shrink: Nanos::from_secs_f64(lora_shrink),
+            lora_expand: Nanos::from_secs_f64(lora_expand),
+            adapter_h2d: Nanos::from_secs_f64(adapter_h2d),
+            sampling: Nanos::from_secs_f64(sampling),
+            fixed_overhead: Nanos::from_secs_f64(fixed),
+        }
+    }
+
+    fn provenance(&self) -> Provenance {
+        Provenance::Derived
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "derived: {} x {}, TP 1, roofline from datasheet numbers with efficiency factors \
+             (defaults fitted to H200 cuBLAS measurements)",
+            self.gpu.name, self.model.name
+        )
+    }
+}
+
+/// Pages of `model.page_bytes()` that fit in `memory_bytes * memory_utilization - weights -
+/// activation_reserve_bytes`. Errors when the utilization is not in (0, 1], when the weights do
+/// not fit (with the sizes in GB), or when not even one page is left.
+pub fn kv_pool_pages(
+    gpu: &GpuSpec,
+    model: &ModelSpec,
+    memory_utilization: f64,
+    activation_reserve_bytes: u64,
+) -> Result<u32, CostError> {
+    if !(memory_utilization > 0.0 && memory_utilization <= 1.0) {
+        return Err(CostError::InvalidArgument {
+            field: "memory_utilization",
+            reason: format!("must be a fraction in (0, 1], got {memory_utilization}"),
+        });
+    }
+    gpu.validate()?;
+    model.validate()?;
+    let usable = usable_bytes(
+        gpu.memory_bytes,
+        memory_utilization,
+        activation_reserve_bytes,
+    );
+    let weights = model.weight_bytes();
+    if usable <= weights as f64 {
+        return Err(CostError::ModelDoesNotFit {
+            model: model.name.clone(),
+            gpu: gpu.name.to_string(),
+            weight_bytes: weights,
+            memory_bytes: gpu.memory_bytes,
+            utilization: memory_utilization,
+            reserve_bytes: activation_reserve_bytes,
+        });
+    }
+    let free = usable - weights as f64;
+    let page = model.page_bytes();
+    let pages = (free / page as f64).floor();
+    if pages < 1.0 {
+        return Err(CostError::NoKvSpace {
+            model: model.name.clone(),
+            gpu: gpu.name.to_string(),
+            free_bytes: free,
+            page_bytes: page,
+        });
+    }
+    if pages > u32::MAX as f64 {
+        return Err(CostError::InvalidArgument {
+            field: "memory",
+            reason: format!(
+                "gives {pages} KV pages of {page} bytes, more than the pool's page index \
+                 (u32) can name"
+            ),
+        });
+    }
+    Ok(pages as u32)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calibration profile: the file `slora-plan calibrate` writes and `CalibratedCost` reads
+// ---------------------------------------------------------------------------------------------
+
+/// The profile format this build reads and writes. Bump it on any incompatible change.
+pub const PROFILE_FORMAT_VERSION: u32 = 1;
+
+/// Robust statistics of one microbenchmark point, over `samples` timed repetitions (after
+/// warm-up). Times are seconds of GPU time, measured with CUDA events around the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Measured {
+    /// Median time, seconds: what the cost model uses.
+    pub median_s: f64,
+    /// 10th and 90th percentiles, seconds: the spread, reported beside simulated results.
+    pub p10_s: f64,
+    pub p90_s: f64,
+    /// Timed repetitions the statistics come from (at least 1).
+    pub samples: u32,
+}
+
+/// Base-model GEMMs (q,k,v,o,gate,up,down of every layer, weights streamed once), or the LM
+/// head, for `tokens` tokens in one step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensPoint {
+    pub tokens: u32,
+    pub time: Measured,
+}
+
+/// Prefill attention over all layers for one chunk of `tokens` new tokens of a request that
+/// already holds `context` tokens of KV (0 for a first chunk): `tokens * context +
+/// tokens * (tokens + 1) / 2` attended pairs, plus writing the chunk's KV rows.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefillAttentionPoint {
+    pub tokens: u32,
+    pub context: u32,
+    pub time: Measured,
+}
+
+/// Decode attention over all layers for `batch` requests that each read `context` KV rows.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeAttentionPoint {
+    pub batch: u32,
+    pub context: u32,
+    pub time: Measured,
+}
+
+/// One LoRA kernel (shrink or expand) over all layers and the profile's `lora_targets`, for
+/// `tokens` tokens spread evenly over `adapters` distinct adapters, all of rank `rank`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraPoint {
+    pub tokens: u32,
+    pub adapters: u32,
+    pub rank: u32,
+    pub time: Measured,
+}
+
+/// One host-to-device copy of `bytes` from pinned host memory, as adapter loads do it; the
+/// bandwidth at that size is `bytes / time.median_s`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferPoint {
+    pub bytes: u64,
+    pub time: Measured,
+}
+
+/// Kernel costs measured on one GPU for one model, written by `slora-plan calibrate` as JSON.
+///
+/// Every grid is a list of points sorted by its axes, in the order the fields are declared
+/// (lexicographically: `tokens` first, then `context`, ...), each combination present exactly
+/// once, and multi-axis grids are complete (every combination of the axis values is measured),
+/// so a reader can interpolate without holes. [`load_profile`] checks all of this.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationProfile {
+    /// [`PROFILE_FORMAT_VERSION`] of the writer.
+    pub format_version: u32,
+    /// GPU name as the driver reports it (`NVIDIA H200`).
+    pub gpu_name: String,
+    /// The `gpu_catalogue` key this GPU corresponds to, when there is one (reports take the
+    /// price and datasheet figures from it).
+    #[serde(default)]
+    pub gpu_key: Option<String>,
+    /// Device memory the driver reports, bytes.
+    pub gpu_memory_bytes: u64,
+    /// NVIDIA driver version (`580.95.05`).
+    pub driver_version: String,
+    /// CUDA version of the driver API (`13.0`).
+    pub cuda_version: String,
+    /// Date of the measurement, ISO 8601 (`2026-11-28`, optionally followed by a time).
+    pub date: String,
+    /// The model measured, name and shape. Costs depend on the shape; the name is for reports.
+    pub model: ModelSpec,
+    /// GPUs the model was split over.
+    pub tensor_parallel: u32,
+    /// Projections the LoRA kernels were measured on.
+    pub lora_targets: Vec<TargetModule>,
+    /// Base GEMMs of all layers by token count.
+    pub base_gemm: Vec<TokensPoint>,
+    /// LM head GEMM by number of tokens that sample.
+    pub lm_head: Vec<TokensPoint>,
+    /// Prefill attention by (chunk tokens, context already cached).
+    pub attention_prefill: Vec<PrefillAttentionPoint>,
+    /// Decode attention by (batch, context per request).
+    pub attention_decode: Vec<DecodeAttentionPoint>,
+    /// LoRA shrink (x A) by (tokens, distinct adapters, rank).
+    pub lora_shrink: Vec<LoraPoint>,
+    /// LoRA expand (v B, added into the output) by (tokens, distinct adapters, rank).
+    pub lora_expand: Vec<LoraPoint>,
+    /// Host-to-device copies by transfer size.
+    pub host_to_device: Vec<TransferPoint>,
+    /// Per-step time outside the measured kernels (launches, metadata copies, sync): an
+    /// empty step's time.
+    pub fixed_overhead: Measured,
+    /// Sampling time per sampled token.
+    pub sampling_per_token: Measured,
+}
+
+/// Reads and checks a calibration profile (JSON). Errors name the path and the field.
+pub fn load_profile(path: &Path) -> Result<CalibrationProfile, CostError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CostError::ProfileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_profile(&text, path)
+}
+
+/// Parses and checks a profile held in memory (the embedded H200 profile); `origin` names it
+/// in errors.
+pub fn parse_profile(text: &str, origin: &Path) -> Result<CalibrationProfile, CostError> {
+    let profile: CalibrationProfile =
+        serde_json::from_str(text).map_err(|source| CostError::ProfileParse {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+    profile.validate(origin)?;
+    Ok(profile)
+}
+
+impl CalibrationProfile {
+    /// Checks the header, that every grid is non-empty, sorted, complete and free of
+    /// duplicates, and that every time is positive, finite and ordered `p10 <= median <= p90`.
+    pub fn validate(&self, origin: &Path) -> Result<(), CostError> {
+        let bad = |field: String, reason: String| CostError::ProfileInvalid {
+            path: origin.to_path_buf(),
+            field,
+            reason,
+        };
+        if self.format_version != PROFILE_FORMAT_VERSION {
+            return Err(bad(
+                "format_version".into(),
+                format!(
+                    "is {}, but this build reads version {PROFILE_FORMAT_VERSION}: re-run \
+                     `slora-plan calibrate` with this build",
+                    self.format_version
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("gpu_name", &self.gpu_name),
+            ("driver_version", &self.driver_version),
+            ("cuda_version", &self.cuda_version),
+        ] {
+            if value.trim().is_empty() {
+                return Err(bad(field.into(), "must not be empty".into()));
+            }
+        }
+        if !looks_like_iso_date(&self.date) {
+            return Err(bad(
+                "date".into(),
+                format!(
+                    "must be an ISO 8601 date like 2026-11-28, got `{}`",
+                    self.date
+                ),
+            ));
+        }
+        if self.gpu_memory_bytes == 0 {
+            return Err(bad(
+                "gpu_memory_bytes".into(),
+                "must be at least 1, got 0".into(),
+            ));
+        }
+        if let Some(key) = &self.gpu_key {
+            find_gpu(key).map_err(|e| bad("gpu_key".into(), e.to_string()))?;
+        }
+        self.model
+            .validate()
+            .map_err(|e| bad("model".into(), e.to_string()))?;
+        if self.tensor_parallel == 0 {
+            return Err(bad(
+                "tensor_parallel".into(),
+                "must be at least 1, got 0".into(),
+            ));
+        }
+        if self.lora_targets.is_empty() {
+            return Err(bad(
+                "lora_targets".into(),
+                "must name the projections the LoRA kernels were measured on".into(),
+            ));
+        }
+
+        let origin_bad = &bad;
+        check_grid(
+            origin_bad,
+            "base_gemm",
+            ["tokens"],
+            1,
+            self.base_gemm.iter().map(|p| ([p.tokens as u64], &p.time)),
+        )?;
+        check_grid(
+            origin_bad,
+            "lm_head",
+            ["tokens"],
+            1,
+            self.lm_head.iter().map(|p| ([p.tokens as u64], &p.time)),
+        )?;
+        check_grid(
+            origin_bad,
+            "attention_prefill",
+            ["tokens", "context"],
+            0,
+            self.attention_prefill
+                .iter()
+                .map(|p| ([p.tokens as u64, p.context as u64], &p.time)),
+        )?;
+        // A first chunk may start at context 0, but `tokens` must still be at least 1.
+        if let Some((i, _)) = self
+            .attention_prefill
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.tokens == 0)
+        {
+            return Err(bad(
+                format!("attention_prefill[{i}].tokens"),
+                "must be at least 1, got 0".into(),
+            ));
+        }
+        check_grid(
+            origin_bad,
+            "attention_decode",
+            ["batch", "context"],
+            1,
+            self.attention_decode
+                .iter()
+                .map(|p| ([p.batch as u64, p.context as u64], &p.time)),
+        )?;
+        for (name, grid) in [
+            ("lora_shrink", &self.lora_shrink),
+            ("lora_expand", &self.lora_expand),
+        ] {
+            check_grid(
+                origin_bad,
+                name,
+                ["tokens", "adapters", "rank"],
+                1,
+                grid.iter()
+                    .map(|p| ([p.tokens as u64, p.adapters as u64, p.rank as u64], &p.time)),
+            )?;
+            if let Some((i, p)) = grid.iter().enumerate().find(|(_, p)| p.adapters > p.tokens) {
+                return Err(bad(
+                    format!("{name}[{i}].adapters"),
+                    format!(
+                        "is {} but only {} tokens share the adapters: every adapter needs a token",
+                        p.adapters, p.tokens
+                    ),
+                ));
+            }
+        }
+        check_grid(
+            origin_bad,
+            "host_to_device",
+            ["bytes"],
+            1,
+            self.host_to_device.iter().map(|p| ([p.bytes], &p.time)),
+        )?;
+        check_measured(origin_bad, "fixed_overhead".into(), &self.fixed_overhead)?;
+        check_measured(
+            origin_bad,
+            "sampling_per_token".into(),
+            &self.sampling_per_token,
+        )?;
+        Ok(())
+    }
+}
+
+/// `YYYY-MM-DD`, optionally followed by `T...` or ` ...` (a time).
+fn looks_like_iso_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    b.len() >= 10
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && (b.len() == 10 || b[10] == b'T' || b[10] == b' ')
+}
+
+fn check_measured<F>(bad: &F, field: String, m: &Measured) -> Result<(), CostError>
+where
+    F: Fn(String, String) -> CostError,
+{
+    for (name, v) in [
+        ("median_s", m.median_s),
+        ("p10_s", m.p10_s),
+        ("p90_s", m.p90_s),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(bad(
+                format!("{field}.{name}"),
+                format!("must be a positive finite number of seconds, got {v}"),
+            ));
+        }
+    }
+    if !(m.p10_s <= m.median_s && m.median_s <= m.p90_s) {
+        return Err(bad(
+            field,
+            format!(
+                "must satisfy p10_s <= median_s <= p90_s, got {} / {} / {}",
+                m.p10_s, m.median_s, m.p90_s
+            ),
+        ));
+    }
+    if m.samples == 0 {
+        return Err(bad(
+            format!("{field}.samples"),
+            "must be at least 1, got 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one grid: non-empty, every axis value at least `min_axis` (the first axis at least
+/// 1 in any case), keys strictly increasing in lexicographic order (sorted, no duplicates),
+/// complete (as many points as the product of the distinct values per axis), and every
+/// measurement valid.
+fn check_grid<'a, F, const N: usize>(
+    bad: &F,
+    name: &str,
+    axes: [&str; N],
+    min_axis: u64,
+    points: impl Iterator<Item = ([u64; N], &'a Measured)>,
+) -> Result<(), CostError>
+where
+    F: Fn(String, String) -> CostError,
+{
+    let points: Vec<([u64; N], &Measured)> = points.collect();
+    if points.is_empty() {
+        return Err(bad(
+            name.into(),
+            "must hold at least one measured point".into(),
+        ));
+    }
+    for (i, (key, m)) in points.iter().enumerate() {
+        for (axis, (&v, &axis_name)) in key.iter().zip(axes.iter()).enumerate() {
+            let min = if axis == 0 { min_axis.max(1) } else { min_axis };
+            if v < min {
+                return Err(bad(
+                    format!("{name}[{i}].{axis_name}"),
+                    format!("must be at least {min}, got {v}"),
+                ));
+            }
+        }
+        if i > 0 && points[i - 1].0 >= *key {
+            return Err(bad(
+                format!("{name}[{i}]"),
+                format!(
+                    "({}) = {:?} does not come after the previous point {:?}: points must be \
+                     sorted by ({}) with no duplicates",
+                    axes.join(", "),
+                    key,
+                    points[i - 1].0,
+                    axes.join(", ")
+                ),
+            ));
+        }
+        check_measured(bad, format!("{name}[{i}].time"), m)?;
+    }
+    let mut product: usize = 1;
+    let mut counts = Vec::with_capacity(N);
+    for axis in 0..N {
+        let mut values: Vec<u64> = points.iter().map(|(k, _)| k[axis]).collect();
+        values.sort_unstable();
+        values.dedup();
+        counts.push(format!("{} {}", values.len(), axes[axis]));
+        product = product.saturating_mul(values.len());
+    }
+    if product != points.len() {
+        return Err(bad(
+            name.into(),
+            format!(
+                "is not a complete grid: {} points, but {} values need {product}; measure \
+                 every combination",
+                points.len(),
+                counts.join(" x ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn llama7b() -> ModelSpec {
+        ModelSpec::preset("llama-7b").unwrap()
+    }
+
+    fn derived(gpu_key: &str, model: &ModelSpec) -> AnalyticCost {
+        AnalyticCost::new(
+            find_gpu(gpu_key).unwrap(),
+            model,
+            1,
+            Efficiency::default(),
+            &TargetModule::ATTENTION,
+        )
+        .unwrap()
+    }
+
+    fn decode_batch(batch: u32, context: u32) -> BatchShape {
+        BatchShape {
+            decode_requests: batch,
+            decode_context_tokens: batch as u64 * (context as u64 + 1),
+            max_decode_context: context + 1,
+            ..BatchShape::default()
+        }
+    }
+
+    /// DESIGN.md, "Reference measurements on an H200": Llama-7B linear layers, cuBLAS alone.
+    const H200_TABLE: [(u32, f64); 6] = [
+        (1, 3.71e-3),
+        (32, 3.85e-3),
+        (64, 3.87e-3),
+        (128, 4.13e-3),
+        (256, 5.53e-3),
+        (512, 10.25e-3),
+    ];
+
+    #[test]
+    fn h200_reference_table() {
+        let model = llama7b();
+        let cost = derived("h200", &model);
+        // The table's weights: 12.95 GB of linear layers.
+        assert!((cost.layers.weight_bytes / 1e9 - 12.95).abs() < 0.01);
+        for (batch, measured) in H200_TABLE {
+            let predicted = cost.gemm_seconds(&cost.layers, batch as f64);
+            let err = predicted / measured - 1.0;
+            println!(
+                "batch {batch:>3}: measured {:.2} ms, predicted {:.3} ms, error {:+.1}%",
+                measured * 1e3,
+                predicted * 1e3,
+                err * 100.0
+            );
+            assert!(err.abs() < 0.06, "batch {batch}: error {err:+.3}");
+            // The step's base_gemm is the same plus the LM head for the sampled tokens.
+            let step = cost
+                .step_cost(&decode_batch(batch, 0))
+                .base_gemm
+                .as_secs_f64();
+            assert!(
+                step > predicted && step < predicted * 1.05,
+                "{step} vs {predicted}"
+            );
+        }
+    }
+
+    #[test]
+    fn smooth_max_fast_path_matches_powf() {
+        for p in [1.0, 2.0, 3.0, 8.0, 16.0, 512.0] {
+            let fast = SmoothMax::new(p);
+            let slow = SmoothMax { p, squarings: None };
+            assert_eq!(fast.squarings.is_some(), p != 3.0, "{p}");
+            for (a, b) in [
+                (1.0, 0.5),
+                (3e-3, 2.9e-3),
+                (1e-6, 4e-6),
+                (2.0, 0.0),
+                (0.0, 0.0),
+            ] {
+                let (x, y) = (fast.of(a, b), slow.of(a, b));
+                assert!((x - y).abs() <= 1e-12 * x.abs(), "p {p}: {x} vs {y}");
+                assert!(x >= a.max(b) && x <= 2f64.powf(1.0 / p) * a.max(b) * (1.0 + 1e-12));
+            }
+        }
+    }
+
+    #[test]
+    fn square_gemm_reaches_the_measured_tensor_rate() {
+        // fp16 GEMM 8192^3 on the H200: ~870 TFLOP/s measured.
+        let cost = derived("h200", &llama7b());
+        let n = 8192.0_f64;
+        let square = GemmGroup {
+            weight_bytes: n * n * 2.0,
+            act_bytes_per_token: 2.0 * n * 2.0,
+            flops_per_token: 2.0 * n * n,
+        };
+        let tflops = 2.0 * n * n * n / cost.gemm_seconds(&square, n) / 1e12;
+        assert!((tflops / 870.0 - 1.0).abs() < 0.06, "{tflops} TFLOP/s");
+    }
+
+    #[test]
+    fn fitted_bandwidths_stay_below_the_copy_ceiling() {
+        // A D2D copy moves 4,275 GB/s (read + write) on the H200: no kernel streams faster.
+        let eff = Efficiency::default();
+        let h200 = find_gpu("h200").unwrap();
+        for f in [eff.weight_streaming, eff.kv_read, eff.lora_kernel] {
+            assert!(f * h200.hbm_bandwidth < 4.275e12);
+        }
+        eff.validate().unwrap();
+    }
+
+    fn shape_from(v: &[u64; 13]) -> BatchShape {
+        BatchShape {
+            prefill_requests: v[0] as u32,
+            prefill_tokens: v[1] as u32,
+            prefill_attention_pairs: v[2],
+            max_prefill_tokens: v[3] as u32,
+            decode_requests: v[4] as u32,
+            decode_context_tokens: v[5],
+            max_decode_context: v[6] as u32,
+            lora_tokens: v[7] as u32,
+            lora_token_rank: v[8],
+            distinct_adapters: v[9] as u32,
+            distinct_rank_sum: v[10],
+            blocking_load_bytes: v[11],
+            prefetch_load_bytes: v[12],
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn step_time_is_monotone_in_every_field(
+            base in prop::array::uniform13(0u64..5_000),
+            scale in prop::array::uniform13(prop::sample::select(vec![1u64, 100, 10_000])),
+            field in 0usize..13,
+            bump in 1u64..100_000,
+            gpu in prop::sample::select(vec!["h200", "a100-40g", "l4"]),
+        ) {
+            let model = llama7b();
+            let cost = derived(gpu, &model);
+            let mut v = [0u64; 13];
+            for i in 0..13 {
+                v[i] = base[i] * scale[i];
+            }
+            let before = cost.step_cost(&shape_from(&v));
+            v[field] += bump;
+            let after = cost.step_cost(&shape_from(&v));
+            prop_assert!(
+                after.total() >= before.total(),
+                "field {} +{}: {:?} -> {:?}", field, bump, before, after
+            );
+        }
+    }
+
+    #[test]
+    fn monotone_across_the_gemm_bend_and_zero() {
+        let cost = derived("h200", &llama7b());
+        let mut last = Nanos::ZERO;
+        for batch in 0..2048 {
+            let t = cost.step_cost(&decode_batch(batch, 100)).total();
+            assert!(t >= last, "batch {batch}: {t} < {last}");
+            last = t;
+        }
+    }
+
+    #[test]
+    fn gpu_ordering() {
+        let model = llama7b();
+        let shapes = [
+            decode_batch(1, 10),
+            decode_batch(64, 1000),
+            decode_batch(512, 2000),
+            BatchShape {
+                prefill_requests: 4,
+                prefill_tokens: 4096,
+                prefill_attention_pairs: 4 * 1024 * 1025 / 2,
+                max_prefill_tokens: 1024,
+                lora_tokens: 4096,
+                lora_token_rank: 4096 * 16,
+                distinct_adapters: 4,
+                distinct_rank_sum: 64,
+                blocking_load_bytes: 64 << 20,
+                ..BatchShape::default()
+            },
+        ];
+        let h200 = derived("h200", &model);
+        let h100 = derived("h100", &model);
+        let a100 = derived("a100-80g", &model);
+        for s in &shapes {
+            let (t200, t100, ta) = (
+                h200.step_cost(s).total(),
+                h100.step_cost(s).total(),
+                a100.step_cost(s).total(),
+            );
+            assert!(t200 <= t100, "{s:?}: H200 {t200} > H100 {t100}");
+            assert!(ta > t100, "{s:?}: A100 {ta} <= H100 {t100}");
+        }
+    }
+
+    #[test]
+    fn catalogue_lookup() {
+        for g in gpu_catalogue() {
+            g.validate().unwrap();
+            assert!(g.sources.contains("https://"), "{}", g.key);
+            assert!(g.sources.contains("ASSUMPTION"), "{}", g.key);
+            assert!(std::ptr::eq(find_gpu(g.key).unwrap(), g));
+            assert!(std::ptr::eq(find_gpu(&g.key.to_uppercase()).unwrap(), g));
+        }
+        assert_eq!(find_gpu("h100").unwrap().key, "h100-sxm");
+        assert_eq!(find_gpu(" H100_SXM ").unwrap().key, "h100-sxm");
+        assert_eq!(find_gpu("A100-80GB").unwrap().key, "a100-80g");
+        let h200 = find_gpu("h200").unwrap();
+        assert_eq!(h200.memory_bytes, 141_000_000_000);
+        assert_eq!(h200.hbm_bandwidth, 4.8e12);
+        let err = find_gpu("b200").unwrap_err().to_string();
+        for key in [
+            "h200", "h100-sxm", "a100-80g", "a100-40g", "a10g", "l4", "l40s",
+        ] {
+            assert!(err.contains(key), "{err}");
+        }
+        assert!(
+            err.contains("`b200`") && err.contains("alias h100"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kv_pool_for_llama_7b_on_h200() {
+        let model = llama7b();
+        let h200 = find_gpu("h200").unwrap();
+        let reserve = 4_000_000_000;
+        let pages = kv_pool_pages(h200, &model, 0.9, reserve).unwrap();
+        let expected = (126.9e9 - model.weight_bytes() as f64 - reserve as f64) / 524_288.0;
+        assert!(
+            (pages as f64 - expected).abs() <= 1.0,
+            "{pages} vs {expected}"
+        );
+        // ~208k tokens of KV: S-LoRA-scale pools.
+        assert!((200_000..220_000).contains(&pages), "{pages}");
+        assert!(kv_pool_pages(h200, &model, 1.0, 0).unwrap() > pages);
+        for bad in [0.0, -0.5, 1.01, f64::NAN] {
+            let err = kv_pool_pages(h200, &model, bad, 0).unwrap_err().to_string();
+            assert!(err.contains("memory_utilization"), "{err}");
+        }
+        // A reserve that leaves weights but not one page.
+        let tight = (0.9 * 141e9) as u64 - model.weight_bytes() - 1000;
+        let err = kv_pool_pages(h200, &model, 0.9, tight).unwrap_err();
+        assert!(matches!(err, CostError::NoKvSpace { .. }), "{err}");
+    }
+
+    #[test]
+    fn llama_2_70b_does_not_fit_on_l4() {
+        let model = ModelSpec::preset("llama-2-70b").unwrap();
+        let l4 = find_gpu("l4").unwrap();
+        let err = kv_pool_pages(l4, &model, 0.9, 1_000_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("llama-2-70b") && err.contains("L4"), "{err}");
+        assert!(err.contains("137.9") && err.contains("20.60 GB"), "{err}");
+        let err = AnalyticCost::new(
+            l4,
+            &model,
+            1,
+            Efficiency::default(),
+            &TargetModule::ATTENTION,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("does not fit") && err.contains("24.00 GB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn constructor_rejects_what_it_cannot_model() {
+        let model = llama7b();
+        let h200 = find_gpu("h200").unwrap();
+        let err = AnalyticCost::new(
+            h200,
+            &model,
+            2,
+            Efficiency::default(),
+            &TargetModule::ATTENTION,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tensor_parallel") && err.contains("planner"),
+            "{err}"
+        );
+        let err = AnalyticCost::new(h200, &model, 1, Efficiency::default(), &[]).unwrap_err();
+        assert!(err.to_string().contains("targets"), "{err}");
+        let dup = [TargetModule::Q, TargetModule::Q];
+        let err = AnalyticCost::new(h200, &model, 1, Efficiency::default(), &dup).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        let eff = Efficiency {
+            lora_kernel: 1.5,
+            ..Efficiency::default()
+        };
+        let err = AnalyticCost::new(h200, &model, 1, eff, &TargetModule::ATTENTION)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`lora_kernel`") && err.contains("1.5"),
+            "{err}"
+        );
+        let eff = Efficiency {
+            roofline_sharpness: 0.5,
+            ..Efficiency::default()
+        };
+        assert!(eff
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("roofline_sharpness"));
+    }
+
+    #[test]
+    fn efficiency_overrides_keep_the_other_defaults() {
+        let eff: Efficiency = serde_json::from_str(r#"{"lora_kernel": 0.4}"#).unwrap();
+        assert_eq!(eff.lora_kernel, 0.4);
+        assert_eq!(eff.weight_streaming, Efficiency::default().weight_streaming);
+        let err = serde_json::from_str::<Efficiency>(r#"{"lora_kernal": 0.4}"#).unwrap_err();
+        assert!(err.to_string().contains("lora_kernal"), "{err}");
+    }
+
+    #[test]
+    fn parts_respond_to_their_inputs() {
+        let model = llama7b();
+        let cost = derived("h200", &model);
+        let base = decode_batch(32, 1000);
+        let plain = cost.step_cost(&base);
+        assert_eq!(plain.lora_shrink, Nanos::ZERO);
+        assert_eq!(plain.adapter_h2d, Nanos::ZERO);
+        // 32 x 1001 rows x 512 KiB at 0.748 x 4.8 TB/s = 4.7 ms.
+        let decode_ms = plain.attention_decode.as_secs_f64() * 1e3;
+        assert!((decode_ms - 4.67).abs() < 0.05, "{decode_ms}");
+        // 10 kernels x 32 layers x 2 us + 50 us.
+        assert_eq!(plain.fixed_overhead, Nanos::from_micros(690));
+
+        // 32 tokens on 32 distinct rank-16 adapters: 32 x 16 x 2 MiB = 1 GiB of A and B rows,
+        // plus the activations (x read by shrink, y read and written by expand) of q,k,v,o.
+        let lora = BatchShape {
+            lora_tokens: 32,
+            lora_token_rank: 32 * 16,
+            distinct_adapters: 32,
+            distinct_rank_sum: 32 * 16,
+            ..base.clone()
+        };
+        let c = cost.step_cost(&lora);
+        let lora_ms = (c.lora_shrink + c.lora_expand).as_secs_f64() * 1e3;
+        let activations = 3.0 * 32.0 * (4.0 * 4096.0) * 32.0 * 2.0;
+        let expected_ms = (32.0 * 16.0 * 2.0 * 1048576.0 + activations) / (0.25 * 4.8e12) * 1e3;
+        assert!(
+            (lora_ms / expected_ms - 1.0).abs() < 0.01,
+            "{lora_ms} vs {expected_ms}"
+        );
+
+        // A prefetch shorter than the step hides behind it; a blocking load does not.
+        let step = plain.total().as_secs_f64();
+        let hidden_bytes = (0.5 * step * 0.8 * 64e9) as u64;
+        let prefetch = BatchShape {
+            prefetch_load_bytes: hidden_bytes,
+            ..base.clone()
+        };
+        assert_eq!(cost.step_cost(&prefetch).adapter_h2d, Nanos::ZERO);
+        let blocking = BatchShape {
+            blocking_load_bytes: hidden_bytes,
+            ..base.clone()
+        };
+        let h2d = cost.step_cost(&blocking).adapter_h2d.as_secs_f64();
+        assert!((h2d / (0.5 * step) - 1.0).abs() < 1e-3, "{h2d}");
+        let long = BatchShape {
+            prefetch_load_bytes: 4 * hidden_bytes,
+            ..base
+        };
+        let total = cost.step_cost(&long).total().as_secs_f64();
+        assert!(
+            (total / (2.0 * step) - 1.0).abs() < 1e-3,
+            "{total} vs {step}"
+        );
+    }
+
+    #[test]
+    fn describe_and_provenance() {
+        let cost = derived("l40s", &llama7b());
+        assert_eq!(cost.provenance(), Provenance::Derived);
+        let d = cost.describe();
+        assert!(
+            d.contains("L40S") && d.contains("llama-7b") && d.contains("derived"),
+            "{d}"
+        );
+    }
+
+    // --- calibration profiles ---
+
+    fn m(median_s: f64) -> Measured {
+        Measured {
+            median_s,
+            p10_s: median_s * 0.98,
+            p90_s: median_s * 1.03,
+            samples: 20,
+        }
+    }
+
+    fn sample_profile() -> CalibrationProfile {
+        let mut prefill = Vec::new();
+        for tokens in [16, 256] {
+            for context in [0, 1024] {
+                prefill.push(PrefillAttentionPoint {
+                    tokens,
+                    context,
+                    time: m(1e-5 * (tokens + context) as f64),
+                });
+            }
+        }
+        let mut decode = Vec::new();
+        for batch in [1, 32] {
+            for context in [128, 2048] {
+                decode.push(DecodeAttentionPoint {
+                    batch,
+                    context,
+                    time: m(1e-7 * (batch * context) as f64),
+                });
+            }
+        }
+        let mut lora = Vec::new();
+        for tokens in [8, 64] {
+            for adapters in [1, 8] {
+                for rank in [8, 64] {
+                    lora.push(LoraPoint {
+                        tokens,
+                        adapters,
+                        rank,
+                        time: m(1e-6 * (tokens + adapters * rank) as f64),
+                    });
+                }
+            }
+        }
+        CalibrationProfile {
+            format_version: PROFILE_FORMAT_VERSION,
+            gpu_name: "NVIDIA H200".into(),
+            gpu_key: Some("h200".into()),
+            gpu_memory_bytes: 150_754_820_096,
+            driver_version: "580.95.05".into(),
+            cuda_version: "13.0".into(),
+            date: "2026-11-28T10:00:00Z".into(),
+            model: llama7b(),
+            tensor_parallel: 1,
+            lora_targets: TargetModule::ATTENTION.to_vec(),
+            base_gemm: [1, 64, 512]
+                .iter()
+                .map(|&tokens| TokensPoint {
+                    tokens,
+                    time: m(3.7e-3 + 1e-5 * tokens as f64),
+                })
+                .collect(),
+            lm_head: vec![TokensPoint {
+                tokens: 1,
+                time: m(8e-5),
+            }],
+            attention_prefill: prefill,
+            attention_decode: decode,
+            lora_shrink: lora.clone(),
+            lora_expand: lora,
+            host_to_device: [1 << 20, 64 << 20]
+                .iter()
+                .map(|&bytes| TransferPoint {
+                    bytes,
+                    time: m(bytes as f64 / 50e9),
+                })
+                .collect(),
+            fixed_overhead: m(6e-4),
+            sampling_per_token: m(2e-7),
+        }
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("slora-cost-{}-{name}.json", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn profile_round_trip() {
+        let profile = sample_profile();
+        let path = temp_file(
+            "round-trip",
+            &serde_json::to_string_pretty(&profile).unwrap(),
+        );
+        let loaded = load_profile(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        // serde_json's default float parser may be one ulp off the written shortest decimal
+        // (its `float_roundtrip` feature is off), so numbers compare to 1e-15 relative.
+        let (a, b) = (
+            serde_json::to_value(&loaded).unwrap(),
+            serde_json::to_value(&profile).unwrap(),
+        );
+        assert!(json_close(&a, &b), "{a}\n{b}");
+    }
+
+    fn json_close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+        use serde_json::Value;
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                (x - y).abs() <= 1e-15 * x.abs().max(y.abs())
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_close(x, y))
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len()
+                    && x.iter()
+                        .all(|(k, v)| y.get(k).is_some_and(|w| json_close(v, w)))
+            }
+            _ => a == b,
+        }
+    }
+
+    fn profile_error(mutate: impl FnOnce(&mut CalibrationProfile), name: &str) -> String {
+        let mut profile = sample_profile();
+        mutate(&mut profile);
+        let path = temp_file(name, &serde_json::to_string(&profile).unwrap());
+        let err = load_profile(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).ok();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        err
+    }
+
+    #[test]
+    fn bad_profiles_name_path_and_field() {
+        let err = profile_error(|p| p.base_gemm.swap(0, 1), "unsorted");
+        assert!(
+            err.contains("base_gemm[1]") && err.contains("sorted"),
+            "{err}"
+        );
+        let err = profile_error(|p| p.attention_decode[2].time.median_s = -1.0, "negative");
+        assert!(err.contains("attention_decode[2].time.median_s"), "{err}");
+        let err = profile_error(|p| p.attention_decode[1].time.p90_s = 0.0, "zero");
+        assert!(err.contains("attention_decode[1].time.p90_s"), "{err}");
+        let err = profile_error(|p| p.lora_shrink.clear(), "empty");
+        assert!(
+            err.contains("`lora_shrink`") && err.contains("at least one"),
+            "{err}"
+        );
+        let err = profile_error(
+            |p| {
+                p.lora_expand.pop();
+            },
+            "incomplete",
+        );
+        assert!(
+            err.contains("`lora_expand`") && err.contains("complete grid"),
+            "{err}"
+        );
+        let err = profile_error(|p| p.format_version = 99, "version");
+        assert!(
+            err.contains("format_version") && err.contains("99"),
+            "{err}"
+        );
+        let err = profile_error(|p| p.date = "28/11/2026".into(), "date");
+        assert!(err.contains("`date`"), "{err}");
+        let err = profile_error(|p| p.fixed_overhead.p10_s = 1.0, "spread");
+        assert!(
+            err.contains("fixed_overhead") && err.contains("p10_s <= median_s"),
+            "{err}"
+        );
+        let err = profile_error(|p| p.host_to_device[0].bytes = 0, "zero-bytes");
+        assert!(err.contains("host_to_device[0].bytes"), "{err}");
+
+        // Not JSON of the right shape, and no file at all.
+        let path = temp_file("garbage", r#"{"format_version": 1, "gpu_nam": "x"}"#);
+        let err = load_profile(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).ok();
+        assert!(
+            err.contains("gpu_nam") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+        let missing = std::env::temp_dir().join("slora-cost-no-such-profile.json");
+        let err = load_profile(&missing).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot read") && err.contains("no-such-profile"),
+            "{err}"
+        );
+    }
+}

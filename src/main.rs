@@ -1,0 +1,387 @@
+//! slora-plan: the command line. Thin by design: parsing, progress, output paths and exit
+//! codes live here; every decision lives in the library crates.
+//!
+//! Exit codes: 0 success, 1 a run failed, 2 bad input (arguments or scenario files).
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+use slora_sim::metrics::{SweepPoint, SweepResult};
+use slora_sim::{LoadedScenario, Metrics, RunResult, Scenario, ScenarioError, SimError};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "slora-plan",
+    version,
+    about = "Capacity planning and serving for many LoRA adapters on one base model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Simulate scenarios: metrics, charts and a report per scenario (no GPU needed).
+    Simulate {
+        /// Scenario YAML files (see docs/scenarios.md). With none, runs the embedded default
+        /// scenario (scenarios/default.yaml).
+        scenarios: Vec<PathBuf>,
+        /// Output folder. Default: out/<scenario name>/. With several scenarios, each gets
+        /// DIR/<scenario name>/.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// No progress bar and no summary table.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List the model presets and the GPU catalogue with their sizes.
+    Catalog,
+}
+
+/// Why the command failed; decides the exit code.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    BadInput(#[from] ScenarioError),
+    #[error("{scenario}: {source}")]
+    Run { scenario: String, source: SimError },
+    #[error("{scenario}: writing outputs: {source}")]
+    Output {
+        scenario: String,
+        source: slora_reports::ReportError,
+    },
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::BadInput(_) => 2,
+            CliError::Run { .. } | CliError::Output { .. } => 1,
+        }
+    }
+}
+
+/// The default scenario, embedded so `slora-plan simulate` works from any folder.
+const DEFAULT_SCENARIO: &str = include_str!("../scenarios/default.yaml");
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Simulate {
+            scenarios,
+            out,
+            seed,
+            quiet,
+        } => simulate(&scenarios, out.as_deref(), seed, quiet),
+        Command::Catalog => {
+            catalog();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("slora-plan: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                // thiserror's `transparent` repeats the message: print only new causes.
+                let text = s.to_string();
+                if !e.to_string().contains(&text) {
+                    eprintln!("  caused by: {text}");
+                }
+                source = s.source();
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn catalog() {
+    println!("Model presets (fp16):");
+    println!(
+        "  {:<12} {:>7} {:>7} {:>6} {:>8} {:>10} {:>12} {:>14}",
+        "name",
+        "hidden",
+        "layers",
+        "heads",
+        "kv_heads",
+        "weights GB",
+        "KV KiB/token",
+        "r=16 q,k,v,o MiB"
+    );
+    for name in slora_engine::ModelSpec::preset_names() {
+        let m = slora_engine::ModelSpec::preset(name).expect("presets are valid");
+        let adapter = slora_engine::AdapterSpec::attention(16);
+        println!(
+            "  {:<12} {:>7} {:>7} {:>6} {:>8} {:>10.2} {:>12} {:>14.1}",
+            name,
+            m.hidden_size,
+            m.num_layers,
+            m.num_heads,
+            m.num_kv_heads,
+            m.weight_bytes() as f64 / 1e9,
+            m.kv_bytes_per_token() / 1024,
+            adapter.weight_bytes(&m) as f64 / (1 << 20) as f64,
+        );
+    }
+    println!("\nGPU catalogue (derived cost model; see sim/src/cost.rs for sources):");
+    println!(
+        "  {:<10} {:<28} {:>8} {:>10} {:>12} {:>10} {:>8}",
+        "key", "name", "mem GB", "HBM TB/s", "fp16 TFLOP/s", "host GB/s", "$/hour"
+    );
+    for g in slora_sim::cost::gpu_catalogue() {
+        println!(
+            "  {:<10} {:<28} {:>8.0} {:>10.2} {:>12.0} {:>10.0} {:>8.2}",
+            g.key,
+            g.name,
+            g.memory_bytes as f64 / 1e9,
+            g.hbm_bandwidth / 1e12,
+            g.dense_fp16_flops / 1e12,
+            g.host_link_bandwidth / 1e9,
+            g.price_per_hour_usd,
+        );
+    }
+}
+
+fn simulate(
+    paths: &[PathBuf],
+    out: Option<&Path>,
+    seed: Option<u64>,
+    quiet: bool,
+) -> Result<(), CliError> {
+    // Load and check every scenario before running any: bad input fails fast and whole.
+    let mut loaded = Vec::new();
+    if paths.is_empty() {
+        loaded.push(Scenario::parse(
+            DEFAULT_SCENARIO,
+            Path::new("scenarios/default.yaml"),
+        )?);
+    }
+    for path in paths {
+        loaded.push(Scenario::load(path)?);
+    }
+    if let Some(seed) = seed {
+        for l in &mut loaded {
+            l.base.seed = seed;
+            for p in &mut l.points {
+                p.scenario.seed = seed;
+            }
+        }
+    }
+    let several = loaded.len() > 1;
+    let mut summaries = Vec::new();
+    for l in &loaded {
+        let dir = match (out, several) {
+            (Some(dir), false) => dir.to_path_buf(),
+            (Some(dir), true) => dir.join(&l.base.name),
+            (None, _) => Path::new("out").join(&l.base.name),
+        };
+        let metrics = run_scenario(l, &dir, quiet)?;
+        summaries.push((l.base.name.clone(), dir, metrics));
+    }
+    if !quiet {
+        print_summary(&summaries);
+    }
+    Ok(())
+}
+
+/// A progress bar that appears only once a run has taken more than a second, on a terminal.
+struct Progress {
+    bar: ProgressBar,
+    started: Instant,
+    visible: std::sync::atomic::AtomicBool,
+    enabled: bool,
+}
+
+impl Progress {
+    fn new(len: u64, unit: &str, quiet: bool) -> Progress {
+        let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{{spinner}} {{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{eta}})"
+            ))
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Progress {
+            bar,
+            started: Instant::now(),
+            visible: false.into(),
+            enabled: !quiet && std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn set(&self, pos: u64) {
+        if self.enabled
+            && !self.visible.load(Ordering::Relaxed)
+            && self.started.elapsed() > Duration::from_secs(1)
+        {
+            self.visible.store(true, Ordering::Relaxed);
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        self.bar.set_position(pos);
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn run_scenario(l: &LoadedScenario, dir: &Path, quiet: bool) -> Result<Metrics, CliError> {
+    let name = l.base.name.clone();
+    let run_err = |source| CliError::Run {
+        scenario: name.clone(),
+        source,
+    };
+    let out_err = |source| CliError::Output {
+        scenario: name.clone(),
+        source,
+    };
+    // Build every point first: a point whose model does not fit is bad input (exit 2).
+    let setups = l
+        .points
+        .iter()
+        .map(|p| p.scenario.build(&l.path))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    if l.base.sweep.is_empty() {
+        let setup = &setups[0];
+        let progress = Progress::new(setup.arrivals.len() as u64, "requests", quiet);
+        progress.bar.set_message(name.clone());
+        let report = |done: u64, _total: u64| progress.set(done);
+        let run = slora_sim::simulate(setup, Some(&report)).map_err(run_err)?;
+        progress.finish();
+        slora_reports::write_run(dir, &run).map_err(out_err)?;
+        return Ok(run.metrics);
+    }
+
+    // A sweep: points in parallel over the cores, each writing its own report.
+    let progress = Progress::new(setups.len() as u64, "points", quiet);
+    progress.bar.set_message(name.clone());
+    let done = AtomicU64::new(0);
+    let results: Vec<Result<SweepPoint, CliError>> = setups
+        .par_iter()
+        .zip(l.points.par_iter())
+        .enumerate()
+        .map(|(index, (setup, point))| {
+            let run: RunResult =
+                slora_sim::simulate(setup, None).map_err(|source| CliError::Run {
+                    scenario: format!("{name} (sweep point {index})"),
+                    source,
+                })?;
+            let point_dir = dir
+                .join("points")
+                .join(point_label(index, &point.parameters));
+            slora_reports::write_run(&point_dir, &run).map_err(|source| CliError::Output {
+                scenario: format!("{name} (sweep point {index})"),
+                source,
+            })?;
+            progress.set(done.fetch_add(1, Ordering::Relaxed) + 1);
+            Ok(SweepPoint {
+                parameters: point.parameters.clone(),
+                adapters: point.scenario.adapters.count,
+                offered_rate: point
+                    .scenario
+                    .offered_rate()
+                    .unwrap_or(run.metrics.throughput.offered_requests_per_s),
+                metrics: run.metrics,
+            })
+        })
+        .collect();
+    progress.finish();
+    let points = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let sweep = SweepResult {
+        scenario: name.clone(),
+        points,
+    };
+    slora_reports::write_sweep(dir, &sweep).map_err(out_err)?;
+    // The summary line of a sweep shows its best point that meets the SLO, else the last.
+    let best = sweep
+        .points
+        .iter()
+        .filter(|p| p.metrics.meets_slo)
+        .max_by(|a, b| {
+            a.metrics
+                .throughput
+                .requests_per_s
+                .total_cmp(&b.metrics.throughput.requests_per_s)
+        })
+        .or(sweep.points.last())
+        .map(|p| p.metrics.clone())
+        .unwrap_or_default();
+    Ok(best)
+}
+
+/// `007-adapters.count=100,workload.arrivals.rate=4`, made safe for a folder name.
+fn point_label(
+    index: usize,
+    parameters: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> String {
+    let params: Vec<String> = parameters
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            format!("{}={}", k.rsplit('.').next().unwrap_or(k), v)
+        })
+        .collect();
+    let label: String = format!("{index:03}-{}", params.join(","))
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.=,".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    label.chars().take(120).collect()
+}
+
+fn print_summary(rows: &[(String, PathBuf, Metrics)]) {
+    println!(
+        "{:<24} {:<10} {:>9} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}  output",
+        "scenario",
+        "costs",
+        "completed",
+        "aborted",
+        "req/s",
+        "out tok/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "SLO %"
+    );
+    for (name, dir, m) in rows {
+        let provenance = m
+            .provenance
+            .map(|p| format!("{p:?}").to_lowercase())
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<10} {:>9} {:>8} {:>9.2} {:>10.0} {:>8.3}s {:>8.3}s {:>8.4}s {:>8.4}s {:>6.1}%  {}",
+            name,
+            provenance,
+            m.requests.completed,
+            m.requests.aborted,
+            m.throughput.requests_per_s,
+            m.throughput.output_tokens_per_s,
+            m.ttft_s.p50,
+            m.ttft_s.p99,
+            m.tpot_s.p50,
+            m.tpot_s.p99,
+            m.slo_attainment * 100.0,
+            dir.display()
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! End-to-end tests of the command line: outputs, determinism, every shipped scenario, and
+//! bad input (specific error, exit code 2, no panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_slora-plan"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("slora-plan-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_clean_failure(o: &Output, code: i32, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in: {err}");
+    }
+}
+
+/// A small, fast scenario text with placeholders replaced.
+fn small_scenario(extra: &str) -> String {
+    format!(
+        "name: small\nseed: 1\nmodel: llama-7b\ngpu: h200\n\
+         adapters: {{ count: 20, ranks: [8, 16] }}\n\
+         workload:\n  arrivals: {{ process: poisson, rate: 5 }}\n  duration_s: 20\n  \
+         input: {{ dist: uniform, min: 8, max: 256 }}\n  output: {{ dist: uniform, min: 8, max: 128 }}\n\
+         slo: {{ ttft_s: 1.0 }}\n{extra}"
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn the_default_scenario_writes_every_output() {
+    let dir = tmp("default");
+    let out = dir.join("out");
+    let o = run(&["simulate", "--quiet", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "metrics.json",
+        "requests.csv",
+        "steps.csv",
+        "report.html",
+        "report.md",
+        "latency_cdf.png",
+        "latency_cdf.svg",
+        "pool_occupancy.png",
+        "pool_occupancy.svg",
+        "batch.png",
+        "batch.svg",
+        "step_breakdown.png",
+        "step_breakdown.svg",
+    ] {
+        let p = out.join(f);
+        assert!(
+            p.metadata().map(|m| m.len() > 0).unwrap_or(false),
+            "missing {f}"
+        );
+    }
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    for key in ["requests_per_s", "output_tokens_per_s"] {
+        assert!(m["throughput"][key].as_f64().unwrap() > 0.0);
+    }
+    for key in ["ttft_s", "tpot_s", "e2e_s"] {
+        for stat in ["mean", "p50", "p90", "p95", "p99"] {
+            assert!(m[key][stat].is_number(), "{key}.{stat}");
+        }
+    }
+    assert!(m["slo_attainment"].is_number());
+    assert_eq!(m["provenance"], "derived");
+    let submitted = m["requests"]["submitted"].as_u64().unwrap();
+    let ended = m["requests"]["completed"].as_u64().unwrap()
+        + m["requests"]["aborted"].as_u64().unwrap()
+        + m["requests"]["rejected"].as_u64().unwrap();
+    assert_eq!(ended, submitted);
+    // The embedded default is the shipped file.
+    let embedded = std::fs::read(out.join("metrics.json")).unwrap();
+    let out2 = dir.join("out2");
+    let o = run(&[
+        "simulate",
+        "--quiet",
+        "scenarios/default.yaml",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    let o = if o.status.success() {
+        o
+    } else {
+        let path = repo().join("scenarios/default.yaml");
+        run(&[
+            "simulate",
+            "--quiet",
+            path.to_str().unwrap(),
+            "--out",
+            out2.to_str().unwrap(),
+        ])
+    };
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(embedded, std::fs::read(out2.join("metrics.json")).unwrap());
+}
+
+#[test]
+fn same_seed_same_metrics_different_seed_different() {
+    let dir = tmp("seed");
+    let s = write(&dir, "s.yaml", &small_scenario(""));
+    let go = |out: &str, seed: &str| {
+        let out = dir.join(out);
+        let o = run(&[
+            "simulate",
+            "--quiet",
+            s.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out.join("metrics.json")).unwrap()
+    };
+    let a = go("a", "9");
+    let b = go("b", "9");
+    let c = go("c", "10");
+    assert_eq!(a, b, "same seed must give a byte-identical metrics.json");
+    assert_ne!(a, c, "a different seed must give a different run");
+}
+
+#[test]
+fn every_shipped_scenario_runs() {
+    let traces = repo().join("../shared/traces");
+    let dir = tmp("shipped");
+    for entry in std::fs::read_dir(repo().join("scenarios")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.contains("shared/traces") && !traces.exists() {
+            println!("skipping {}: ../shared/traces is absent", path.display());
+            continue;
+        }
+        let out = dir.join(path.file_stem().unwrap());
+        let o = run(&[
+            "simulate",
+            "--quiet",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}: {}", path.display(), stderr(&o));
+        let has_sweep = text.contains("\nsweep:");
+        let main_file = if has_sweep {
+            "sweep.json"
+        } else {
+            "metrics.json"
+        };
+        assert!(
+            out.join(main_file).exists(),
+            "{}: no {main_file}",
+            path.display()
+        );
+        if has_sweep {
+            for f in [
+                "capacity.png",
+                "capacity.svg",
+                "throughput_vs_rate.png",
+                "attainment_vs_rate.png",
+                "sweep.html",
+            ] {
+                assert!(out.join(f).exists(), "{}: no {f}", path.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_fields_name_the_file_field_and_line() {
+    let dir = tmp("unknown");
+    let s = write(
+        &dir,
+        "typo.yaml",
+        &small_scenario("polcy:\n  clustering: true\n"),
+    );
+    let o = run(&["simulate", s.to_str().unwrap()]);
+    assert_clean_failure(&o, 2, &["typo.yaml", "unknown field `polcy`", "line 12"]);
+    let s = write(
+        &dir,
+        "nested.yaml",
+        &small_scenario("policy:\n  clustring: true\n"),
+    );
+    let o = run(&["simulate", s.to_str().unwrap()]);
+    assert_clean_failure(
+        &o,
+        2,
+        &["nested.yaml", "clustring", "line 13", "clustering"],
+    );
+}
+
+#[test]
+fn wrong_types_and_impossible_values_are_bad_input() {
+    let dir = tmp("values");
+    let cases = [
+        (
+            "type.yaml",
+            small_scenario("").replace("count: 20", "count: twenty"),
+            vec!["type.yaml", "adapters.count", "invalid type"],
+        ),
+        (
+            "rate.yaml",
+            small_scenario("").replace("rate: 5", "rate: -5"),
+            vec!["rate.yaml", "workload.arrivals.rate", "-5"],
+        ),
+        (
+            "rank.yaml",
+            small_scenario("").replace("ranks: [8, 16]", "ranks: [0]"),
+            vec!["rank.yaml", "adapters.ranks", "rank 0"],
+        ),
+        (
+            "budget.yaml",
+            small_scenario("policy: { max_prefill_tokens: -1 }\n"),
+            vec!["budget.yaml", "max_prefill_tokens"],
+        ),
+        (
+            "batch.yaml",
+            small_scenario("policy: { max_batch_size: 0 }\n"),
+            vec!["batch.yaml", "policy.max_batch_size", "at least 1"],
+        ),
+        (
+            "gpu.yaml",
+            small_scenario("").replace("gpu: h200", "gpu: h900"),
+            vec!["gpu.yaml", "`gpu`", "h200"],
+        ),
+        (
+            "abort.yaml",
+            small_scenario("policy: { early_abort: true }\n").replace("slo: { ttft_s: 1.0 }\n", ""),
+            vec!["abort.yaml", "slo.ttft_s"],
+        ),
+        (
+            "sweep.yaml",
+            small_scenario("sweep:\n  workload.arrivals.rat: [1, 2]\n"),
+            vec!["sweep.yaml", "workload.arrivals.rat"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let s = write(&dir, name, &text);
+        let o = run(&["simulate", s.to_str().unwrap()]);
+        assert_clean_failure(&o, 2, &needles);
+    }
+}
+
+#[test]
+fn a_model_that_does_not_fit_says_so_with_sizes() {
+    let dir = tmp("fit");
+    let text = small_scenario("")
+        .replace("llama-7b", "llama-2-70b")
+        .replace("gpu: h200", "gpu: l4");
+    let s = write(&dir, "fit.yaml", &text);
+    let o = run(&["simulate", s.to_str().unwrap()]);
+    assert_clean_failure(&o, 2, &["fit.yaml", "llama-2-70b", "GB"]);
+}
+
+#[test]
+fn missing_files_and_bad_arguments_exit_2() {
+    let o = run(&["simulate", "/nonexistent/scenario.yaml"]);
+    assert_clean_failure(&o, 2, &["/nonexistent/scenario.yaml", "cannot read"]);
+    let o = run(&["simulate", "--no-such-flag"]);
+    assert_clean_failure(&o, 2, &["--no-such-flag"]);
+    let dir = tmp("garbage");
+    let s = write(&dir, "garbage.yaml", "\u{0}\u{1}: [[[");
+    let o = run(&["simulate", s.to_str().unwrap()]);
+    assert_clean_failure(&o, 2, &["garbage.yaml"]);
+}
+
+#[test]
+fn an_unwritable_output_folder_is_a_failed_run() {
+    let dir = tmp("unwritable");
+    let s = write(&dir, "s.yaml", &small_scenario(""));
+    let blocker = write(&dir, "file", "not a folder");
+    let o = run(&[
+        "simulate",
+        "--quiet",
+        s.to_str().unwrap(),
+        "--out",
+        blocker.join("x").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 1, &["writing outputs"]);
+}
