@@ -45,6 +45,14 @@ enum Command {
     },
     /// List the model presets and the GPU catalogue with their sizes.
     Catalog,
+    /// On a GPU machine: find the driver, NVRTC and cuBLAS, compile every kernel, check each
+    /// against its CPU reference on random data, and optionally check the whole executor
+    /// against transformers + peft outputs (see tests/gpu/README.md).
+    Doctor {
+        /// A folder written by `tests/gpu/reference.py`.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+    },
 }
 
 /// Why the command failed; decides the exit code.
@@ -54,6 +62,10 @@ enum CliError {
     BadInput(#[from] ScenarioError),
     #[error("{scenario}: {source}")]
     Run { scenario: String, source: SimError },
+    #[error("doctor: {0}")]
+    Gpu(#[from] slora_kernels::Error),
+    #[error("doctor: {failed} check(s) failed")]
+    ChecksFailed { failed: usize },
     #[error("{scenario}: writing outputs: {source}")]
     Output {
         scenario: String,
@@ -65,7 +77,10 @@ impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
             CliError::BadInput(_) => 2,
-            CliError::Run { .. } | CliError::Output { .. } => 1,
+            CliError::Run { .. }
+            | CliError::Output { .. }
+            | CliError::Gpu(_)
+            | CliError::ChecksFailed { .. } => 1,
         }
     }
 }
@@ -86,6 +101,7 @@ fn main() -> ExitCode {
             catalog();
             Ok(())
         }
+        Command::Doctor { reference } => doctor(reference.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,6 +119,46 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+fn doctor(reference: Option<&Path>) -> Result<(), CliError> {
+    for line in slora_kernels::doctor::device_summary()? {
+        println!("{line}");
+    }
+    let rows = slora_kernels::doctor::kernel_checks()?;
+    println!(
+        "\n{:<44} {:>12} {:>12}  result",
+        "kernel check", "max |err|", "rel err"
+    );
+    let mut failed = 0;
+    for r in &rows {
+        failed += usize::from(!r.passed);
+        println!(
+            "{:<44} {:>12.3e} {:>12.3e}  {}",
+            r.kernel,
+            r.max_abs_err,
+            r.rel_err,
+            if r.passed { "pass" } else { "FAIL" }
+        );
+    }
+    if let Some(dir) = reference {
+        println!("\nexecutor vs transformers + peft ({}):", dir.display());
+        for check in slora_kernels::doctor::reference_check(dir)? {
+            println!("{check}");
+            match check.verdict(1e-2) {
+                Ok(()) => println!("  -> pass"),
+                Err(why) => {
+                    failed += 1;
+                    println!("  -> FAIL: {why}");
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(CliError::ChecksFailed { failed });
+    }
+    println!("\nall checks passed");
+    Ok(())
 }
 
 fn catalog() {

@@ -1,0 +1,692 @@
+// S-LoRA's two LoRA kernels over the unified page pool, for adapters of mixed ranks
+// (README.md, "Unified pool on the device"):
+//   shrink  v[t, i]  = sum_j x[t, j] * A[i, j]                 i < rank of t's adapter
+//   expand  y[t, o] += scale * sum_i v[t, i] * B^T[i, o]
+// Row i of A lives on the K side and row i of B^T on the V side of the pages
+// adapter_pages[page_offset + i*slots + s], s = j / W (or o / W), column j % W (or o % W).
+//
+// MBGMV (decode, one token per request) is memory bound: every adapter row is read once, so
+// the kernels are built around 16-byte coalesced loads with several in flight. MBGMM (prefill,
+// a segment of tokens per adapter) is a gather GEMM: a tile of adapter rows is fetched once
+// into shared memory and reused by every token of a token tile.
+//
+// No kernel pads compute to the largest rank of the batch: blocks whose rank rows do not exist
+// exit at once, and inside a block only 16-row groups (prefill shrink) or 16-row chunks
+// (prefill expand) that hold rows < rank are computed.
+//
+// Contract checked by the launch plans (src/ops/lora.rs): W, in and out are multiples of 8 and
+// every pointer is 16-byte aligned, so a chunk of 8 fp16 starting at a multiple of 8 never
+// crosses a page row and loads as one uint4; every product of the int index math below fits
+// in int. The tables themselves are not trusted: an entry that would index out of bounds
+// (rank > max_rank, page list past the end, page outside the pool, bad segment bounds) makes
+// the kernel skip that request, segment or row instead of reading or writing out of bounds.
+
+#define LORA_VEC 8  // fp16 elements per 16-byte load
+
+// MBGMV shrink: one block per (request, group of DS_ROWS rank rows); the block's threads split
+// the `in` dimension in 8-element chunks, each thread loading one x chunk and reusing it for
+// the DS_ROWS rows; two chunks per iteration put 2 * (DS_ROWS + 1) loads in flight per thread.
+#define DS_ROWS 4
+#define DS_THREADS 256
+#define DS_WARPS (DS_THREADS / 32)
+
+// MBGMV expand: one block per (request, tile of DE_TILE outputs). Lane l of every warp owns
+// outputs [8l, 8l + 8) of the tile; warp w takes rank rows w, w + DE_WARPS, ... so that ranks
+// up to DE_WARPS rows give every warp work; DE_UNROLL rows per warp are loaded before use.
+#define DE_WARPS 4
+#define DE_THREADS (DE_WARPS * 32)
+#define DE_TILE (32 * LORA_VEC)
+#define DE_UNROLL 4
+#define DE_OUT_PER_THREAD (DE_TILE / DE_THREADS)  // outputs each thread adds to y at the end
+
+// MBGMV fused (sm_90+): one thread-block cluster of DF_CLUSTER blocks per request. Block k of
+// the cluster computes the partial shrink over its slice of `in` for every rank row, the
+// partials are summed through distributed shared memory, and block k then computes the expand
+// for output tiles k, k + DF_CLUSTER, ... One launch instead of two, and the B rows and y it
+// will need are prefetched into L2 before the cluster barrier, so a small decode batch pays
+// one latency chain (tables -> page indices -> rows) instead of two.
+#define DF_CLUSTER 8
+#define DF_WARPS 8
+#define DF_THREADS (DF_WARPS * 32)
+#define DF_TILE (32 * LORA_VEC)
+#define DF_ROWS_PER_WARP 4  // rank rows a warp accumulates in one pass over its in-slice
+#define DF_UNROLL 4
+
+// MBGMM shrink: block = (token tiles, tile of PS_TR rank rows, segment). Thread (tm, tr),
+// tm = tid / 16, tr = tid % 16, computes tokens 2tm, 2tm + 1 and rank rows tr + 16g, g < 4, so a
+// 16-row group with no row < rank is skipped by the whole block.
+#define PS_TM 32
+#define PS_TR 64
+#define PS_TK 64
+#define PS_THREADS 256
+
+// MBGMM expand: block = (token tiles, tile of PE_TN outputs, segment). Thread (ty, tx),
+// ty = tid / 32 (one warp), tx = tid % 32, computes tokens 4ty.. 4ty + 3 and outputs
+// 4tx.. 4tx + 3 of the tile; the rank dimension is walked in chunks of PE_TK rows, stopping at
+// the segment's rank.
+#define PE_TM 32
+#define PE_TN 128
+#define PE_TK 16
+#define PE_THREADS 256
+
+static_assert(DE_TILE % DE_THREADS == 0, "the expand epilogue splits the tile evenly");
+static_assert(DF_THREADS == DF_TILE, "the fused epilogue gives one output per thread");
+static_assert(PS_THREADS == PS_TM * (PS_TK / LORA_VEC), "one x chunk per thread per k tile");
+static_assert(PS_THREADS == 16 * (PS_TM / 2), "16 rank lanes x PS_TM / 2 token pairs");
+static_assert(PS_TR == 64, "four 16-row groups per rank tile");
+static_assert(PE_THREADS == PE_TK * (PE_TN / LORA_VEC), "one B^T chunk per thread per k tile");
+static_assert(PE_THREADS == 32 * (PE_TM / 4) && PE_TN == 32 * 4, "warp ty: 4 tokens, lane tx: 4 outputs");
+
+__device__ __forceinline__ uint4 lora_ld16(const half_t* p) {
+    // Read-only for the kernel's lifetime (pool, x, v): the non-coherent path is safe.
+    return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+__device__ __forceinline__ float lora_lo(unsigned int w) { return h2f((half_t)(w & 0xffffu)); }
+__device__ __forceinline__ float lora_hi(unsigned int w) { return h2f((half_t)(w >> 16)); }
+
+__device__ __forceinline__ unsigned int lora_pack(float lo, float hi) {
+    return (unsigned int)f2h(lo) | ((unsigned int)f2h(hi) << 16);
+}
+
+__device__ __forceinline__ void lora_unpack8(uint4 d, float f[8]) {
+    f[0] = lora_lo(d.x); f[1] = lora_hi(d.x);
+    f[2] = lora_lo(d.y); f[3] = lora_hi(d.y);
+    f[4] = lora_lo(d.z); f[5] = lora_hi(d.z);
+    f[6] = lora_lo(d.w); f[7] = lora_hi(d.w);
+}
+
+__device__ __forceinline__ float lora_dot8(uint4 a, uint4 b, float acc) {
+    acc = fmaf(lora_lo(a.x), lora_lo(b.x), acc); acc = fmaf(lora_hi(a.x), lora_hi(b.x), acc);
+    acc = fmaf(lora_lo(a.y), lora_lo(b.y), acc); acc = fmaf(lora_hi(a.y), lora_hi(b.y), acc);
+    acc = fmaf(lora_lo(a.z), lora_lo(b.z), acc); acc = fmaf(lora_hi(a.z), lora_hi(b.z), acc);
+    acc = fmaf(lora_lo(a.w), lora_lo(b.w), acc); acc = fmaf(lora_hi(a.w), lora_hi(b.w), acc);
+    return acc;
+}
+
+// The rank to use for table entry `idx` and, through `po`, where its page list starts; 0 for
+// "no adapter" (page_offset -1) and for entries that would index out of bounds.
+__device__ __forceinline__ int lora_entry(const int* __restrict__ page_offset,
+                                          const int* __restrict__ rank, int idx, int max_rank,
+                                          int slots, int num_adapter_pages, int* po) {
+    const int p = page_offset[idx];
+    const int r = rank[idx];
+    if (p < 0 || r <= 0 || r > max_rank) return 0;
+    // r * slots <= max_rank * slots, which the plan checked fits in int.
+    if (p > num_adapter_pages - r * slots) return 0;
+    *po = p;
+    return r;
+}
+
+// Page index at adapter_pages[idx] (idx in bounds by lora_entry), or -1 when it names no page
+// of the pool; a -1 row contributes zeros.
+__device__ __forceinline__ int lora_page(const int* __restrict__ adapter_pages, int idx,
+                                         int num_pages) {
+    const int p = adapter_pages[idx];
+    return (p >= 0 && p < num_pages) ? p : -1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MBGMV (decode). grid.x = n * ceil(max_rank / DS_ROWS), block DS_THREADS,
+// dynamic shared memory DS_ROWS * slots ints.
+extern "C" __global__ void __launch_bounds__(DS_THREADS)
+lora_mbgmv_shrink(const half_t* __restrict__ x,            // [n, in]
+                  const half_t* __restrict__ k_pool,       // [num_pages, W], K side of the layer
+                  const int* __restrict__ adapter_pages,   // [num_adapter_pages]
+                  const int* __restrict__ page_offset,     // [n]
+                  const int* __restrict__ rank,            // [n]
+                  float* __restrict__ v,                   // [n, max_rank]
+                  int n, int in_features, int max_rank, int slots, int page_width,
+                  int num_pages, int num_adapter_pages) {
+    extern __shared__ int s_pages[];  // [DS_ROWS][slots]: this block's rows' page indices
+    __shared__ float s_red[DS_WARPS][DS_ROWS];
+
+    const int groups = (max_rank + DS_ROWS - 1) / DS_ROWS;
+    const int b = blockIdx.x / groups;
+    const int row0 = (blockIdx.x - b * groups) * DS_ROWS;
+    if (b >= n) return;
+    const half_t* xb = x + b * in_features;
+    const int chunks = in_features / LORA_VEC;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    // The first x chunks depend on nothing: issuing them before the table reads overlaps the
+    // latencies (a decode batch is small enough for latency chains to dominate).
+    uint4 x0 = threadIdx.x < chunks ? lora_ld16(xb + threadIdx.x * LORA_VEC) : zero;
+    uint4 x1 = threadIdx.x + DS_THREADS < chunks ? lora_ld16(xb + (threadIdx.x + DS_THREADS) * LORA_VEC) : zero;
+    int po = 0;
+    const int r = lora_entry(page_offset, rank, b, max_rank, slots, num_adapter_pages, &po);
+    if (row0 >= r) return;  // block-uniform: rows past this request's rank are not computed
+    const int nrows = min(DS_ROWS, r - row0);
+
+    // The page indices are fetched once per block, so the hot loop's loads depend on shared
+    // memory rather than on a global load.
+    for (int k = threadIdx.x; k < DS_ROWS * slots; k += DS_THREADS) {
+        const int q = k / slots;
+        const int s = k - q * slots;
+        s_pages[k] = q < nrows ? lora_page(adapter_pages, po + (row0 + q) * slots + s, num_pages) : -1;
+    }
+    __syncthreads();
+
+    const int page_chunks = page_width / LORA_VEC;
+    float acc[DS_ROWS];
+#pragma unroll
+    for (int q = 0; q < DS_ROWS; ++q) acc[q] = 0.f;
+
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += 2 * DS_THREADS) {
+        const int c1 = c0 + DS_THREADS;
+        const bool has1 = c1 < chunks;
+        const int s0 = c0 / page_chunks;
+        const int col0 = (c0 - s0 * page_chunks) * LORA_VEC;
+        const int s1 = c1 / page_chunks;
+        const int col1 = (c1 - s1 * page_chunks) * LORA_VEC;
+        if (c0 != (int)threadIdx.x) {  // the first pair was prefetched
+            x0 = lora_ld16(xb + c0 * LORA_VEC);
+            x1 = has1 ? lora_ld16(xb + c1 * LORA_VEC) : zero;
+        }
+        uint4 a0[DS_ROWS], a1[DS_ROWS];
+#pragma unroll
+        for (int q = 0; q < DS_ROWS; ++q) {
+            a0[q] = zero;
+            a1[q] = zero;
+            if (q < nrows) {
+                const int p0 = s_pages[q * slots + s0];
+                if (p0 >= 0) a0[q] = lora_ld16(k_pool + p0 * page_width + col0);
+                if (has1) {
+                    const int p1 = s_pages[q * slots + s1];
+                    if (p1 >= 0) a1[q] = lora_ld16(k_pool + p1 * page_width + col1);
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < DS_ROWS; ++q) {
+            acc[q] = lora_dot8(x0, a0[q], acc[q]);
+            acc[q] = lora_dot8(x1, a1[q], acc[q]);
+        }
+    }
+
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int q = 0; q < DS_ROWS; ++q) {
+        const float t = warp_sum(acc[q]);
+        if (lane == 0) s_red[warp][q] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x < nrows) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < DS_WARPS; ++w) t += s_red[w][threadIdx.x];
+        v[b * max_rank + row0 + threadIdx.x] = t;
+    }
+}
+
+// grid.x = n * ceil(out / DE_TILE), block DE_THREADS, no dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(DE_THREADS)
+lora_mbgmv_expand(const float* __restrict__ v,             // [n, max_rank], from the shrink
+                  const half_t* __restrict__ v_pool,       // [num_pages, W], V side of the layer
+                  const int* __restrict__ adapter_pages,
+                  const int* __restrict__ page_offset,
+                  const int* __restrict__ rank,
+                  const float* __restrict__ scale,         // [n]
+                  half_t* __restrict__ y,                  // [n, out], added to in place
+                  int n, int out_features, int max_rank, int slots, int page_width,
+                  int num_pages, int num_adapter_pages) {
+    __shared__ __align__(16) float s_red[DE_WARPS][DE_TILE];
+
+    const int tiles = (out_features + DE_TILE - 1) / DE_TILE;
+    const int b = blockIdx.x / tiles;
+    const int tile0 = (blockIdx.x - b * tiles) * DE_TILE;
+    if (b >= n) return;
+    // y is read before the tables so that its latency overlaps theirs.
+    half_t* yb = y + b * out_features;
+    half_t y_old[DE_OUT_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < DE_OUT_PER_THREAD; ++k) {
+        const int o = tile0 + threadIdx.x + k * DE_THREADS;
+        y_old[k] = o < out_features ? yb[o] : (half_t)0;
+    }
+    int po = 0;
+    const int r = lora_entry(page_offset, rank, b, max_rank, slots, num_adapter_pages, &po);
+    if (r == 0) return;  // block-uniform: no adapter, y stays the base output
+    const float sc = scale[b];
+
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int o0 = tile0 + lane * LORA_VEC;
+    float acc[LORA_VEC];
+#pragma unroll
+    for (int e = 0; e < LORA_VEC; ++e) acc[e] = 0.f;
+
+    if (o0 < out_features) {
+        // All 8 outputs of the chunk lie in one slot (W % 8 == 0, o0 % 8 == 0).
+        const int slot = o0 / page_width;
+        const int col = o0 - slot * page_width;
+        const float* vb = v + b * max_rank;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        for (int i0 = warp; i0 < r; i0 += DE_WARPS * DE_UNROLL) {
+            int p[DE_UNROLL];
+            float vi[DE_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DE_UNROLL; ++u) {
+                const int i = i0 + u * DE_WARPS;
+                p[u] = -1;
+                vi[u] = 0.f;
+                if (i < r) {
+                    p[u] = lora_page(adapter_pages, po + i * slots + slot, num_pages);
+                    vi[u] = vb[i];
+                }
+            }
+            uint4 d[DE_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DE_UNROLL; ++u)
+                d[u] = p[u] >= 0 ? lora_ld16(v_pool + p[u] * page_width + col) : zero;
+#pragma unroll
+            for (int u = 0; u < DE_UNROLL; ++u) {
+                if (p[u] < 0) continue;  // also keeps a poisoned v of a skipped row out
+                float f[LORA_VEC];
+                lora_unpack8(d[u], f);
+#pragma unroll
+                for (int e = 0; e < LORA_VEC; ++e) acc[e] = fmaf(vi[u], f[e], acc[e]);
+            }
+        }
+    }
+
+    float4* dst = reinterpret_cast<float4*>(&s_red[warp][lane * LORA_VEC]);
+    dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    __syncthreads();
+
+#pragma unroll
+    for (int k = 0; k < DE_OUT_PER_THREAD; ++k) {
+        const int ol = threadIdx.x + k * DE_THREADS;
+        if (tile0 + ol < out_features) {
+            float t = 0.f;
+#pragma unroll
+            for (int w = 0; w < DE_WARPS; ++w) t += s_red[w][ol];
+            yb[tile0 + ol] = f2h(h2f(y_old[k]) + sc * t);
+        }
+    }
+}
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+// Thread-block clusters and distributed shared memory exist from sm_90 on; on older devices the
+// module has no `lora_mbgmv_fused` and the host uses the two kernels above.
+
+__device__ __forceinline__ unsigned int lora_cluster_rank() {
+    unsigned int r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// Release/acquire: shared-memory writes before arrive are visible to the cluster after wait.
+__device__ __forceinline__ void lora_cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void lora_cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// Reads `*p` (a shared-memory address of this block) from the same place in block `rank` of
+// the cluster.
+__device__ __forceinline__ float lora_ld_cluster(const float* p, unsigned int rank) {
+    unsigned long long local;
+    unsigned int remote;
+    asm volatile("cvta.to.shared.u64 %0, %1;" : "=l"(local) : "l"(p));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"((unsigned int)local), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void lora_prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+}
+
+// grid.x = n * DF_CLUSTER (clusters of DF_CLUSTER consecutive blocks), block DF_THREADS,
+// dynamic shared memory 2 * max_rank floats.
+extern "C" __global__ void __cluster_dims__(DF_CLUSTER, 1, 1) __launch_bounds__(DF_THREADS)
+lora_mbgmv_fused(const half_t* __restrict__ x,             // [n, in]
+                 const half_t* __restrict__ k_pool,        // [num_pages, W]
+                 const half_t* __restrict__ v_pool,        // [num_pages, W]
+                 const int* __restrict__ adapter_pages,
+                 const int* __restrict__ page_offset,      // [n]
+                 const int* __restrict__ rank,             // [n]
+                 const float* __restrict__ scale,          // [n]
+                 float* __restrict__ v,                    // [n, max_rank]: v is also written
+                 half_t* __restrict__ y,                   // [n, out], added to in place
+                 int n, int in_features, int out_features, int max_rank, int slots,
+                 int page_width, int num_pages, int num_adapter_pages) {
+    extern __shared__ float s_dyn[];
+    float* s_part = s_dyn;             // [max_rank]: this block's partial v over its in-slice
+    float* s_v = s_dyn + max_rank;     // [max_rank]: the full v, summed over the cluster
+    __shared__ __align__(16) float s_red[DF_WARPS][DF_TILE];
+
+    const unsigned int crank = lora_cluster_rank();
+    const int b = blockIdx.x / DF_CLUSTER;  // every block of a cluster has the same b
+    if (b >= n) return;
+    int po = 0;
+    const int r = lora_entry(page_offset, rank, b, max_rank, slots, num_adapter_pages, &po);
+    if (r == 0) return;  // cluster-uniform, so no block is left waiting at a cluster barrier
+    const float sc = scale[b];
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int tiles = (out_features + DF_TILE - 1) / DF_TILE;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    // Prefetch into L2 what the expand will read, so its loads overlap the shrink's.
+    for (int t = crank; t < tiles; t += DF_CLUSTER) {
+        const int o0 = t * DF_TILE + lane * LORA_VEC;
+        if (o0 >= out_features) continue;
+        const int slot = o0 / page_width;
+        const int col = o0 - slot * page_width;
+        if (warp == 0) lora_prefetch_l2(y + b * out_features + o0);
+        for (int i = warp; i < r; i += DF_WARPS) {
+            const int p = lora_page(adapter_pages, po + i * slots + slot, num_pages);
+            if (p >= 0) lora_prefetch_l2(v_pool + p * page_width + col);
+        }
+    }
+
+    // Shrink over this block's slice of `in`: warps split the rank rows (DF_ROWS_PER_WARP at a
+    // time), lanes split the slice's 8-element chunks.
+    const int chunks = in_features / LORA_VEC;
+    const int per_block = (chunks + DF_CLUSTER - 1) / DF_CLUSTER;
+    const int c_begin = (int)crank * per_block;
+    const int c_end = min(chunks, c_begin + per_block);
+    const int page_chunks = page_width / LORA_VEC;
+    const half_t* xb = x + b * in_features;
+    for (int i0 = warp; i0 < r; i0 += DF_WARPS * DF_ROWS_PER_WARP) {
+        float acc[DF_ROWS_PER_WARP];
+#pragma unroll
+        for (int q = 0; q < DF_ROWS_PER_WARP; ++q) acc[q] = 0.f;
+        for (int c = c_begin + lane; c < c_end; c += 32) {
+            const uint4 xv = lora_ld16(xb + c * LORA_VEC);
+            const int s = c / page_chunks;
+            const int col = (c - s * page_chunks) * LORA_VEC;
+            uint4 d[DF_ROWS_PER_WARP];
+#pragma unroll
+            for (int q = 0; q < DF_ROWS_PER_WARP; ++q) {
+                const int i = i0 + q * DF_WARPS;
+                d[q] = zero;
+                if (i < r) {
+                    const int p = lora_page(adapter_pages, po + i * slots + s, num_pages);
+                    if (p >= 0) d[q] = lora_ld16(k_pool + p * page_width + col);
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < DF_ROWS_PER_WARP; ++q) acc[q] = lora_dot8(xv, d[q], acc[q]);
+        }
+#pragma unroll
+        for (int q = 0; q < DF_ROWS_PER_WARP; ++q) {
+            const float t = warp_sum(acc[q]);
+            const int i = i0 + q * DF_WARPS;
+            if (lane == 0 && i < r) s_part[i] = t;  // row i belongs to warp i % DF_WARPS only
+        }
+    }
+
+    lora_cluster_arrive();
+    lora_cluster_wait();  // every block's s_part is complete and visible
+    for (int i = threadIdx.x; i < r; i += DF_THREADS) {
+        float t = 0.f;
+        for (unsigned int k = 0; k < DF_CLUSTER; ++k) t += lora_ld_cluster(&s_part[i], k);
+        s_v[i] = t;
+        if (crank == 0) v[b * max_rank + i] = t;
+    }
+    // Done reading the other blocks' shared memory; the matching wait is at the very end, so
+    // no block leaves (freeing its s_part) while another may still read it.
+    lora_cluster_arrive();
+    __syncthreads();  // s_v complete within the block
+
+    for (int t = crank; t < tiles; t += DF_CLUSTER) {
+        const int tile0 = t * DF_TILE;
+        const int o0 = tile0 + lane * LORA_VEC;
+        float acc[LORA_VEC];
+#pragma unroll
+        for (int e = 0; e < LORA_VEC; ++e) acc[e] = 0.f;
+        if (o0 < out_features) {
+            const int slot = o0 / page_width;
+            const int col = o0 - slot * page_width;
+            for (int i0 = warp; i0 < r; i0 += DF_WARPS * DF_UNROLL) {
+                int p[DF_UNROLL];
+#pragma unroll
+                for (int u = 0; u < DF_UNROLL; ++u) {
+                    const int i = i0 + u * DF_WARPS;
+                    p[u] = i < r ? lora_page(adapter_pages, po + i * slots + slot, num_pages) : -1;
+                }
+                uint4 d[DF_UNROLL];
+#pragma unroll
+                for (int u = 0; u < DF_UNROLL; ++u)
+                    d[u] = p[u] >= 0 ? lora_ld16(v_pool + p[u] * page_width + col) : zero;
+#pragma unroll
+                for (int u = 0; u < DF_UNROLL; ++u) {
+                    if (p[u] < 0) continue;
+                    const float vi = s_v[i0 + u * DF_WARPS];
+                    float f[LORA_VEC];
+                    lora_unpack8(d[u], f);
+#pragma unroll
+                    for (int e = 0; e < LORA_VEC; ++e) acc[e] = fmaf(vi, f[e], acc[e]);
+                }
+            }
+        }
+        float4* dst = reinterpret_cast<float4*>(&s_red[warp][lane * LORA_VEC]);
+        dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        __syncthreads();
+        const int o = tile0 + threadIdx.x;
+        if (o < out_features) {
+            float sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < DF_WARPS; ++w) sum += s_red[w][threadIdx.x];
+            half_t* yp = y + b * out_features + o;
+            *yp = f2h(h2f(*yp) + sc * sum);
+        }
+        __syncthreads();  // s_red is reused by the next tile
+    }
+    lora_cluster_wait();
+}
+#endif  // __CUDA_ARCH__ >= 900
+
+// ---------------------------------------------------------------------------------------------
+// MBGMM (prefill). Segment s covers token rows seg_start[s] .. seg_start[s + 1].
+// Shrink: grid (token-tile workers, ceil(max_rank / PS_TR), segments), block PS_THREADS.
+// Token tiles are walked with a grid stride, so grid.x (from the longest segment) is only a
+// degree of parallelism, never a bound on the tokens computed.
+extern "C" __global__ void __launch_bounds__(PS_THREADS)
+lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
+                  const half_t* __restrict__ k_pool,
+                  const int* __restrict__ adapter_pages,
+                  const int* __restrict__ seg_start,       // [num_segments + 1]
+                  const int* __restrict__ page_offset,     // [num_segments]
+                  const int* __restrict__ rank,            // [num_segments]
+                  float* __restrict__ v,                   // [num_tokens, max_rank]
+                  int num_segments, int num_tokens, int in_features, int max_rank, int slots,
+                  int page_width, int num_pages, int num_adapter_pages) {
+    // +1 column: thread tr reads row tr + 16g at one k, so rows must fall in distinct banks.
+    __shared__ float s_x[PS_TM][PS_TK + 1];
+    __shared__ float s_a[PS_TR][PS_TK + 1];
+
+    const int seg = blockIdx.z;
+    if (seg >= num_segments) return;
+    int po = 0;
+    const int r = lora_entry(page_offset, rank, seg, max_rank, slots, num_adapter_pages, &po);
+    const int rank0 = blockIdx.y * PS_TR;
+    if (rank0 >= r) return;
+    const int start = seg_start[seg];
+    const int end = seg_start[seg + 1];
+    if (start < 0 || end > num_tokens || end <= start) return;
+    const int len = end - start;
+    const int rows = min(PS_TR, r - rank0);  // rank rows of this tile that exist
+    const int groups = (rows + 15) / 16;     // 16-row groups computed; later ones are skipped
+
+    const int tr = threadIdx.x & 15;
+    const int tm = threadIdx.x >> 4;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    for (int tile = blockIdx.x; tile * PS_TM < len; tile += gridDim.x) {
+        const int t0 = start + tile * PS_TM;
+        const int tcount = min(PS_TM, end - t0);
+        float acc[2][4];
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+#pragma unroll
+            for (int g = 0; g < 4; ++g) acc[q][g] = 0.f;
+
+        for (int k0 = 0; k0 < in_features; k0 += PS_TK) {
+            {
+                // x tile: PS_TM rows x 8 chunks, one chunk per thread; 8 consecutive threads
+                // read one row's 128 contiguous bytes.
+                const int row = threadIdx.x >> 3;
+                const int kc = (threadIdx.x & 7) * LORA_VEC;
+                uint4 d = zero;
+                if (row < tcount && k0 + kc < in_features)
+                    d = lora_ld16(x + (t0 + row) * in_features + k0 + kc);
+                float f[LORA_VEC];
+                lora_unpack8(d, f);
+#pragma unroll
+                for (int e = 0; e < LORA_VEC; ++e) s_x[row][kc + e] = f[e];
+            }
+            // A tile: PS_TR rank rows x 8 chunks gathered from the pool; rows >= rank are
+            // zeros (only their 16-row group's remainder is ever computed).
+            for (int c = threadIdx.x; c < PS_TR * (PS_TK / LORA_VEC); c += PS_THREADS) {
+                const int row = c >> 3;
+                const int kc = (c & 7) * LORA_VEC;
+                const int j = k0 + kc;
+                uint4 d = zero;
+                if (row < rows && j < in_features) {
+                    const int s = j / page_width;
+                    const int p = lora_page(adapter_pages, po + (rank0 + row) * slots + s, num_pages);
+                    if (p >= 0) d = lora_ld16(k_pool + p * page_width + (j - s * page_width));
+                }
+                float f[LORA_VEC];
+                lora_unpack8(d, f);
+#pragma unroll
+                for (int e = 0; e < LORA_VEC; ++e) s_a[row][kc + e] = f[e];
+            }
+            __syncthreads();
+#pragma unroll 8
+            for (int k = 0; k < PS_TK; ++k) {
+                const float x0 = s_x[2 * tm][k];
+                const float x1 = s_x[2 * tm + 1][k];
+#pragma unroll
+                for (int g = 0; g < 4; ++g) {
+                    if (g < groups) {
+                        const float a = s_a[tr + 16 * g][k];
+                        acc[0][g] = fmaf(x0, a, acc[0][g]);
+                        acc[1][g] = fmaf(x1, a, acc[1][g]);
+                    }
+                }
+            }
+            __syncthreads();
+        }
+
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int t = 2 * tm + q;
+            if (t >= tcount) continue;
+#pragma unroll
+            for (int g = 0; g < 4; ++g) {
+                const int i = tr + 16 * g;
+                if (i < rows) v[(t0 + t) * max_rank + rank0 + i] = acc[q][g];
+            }
+        }
+    }
+}
+
+// Expand: grid (token-tile workers, ceil(out / PE_TN), segments), block PE_THREADS.
+extern "C" __global__ void __launch_bounds__(PE_THREADS)
+lora_mbgmm_expand(const float* __restrict__ v,             // [num_tokens, max_rank]
+                  const half_t* __restrict__ v_pool,
+                  const int* __restrict__ adapter_pages,
+                  const int* __restrict__ seg_start,
+                  const int* __restrict__ page_offset,
+                  const int* __restrict__ rank,
+                  const float* __restrict__ scale,         // [num_segments]
+                  half_t* __restrict__ y,                  // [num_tokens, out], added to in place
+                  int num_segments, int num_tokens, int out_features, int max_rank, int slots,
+                  int page_width, int num_pages, int num_adapter_pages) {
+    __shared__ __align__(16) float s_b[PE_TK][PE_TN];
+    __shared__ float s_v[PE_TM][PE_TK + 1];
+
+    const int seg = blockIdx.z;
+    if (seg >= num_segments) return;
+    int po = 0;
+    const int r = lora_entry(page_offset, rank, seg, max_rank, slots, num_adapter_pages, &po);
+    if (r == 0) return;
+    const int n0 = blockIdx.y * PE_TN;
+    if (n0 >= out_features) return;
+    const int start = seg_start[seg];
+    const int end = seg_start[seg + 1];
+    if (start < 0 || end > num_tokens || end <= start) return;
+    const int len = end - start;
+    const float sc = scale[seg];
+
+    const int tx = threadIdx.x & 31;
+    const int ty = threadIdx.x >> 5;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    for (int tile = blockIdx.x; tile * PE_TM < len; tile += gridDim.x) {
+        const int t0 = start + tile * PE_TM;
+        const int tcount = min(PE_TM, end - t0);
+        float acc[4][4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[q][e] = 0.f;
+
+        for (int k0 = 0; k0 < r; k0 += PE_TK) {
+            {
+                // B^T tile: PE_TK rank rows x PE_TN outputs, one 8-output chunk per thread;
+                // 16 consecutive threads read one row's 256 contiguous bytes (within a page
+                // when W >= 128 and aligned, else split at page boundaries, still 16-byte).
+                const int kr = threadIdx.x >> 4;
+                const int oc = (threadIdx.x & 15) * LORA_VEC;
+                const int i = k0 + kr;
+                const int o = n0 + oc;
+                uint4 d = zero;
+                if (i < r && o < out_features) {
+                    const int s = o / page_width;
+                    const int p = lora_page(adapter_pages, po + i * slots + s, num_pages);
+                    if (p >= 0) d = lora_ld16(v_pool + p * page_width + (o - s * page_width));
+                }
+                float f[LORA_VEC];
+                lora_unpack8(d, f);
+                float4* dst = reinterpret_cast<float4*>(&s_b[kr][oc]);
+                dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+                dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+            }
+            for (int c = threadIdx.x; c < PE_TM * PE_TK; c += PE_THREADS) {
+                const int tt = c / PE_TK;
+                const int kk = c - tt * PE_TK;
+                const int i = k0 + kk;
+                s_v[tt][kk] = (tt < tcount && i < r) ? v[(t0 + tt) * max_rank + i] : 0.f;
+            }
+            __syncthreads();
+            const int kmax = min(PE_TK, r - k0);  // block-uniform: no rows past the rank
+            for (int k = 0; k < kmax; ++k) {
+                const float4 bb = *reinterpret_cast<const float4*>(&s_b[k][4 * tx]);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const float vv = s_v[4 * ty + q][k];  // one address per warp: broadcast
+                    acc[q][0] = fmaf(vv, bb.x, acc[q][0]);
+                    acc[q][1] = fmaf(vv, bb.y, acc[q][1]);
+                    acc[q][2] = fmaf(vv, bb.z, acc[q][2]);
+                    acc[q][3] = fmaf(vv, bb.w, acc[q][3]);
+                }
+            }
+            __syncthreads();
+        }
+
+        const int o = n0 + 4 * tx;
+        if (o < out_features) {  // out % 8 == 0: the 4 outputs exist together
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int t = 4 * ty + q;
+                if (t >= tcount) continue;
+                uint2* yp = reinterpret_cast<uint2*>(y + (t0 + t) * out_features + o);
+                uint2 yy = *yp;
+                yy.x = lora_pack(lora_lo(yy.x) + sc * acc[q][0], lora_hi(yy.x) + sc * acc[q][1]);
+                yy.y = lora_pack(lora_lo(yy.y) + sc * acc[q][2], lora_hi(yy.y) + sc * acc[q][3]);
+                *yp = yy;
+            }
+        }
+    }
+}

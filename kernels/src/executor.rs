@@ -1,0 +1,976 @@
+//! The GPU executor: runs the engine's `StepPlan`s on an NVIDIA GPU.
+//!
+//! It makes no decision of its own. The engine says which requests prefill which tokens into
+//! which pages, which decode, which adapters load into which pages; the executor mirrors the
+//! page tables it is told about, copies adapter rows, and runs the Llama forward pass:
+//!
+//! ```text
+//! embedding → for each layer:
+//!   rms_norm → q,k,v GEMMs (+ LoRA shrink/expand over pool pages) → RoPE → store K,V rows in
+//!   their pages → paged attention (prefill: causal, variable length; decode: batched) →
+//!   o GEMM (+ LoRA) → residual add + rms_norm → gate_up GEMM → silu·mul → down GEMM → add
+//! → final rms_norm on the rows that sample → lm_head → argmax
+//! ```
+//!
+//! Prefill rows come first in every activation buffer, decode rows after them, so the two
+//! attention kernels and the two LoRA kernels each see one contiguous block of rows.
+
+use crate::device::{self, DeviceWeights};
+use crate::error::{Error, Result};
+use crate::gpu::{driver_err, Gpu};
+use crate::ops::{attention, layers, lora, sampling};
+use crate::packing;
+use crate::weights::PeftAdapter;
+use cudarc::driver::{CudaSlice, CudaView};
+use half::f16;
+use slora_engine::{
+    AdapterId, ExecError, Executor, ModelSpec, RequestId, StepPlan, StepReport, TargetModule,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where the base model's weights come from.
+pub enum ModelWeights<'a> {
+    /// Loaded from safetensors (see `weights::load_llama`).
+    Host(&'a crate::weights::LlamaWeights),
+    /// Generated on the device from a seed (no download needed).
+    Synthetic { seed: u64 },
+}
+
+/// Sizes the executor allocates for.
+#[derive(Clone, Debug)]
+pub struct ExecutorConfig {
+    pub model: ModelSpec,
+    pub rms_norm_eps: f32,
+    /// Pages of the unified pool (the engine's `pool_pages`).
+    pub pool_pages: u32,
+    /// Most token rows one step may carry (prefill budget + batch size).
+    pub max_step_tokens: usize,
+    /// Largest adapter rank that will be registered.
+    pub max_rank: u32,
+    /// Compute logits for every prompt position (for correctness checks), not only the rows
+    /// that sample.
+    pub record_prompt_logits: bool,
+}
+
+/// An adapter in host memory, packed as pool rows: `[layers][K side, V side][pages][W]`,
+/// shared between synthetic adapters of the same shape so thousands fit in host memory
+/// (each load still copies its bytes to the device).
+pub struct HostAdapter {
+    pub rank: u32,
+    pub scale: f32,
+    pub targets: Vec<TargetModule>,
+    pub pages: usize,
+    pub packed: Arc<Vec<f16>>,
+}
+
+struct RequestState {
+    /// Prompt followed by every sampled token.
+    tokens: Vec<u32>,
+    /// KV pages in token order (the engine's page table, mirrored from the plans).
+    pages: Vec<i32>,
+}
+
+/// Logits of the last step, when recorded: `(request, position, logits)` rows.
+pub type RecordedLogits = Vec<(RequestId, u32, Vec<f32>)>;
+
+struct Buffers {
+    hidden: CudaSlice<f16>,
+    residual: CudaSlice<f16>,
+    normed: CudaSlice<f16>,
+    q: CudaSlice<f16>,
+    k: CudaSlice<f16>,
+    v: CudaSlice<f16>,
+    attn: CudaSlice<f16>,
+    gate_up: CudaSlice<f16>,
+    mlp: CudaSlice<f16>,
+    lora_scratch: CudaSlice<f32>,
+    sample_rows: CudaSlice<f16>,
+    logits16: CudaSlice<f16>,
+    logits32: CudaSlice<f32>,
+}
+
+pub struct GpuExecutor {
+    pub gpu: Gpu,
+    cfg: ExecutorConfig,
+    weights: DeviceWeights,
+    pool: CudaSlice<f16>,
+    adapters: HashMap<AdapterId, HostAdapter>,
+    /// Page lists of adapters on the device.
+    resident: HashMap<AdapterId, Vec<i32>>,
+    requests: HashMap<RequestId, RequestState>,
+    buffers: Buffers,
+    pub last_logits: RecordedLogits,
+}
+
+impl GpuExecutor {
+    pub fn new(gpu: Gpu, cfg: ExecutorConfig, weights: ModelWeights<'_>) -> Result<GpuExecutor> {
+        let m = &cfg.model;
+        let (free, _) =
+            cudarc::driver::result::mem_get_info().map_err(driver_err("cuMemGetInfo"))?;
+        let pool_elems =
+            m.num_layers as usize * 2 * cfg.pool_pages as usize * m.page_width() as usize;
+        let needed = DeviceWeights::bytes(m) + pool_elems as u64 * 2;
+        if needed > free as u64 {
+            return Err(Error::OutOfMemory {
+                what: format!("{} weights and a pool of {} pages", m.name, cfg.pool_pages),
+                needed_gb: needed as f64 / 1e9,
+                available_gb: free as f64 / 1e9,
+            });
+        }
+        let weights = match weights {
+            ModelWeights::Host(w) => DeviceWeights::upload(&gpu, m, w)?,
+            ModelWeights::Synthetic { seed } => DeviceWeights::synthetic(&gpu, m, seed)?,
+        };
+        let pool = device::alloc::<f16>(&gpu, pool_elems, "the unified page pool")?;
+        let t = cfg.max_step_tokens.max(1);
+        let (h, i, v) = (
+            m.hidden_size as usize,
+            m.intermediate_size as usize,
+            m.vocab_size as usize,
+        );
+        let (qw, kvw) = ((m.num_heads * m.head_dim()) as usize, m.kv_width() as usize);
+        let buffers = Buffers {
+            hidden: device::alloc(&gpu, t * h, "hidden states")?,
+            residual: device::alloc(&gpu, t * h, "residual")?,
+            normed: device::alloc(&gpu, t * h, "normed")?,
+            q: device::alloc(&gpu, t * qw, "q")?,
+            k: device::alloc(&gpu, t * kvw, "k")?,
+            v: device::alloc(&gpu, t * kvw, "v")?,
+            attn: device::alloc(&gpu, t * qw, "attention output")?,
+            gate_up: device::alloc(&gpu, t * 2 * i, "gate_up")?,
+            mlp: device::alloc(&gpu, t * i, "mlp")?,
+            lora_scratch: device::alloc(&gpu, t * cfg.max_rank.max(1) as usize, "LoRA scratch")?,
+            sample_rows: device::alloc(&gpu, t * h, "sampled rows")?,
+            logits16: device::alloc(&gpu, t * v, "logits")?,
+            logits32: device::alloc(&gpu, t * v, "logits (f32)")?,
+        };
+        Ok(GpuExecutor {
+            gpu,
+            cfg,
+            weights,
+            pool,
+            adapters: HashMap::new(),
+            resident: HashMap::new(),
+            requests: HashMap::new(),
+            buffers,
+            last_logits: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.cfg
+    }
+
+    /// Registers adapter `id`'s weights in host memory (packed as pool rows).
+    pub fn register_adapter(&mut self, id: AdapterId, adapter: &PeftAdapter) -> Result<()> {
+        let m = &self.cfg.model;
+        if adapter.rank > self.cfg.max_rank {
+            return Err(Error::Plan {
+                step: 0,
+                reason: format!(
+                    "{id} has rank {} but the executor was sized for ranks up to {}",
+                    adapter.rank, self.cfg.max_rank
+                ),
+            });
+        }
+        adapter.check_shapes(m)?;
+        let packed = packing::pack_adapter(
+            m,
+            adapter.rank,
+            &adapter.targets,
+            &|layer, module| adapter.module(layer, module).map(|(a, _)| a),
+            &|layer, module| adapter.module(layer, module).map(|(_, b)| b),
+        );
+        let pages = slora_engine::AdapterSpec {
+            rank: adapter.rank,
+            targets: adapter.targets.clone(),
+        }
+        .pages(m) as usize;
+        self.adapters.insert(
+            id,
+            HostAdapter {
+                rank: adapter.rank,
+                scale: adapter.scale(),
+                targets: adapter.targets.clone(),
+                pages,
+                packed: Arc::new(packed),
+            },
+        );
+        Ok(())
+    }
+
+    /// Registers an adapter that shares packed host rows with another of the same shape.
+    pub fn register_shared(&mut self, id: AdapterId, like: &HostAdapter) {
+        self.adapters.insert(
+            id,
+            HostAdapter {
+                rank: like.rank,
+                scale: like.scale,
+                targets: like.targets.clone(),
+                pages: like.pages,
+                packed: like.packed.clone(),
+            },
+        );
+    }
+
+    pub fn host_adapter(&self, id: AdapterId) -> Option<&HostAdapter> {
+        self.adapters.get(&id)
+    }
+
+    /// Gives a request its prompt tokens before the engine first schedules it.
+    pub fn add_request(&mut self, id: RequestId, prompt: Vec<u32>) -> Result<()> {
+        let vocab = self.cfg.model.vocab_size;
+        if let Some(&bad) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(Error::Plan {
+                step: 0,
+                reason: format!("{id}: token id {bad} is outside the vocabulary of {vocab}"),
+            });
+        }
+        self.requests.insert(
+            id,
+            RequestState {
+                tokens: prompt,
+                pages: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets a request that finished (or was aborted) and returns its tokens.
+    pub fn remove_request(&mut self, id: RequestId) -> Option<Vec<u32>> {
+        self.requests.remove(&id).map(|r| r.tokens)
+    }
+
+    pub fn tokens(&self, id: RequestId) -> Option<&[u32]> {
+        self.requests.get(&id).map(|r| r.tokens.as_slice())
+    }
+
+    fn plan_err(step: u64, reason: String) -> Error {
+        Error::Plan { step, reason }
+    }
+
+    /// Copies every load of the plan into its pages (all before compute; see the module doc
+    /// of `AdapterLoad`: a load completes within its step).
+    fn load_adapters(&mut self, plan: &StepPlan) -> Result<()> {
+        let m = &self.cfg.model;
+        for ev in &plan.evictions {
+            self.resident.remove(ev);
+        }
+        for load in &plan.loads {
+            let host = self.adapters.get(&load.adapter).ok_or_else(|| {
+                Self::plan_err(
+                    plan.step,
+                    format!("{} is loaded but was never registered", load.adapter),
+                )
+            })?;
+            let pages: Vec<i32> = plan
+                .pages_of(load.pages)
+                .iter()
+                .map(|p| p.0 as i32)
+                .collect();
+            if pages.len() != host.pages {
+                return Err(Self::plan_err(
+                    plan.step,
+                    format!(
+                        "{} needs {} pages, the plan gives {}",
+                        load.adapter,
+                        host.pages,
+                        pages.len()
+                    ),
+                ));
+            }
+            // A real host-to-device copy of every byte, each load.
+            let staging =
+                self.gpu
+                    .stream
+                    .clone_htod(host.packed.as_slice())
+                    .map_err(driver_err(format!(
+                        "copying {} to the device",
+                        load.adapter
+                    )))?;
+            let page_ids = self
+                .gpu
+                .stream
+                .clone_htod(&pages)
+                .map_err(driver_err("uploading adapter pages"))?;
+            device::scatter_rows(
+                &self.gpu,
+                &staging,
+                &mut self.pool,
+                &page_ids,
+                pages.len(),
+                m.num_layers as usize,
+                m.page_width() as usize,
+                self.cfg.pool_pages as usize,
+            )?;
+            self.resident.insert(load.adapter, pages);
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, plan: &StepPlan) -> Result<()> {
+        for a in &plan.aborted {
+            self.requests.remove(&a.request);
+        }
+        for p in &plan.preempted {
+            if let Some(r) = self.requests.get_mut(p) {
+                r.pages.clear();
+            }
+        }
+        self.load_adapters(plan)?;
+        if !plan.has_compute() {
+            return Ok(());
+        }
+        let step = plan.step;
+        let m = self.cfg.model.clone();
+        let (h, i_size, vocab) = (
+            m.hidden_size as usize,
+            m.intermediate_size as usize,
+            m.vocab_size as usize,
+        );
+        let (nh, nkv, d) = (
+            m.num_heads as usize,
+            m.num_kv_heads as usize,
+            m.head_dim() as usize,
+        );
+        let (qw, kvw) = (nh * d, nkv * d);
+
+        // ---- Host-side tables for this step ------------------------------------------------
+        let mut token_ids: Vec<i32> = Vec::new();
+        let mut positions: Vec<i32> = Vec::new();
+        let mut slots: Vec<i32> = Vec::new();
+        let mut kv_table: Vec<i32> = Vec::new();
+        // Prefill segments.
+        let mut seg_start: Vec<i32> = vec![0];
+        let mut seg_context: Vec<i32> = Vec::new();
+        let mut seg_table: Vec<i32> = Vec::new();
+        let mut seg_adapter: Vec<Option<AdapterId>> = Vec::new();
+        // Decode rows.
+        let mut dec_table: Vec<i32> = Vec::new();
+        let mut dec_len: Vec<i32> = Vec::new();
+        let mut dec_adapter: Vec<Option<AdapterId>> = Vec::new();
+        // Rows whose logits are needed: (row, request, position).
+        let mut sample: Vec<(i32, RequestId, u32, bool)> = Vec::new();
+
+        for p in &plan.prefill {
+            let r = self.requests.get_mut(&p.request).ok_or_else(|| {
+                Self::plan_err(step, format!("{} prefills but was never added", p.request))
+            })?;
+            let start = p.context_start as usize;
+            let end = start + p.tokens as usize;
+            if end > r.tokens.len() || r.pages.len() != start {
+                return Err(Self::plan_err(
+                    step,
+                    format!(
+                        "{}: prefill of tokens {start}..{end} but the request has {} tokens and {} pages",
+                        p.request,
+                        r.tokens.len(),
+                        r.pages.len()
+                    ),
+                ));
+            }
+            r.pages
+                .extend(plan.pages_of(p.pages).iter().map(|pg| pg.0 as i32));
+            let row0 = token_ids.len() as i32;
+            for (k, &t) in r.tokens[start..end].iter().enumerate() {
+                token_ids.push(t as i32);
+                positions.push((start + k) as i32);
+            }
+            slots.extend(plan.pages_of(p.pages).iter().map(|pg| pg.0 as i32));
+            seg_table.push(kv_table.len() as i32);
+            kv_table.extend_from_slice(&r.pages);
+            seg_context.push(start as i32);
+            seg_start.push(token_ids.len() as i32);
+            seg_adapter.push(p.adapter);
+            if self.cfg.record_prompt_logits {
+                for k in 0..p.tokens {
+                    let last = k + 1 == p.tokens;
+                    sample.push((
+                        row0 + k as i32,
+                        p.request,
+                        p.context_start + k,
+                        last && p.emits_token,
+                    ));
+                }
+            } else if p.emits_token {
+                sample.push((row0 + p.tokens as i32 - 1, p.request, end as u32 - 1, true));
+            }
+        }
+        let prefill_rows = token_ids.len();
+        for dw in &plan.decode {
+            let r = self.requests.get_mut(&dw.request).ok_or_else(|| {
+                Self::plan_err(step, format!("{} decodes but was never added", dw.request))
+            })?;
+            let pos = dw.context_len as usize;
+            if r.tokens.len() != pos + 1 || r.pages.len() != pos {
+                return Err(Self::plan_err(
+                    step,
+                    format!(
+                        "{}: decode at position {pos} but the request has {} tokens and {} pages",
+                        dw.request,
+                        r.tokens.len(),
+                        r.pages.len()
+                    ),
+                ));
+            }
+            r.pages.push(dw.page.0 as i32);
+            sample.push((token_ids.len() as i32, dw.request, pos as u32, true));
+            token_ids.push(r.tokens[pos] as i32);
+            positions.push(pos as i32);
+            slots.push(dw.page.0 as i32);
+            dec_table.push(kv_table.len() as i32);
+            kv_table.extend_from_slice(&r.pages);
+            dec_len.push(pos as i32 + 1);
+            dec_adapter.push(dw.adapter);
+        }
+        let rows = token_ids.len();
+        let decode_rows = rows - prefill_rows;
+        if rows > self.cfg.max_step_tokens {
+            return Err(Self::plan_err(
+                step,
+                format!(
+                    "{rows} token rows exceed the executor's {} ",
+                    self.cfg.max_step_tokens
+                ),
+            ));
+        }
+
+        // LoRA tables: page lists of the adapters used, and per module the offset of its rows.
+        let mut adapter_pages: Vec<i32> = Vec::new();
+        let mut adapter_base: HashMap<AdapterId, usize> = HashMap::new();
+        for a in seg_adapter.iter().chain(dec_adapter.iter()).flatten() {
+            if adapter_base.contains_key(a) {
+                continue;
+            }
+            let pages = self.resident.get(a).ok_or_else(|| {
+                Self::plan_err(step, format!("{a} is used but not resident on the device"))
+            })?;
+            adapter_base.insert(*a, adapter_pages.len());
+            adapter_pages.extend_from_slice(pages);
+        }
+        let module_tables = |module: TargetModule,
+                             list: &[Option<AdapterId>]|
+         -> (Vec<i32>, Vec<i32>, Vec<f32>) {
+            let mut off = Vec::with_capacity(list.len());
+            let mut rank = Vec::with_capacity(list.len());
+            let mut scale = Vec::with_capacity(list.len());
+            for a in list {
+                match a.and_then(|a| self.adapters.get(&a).map(|h| (a, h))) {
+                    Some((a, host)) if host.targets.contains(&module) => {
+                        off.push(
+                            (adapter_base[&a]
+                                + packing::module_row_offset(&m, host.rank, &host.targets, module))
+                                as i32,
+                        );
+                        rank.push(host.rank as i32);
+                        scale.push(host.scale);
+                    }
+                    _ => {
+                        off.push(-1);
+                        rank.push(0);
+                        scale.push(0.0);
+                    }
+                }
+            }
+            (off, rank, scale)
+        };
+
+        // ---- Upload -------------------------------------------------------------------------
+        let up = |v: &[i32], what: &str| -> Result<CudaSlice<i32>> {
+            self.gpu
+                .stream
+                .clone_htod(if v.is_empty() { &[0i32][..] } else { v })
+                .map_err(driver_err(format!("uploading {what}")))
+        };
+        let d_tokens = up(&token_ids, "token ids")?;
+        let d_pos = up(&positions, "positions")?;
+        let d_slots = up(&slots, "KV slots")?;
+        let d_kv = up(&kv_table, "page tables")?;
+        let d_seg_start = up(&seg_start, "segment starts")?;
+        let d_seg_ctx = up(&seg_context, "segment contexts")?;
+        let d_seg_tab = up(&seg_table, "segment tables")?;
+        let d_dec_tab = up(&dec_table, "decode tables")?;
+        let d_dec_len = up(&dec_len, "decode lengths")?;
+        let d_apages = up(&adapter_pages, "adapter pages")?;
+        let mut lora_dev: HashMap<(TargetModule, bool), LoraTablesDev> = HashMap::new();
+        for module in TargetModule::ATTENTION {
+            for (is_decode, list) in [(false, &seg_adapter), (true, &dec_adapter)] {
+                if list.is_empty() {
+                    continue;
+                }
+                let (o, r, sc) = module_tables(module, list);
+                let scale = self
+                    .gpu
+                    .stream
+                    .clone_htod(&sc)
+                    .map_err(driver_err("uploading LoRA scales"))?;
+                lora_dev.insert(
+                    (module, is_decode),
+                    LoraTablesDev {
+                        offset: up(&o, "LoRA offsets")?,
+                        rank: up(&r, "LoRA ranks")?,
+                        scale,
+                    },
+                );
+            }
+        }
+        let any_lora = !adapter_pages.is_empty();
+        let max_segment_len = seg_start
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+
+        // Attention plans: one per step, shared by every layer (the tables do not change).
+        let shape = attention::AttentionShape::new(nh, nkv, d);
+        let pool_pages = self.cfg.pool_pages as usize;
+        let store_plan = attention::plan_kv_store(shape, pool_pages, &slots)?;
+        let prefill_plan = if prefill_rows > 0 {
+            Some(attention::plan_prefill(
+                shape,
+                pool_pages,
+                &attention::PrefillTables {
+                    kv_pages: &kv_table,
+                    seg_start: &seg_start,
+                    context_start: &seg_context,
+                    table_offset: &seg_table,
+                },
+            )?)
+        } else {
+            None
+        };
+        let decode_plan = if decode_rows > 0 {
+            Some(attention::plan_decode(
+                shape,
+                pool_pages,
+                &attention::DecodeTables {
+                    kv_pages: &kv_table,
+                    table_offset: &dec_table,
+                    ctx_len: &dec_len,
+                },
+            )?)
+        } else {
+            None
+        };
+        let max_ctx = dec_len.iter().copied().max().unwrap_or(1) as usize;
+        let ws_elems = attention::decode_workspace_elems(&shape, decode_rows.max(1), max_ctx);
+        let mut workspace = device::alloc::<f32>(&self.gpu, ws_elems.max(1), "decode workspace")?;
+        let mut bad_ids = device::alloc::<i32>(&self.gpu, 1, "bad token counter")?;
+
+        // ---- Forward --------------------------------------------------------------------------
+        let g = &self.gpu;
+        let b = &mut self.buffers;
+        let w = &self.weights;
+        let eps = self.cfg.rms_norm_eps;
+        let max_rank = self.cfg.max_rank as usize;
+        layers::embedding(
+            g,
+            &d_tokens.slice(..rows),
+            &w.embed.slice(..),
+            &mut b.hidden.slice_mut(..rows * h),
+            &mut bad_ids.slice_mut(..),
+            rows,
+            h,
+            vocab,
+        )?;
+        let rope_shape = layers::RopeShape {
+            tokens: rows,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+            theta: m.rope_theta as f32,
+        };
+        for (l, lw) in w.layers.iter().enumerate() {
+            let layer = attention::layer_kv_range(l, pool_pages, kvw);
+            let side = pool_pages * kvw;
+            // Attention block: residual += previous output (layer 0: residual = embeddings).
+            if l == 0 {
+                g.stream
+                    .memcpy_dtod(
+                        &b.hidden.slice(..rows * h),
+                        &mut b.residual.slice_mut(..rows * h),
+                    )
+                    .map_err(driver_err("residual copy"))?;
+                layers::rms_norm(
+                    g,
+                    &b.residual.slice(..rows * h),
+                    &lw.input_norm.slice(..),
+                    &mut b.normed.slice_mut(..rows * h),
+                    rows,
+                    h,
+                    eps,
+                )?;
+            } else {
+                layers::add_rms_norm(
+                    g,
+                    &mut b.residual.slice_mut(..rows * h),
+                    &b.hidden.slice(..rows * h),
+                    &lw.input_norm.slice(..),
+                    &mut b.normed.slice_mut(..rows * h),
+                    rows,
+                    h,
+                    eps,
+                )?;
+            }
+            device::linear(
+                g,
+                &b.normed.slice(..rows * h),
+                &lw.q,
+                &mut b.q.slice_mut(..rows * qw),
+                rows,
+                h,
+                qw,
+                false,
+            )?;
+            device::linear(
+                g,
+                &b.normed.slice(..rows * h),
+                &lw.k,
+                &mut b.k.slice_mut(..rows * kvw),
+                rows,
+                h,
+                kvw,
+                false,
+            )?;
+            device::linear(
+                g,
+                &b.normed.slice(..rows * h),
+                &lw.v,
+                &mut b.v.slice_mut(..rows * kvw),
+                rows,
+                h,
+                kvw,
+                false,
+            )?;
+            if any_lora {
+                let k_pool = self.pool.slice(layer.start..layer.start + side);
+                let v_pool = self.pool.slice(layer.start + side..layer.end);
+                let ctx = LoraCtx {
+                    g,
+                    k_pool: &k_pool,
+                    v_pool: &v_pool,
+                    pages: &d_apages,
+                    tables: &lora_dev,
+                    seg_start: &d_seg_start,
+                    prefill_rows,
+                    decode_rows,
+                    max_rank,
+                    max_segment_len,
+                    pool_pages,
+                    page_w: kvw,
+                };
+                lora_apply(
+                    &ctx,
+                    TargetModule::Q,
+                    h,
+                    qw,
+                    &b.normed,
+                    &mut b.q,
+                    &mut b.lora_scratch,
+                )?;
+                lora_apply(
+                    &ctx,
+                    TargetModule::K,
+                    h,
+                    kvw,
+                    &b.normed,
+                    &mut b.k,
+                    &mut b.lora_scratch,
+                )?;
+                lora_apply(
+                    &ctx,
+                    TargetModule::V,
+                    h,
+                    kvw,
+                    &b.normed,
+                    &mut b.v,
+                    &mut b.lora_scratch,
+                )?;
+            }
+            layers::rope(
+                g,
+                &mut b.q.slice_mut(..rows * qw),
+                &mut b.k.slice_mut(..rows * kvw),
+                &d_pos.slice(..rows),
+                &rope_shape,
+            )?;
+            attention::kv_store(
+                g,
+                &store_plan,
+                &b.k.slice(..rows * kvw),
+                &b.v.slice(..rows * kvw),
+                &d_slots.slice(..rows),
+                &mut self.pool.slice_mut(layer.clone()),
+            )?;
+            let layer_kv = self.pool.slice(layer.clone());
+            if let Some(plan) = &prefill_plan {
+                let tables = attention::PrefillTablesOnDevice {
+                    kv_pages: d_kv.slice(..),
+                    seg_start: d_seg_start.slice(..),
+                    context_start: d_seg_ctx.slice(..),
+                    table_offset: d_seg_tab.slice(..),
+                };
+                attention::prefill_attention(
+                    g,
+                    plan,
+                    &b.q.slice(..prefill_rows * qw),
+                    &layer_kv,
+                    &tables,
+                    &mut b.attn.slice_mut(..prefill_rows * qw),
+                )?;
+            }
+            if let Some(plan) = &decode_plan {
+                let tables = attention::DecodeTablesOnDevice {
+                    kv_pages: d_kv.slice(..),
+                    table_offset: d_dec_tab.slice(..),
+                    ctx_len: d_dec_len.slice(..),
+                };
+                attention::decode_attention(
+                    g,
+                    plan,
+                    &b.q.slice(prefill_rows * qw..rows * qw),
+                    &layer_kv,
+                    &tables,
+                    &mut workspace.slice_mut(..),
+                    &mut b.attn.slice_mut(prefill_rows * qw..rows * qw),
+                )?;
+            }
+            device::linear(
+                g,
+                &b.attn.slice(..rows * qw),
+                &lw.o,
+                &mut b.hidden.slice_mut(..rows * h),
+                rows,
+                qw,
+                h,
+                false,
+            )?;
+            if any_lora {
+                let k_pool = self.pool.slice(layer.start..layer.start + side);
+                let v_pool = self.pool.slice(layer.start + side..layer.end);
+                let ctx = LoraCtx {
+                    g,
+                    k_pool: &k_pool,
+                    v_pool: &v_pool,
+                    pages: &d_apages,
+                    tables: &lora_dev,
+                    seg_start: &d_seg_start,
+                    prefill_rows,
+                    decode_rows,
+                    max_rank,
+                    max_segment_len,
+                    pool_pages,
+                    page_w: kvw,
+                };
+                lora_apply(
+                    &ctx,
+                    TargetModule::O,
+                    qw,
+                    h,
+                    &b.attn,
+                    &mut b.hidden,
+                    &mut b.lora_scratch,
+                )?;
+            }
+            // MLP block: residual += attention output; normed = rms_norm(residual).
+            layers::add_rms_norm(
+                g,
+                &mut b.residual.slice_mut(..rows * h),
+                &b.hidden.slice(..rows * h),
+                &lw.post_norm.slice(..),
+                &mut b.normed.slice_mut(..rows * h),
+                rows,
+                h,
+                eps,
+            )?;
+            device::linear(
+                g,
+                &b.normed.slice(..rows * h),
+                &lw.gate_up,
+                &mut b.gate_up.slice_mut(..rows * 2 * i_size),
+                rows,
+                h,
+                2 * i_size,
+                false,
+            )?;
+            layers::silu_mul(
+                g,
+                &b.gate_up.slice(..rows * 2 * i_size),
+                &mut b.mlp.slice_mut(..rows * i_size),
+                rows,
+                i_size,
+            )?;
+            device::linear(
+                g,
+                &b.mlp.slice(..rows * i_size),
+                &lw.down,
+                &mut b.hidden.slice_mut(..rows * h),
+                rows,
+                i_size,
+                h,
+                false,
+            )?;
+        }
+        // residual += last MLP output; normed = final norm.
+        layers::add_rms_norm(
+            g,
+            &mut b.residual.slice_mut(..rows * h),
+            &b.hidden.slice(..rows * h),
+            &w.norm.slice(..),
+            &mut b.normed.slice_mut(..rows * h),
+            rows,
+            h,
+            eps,
+        )?;
+        let n_sample = sample.len();
+        let sample_rows: Vec<i32> = sample.iter().map(|s| s.0).collect();
+        let d_sample = up(&sample_rows, "sampled rows")?;
+        device::gather_rows(
+            g,
+            &b.normed.slice(..rows * h),
+            &d_sample,
+            &mut b.sample_rows.slice_mut(..n_sample * h),
+            n_sample,
+            h,
+        )?;
+        device::linear(
+            g,
+            &b.sample_rows.slice(..n_sample * h),
+            &w.lm_head,
+            &mut b.logits16.slice_mut(..n_sample * vocab),
+            n_sample,
+            h,
+            vocab,
+            false,
+        )?;
+        device::cast_f16_f32(
+            g,
+            &b.logits16.slice(..n_sample * vocab),
+            &mut b.logits32.slice_mut(..n_sample * vocab),
+            n_sample * vocab,
+        )?;
+        let mut d_ids = device::alloc::<i32>(g, n_sample, "sampled ids")?;
+        sampling::argmax(
+            g,
+            &b.logits32.slice(..n_sample * vocab),
+            &mut d_ids.slice_mut(..n_sample),
+            n_sample,
+            vocab,
+        )?;
+        let ids = g
+            .stream
+            .clone_dtoh(&d_ids)
+            .map_err(driver_err("reading sampled ids"))?;
+        if self.cfg.record_prompt_logits {
+            let all = g
+                .stream
+                .clone_dtoh(&b.logits32.slice(..n_sample * vocab))
+                .map_err(driver_err("reading logits"))?;
+            self.last_logits = sample
+                .iter()
+                .enumerate()
+                .map(|(k, s)| (s.1, s.2, all[k * vocab..(k + 1) * vocab].to_vec()))
+                .collect();
+        }
+        g.synchronize()?;
+        for (k, s) in sample.iter().enumerate() {
+            if s.3 {
+                if let Some(r) = self.requests.get_mut(&s.1) {
+                    r.tokens.push(ids[k] as u32);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-step LoRA tables of one module on the device (for the prefill segments or the
+/// decode rows).
+struct LoraTablesDev {
+    offset: CudaSlice<i32>,
+    rank: CudaSlice<i32>,
+    scale: CudaSlice<f32>,
+}
+
+/// What every LoRA launch of a layer shares.
+struct LoraCtx<'a> {
+    g: &'a Gpu,
+    k_pool: &'a CudaView<'a, f16>,
+    v_pool: &'a CudaView<'a, f16>,
+    pages: &'a CudaSlice<i32>,
+    tables: &'a HashMap<(TargetModule, bool), LoraTablesDev>,
+    seg_start: &'a CudaSlice<i32>,
+    prefill_rows: usize,
+    decode_rows: usize,
+    max_rank: usize,
+    max_segment_len: usize,
+    pool_pages: usize,
+    page_w: usize,
+}
+
+/// Adds the LoRA deltas of `module` to `y` for the prefill rows (segments) and decode rows.
+fn lora_apply(
+    c: &LoraCtx<'_>,
+    module: TargetModule,
+    in_w: usize,
+    out_w: usize,
+    x: &CudaSlice<f16>,
+    y: &mut CudaSlice<f16>,
+    scratch: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let shape = lora::LoraShape::new(in_w, out_w, c.page_w, c.max_rank, c.pool_pages);
+    let (p, n) = (c.prefill_rows, c.decode_rows);
+    if p > 0 {
+        if let Some(t) = c.tables.get(&(module, false)) {
+            lora::lora_prefill(
+                c.g,
+                &x.slice(..p * in_w),
+                c.k_pool,
+                c.v_pool,
+                &c.pages.slice(..),
+                &c.seg_start.slice(..),
+                &t.offset.slice(..),
+                &t.rank.slice(..),
+                &t.scale.slice(..),
+                &mut scratch.slice_mut(..p * c.max_rank),
+                &mut y.slice_mut(..p * out_w),
+                shape,
+                c.max_segment_len,
+            )?;
+        }
+    }
+    if n > 0 {
+        if let Some(t) = c.tables.get(&(module, true)) {
+            lora::lora_decode(
+                c.g,
+                &x.slice(p * in_w..(p + n) * in_w),
+                c.k_pool,
+                c.v_pool,
+                &c.pages.slice(..),
+                &t.offset.slice(..),
+                &t.rank.slice(..),
+                &t.scale.slice(..),
+                &mut scratch.slice_mut(..n * c.max_rank),
+                &mut y.slice_mut(p * out_w..(p + n) * out_w),
+                shape,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+impl Executor for GpuExecutor {
+    fn execute(&mut self, plan: &StepPlan) -> std::result::Result<StepReport, ExecError> {
+        let start = Instant::now();
+        self.run(plan).map_err(|e| ExecError::Device {
+            step: plan.step,
+            message: e.to_string(),
+        })?;
+        Ok(StepReport {
+            step: plan.step,
+            elapsed: slora_engine::Nanos(start.elapsed().as_nanos() as u64),
+        })
+    }
+}

@@ -1,0 +1,230 @@
+//! The device: context, stream, cuBLAS handle and the NVRTC module cache. Only compiled with
+//! the `cuda` feature; this is the one place (with the launch wrappers in `ops`) that names
+//! cudarc.
+//!
+//! Kernels are CUDA C in `kernels/cuda/*.cu`, embedded with `include_str!`, compiled by NVRTC
+//! for the device's compute capability the first time one of their functions is asked for,
+//! and cached for the life of the `Gpu`.
+
+use crate::error::{Error, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Prepended to every module: fp16 conversions and warp reductions.
+pub const COMMON_HEADER: &str = include_str!("../cuda/common.cuh");
+
+pub use crate::sources::KernelSource;
+
+/// What `doctor` prints about the device.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: i32,
+    pub total_memory: u64,
+    pub free_memory: u64,
+    pub driver_version: i32,
+    pub nvrtc_version: (i32, i32),
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    /// The compute stream: every kernel and GEMM of a step runs on it, in order.
+    pub stream: Arc<CudaStream>,
+    /// A second stream for host-to-device adapter copies, so loads overlap compute.
+    pub copy_stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    arch: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+pub(crate) fn driver_err(
+    context: impl Into<String>,
+) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    let context = context.into();
+    move |e| Error::Driver {
+        context,
+        message: e.to_string(),
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`: a clear error when there is no driver or no device.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        let ctx = quietly(|| CudaContext::new(ordinal))
+            .map_err(|_| {
+                Error::NoDevice(
+                    "the CUDA driver library (libcuda.so) could not be loaded; install the NVIDIA driver".into(),
+                )
+            })?
+            .map_err(|e| Error::NoDevice(format!("cannot open GPU {ordinal}: {e}")))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(driver_err("reading the compute capability"))?;
+        if major < 8 {
+            return Err(Error::NoDevice(format!(
+                "GPU {ordinal} has compute capability {major}.{minor}; slora-plan needs 8.0 or newer (Ampere+)"
+            )));
+        }
+        let stream = ctx.default_stream();
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(driver_err("creating the copy stream"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Blas {
+            context: "creating the cuBLAS handle".into(),
+            message: e.to_string(),
+        })?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            copy_stream,
+            blas,
+            arch: format!("sm_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn info(&self) -> Result<DeviceInfo> {
+        let (free, total) =
+            cudarc::driver::result::mem_get_info().map_err(driver_err("cuMemGetInfo"))?;
+        let cc = self
+            .ctx
+            .compute_capability()
+            .map_err(driver_err("reading the compute capability"))?;
+        let sms = self
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(driver_err("reading the multiprocessor count"))?;
+        let name = self
+            .ctx
+            .name()
+            .map_err(driver_err("reading the device name"))?;
+        let mut driver_version = 0i32;
+        // SAFETY: cuDriverGetVersion writes one int through the valid pointer it is given.
+        let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
+        if status != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            driver_version = 0;
+        }
+        let (mut major, mut minor) = (0i32, 0i32);
+        // SAFETY: nvrtcVersion writes two ints through valid pointers.
+        let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        let nvrtc_version = if status == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+            (major, minor)
+        } else {
+            (0, 0)
+        };
+        Ok(DeviceInfo {
+            name,
+            compute_capability: cc,
+            multiprocessors: sms,
+            total_memory: total as u64,
+            free_memory: free as u64,
+            driver_version,
+            nvrtc_version,
+        })
+    }
+
+    /// Compiles (once) and returns a module.
+    pub fn module(&self, source: KernelSource) -> Result<Arc<CudaModule>> {
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = modules.get(source.name) {
+            return Ok(m.clone());
+        }
+        let ptx = compile(source, &self.arch)?;
+        let module = self
+            .ctx
+            .load_module(ptx)
+            .map_err(driver_err(format!("loading module `{}`", source.name)))?;
+        modules.insert(source.name, module.clone());
+        Ok(module)
+    }
+
+    /// A kernel function of a module.
+    pub fn function(&self, source: KernelSource, name: &str) -> Result<CudaFunction> {
+        self.module(source)?
+            .load_function(name)
+            .map_err(driver_err(format!(
+                "loading kernel `{name}` of `{}`",
+                source.name
+            )))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronizing the compute stream"))
+    }
+}
+
+/// Runs `f`, turning a panic into `Err` without printing it. cudarc panics when it cannot
+/// load libcuda or libnvrtc; that is a missing install, reported by the caller in words.
+fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> std::thread::Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(f);
+    std::panic::set_hook(hook);
+    result
+}
+
+/// NVRTC compile of one module for `arch` (e.g. `sm_90`), with the common header prepended.
+/// Also used without a device (NVRTC needs none) by `check_sources`.
+pub fn compile(source: KernelSource, arch: &str) -> Result<cudarc::nvrtc::Ptx> {
+    let code = format!(
+        "{COMMON_HEADER}\n#line 1 \"{}\"\n{}",
+        source.name, source.code
+    );
+    let arch_static: &'static str = Box::leak(arch.to_string().into_boxed_str());
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch_static),
+        options: vec!["--std=c++17".into()],
+        name: Some(source.name.to_string()),
+        ..Default::default()
+    };
+    let compiled = quietly(|| cudarc::nvrtc::compile_ptx_with_opts(&code, opts))
+        .map_err(|_| Error::Compile {
+            module: source.name.into(),
+            arch: arch.into(),
+            log: "the NVRTC library (libnvrtc.so) could not be loaded; install the CUDA runtime's NVRTC".into(),
+        })?;
+    compiled.map_err(|e| Error::Compile {
+        module: source.name.into(),
+        arch: arch.into(),
+        log: match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                log.to_string_lossy().into_owned()
+            }
+            other => format!("{other:?}"),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every module compiles with NVRTC for sm_80 and sm_90. NVRTC needs no GPU; where its
+    /// library cannot be loaded the test says so and passes (`.ci/run` installs it).
+    #[test]
+    fn every_kernel_module_compiles_with_nvrtc() {
+        for source in crate::sources::ALL {
+            for arch in ["sm_80", "sm_90"] {
+                match compile(*source, arch) {
+                    Ok(ptx) => assert!(!ptx.to_src().is_empty()),
+                    Err(Error::Compile { log, .. }) if log.contains("could not be loaded") => {
+                        println!("skipping NVRTC compile checks: {log}");
+                        return;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    }
+}

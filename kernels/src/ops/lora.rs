@@ -1,0 +1,1978 @@
+//! S-LoRA's LoRA kernels over the unified page pool, for adapters of mixed ranks.
+//!
+//! `y += scale * (x · A^T) · B^T`, in two steps: the *shrink* `v = x · A^T` (`v` is an f32
+//! scratch of `max_rank` columns) and the *expand* `y += scale * v · B^T`. Row `i` of `A` and row
+//! `i` of `B^T` are gathered from the pool's K and V sides through the adapter's page list
+//! (`kernels/README.md`, "Unified pool on the device"); `page_offset` points at the current
+//! module's rows, `-1` meaning "no adapter" (that row of `y` is left as it is).
+//!
+//! - **MBGMV** (decode, one token per request): `lora_mbgmv_shrink`, `lora_mbgmv_expand`.
+//!   Memory bound, so built for 16-byte coalesced loads with several in flight.
+//! - **MBGMM** (prefill, a segment of tokens per adapter): `lora_mbgmm_shrink`,
+//!   `lora_mbgmm_expand`, gather GEMMs that stage a tile of adapter rows in shared memory once
+//!   and reuse it for every token of a token tile.
+//!
+//! Neither pads compute to the batch's largest rank: work for rank rows that do not exist is
+//! skipped by whole blocks (decode) or by 16-row groups (prefill).
+//!
+//! Invariants the launch plans check: `W`, `in` and `out` are multiples of 8 (a 16-byte chunk
+//! of a row never straddles two pages), `slots = max(ceil(in/W), ceil(out/W))`, and every
+//! index the kernels compute fits in `i32`. The wrappers check buffer lengths and 16-byte
+//! alignment. Table *contents* live on the device and are not re-read by the host: check them
+//! with [`validate_tables`] and [`validate_segments`] before uploading. The kernels still guard
+//! every entry (rank, page-list range, page index, segment bounds) and skip one that would
+//! index out of bounds, so bad tables give wrong numbers, never out-of-bounds accesses.
+//!
+//! Cost: both references and kernels are `O(tokens * rank * (in + out))`; packing is
+//! `O(rank * slots * W)`.
+
+use crate::error::{Error, Result};
+use crate::sources::KernelSource;
+
+/// The CUDA C source of the four kernels.
+pub const SOURCE: KernelSource = KernelSource {
+    name: "lora.cu",
+    code: include_str!("../../cuda/lora.cu"),
+};
+
+// Tile constants of `lora.cu` (its `#define`s; a test checks that they agree).
+/// Rank rows per block of the MBGMV shrink (`DS_ROWS`).
+pub const DECODE_SHRINK_ROWS: usize = 4;
+/// Threads per block of the MBGMV shrink (`DS_THREADS`).
+pub const DECODE_SHRINK_THREADS: u32 = 256;
+/// Outputs per block of the MBGMV expand (`DE_TILE`).
+pub const DECODE_EXPAND_TILE: usize = 256;
+/// Threads per block of the MBGMV expand (`32 * DE_WARPS`).
+pub const DECODE_EXPAND_THREADS: u32 = 128;
+/// Blocks per thread-block cluster (one cluster per request) of the fused MBGMV (`DF_CLUSTER`).
+pub const DECODE_FUSED_CLUSTER: usize = 8;
+/// Threads per block of the fused MBGMV (`DF_THREADS`).
+pub const DECODE_FUSED_THREADS: u32 = 256;
+/// Compute capability (x10) from which `lora_mbgmv_fused` exists (thread-block clusters).
+pub const DECODE_FUSED_MIN_ARCH: u32 = 90;
+/// Tokens per tile of the MBGMM shrink (`PS_TM`).
+pub const PREFILL_SHRINK_TOKENS: usize = 32;
+/// Rank rows per block of the MBGMM shrink (`PS_TR`).
+pub const PREFILL_SHRINK_RANKS: usize = 64;
+/// Tokens per tile of the MBGMM expand (`PE_TM`).
+pub const PREFILL_EXPAND_TOKENS: usize = 32;
+/// Outputs per block of the MBGMM expand (`PE_TN`).
+pub const PREFILL_EXPAND_OUTPUTS: usize = 128;
+/// Threads per block of both MBGMM kernels (`PS_THREADS`, `PE_THREADS`).
+pub const PREFILL_THREADS: u32 = 256;
+
+/// Elements of one 16-byte load; `W`, `in` and `out` must be multiples of it.
+const VEC: usize = 8;
+/// Dynamic shared memory a launch may use without opting in to more.
+const MAX_DYNAMIC_SHARED: usize = 48 * 1024;
+/// CUDA's limit on `gridDim.y` and `gridDim.z`.
+const MAX_GRID_YZ: usize = 65_535;
+const I32_MAX: usize = i32::MAX as usize;
+
+/// The geometry of one adapted module in one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraShape {
+    /// `in` of the module (`A` rows are this wide).
+    pub in_features: usize,
+    /// `out` of the module (`B^T` rows are this wide).
+    pub out_features: usize,
+    /// Columns of the `v` scratch; every rank in the tables is at most this.
+    pub max_rank: usize,
+    /// Page indices per rank row: `max(ceil(in/W), ceil(out/W))`.
+    pub slots: usize,
+    /// `W`, the pool's page width in elements.
+    pub page_width: usize,
+    /// Pages in the pool: each side of the layer is `[num_pages, W]`.
+    pub num_pages: usize,
+}
+
+impl LoraShape {
+    /// The shape of a module `in -> out` over pages `W` wide, with `slots` as the README fixes it.
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        page_width: usize,
+        max_rank: usize,
+        num_pages: usize,
+    ) -> LoraShape {
+        LoraShape {
+            in_features,
+            out_features,
+            max_rank,
+            slots: slots_for(in_features, out_features, page_width),
+            page_width,
+            num_pages,
+        }
+    }
+
+    /// Checks what every kernel and reference relies on.
+    pub fn validate(&self, kernel: &'static str) -> Result<()> {
+        let bad = |reason: String| Err(Error::Launch { kernel, reason });
+        let s = self;
+        if s.in_features == 0 || s.out_features == 0 || s.page_width == 0 || s.max_rank == 0 {
+            return bad(format!(
+                "in ({}), out ({}), page width ({}) and max rank ({}) must all be at least 1",
+                s.in_features, s.out_features, s.page_width, s.max_rank
+            ));
+        }
+        for (what, value) in [
+            ("in", s.in_features),
+            ("out", s.out_features),
+            ("page width", s.page_width),
+        ] {
+            if value % VEC != 0 {
+                return bad(format!(
+                    "{what} = {value} is not a multiple of {VEC}: rows are loaded 16 bytes at a time"
+                ));
+            }
+        }
+        let slots = slots_for(s.in_features, s.out_features, s.page_width);
+        if s.slots != slots {
+            return bad(format!(
+                "slots = {} but a module {} -> {} over pages {} wide takes max(ceil(in/W), ceil(out/W)) = {slots}",
+                s.slots, s.in_features, s.out_features, s.page_width
+            ));
+        }
+        if s.num_pages
+            .checked_mul(s.page_width)
+            .is_none_or(|e| e > I32_MAX)
+        {
+            return bad(format!(
+                "a pool side of {} pages x {} elements overflows i32 indexing",
+                s.num_pages, s.page_width
+            ));
+        }
+        if s.max_rank.checked_mul(s.slots).is_none_or(|e| e > I32_MAX) {
+            return bad(format!(
+                "max rank {} x {} slots overflows i32 indexing",
+                s.max_rank, s.slots
+            ));
+        }
+        let shared = DECODE_SHRINK_ROWS * s.slots * 4;
+        if shared > MAX_DYNAMIC_SHARED {
+            return bad(format!(
+                "{} slots per row need {shared} bytes of shared memory in the shrink; at most {MAX_DYNAMIC_SHARED}",
+                s.slots
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `max(ceil(in/W), ceil(out/W))`: page indices per rank row of a module (README).
+pub fn slots_for(in_features: usize, out_features: usize, page_width: usize) -> usize {
+    if page_width == 0 {
+        return 0;
+    }
+    in_features
+        .div_ceil(page_width)
+        .max(out_features.div_ceil(page_width))
+}
+
+/// One kernel launch's geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory in bytes.
+    pub shared_mem: u32,
+}
+
+/// The MBGMV launches for `n` decode requests. `n == 0` is valid and launches nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraDecodePlan {
+    pub shape: LoraShape,
+    pub n: usize,
+    /// `lora_mbgmv_shrink`: block `b * groups + g` computes rank rows
+    /// `[4g, 4g + 4)` of request `b` (`groups = ceil(max_rank / 4)`); 256 threads split `in`.
+    pub shrink: LaunchDims,
+    /// `lora_mbgmv_expand`: block `b * tiles + t` computes outputs `[256t, 256t + 256)` of
+    /// request `b`; lane `l` owns 8 consecutive outputs, the 4 warps split the rank rows.
+    pub expand: LaunchDims,
+    /// `lora_mbgmv_fused` (sm_90+, instead of the two above): blocks `8b .. 8b + 8` form the
+    /// cluster of request `b`; block `k` shrinks over the k-th eighth of `in`, the cluster sums
+    /// the partial `v` through distributed shared memory, and block `k` expands output tiles
+    /// `k, k + 8, ...` of 256 outputs. Dynamic shared memory: `2 * max_rank` floats.
+    pub fused: LaunchDims,
+}
+
+impl LoraDecodePlan {
+    pub fn new(shape: LoraShape, n: usize) -> Result<LoraDecodePlan> {
+        const KERNEL: &str = "lora_mbgmv";
+        shape.validate(KERNEL)?;
+        check_rows(KERNEL, "requests", n, &shape)?;
+        let groups = shape.max_rank.div_ceil(DECODE_SHRINK_ROWS);
+        let tiles = shape.out_features.div_ceil(DECODE_EXPAND_TILE);
+        let shrink_blocks = grid_x(KERNEL, n, groups)?;
+        let expand_blocks = grid_x(KERNEL, n, tiles)?;
+        let fused_blocks = grid_x(KERNEL, n, DECODE_FUSED_CLUSTER)?;
+        let fused_shared = 2 * shape.max_rank * 4;
+        if fused_shared > MAX_DYNAMIC_SHARED {
+            return Err(Error::Launch {
+                kernel: KERNEL,
+                reason: format!(
+                    "max rank {} needs {fused_shared} bytes of shared memory; at most {MAX_DYNAMIC_SHARED}",
+                    shape.max_rank
+                ),
+            });
+        }
+        Ok(LoraDecodePlan {
+            shape,
+            n,
+            shrink: LaunchDims {
+                grid: (shrink_blocks, 1, 1),
+                block: (DECODE_SHRINK_THREADS, 1, 1),
+                shared_mem: (DECODE_SHRINK_ROWS * shape.slots * 4) as u32,
+            },
+            expand: LaunchDims {
+                grid: (expand_blocks, 1, 1),
+                block: (DECODE_EXPAND_THREADS, 1, 1),
+                shared_mem: 0,
+            },
+            fused: LaunchDims {
+                grid: (fused_blocks, 1, 1),
+                block: (DECODE_FUSED_THREADS, 1, 1),
+                shared_mem: fused_shared as u32,
+            },
+        })
+    }
+
+    /// Nothing to launch.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+/// Which MBGMV kernels run a decode step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodePath {
+    /// `lora_mbgmv_fused`: one launch, thread-block clusters (sm_90 and newer).
+    Fused,
+    /// `lora_mbgmv_shrink` then `lora_mbgmv_expand` (any supported device).
+    Split,
+}
+
+impl DecodePath {
+    /// The faster path a device of compute capability `major.minor` supports.
+    pub fn for_compute_capability(major: u32, minor: u32) -> DecodePath {
+        if major * 10 + minor >= DECODE_FUSED_MIN_ARCH {
+            DecodePath::Fused
+        } else {
+            DecodePath::Split
+        }
+    }
+}
+
+/// The MBGMM launches for `num_tokens` prefill tokens in `num_segments` segments, the longest
+/// `max_segment_len` tokens (it sizes `grid.x` only: the kernels stride over token tiles, so
+/// a wrong value costs speed, never tokens). A plan with no tokens launches nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraPrefillPlan {
+    pub shape: LoraShape,
+    pub num_tokens: usize,
+    pub num_segments: usize,
+    /// `lora_mbgmm_shrink`: grid (token tiles of 32 in the longest segment,
+    /// ceil(max_rank / 64), segments); block (x, y, z) computes token tiles
+    /// `x, x + grid.x, ...` of segment z for rank rows `[64y, 64y + 64)`.
+    pub shrink: LaunchDims,
+    /// `lora_mbgmm_expand`: grid (token tiles of 32, ceil(out / 128), segments); block
+    /// (x, y, z) computes outputs `[128y, 128y + 128)` of token tiles `x, x + grid.x, ...`.
+    pub expand: LaunchDims,
+}
+
+impl LoraPrefillPlan {
+    pub fn new(
+        shape: LoraShape,
+        num_tokens: usize,
+        num_segments: usize,
+        max_segment_len: usize,
+    ) -> Result<LoraPrefillPlan> {
+        const KERNEL: &str = "lora_mbgmm";
+        shape.validate(KERNEL)?;
+        check_rows(KERNEL, "tokens", num_tokens, &shape)?;
+        let bad = |reason: String| {
+            Err(Error::Launch {
+                kernel: KERNEL,
+                reason,
+            })
+        };
+        if num_segments > MAX_GRID_YZ {
+            return bad(format!(
+                "{num_segments} segments; one launch takes at most {MAX_GRID_YZ}"
+            ));
+        }
+        if max_segment_len > num_tokens {
+            return bad(format!(
+                "the longest segment ({max_segment_len} tokens) is longer than the batch ({num_tokens} tokens)"
+            ));
+        }
+        let rank_tiles = shape.max_rank.div_ceil(PREFILL_SHRINK_RANKS);
+        let out_tiles = shape.out_features.div_ceil(PREFILL_EXPAND_OUTPUTS);
+        if rank_tiles > MAX_GRID_YZ || out_tiles > MAX_GRID_YZ {
+            return bad(format!(
+                "{rank_tiles} rank tiles or {out_tiles} output tiles exceed gridDim.y's {MAX_GRID_YZ}"
+            ));
+        }
+        let empty = num_tokens == 0 || num_segments == 0;
+        let segments = if empty { 0 } else { num_segments as u32 };
+        let shrink_x = max_segment_len.div_ceil(PREFILL_SHRINK_TOKENS).max(1) as u32;
+        let expand_x = max_segment_len.div_ceil(PREFILL_EXPAND_TOKENS).max(1) as u32;
+        Ok(LoraPrefillPlan {
+            shape,
+            num_tokens,
+            num_segments,
+            shrink: LaunchDims {
+                grid: (shrink_x, rank_tiles as u32, segments),
+                block: (PREFILL_THREADS, 1, 1),
+                shared_mem: 0,
+            },
+            expand: LaunchDims {
+                grid: (expand_x, out_tiles as u32, segments),
+                block: (PREFILL_THREADS, 1, 1),
+                shared_mem: 0,
+            },
+        })
+    }
+
+    /// Nothing to launch.
+    pub fn is_empty(&self) -> bool {
+        self.num_tokens == 0 || self.num_segments == 0
+    }
+}
+
+/// `rows` rows of x, y and v must be indexable with i32.
+fn check_rows(kernel: &'static str, what: &str, rows: usize, shape: &LoraShape) -> Result<()> {
+    let widest = shape
+        .in_features
+        .max(shape.out_features)
+        .max(shape.max_rank);
+    if rows.checked_mul(widest).is_none_or(|e| e > I32_MAX) {
+        return Err(Error::Launch {
+            kernel,
+            reason: format!("{rows} {what} x {widest} columns overflows i32 indexing"),
+        });
+    }
+    Ok(())
+}
+
+fn grid_x(kernel: &'static str, rows: usize, per_row: usize) -> Result<u32> {
+    match rows.checked_mul(per_row) {
+        Some(blocks) if blocks <= I32_MAX => Ok(blocks as u32),
+        _ => Err(Error::Launch {
+            kernel,
+            reason: format!("{rows} x {per_row} blocks exceed gridDim.x's {I32_MAX}"),
+        }),
+    }
+}
+
+/// Per-request (decode) or per-segment (prefill) tables, on the host.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraTables<'a> {
+    /// The page lists of this step's adapters, concatenated.
+    pub adapter_pages: &'a [i32],
+    /// Where the current module's rows start in `adapter_pages`; `-1`: no adapter.
+    pub page_offset: &'a [i32],
+    /// The adapter's rank (ignored where `page_offset` is `-1`).
+    pub rank: &'a [i32],
+    /// `lora_alpha / r`.
+    pub scale: &'a [f32],
+}
+
+impl LoraTables<'_> {
+    fn len(&self) -> usize {
+        self.page_offset.len()
+    }
+
+    /// `(page_offset, rank, scale)` of entry `e`, or `None` for no adapter. Assumes validated.
+    fn entry(&self, e: usize) -> Option<(usize, usize, f32)> {
+        let po = self.page_offset[e];
+        (po >= 0).then(|| (po as usize, self.rank[e] as usize, self.scale[e]))
+    }
+}
+
+/// Checks tables against the shape: equal lengths; each entry is `-1` or a page list of
+/// `rank * slots` pages inside `adapter_pages`, each page in the pool, with `1 <= rank <=
+/// max_rank` and a finite scale.
+pub fn validate_tables(kernel: &'static str, shape: &LoraShape, t: &LoraTables<'_>) -> Result<()> {
+    let bad = |reason: String| Err(Error::Launch { kernel, reason });
+    let n = t.len();
+    if t.rank.len() != n || t.scale.len() != n {
+        return bad(format!(
+            "page_offset, rank and scale have {n}, {} and {} entries; they must be equal",
+            t.rank.len(),
+            t.scale.len()
+        ));
+    }
+    if t.adapter_pages.len() > I32_MAX {
+        return bad(format!(
+            "{} adapter pages overflow i32 indexing",
+            t.adapter_pages.len()
+        ));
+    }
+    for e in 0..n {
+        let (po, r, sc) = (t.page_offset[e], t.rank[e], t.scale[e]);
+        if po == -1 {
+            continue;
+        }
+        if po < 0 {
+            return bad(format!(
+                "entry {e}: page_offset {po} is neither -1 nor an offset"
+            ));
+        }
+        if r < 1 || r as usize > shape.max_rank {
+            return bad(format!(
+                "entry {e}: rank {r} is outside 1..={}",
+                shape.max_rank
+            ));
+        }
+        if !sc.is_finite() {
+            return bad(format!("entry {e}: scale {sc} is not finite"));
+        }
+        let (start, len) = (po as usize, r as usize * shape.slots);
+        let Some(list) = t.adapter_pages.get(start..start + len) else {
+            return bad(format!(
+                "entry {e}: rank {r} x {} slots from offset {po} runs past the {} adapter pages",
+                shape.slots,
+                t.adapter_pages.len()
+            ));
+        };
+        if let Some(&p) = list
+            .iter()
+            .find(|&&p| p < 0 || p as usize >= shape.num_pages)
+        {
+            return bad(format!(
+                "entry {e}: page {p} is outside the pool of {} pages",
+                shape.num_pages
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks prefill segments: `seg_start` has `segments + 1` entries, starts at 0, never
+/// decreases and ends at `num_tokens`. Returns the longest segment's length.
+pub fn validate_segments(
+    kernel: &'static str,
+    seg_start: &[i32],
+    num_tokens: usize,
+) -> Result<usize> {
+    let bad = |reason: String| Err(Error::Launch { kernel, reason });
+    let (Some(&first), Some(&last)) = (seg_start.first(), seg_start.last()) else {
+        return bad("seg_start is empty; it needs segments + 1 entries".into());
+    };
+    if first != 0 || last < 0 || last as usize != num_tokens {
+        return bad(format!(
+            "seg_start runs from {first} to {last}; it must run from 0 to the {num_tokens} tokens"
+        ));
+    }
+    let mut longest = 0;
+    for (s, w) in seg_start.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return bad(format!("segment {s} runs backwards: {} .. {}", w[0], w[1]));
+        }
+        longest = longest.max((w[1] - w[0]) as usize);
+    }
+    Ok(longest)
+}
+
+/// One page of an adapter module, ready to copy into the pool: `k_row` goes to the K side of
+/// `page`, `v_row` to its V side, both `W` elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedPage<T> {
+    pub page: i32,
+    pub k_row: Vec<T>,
+    pub v_row: Vec<T>,
+}
+
+/// Lays out one module of an adapter in the README layout. `a` is PEFT's `lora_A`
+/// (`[rank, in]`, row-major), `b` is `lora_B` (`[out, rank]`), `pages` the module's part of the
+/// adapter's page list (`rank * slots` pages: rank row `i`, slot `s` at `i * slots + s`).
+/// Returns one entry per page, in `pages` order: slot `s` of row `i` holds `A[i, sW..sW+W]` on
+/// the K side and `B[sW..sW+W, i]` (column `i` of `B`, i.e. row `i` of `B^T`) on the V side,
+/// zero past the row's end.
+pub fn pack_adapter_rows<T: Copy + Default>(
+    in_features: usize,
+    out_features: usize,
+    page_width: usize,
+    rank: usize,
+    a: &[T],
+    b: &[T],
+    pages: &[i32],
+) -> Result<Vec<PackedPage<T>>> {
+    const KERNEL: &str = "pack_adapter_rows";
+    let bad = |reason: String| {
+        Err(Error::Launch {
+            kernel: KERNEL,
+            reason,
+        })
+    };
+    if page_width == 0 || rank == 0 {
+        return bad(format!(
+            "page width {page_width} and rank {rank} must be at least 1"
+        ));
+    }
+    let slots = slots_for(in_features, out_features, page_width);
+    if a.len() != rank * in_features || b.len() != out_features * rank {
+        return bad(format!(
+            "A has {} elements and B {}; rank {rank} with in {in_features} and out {out_features} needs {} and {}",
+            a.len(),
+            b.len(),
+            rank * in_features,
+            out_features * rank
+        ));
+    }
+    if pages.len() != rank * slots {
+        return bad(format!(
+            "{} pages given; rank {rank} x {slots} slots needs {}",
+            pages.len(),
+            rank * slots
+        ));
+    }
+    let mut packed = Vec::with_capacity(pages.len());
+    for i in 0..rank {
+        for s in 0..slots {
+            let lo = s * page_width;
+            let mut k_row = vec![T::default(); page_width];
+            let mut v_row = vec![T::default(); page_width];
+            for (c, j) in (lo..in_features.min(lo + page_width)).enumerate() {
+                k_row[c] = a[i * in_features + j];
+            }
+            for (c, o) in (lo..out_features.min(lo + page_width)).enumerate() {
+                v_row[c] = b[o * rank + i];
+            }
+            packed.push(PackedPage {
+                page: pages[i * slots + s],
+                k_row,
+                v_row,
+            });
+        }
+    }
+    Ok(packed)
+}
+
+/// Writes packed pages into a host image of one layer's pool sides (`[num_pages, W]` each).
+pub fn write_packed_pages<T: Copy>(
+    k_side: &mut [T],
+    v_side: &mut [T],
+    page_width: usize,
+    packed: &[PackedPage<T>],
+) -> Result<()> {
+    for p in packed {
+        let range = usize::try_from(p.page)
+            .ok()
+            .map(|q| q * page_width..(q + 1) * page_width)
+            .filter(|r| r.end <= k_side.len() && r.end <= v_side.len());
+        let (Some(range), true) = (
+            range,
+            p.k_row.len() == page_width && p.v_row.len() == page_width,
+        ) else {
+            return Err(Error::Launch {
+                kernel: "write_packed_pages",
+                reason: format!(
+                    "page {} with rows of {} and {} elements does not fit pool sides of {} and {} elements (W = {page_width})",
+                    p.page,
+                    p.k_row.len(),
+                    p.v_row.len(),
+                    k_side.len(),
+                    v_side.len()
+                ),
+            });
+        };
+        k_side[range.clone()].copy_from_slice(&p.k_row);
+        v_side[range].copy_from_slice(&p.v_row);
+    }
+    Ok(())
+}
+
+/// A host image of one layer's pool: both sides `[num_pages, W]`.
+#[derive(Clone, Copy, Debug)]
+pub struct HostPool<'a, T> {
+    pub k: &'a [T],
+    pub v: &'a [T],
+}
+
+/// Element `col` of row `i` of a module stored from `pages[po..]` on `side` (README layout).
+fn pool_element<T: Copy + Into<f32>>(
+    side: &[T],
+    pages: &[i32],
+    po: usize,
+    i: usize,
+    col: usize,
+    shape: &LoraShape,
+) -> f64 {
+    let w = shape.page_width;
+    let page = pages[po + i * shape.slots + col / w] as usize;
+    f64::from(side[page * w + col % w].into())
+}
+
+/// `v[i] = sum_j x[j] * A[i, j]` for one token, in f64.
+fn shrink_row<T: Copy + Into<f32>>(
+    shape: &LoraShape,
+    k: &[T],
+    pages: &[i32],
+    po: usize,
+    r: usize,
+    x: &[T],
+) -> Vec<f64> {
+    (0..r)
+        .map(|i| {
+            (0..shape.in_features)
+                .map(|j| f64::from(x[j].into()) * pool_element(k, pages, po, i, j, shape))
+                .sum()
+        })
+        .collect()
+}
+
+/// `y[o] += scale * sum_i v[i] * B^T[i, o]` for one token.
+fn expand_row<T: Copy + Into<f32>>(
+    shape: &LoraShape,
+    v_side: &[T],
+    pages: &[i32],
+    po: usize,
+    scale: f32,
+    v: &[f64],
+    y: &mut [f32],
+) {
+    for (o, y_o) in y.iter_mut().enumerate() {
+        let dot: f64 = v
+            .iter()
+            .enumerate()
+            .map(|(i, &vi)| vi * pool_element(v_side, pages, po, i, o, shape))
+            .sum();
+        *y_o = (f64::from(*y_o) + f64::from(scale) * dot) as f32;
+    }
+}
+
+fn check_len(kernel: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    Err(Error::Launch {
+        kernel,
+        reason: format!("{what} has {got} elements; the shape needs {want}"),
+    })
+}
+
+fn check_host_buffers<T>(
+    kernel: &'static str,
+    shape: &LoraShape,
+    pool: &HostPool<'_, T>,
+    rows: usize,
+    x: usize,
+    v: usize,
+    y: usize,
+) -> Result<()> {
+    let side = shape.num_pages * shape.page_width;
+    check_len(kernel, "the pool's K side", pool.k.len(), side)?;
+    check_len(kernel, "the pool's V side", pool.v.len(), side)?;
+    check_len(kernel, "x", x, rows * shape.in_features)?;
+    check_len(kernel, "v", v, rows * shape.max_rank)?;
+    check_len(kernel, "y", y, rows * shape.out_features)
+}
+
+/// CPU reference of MBGMV: for each request `b` with an adapter, writes `v[b, i]` for
+/// `i < rank[b]` (others untouched) and adds `scale[b] * v[b] · B^T` to `y[b]` (computed in
+/// f64). `x: [n, in]`, `v: [n, max_rank]`, `y: [n, out]`, `n = tables.page_offset.len()`.
+pub fn lora_decode_ref<T: Copy + Into<f32>>(
+    shape: &LoraShape,
+    pool: HostPool<'_, T>,
+    tables: &LoraTables<'_>,
+    x: &[T],
+    v: &mut [f32],
+    y: &mut [f32],
+) -> Result<()> {
+    const KERNEL: &str = "lora_decode_ref";
+    shape.validate(KERNEL)?;
+    validate_tables(KERNEL, shape, tables)?;
+    let n = tables.len();
+    check_host_buffers(KERNEL, shape, &pool, n, x.len(), v.len(), y.len())?;
+    let (inf, outf, mr) = (shape.in_features, shape.out_features, shape.max_rank);
+    for b in 0..n {
+        let Some((po, r, scale)) = tables.entry(b) else {
+            continue;
+        };
+        let vb = shrink_row(
+            shape,
+            pool.k,
+            tables.adapter_pages,
+            po,
+            r,
+            &x[b * inf..(b + 1) * inf],
+        );
+        for (dst, &src) in v[b * mr..b * mr + r].iter_mut().zip(&vb) {
+            *dst = src as f32;
+        }
+        expand_row(
+            shape,
+            pool.v,
+            tables.adapter_pages,
+            po,
+            scale,
+            &vb,
+            &mut y[b * outf..(b + 1) * outf],
+        );
+    }
+    Ok(())
+}
+
+/// CPU reference of MBGMM: the MBGMV reference applied to every token of every segment, the
+/// tokens `seg_start[s] .. seg_start[s + 1]` using entry `s` of the tables.
+/// `x: [T, in]`, `v: [T, max_rank]`, `y: [T, out]`, `T = seg_start.last()`.
+pub fn lora_prefill_ref<T: Copy + Into<f32>>(
+    shape: &LoraShape,
+    pool: HostPool<'_, T>,
+    tables: &LoraTables<'_>,
+    seg_start: &[i32],
+    x: &[T],
+    v: &mut [f32],
+    y: &mut [f32],
+) -> Result<()> {
+    const KERNEL: &str = "lora_prefill_ref";
+    shape.validate(KERNEL)?;
+    validate_tables(KERNEL, shape, tables)?;
+    let tokens = x.len() / shape.in_features;
+    validate_segments(KERNEL, seg_start, tokens)?;
+    check_len(KERNEL, "seg_start", seg_start.len(), tables.len() + 1)?;
+    check_host_buffers(KERNEL, shape, &pool, tokens, x.len(), v.len(), y.len())?;
+    let (inf, outf, mr) = (shape.in_features, shape.out_features, shape.max_rank);
+    for s in 0..tables.len() {
+        let Some((po, r, scale)) = tables.entry(s) else {
+            continue;
+        };
+        for t in seg_start[s] as usize..seg_start[s + 1] as usize {
+            let vt = shrink_row(
+                shape,
+                pool.k,
+                tables.adapter_pages,
+                po,
+                r,
+                &x[t * inf..(t + 1) * inf],
+            );
+            for (dst, &src) in v[t * mr..t * mr + r].iter_mut().zip(&vt) {
+                *dst = src as f32;
+            }
+            expand_row(
+                shape,
+                pool.v,
+                tables.adapter_pages,
+                po,
+                scale,
+                &vt,
+                &mut y[t * outf..(t + 1) * outf],
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One line of a GPU self-check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckResult {
+    pub kernel: String,
+    pub max_abs_err: f64,
+    /// `||out - ref|| / ||ref||`; for `y`, the norms are of the LoRA delta `ref - y_before`.
+    pub rel_err: f64,
+    pub passed: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random test scenarios: shared by the CPU tests and the GPU self-check.
+
+/// SplitMix64: a small deterministic generator, so tests need no new dependency.
+#[cfg(any(test, feature = "cuda"))]
+struct SplitMix(u64);
+
+#[cfg(any(test, feature = "cuda"))]
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1), never exactly representable trouble: 24 random bits.
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    fn f16s(&mut self, len: usize, amplitude: f32) -> Vec<half::f16> {
+        (0..len)
+            .map(|_| half::f16::from_f32(self.uniform() * amplitude))
+            .collect()
+    }
+}
+
+/// One adapter's module as dense PEFT matrices, and where its rows are in the pool.
+#[cfg(any(test, feature = "cuda"))]
+struct DenseAdapter {
+    rank: usize,
+    scale: f32,
+    /// `[rank, in]` (read by the CPU tests' dense oracle only).
+    #[cfg_attr(not(test), allow(dead_code))]
+    a: Vec<half::f16>,
+    /// `[out, rank]`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    b: Vec<half::f16>,
+    page_offset: i32,
+}
+
+/// A pool holding several adapters of mixed ranks at scattered pages, the rest random junk
+/// (so a wrong page index shows), each adapter's page list starting with pages of an earlier
+/// module (so `page_offset` is not the list's start).
+#[cfg(any(test, feature = "cuda"))]
+struct Scenario {
+    shape: LoraShape,
+    k_pool: Vec<half::f16>,
+    v_pool: Vec<half::f16>,
+    adapter_pages: Vec<i32>,
+    adapters: Vec<DenseAdapter>,
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl Scenario {
+    fn build(
+        rng: &mut SplitMix,
+        in_features: usize,
+        out_features: usize,
+        page_width: usize,
+        ranks: &[usize],
+    ) -> Result<Scenario> {
+        let slots = slots_for(in_features, out_features, page_width);
+        let earlier_slots = 2; // the module before this one in the adapter's targets
+        let needed: usize = ranks.iter().map(|r| r * (earlier_slots + slots)).sum();
+        let num_pages = needed + 37;
+        let max_rank = ranks.iter().copied().max().unwrap_or(1);
+        let shape = LoraShape::new(in_features, out_features, page_width, max_rank, num_pages);
+        let mut order: Vec<i32> = (0..num_pages as i32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let mut k_pool = rng.f16s(num_pages * page_width, 1.0);
+        let mut v_pool = rng.f16s(num_pages * page_width, 1.0);
+        let mut adapter_pages = Vec::new();
+        let mut adapters = Vec::new();
+        let mut next = 0;
+        for (k, &r) in ranks.iter().enumerate() {
+            let list = &order[next..next + r * (earlier_slots + slots)];
+            next += list.len();
+            let page_offset = (adapter_pages.len() + r * earlier_slots) as i32;
+            adapter_pages.extend_from_slice(list);
+            // Entries of size ~sqrt(3/len) keep v and the delta of y near 1, like base outputs.
+            let a = rng.f16s(r * in_features, (3.0 / in_features as f32).sqrt());
+            let b = rng.f16s(out_features * r, (3.0 / r as f32).sqrt());
+            let packed = pack_adapter_rows(
+                in_features,
+                out_features,
+                page_width,
+                r,
+                &a,
+                &b,
+                &list[r * earlier_slots..],
+            )?;
+            write_packed_pages(&mut k_pool, &mut v_pool, page_width, &packed)?;
+            adapters.push(DenseAdapter {
+                rank: r,
+                scale: 0.5 + 0.25 * k as f32,
+                a,
+                b,
+                page_offset,
+            });
+        }
+        Ok(Scenario {
+            shape,
+            k_pool,
+            v_pool,
+            adapter_pages,
+            adapters,
+        })
+    }
+
+    /// `(page_offset, rank, scale)` for entries using `which` adapter (`None`: no adapter; its
+    /// rank is set to a nonzero value the kernels must ignore).
+    fn tables(&self, which: &[Option<usize>]) -> (Vec<i32>, Vec<i32>, Vec<f32>) {
+        let mut po = Vec::new();
+        let mut rank = Vec::new();
+        let mut scale = Vec::new();
+        for w in which {
+            match w {
+                Some(k) => {
+                    let a = &self.adapters[*k];
+                    po.push(a.page_offset);
+                    rank.push(a.rank as i32);
+                    scale.push(a.scale);
+                }
+                None => {
+                    po.push(-1);
+                    rank.push(16);
+                    scale.push(1.0);
+                }
+            }
+        }
+        (po, rank, scale)
+    }
+
+    /// `scale * x A^T B^T` from the dense matrices, in f64: the oracle for the oracle.
+    #[cfg(test)]
+    fn dense_delta(&self, adapter: usize, x: &[half::f16]) -> Vec<f64> {
+        let a = &self.adapters[adapter];
+        let (inf, outf, r) = (self.shape.in_features, self.shape.out_features, a.rank);
+        let v: Vec<f64> = (0..r)
+            .map(|i| {
+                (0..inf)
+                    .map(|j| f64::from(x[j].to_f32()) * f64::from(a.a[i * inf + j].to_f32()))
+                    .sum()
+            })
+            .collect();
+        (0..outf)
+            .map(|o| {
+                f64::from(a.scale)
+                    * (0..r)
+                        .map(|i| v[i] * f64::from(a.b[o * r + i].to_f32()))
+                        .sum::<f64>()
+            })
+            .collect()
+    }
+}
+
+/// Decode requests of the self-check: every rank, repeats, one request without an adapter.
+#[cfg(any(test, feature = "cuda"))]
+const DECODE_USES: [Option<usize>; 11] = [
+    Some(0),
+    Some(1),
+    Some(2),
+    Some(3),
+    None,
+    Some(1),
+    Some(3),
+    Some(0),
+    Some(2),
+    Some(1),
+    Some(3),
+];
+/// Prefill segments of the self-check: lengths (one empty, one of a single token, some
+/// longer than a token tile) and adapters.
+#[cfg(any(test, feature = "cuda"))]
+const PREFILL_SEGMENTS: [(usize, Option<usize>); 7] = [
+    (5, Some(2)),
+    (1, None),
+    (70, Some(3)),
+    (0, Some(1)),
+    (33, Some(0)),
+    (40, Some(1)),
+    (9, Some(3)),
+];
+/// `(in, out, W)` of the self-check: ragged tails (in = 392 is 6 k-tiles and 8 elements,
+/// out = 1000 ends mid-tile and mid-page, 8 slots) and a GQA-like k_proj (4 slots, V side of
+/// slots 1..3 unused).
+#[cfg(any(test, feature = "cuda"))]
+const CHECK_GEOMETRIES: [(usize, usize, usize); 2] = [(392, 1000, 128), (2048, 512, 512)];
+#[cfg(any(test, feature = "cuda"))]
+const CHECK_RANKS: [usize; 4] = [8, 16, 32, 64];
+
+#[cfg(any(test, feature = "cuda"))]
+fn segment_starts() -> Vec<i32> {
+    let mut starts = vec![0i32];
+    for (len, _) in PREFILL_SEGMENTS {
+        starts.push(starts.last().copied().unwrap_or(0) + len as i32);
+    }
+    starts
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launches (feature `cuda`).
+
+#[cfg(feature = "cuda")]
+pub use launch::{check_on_gpu, decode_path, lora_decode, lora_decode_with, lora_prefill};
+
+#[cfg(feature = "cuda")]
+mod launch {
+    use super::*;
+    use crate::gpu::{driver_err, Gpu};
+    use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+    use half::f16;
+
+    fn config(dims: &LaunchDims) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: dims.grid,
+            block_dim: dims.block,
+            shared_mem_bytes: dims.shared_mem,
+        }
+    }
+
+    fn i32_of(kernel: &'static str, what: &str, value: usize) -> Result<i32> {
+        i32::try_from(value).map_err(|_| Error::Launch {
+            kernel,
+            reason: format!("{what} = {value} overflows i32"),
+        })
+    }
+
+    /// 16-byte loads need 16-byte aligned bases (a view sliced at an odd offset is not).
+    fn check_aligned<T>(
+        kernel: &'static str,
+        gpu: &Gpu,
+        what: &str,
+        buf: &impl DevicePtr<T>,
+    ) -> Result<()> {
+        let (ptr, _sync) = buf.device_ptr(&gpu.stream);
+        if ptr % 16 != 0 {
+            return Err(Error::Launch {
+                kernel,
+                reason: format!("{what} starts at device address {ptr:#x}, not 16-byte aligned"),
+            });
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_device_buffers(
+        kernel: &'static str,
+        gpu: &Gpu,
+        shape: &LoraShape,
+        rows: usize,
+        entries: usize,
+        bufs: (&CudaView<f16>, &CudaView<f16>, &CudaView<f16>),
+        tables: (&CudaView<i32>, &CudaView<f32>),
+        v_scratch: &CudaViewMut<f32>,
+        y: &CudaViewMut<f16>,
+    ) -> Result<()> {
+        let (x, k_pool, v_pool) = bufs;
+        let (rank, scale) = tables;
+        let side = shape.num_pages * shape.page_width;
+        check_len(kernel, "the K side of the pool layer", k_pool.len(), side)?;
+        check_len(kernel, "the V side of the pool layer", v_pool.len(), side)?;
+        check_len(kernel, "x", x.len(), rows * shape.in_features)?;
+        check_len(kernel, "y", y.len(), rows * shape.out_features)?;
+        check_len(kernel, "rank", rank.len(), entries)?;
+        check_len(kernel, "scale", scale.len(), entries)?;
+        if v_scratch.len() < rows * shape.max_rank {
+            return Err(Error::Launch {
+                kernel,
+                reason: format!(
+                    "v scratch has {} elements; {rows} rows x max rank {} need {}",
+                    v_scratch.len(),
+                    shape.max_rank,
+                    rows * shape.max_rank
+                ),
+            });
+        }
+        check_aligned(kernel, gpu, "x", x)?;
+        check_aligned(kernel, gpu, "the K side of the pool layer", k_pool)?;
+        check_aligned(kernel, gpu, "the V side of the pool layer", v_pool)?;
+        check_aligned(kernel, gpu, "y", y)?;
+        check_aligned(kernel, gpu, "v scratch", v_scratch)
+    }
+
+    /// The decode path for this device: fused from sm_90 on.
+    pub fn decode_path(gpu: &Gpu) -> DecodePath {
+        let cc = gpu
+            .arch()
+            .trim_start_matches("sm_")
+            .parse::<u32>()
+            .unwrap_or(0);
+        DecodePath::for_compute_capability(cc / 10, cc % 10)
+    }
+
+    /// MBGMV for `n = page_offset.len()` decode requests, on `gpu.stream`:
+    /// `v_scratch[b, i] = x[b] · A_b[i]` for `i < rank[b]`, then
+    /// `y[b] += scale[b] * v_scratch[b, ..rank[b]] · B_b^T`; requests with `page_offset == -1`
+    /// are skipped (their `y` row is untouched). Runs [`decode_path`]'s kernels.
+    ///
+    /// `x: [n, in]`, `y: [n, out]` exactly; `v_scratch` at least `[n, max_rank]`;
+    /// `k_pool_layer`/`v_pool_layer` the layer's K and V sides (`[num_pages, W]` each);
+    /// `adapter_pages`, `page_offset`, `rank`, `scale` as in [`LoraTables`] (validate them on
+    /// the host with [`validate_tables`] before uploading). x, y, v_scratch and both pool sides
+    /// must start 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_decode(
+        gpu: &Gpu,
+        x: &CudaView<f16>,
+        k_pool_layer: &CudaView<f16>,
+        v_pool_layer: &CudaView<f16>,
+        adapter_pages: &CudaView<i32>,
+        page_offset: &CudaView<i32>,
+        rank: &CudaView<i32>,
+        scale: &CudaView<f32>,
+        v_scratch: &mut CudaViewMut<f32>,
+        y: &mut CudaViewMut<f16>,
+        shape: LoraShape,
+    ) -> Result<()> {
+        let path = decode_path(gpu);
+        lora_decode_with(
+            gpu,
+            x,
+            k_pool_layer,
+            v_pool_layer,
+            adapter_pages,
+            page_offset,
+            rank,
+            scale,
+            v_scratch,
+            y,
+            shape,
+            path,
+        )
+    }
+
+    /// [`lora_decode`] on a chosen path (for tests and benchmarks); [`DecodePath::Fused`] on a
+    /// device older than sm_90 fails to find the kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_decode_with(
+        gpu: &Gpu,
+        x: &CudaView<f16>,
+        k_pool_layer: &CudaView<f16>,
+        v_pool_layer: &CudaView<f16>,
+        adapter_pages: &CudaView<i32>,
+        page_offset: &CudaView<i32>,
+        rank: &CudaView<i32>,
+        scale: &CudaView<f32>,
+        v_scratch: &mut CudaViewMut<f32>,
+        y: &mut CudaViewMut<f16>,
+        shape: LoraShape,
+        path: DecodePath,
+    ) -> Result<()> {
+        const KERNEL: &str = "lora_mbgmv";
+        let n = page_offset.len();
+        let plan = LoraDecodePlan::new(shape, n)?;
+        check_device_buffers(
+            KERNEL,
+            gpu,
+            &shape,
+            n,
+            n,
+            (x, k_pool_layer, v_pool_layer),
+            (rank, scale),
+            v_scratch,
+            y,
+        )?;
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let n_i = i32_of(KERNEL, "requests", n)?;
+        let in_i = shape.in_features as i32;
+        let out_i = shape.out_features as i32;
+        let max_rank_i = shape.max_rank as i32;
+        let slots_i = shape.slots as i32;
+        let w_i = shape.page_width as i32;
+        let pages_i = shape.num_pages as i32;
+        let adapter_pages_i = i32_of(KERNEL, "adapter pages", adapter_pages.len())?;
+
+        if path == DecodePath::Fused {
+            let fused = gpu.function(SOURCE, "lora_mbgmv_fused")?;
+            let mut b = gpu.stream.launch_builder(&fused);
+            b.arg(x)
+                .arg(k_pool_layer)
+                .arg(v_pool_layer)
+                .arg(adapter_pages)
+                .arg(page_offset)
+                .arg(rank)
+                .arg(scale)
+                .arg(&mut *v_scratch)
+                .arg(y)
+                .arg(&n_i)
+                .arg(&in_i)
+                .arg(&out_i)
+                .arg(&max_rank_i)
+                .arg(&slots_i)
+                .arg(&w_i)
+                .arg(&pages_i)
+                .arg(&adapter_pages_i);
+            // SAFETY: the arguments match `lora_mbgmv_fused`'s parameters in order and type. The
+            // grid is a multiple of the kernel's compile-time cluster size (8 blocks per
+            // request) and the dynamic shared memory is the 2 * max_rank floats it indexes
+            // (ranks above max_rank are skipped by the kernel). Shape, lengths and alignment
+            // were checked above and table entries are guarded in the kernel, so it reads x,
+            // the pool sides and the tables and writes `v_scratch[n, max_rank]` and `y[n, out]`
+            // only within the checked lengths.
+            unsafe { b.launch(config(&plan.fused)) }
+                .map_err(driver_err("launching lora_mbgmv_fused"))?;
+            return Ok(());
+        }
+
+        let shrink = gpu.function(SOURCE, "lora_mbgmv_shrink")?;
+        let mut b = gpu.stream.launch_builder(&shrink);
+        b.arg(x)
+            .arg(k_pool_layer)
+            .arg(adapter_pages)
+            .arg(page_offset)
+            .arg(rank)
+            .arg(&mut *v_scratch)
+            .arg(&n_i)
+            .arg(&in_i)
+            .arg(&max_rank_i)
+            .arg(&slots_i)
+            .arg(&w_i)
+            .arg(&pages_i)
+            .arg(&adapter_pages_i);
+        // SAFETY: the arguments match `lora_mbgmv_shrink`'s parameters in order and type. The
+        // plan checked the shape (i32 indexing, multiples of 8, dynamic shared memory for
+        // 4 x slots ints) and we checked every buffer's length and alignment above; the kernel
+        // bounds-checks each table entry and page index before using it, so it reads
+        // `x[n, in]`, the pool sides and the tables and writes `v_scratch[n, max_rank]` only
+        // within those lengths.
+        unsafe { b.launch(config(&plan.shrink)) }
+            .map_err(driver_err("launching lora_mbgmv_shrink"))?;
+
+        let expand = gpu.function(SOURCE, "lora_mbgmv_expand")?;
+        let v_read = v_scratch.as_view();
+        let mut b = gpu.stream.launch_builder(&expand);
+        b.arg(&v_read)
+            .arg(v_pool_layer)
+            .arg(adapter_pages)
+            .arg(page_offset)
+            .arg(rank)
+            .arg(scale)
+            .arg(y)
+            .arg(&n_i)
+            .arg(&out_i)
+            .arg(&max_rank_i)
+            .arg(&slots_i)
+            .arg(&w_i)
+            .arg(&pages_i)
+            .arg(&adapter_pages_i);
+        // SAFETY: as for the shrink: arguments in order and type, lengths and alignment
+        // checked, table entries guarded in the kernel; it reads `v_scratch` rows written by
+        // the shrink (same stream, so ordered) and read-modify-writes `y[n, out]` in bounds.
+        unsafe { b.launch(config(&plan.expand)) }
+            .map_err(driver_err("launching lora_mbgmv_expand"))?;
+        Ok(())
+    }
+
+    /// MBGMM for a prefill batch of `T = x.len() / in` tokens in `S = page_offset.len()`
+    /// segments, on `gpu.stream`: tokens `seg_start[s] .. seg_start[s + 1]` use entry `s` of
+    /// the tables, with the same math and buffer rules as [`lora_decode`] (`x: [T, in]`,
+    /// `y: [T, out]`, `v_scratch` at least `[T, max_rank]`). `seg_start` has `S + 1` entries
+    /// (check them on the host with [`validate_segments`], which also returns
+    /// `max_segment_len`, the longest segment: it sizes the grid only).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_prefill(
+        gpu: &Gpu,
+        x: &CudaView<f16>,
+        k_pool_layer: &CudaView<f16>,
+        v_pool_layer: &CudaView<f16>,
+        adapter_pages: &CudaView<i32>,
+        seg_start: &CudaView<i32>,
+        page_offset: &CudaView<i32>,
+        rank: &CudaView<i32>,
+        scale: &CudaView<f32>,
+        v_scratch: &mut CudaViewMut<f32>,
+        y: &mut CudaViewMut<f16>,
+        shape: LoraShape,
+        max_segment_len: usize,
+    ) -> Result<()> {
+        const KERNEL: &str = "lora_mbgmm";
+        let segments = page_offset.len();
+        let tokens = x.len() / shape.in_features.max(1);
+        let plan = LoraPrefillPlan::new(shape, tokens, segments, max_segment_len)?;
+        check_device_buffers(
+            KERNEL,
+            gpu,
+            &shape,
+            tokens,
+            segments,
+            (x, k_pool_layer, v_pool_layer),
+            (rank, scale),
+            v_scratch,
+            y,
+        )?;
+        check_len(KERNEL, "seg_start", seg_start.len(), segments + 1)?;
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let segments_i = i32_of(KERNEL, "segments", segments)?;
+        let tokens_i = i32_of(KERNEL, "tokens", tokens)?;
+        let in_i = shape.in_features as i32;
+        let out_i = shape.out_features as i32;
+        let max_rank_i = shape.max_rank as i32;
+        let slots_i = shape.slots as i32;
+        let w_i = shape.page_width as i32;
+        let pages_i = shape.num_pages as i32;
+        let adapter_pages_i = i32_of(KERNEL, "adapter pages", adapter_pages.len())?;
+
+        let shrink = gpu.function(SOURCE, "lora_mbgmm_shrink")?;
+        let mut b = gpu.stream.launch_builder(&shrink);
+        b.arg(x)
+            .arg(k_pool_layer)
+            .arg(adapter_pages)
+            .arg(seg_start)
+            .arg(page_offset)
+            .arg(rank)
+            .arg(&mut *v_scratch)
+            .arg(&segments_i)
+            .arg(&tokens_i)
+            .arg(&in_i)
+            .arg(&max_rank_i)
+            .arg(&slots_i)
+            .arg(&w_i)
+            .arg(&pages_i)
+            .arg(&adapter_pages_i);
+        // SAFETY: the arguments match `lora_mbgmm_shrink`'s parameters in order and type;
+        // lengths, alignment and i32 indexing were checked above; the kernel skips segments
+        // whose bounds leave `0..tokens` and table entries or pages out of range, so it reads
+        // and writes (`v_scratch[T, max_rank]`) only within the checked lengths.
+        unsafe { b.launch(config(&plan.shrink)) }
+            .map_err(driver_err("launching lora_mbgmm_shrink"))?;
+
+        let expand = gpu.function(SOURCE, "lora_mbgmm_expand")?;
+        let v_read = v_scratch.as_view();
+        let mut b = gpu.stream.launch_builder(&expand);
+        b.arg(&v_read)
+            .arg(v_pool_layer)
+            .arg(adapter_pages)
+            .arg(seg_start)
+            .arg(page_offset)
+            .arg(rank)
+            .arg(scale)
+            .arg(y)
+            .arg(&segments_i)
+            .arg(&tokens_i)
+            .arg(&out_i)
+            .arg(&max_rank_i)
+            .arg(&slots_i)
+            .arg(&w_i)
+            .arg(&pages_i)
+            .arg(&adapter_pages_i);
+        // SAFETY: as for the shrink; it read-modify-writes `y[T, out]` in bounds, 8 bytes at a
+        // time at offsets that are multiples of 4 elements of a 16-byte aligned base.
+        unsafe { b.launch(config(&plan.expand)) }
+            .map_err(driver_err("launching lora_mbgmm_expand"))?;
+        Ok(())
+    }
+
+    fn to_f64(v: &[f16]) -> Vec<f64> {
+        v.iter().map(|h| f64::from(h.to_f32())).collect()
+    }
+
+    fn norm(v: impl Iterator<Item = f64>) -> f64 {
+        v.map(|e| e * e).sum::<f64>().sqrt()
+    }
+
+    /// Compares `v` on the rows that have an adapter and the columns below their rank.
+    fn compare_v(
+        kernel: String,
+        got: &[f32],
+        want: &[f32],
+        max_rank: usize,
+        ranks: &[usize],
+    ) -> CheckResult {
+        let (mut g, mut w) = (Vec::new(), Vec::new());
+        for (row, &r) in ranks.iter().enumerate() {
+            g.extend(
+                got[row * max_rank..row * max_rank + r]
+                    .iter()
+                    .map(|&e| f64::from(e)),
+            );
+            w.extend(
+                want[row * max_rank..row * max_rank + r]
+                    .iter()
+                    .map(|&e| f64::from(e)),
+            );
+        }
+        let max_abs_err = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let rel_err = norm(g.iter().zip(&w).map(|(a, b)| a - b))
+            / norm(w.iter().copied()).max(f64::MIN_POSITIVE);
+        let finite = g.iter().all(|e| e.is_finite());
+        CheckResult {
+            kernel,
+            max_abs_err,
+            rel_err,
+            passed: finite && !w.is_empty() && rel_err < 1e-3,
+        }
+    }
+
+    /// Compares `y` against the reference: the relative error of the LoRA delta, and rows
+    /// without an adapter must come back bit-identical.
+    fn compare_y(
+        kernel: String,
+        got: &[f16],
+        want: &[f32],
+        before: &[f16],
+        out: usize,
+        touched: &[bool],
+    ) -> CheckResult {
+        let got64 = to_f64(got);
+        let before64 = to_f64(before);
+        let want64: Vec<f64> = want.iter().map(|&e| f64::from(e)).collect();
+        let max_abs_err = got64
+            .iter()
+            .zip(&want64)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let rel_err = norm(got64.iter().zip(&want64).map(|(a, b)| a - b))
+            / norm(want64.iter().zip(&before64).map(|(a, b)| a - b)).max(f64::MIN_POSITIVE);
+        let untouched_kept = touched
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| !t)
+            .all(|(row, _)| got[row * out..(row + 1) * out] == before[row * out..(row + 1) * out]);
+        let finite = got64.iter().all(|e| e.is_finite());
+        CheckResult {
+            kernel,
+            max_abs_err,
+            rel_err,
+            passed: finite && untouched_kept && rel_err < 1e-2,
+        }
+    }
+
+    /// Runs both kernels on random pools holding adapters of ranks 8, 16, 32 and 64 at
+    /// scattered pages (two module geometries), with one request and one segment without an
+    /// adapter, and compares with the CPU references. Outputs: `v` (poisoned with NaN first)
+    /// and `y` (random base outputs, added to in place). One `CheckResult` per kernel and
+    /// geometry.
+    pub fn check_on_gpu(gpu: &Gpu) -> Result<Vec<CheckResult>> {
+        let mut rng = SplitMix(0x5eed_10a4);
+        let mut results = Vec::new();
+        for (inf, outf, w) in CHECK_GEOMETRIES {
+            let sc = Scenario::build(&mut rng, inf, outf, w, &CHECK_RANKS)?;
+            let shape = sc.shape;
+            let tag = format!("in={inf} out={outf} W={w}");
+            let copy = |what: &str| driver_err(format!("lora self-check: copying {what}"));
+            let k_pool = gpu
+                .stream
+                .clone_htod(&sc.k_pool)
+                .map_err(copy("the K side"))?;
+            let v_pool = gpu
+                .stream
+                .clone_htod(&sc.v_pool)
+                .map_err(copy("the V side"))?;
+            let pages = gpu
+                .stream
+                .clone_htod(&sc.adapter_pages)
+                .map_err(copy("adapter pages"))?;
+            let host_pool = HostPool {
+                k: &sc.k_pool,
+                v: &sc.v_pool,
+            };
+
+            // Decode.
+            let n = DECODE_USES.len();
+            let (po, rank, scale) = sc.tables(&DECODE_USES);
+            let tables = LoraTables {
+                adapter_pages: &sc.adapter_pages,
+                page_offset: &po,
+                rank: &rank,
+                scale: &scale,
+            };
+            validate_tables("lora self-check", &shape, &tables)?;
+            let x = rng.f16s(n * inf, 1.0);
+            let y0 = rng.f16s(n * outf, 1.0);
+            let poison = vec![f32::NAN; n * shape.max_rank];
+            let mut v_ref = poison.clone();
+            let mut y_ref: Vec<f32> = y0.iter().map(|h| h.to_f32()).collect();
+            lora_decode_ref(&shape, host_pool, &tables, &x, &mut v_ref, &mut y_ref)?;
+            let x_d = gpu.stream.clone_htod(&x).map_err(copy("x"))?;
+            let po_d = gpu.stream.clone_htod(&po).map_err(copy("page_offset"))?;
+            let rank_d = gpu.stream.clone_htod(&rank).map_err(copy("rank"))?;
+            let scale_d = gpu.stream.clone_htod(&scale).map_err(copy("scale"))?;
+            let ranks: Vec<usize> = DECODE_USES
+                .iter()
+                .map(|u| u.map_or(0, |k| sc.adapters[k].rank))
+                .collect();
+            let touched: Vec<bool> = DECODE_USES.iter().map(Option::is_some).collect();
+            // Both paths where the device has both, so the fallback stays tested.
+            let mut paths = vec![DecodePath::Split];
+            if decode_path(gpu) == DecodePath::Fused {
+                paths.push(DecodePath::Fused);
+            }
+            for path in paths {
+                let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
+                let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
+                lora_decode_with(
+                    gpu,
+                    &x_d.as_view(),
+                    &k_pool.as_view(),
+                    &v_pool.as_view(),
+                    &pages.as_view(),
+                    &po_d.as_view(),
+                    &rank_d.as_view(),
+                    &scale_d.as_view(),
+                    &mut v_d.as_view_mut(),
+                    &mut y_d.as_view_mut(),
+                    shape,
+                    path,
+                )?;
+                let v_got = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
+                let y_got = gpu.stream.clone_dtoh(&y_d).map_err(copy("y back"))?;
+                let (v_name, y_name) = match path {
+                    DecodePath::Split => ("lora_mbgmv_shrink", "lora_mbgmv_expand"),
+                    DecodePath::Fused => ("lora_mbgmv_fused (v)", "lora_mbgmv_fused (y)"),
+                };
+                results.push(compare_v(
+                    format!("{v_name} ({tag})"),
+                    &v_got,
+                    &v_ref,
+                    shape.max_rank,
+                    &ranks,
+                ));
+                results.push(compare_y(
+                    format!("{y_name} ({tag})"),
+                    &y_got,
+                    &y_ref,
+                    &y0,
+                    outf,
+                    &touched,
+                ));
+            }
+
+            // Prefill.
+            let seg_start = segment_starts();
+            let uses: Vec<Option<usize>> = PREFILL_SEGMENTS.iter().map(|&(_, u)| u).collect();
+            let (po, rank, scale) = sc.tables(&uses);
+            let tables = LoraTables {
+                adapter_pages: &sc.adapter_pages,
+                page_offset: &po,
+                rank: &rank,
+                scale: &scale,
+            };
+            validate_tables("lora self-check", &shape, &tables)?;
+            let tokens = *seg_start.last().unwrap_or(&0) as usize;
+            let longest = validate_segments("lora self-check", &seg_start, tokens)?;
+            let x = rng.f16s(tokens * inf, 1.0);
+            let y0 = rng.f16s(tokens * outf, 1.0);
+            let poison = vec![f32::NAN; tokens * shape.max_rank];
+            let mut v_ref = poison.clone();
+            let mut y_ref: Vec<f32> = y0.iter().map(|h| h.to_f32()).collect();
+            lora_prefill_ref(
+                &shape, host_pool, &tables, &seg_start, &x, &mut v_ref, &mut y_ref,
+            )?;
+            let x_d = gpu.stream.clone_htod(&x).map_err(copy("x"))?;
+            let seg_d = gpu
+                .stream
+                .clone_htod(&seg_start)
+                .map_err(copy("seg_start"))?;
+            let po_d = gpu.stream.clone_htod(&po).map_err(copy("page_offset"))?;
+            let rank_d = gpu.stream.clone_htod(&rank).map_err(copy("rank"))?;
+            let scale_d = gpu.stream.clone_htod(&scale).map_err(copy("scale"))?;
+            let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
+            let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
+            lora_prefill(
+                gpu,
+                &x_d.as_view(),
+                &k_pool.as_view(),
+                &v_pool.as_view(),
+                &pages.as_view(),
+                &seg_d.as_view(),
+                &po_d.as_view(),
+                &rank_d.as_view(),
+                &scale_d.as_view(),
+                &mut v_d.as_view_mut(),
+                &mut y_d.as_view_mut(),
+                shape,
+                longest,
+            )?;
+            let v_got = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
+            let y_got = gpu.stream.clone_dtoh(&y_d).map_err(copy("y back"))?;
+            let mut ranks = Vec::new();
+            let mut touched = Vec::new();
+            for &(len, u) in &PREFILL_SEGMENTS {
+                ranks.extend(std::iter::repeat_n(
+                    u.map_or(0, |k| sc.adapters[k].rank),
+                    len,
+                ));
+                touched.extend(std::iter::repeat_n(u.is_some(), len));
+            }
+            results.push(compare_v(
+                format!("lora_mbgmm_shrink ({tag})"),
+                &v_got,
+                &v_ref,
+                shape.max_rank,
+                &ranks,
+            ));
+            results.push(compare_y(
+                format!("lora_mbgmm_expand ({tag})"),
+                &y_got,
+                &y_ref,
+                &y0,
+                outf,
+                &touched,
+            ));
+        }
+        Ok(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> LoraShape {
+        LoraShape::new(4096, 1024, 1024, 64, 10_000)
+    }
+
+    fn launch_reason(e: Error) -> String {
+        match e {
+            Error::Launch { reason, .. } => reason,
+            other => panic!("expected a launch error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn rust_constants_match_the_cuda_defines() {
+        let define = |name: &str| -> usize {
+            let line = SOURCE
+                .code
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("no #define {name}"));
+            let value = line.split_whitespace().nth(2).unwrap();
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("#define {name} {value} is not a number"))
+        };
+        assert_eq!(define("LORA_VEC"), VEC);
+        assert_eq!(define("DS_ROWS"), DECODE_SHRINK_ROWS);
+        assert_eq!(define("DS_THREADS"), DECODE_SHRINK_THREADS as usize);
+        assert_eq!(32 * define("DE_WARPS"), DECODE_EXPAND_THREADS as usize);
+        assert_eq!(define("LORA_VEC") * 32, DECODE_EXPAND_TILE); // DE_TILE = 32 * LORA_VEC
+        assert_eq!(define("DF_CLUSTER"), DECODE_FUSED_CLUSTER);
+        assert_eq!(32 * define("DF_WARPS"), DECODE_FUSED_THREADS as usize);
+        assert_eq!(define("PS_TM"), PREFILL_SHRINK_TOKENS);
+        assert_eq!(define("PS_TR"), PREFILL_SHRINK_RANKS);
+        assert_eq!(define("PS_THREADS"), PREFILL_THREADS as usize);
+        assert_eq!(define("PE_TM"), PREFILL_EXPAND_TOKENS);
+        assert_eq!(define("PE_TN"), PREFILL_EXPAND_OUTPUTS);
+        assert_eq!(define("PE_THREADS"), PREFILL_THREADS as usize);
+        for kernel in [
+            "lora_mbgmv_fused",
+            "lora_mbgmv_shrink",
+            "lora_mbgmv_expand",
+            "lora_mbgmm_shrink",
+            "lora_mbgmm_expand",
+        ] {
+            assert!(
+                SOURCE.code.contains(&format!("\n{kernel}(")),
+                "{kernel} missing"
+            );
+        }
+    }
+
+    #[test]
+    fn slots_follow_the_readme() {
+        assert_eq!(slots_for(4096, 4096, 4096), 1); // Llama-7B q_proj
+        assert_eq!(slots_for(4096, 1024, 1024), 4); // Llama-3-8B k_proj
+        assert_eq!(slots_for(14336, 4096, 1024), 14); // Llama-3-8B down_proj
+        assert_eq!(slots_for(11008, 4096, 4096), 3);
+        assert_eq!(shape().slots, 4);
+    }
+
+    #[test]
+    fn decode_plan_covers_ranks_and_outputs() {
+        let plan = LoraDecodePlan::new(shape(), 64).unwrap();
+        // 64 requests x ceil(64 / 4) row groups; 64 x ceil(1024 / 256) output tiles.
+        assert_eq!(plan.shrink.grid, (64 * 16, 1, 1));
+        assert_eq!(plan.shrink.block, (256, 1, 1));
+        assert_eq!(plan.shrink.shared_mem, 4 * 4 * 4);
+        assert_eq!(plan.expand.grid, (64 * 4, 1, 1));
+        assert_eq!(plan.expand.block, (128, 1, 1));
+        // One cluster of 8 blocks per request; partial and full v in shared memory.
+        assert_eq!(plan.fused.grid, (64 * 8, 1, 1));
+        assert_eq!(plan.fused.block, (256, 1, 1));
+        assert_eq!(plan.fused.shared_mem, 2 * 64 * 4);
+        assert!(!plan.is_empty());
+        // A ragged out and max rank round up.
+        let plan = LoraDecodePlan::new(LoraShape::new(392, 1000, 128, 13, 50), 3).unwrap();
+        assert_eq!(plan.shrink.grid.0, 3 * 4);
+        assert_eq!(plan.expand.grid.0, 3 * 4);
+        assert!(LoraDecodePlan::new(shape(), 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn fused_decode_needs_sm_90() {
+        assert_eq!(DecodePath::for_compute_capability(8, 0), DecodePath::Split);
+        assert_eq!(DecodePath::for_compute_capability(8, 9), DecodePath::Split);
+        assert_eq!(DecodePath::for_compute_capability(9, 0), DecodePath::Fused);
+        assert_eq!(DecodePath::for_compute_capability(10, 0), DecodePath::Fused);
+        // The kernel is compiled only where clusters exist.
+        let guard = SOURCE.code.find("__CUDA_ARCH__ >= 900").unwrap();
+        assert!(guard < SOURCE.code.find("\nlora_mbgmv_fused(").unwrap());
+    }
+
+    #[test]
+    fn prefill_plan_covers_segments_tokens_and_outputs() {
+        let plan = LoraPrefillPlan::new(shape(), 300, 5, 100).unwrap();
+        assert_eq!(plan.shrink.grid, (4, 1, 5)); // ceil(100 / 32), ceil(64 / 64)
+        assert_eq!(plan.expand.grid, (4, 8, 5)); // ceil(1024 / 128)
+        assert_eq!(plan.shrink.block, (256, 1, 1));
+        let wide = LoraShape::new(4096, 1024, 1024, 65, 10_000);
+        assert_eq!(
+            LoraPrefillPlan::new(wide, 300, 5, 100)
+                .unwrap()
+                .shrink
+                .grid
+                .1,
+            2
+        );
+        let plan = LoraPrefillPlan::new(shape(), 0, 0, 0).unwrap();
+        assert!(plan.is_empty());
+        assert_eq!(plan.shrink.grid.2, 0);
+    }
+
+    #[test]
+    fn plans_reject_shapes_the_kernels_cannot_run() {
+        let ok = shape();
+        let cases = [
+            (
+                LoraShape {
+                    in_features: 4100,
+                    ..ok
+                },
+                "multiple of 8",
+            ),
+            (LoraShape::new(4096, 1024, 1020, 64, 10), "multiple of 8"),
+            (LoraShape { slots: 3, ..ok }, "slots = 3"),
+            (LoraShape { max_rank: 0, ..ok }, "at least 1"),
+            (
+                LoraShape {
+                    num_pages: 3_000_000,
+                    ..ok
+                },
+                "overflows i32",
+            ),
+            (LoraShape::new(8 * 4096, 8, 8, 64, 10), "shared memory"),
+        ];
+        for (s, want) in cases {
+            let reason = launch_reason(LoraDecodePlan::new(s, 4).unwrap_err());
+            assert!(reason.contains(want), "{reason:?} lacks {want:?}");
+        }
+        let reason = launch_reason(LoraDecodePlan::new(ok, 600_000).unwrap_err());
+        assert!(reason.contains("overflows i32"), "{reason}");
+        let reason = launch_reason(LoraPrefillPlan::new(ok, 100, 70_000, 10).unwrap_err());
+        assert!(reason.contains("segments"), "{reason}");
+        let reason = launch_reason(LoraPrefillPlan::new(ok, 100, 4, 101).unwrap_err());
+        assert!(reason.contains("longest segment"), "{reason}");
+    }
+
+    #[test]
+    fn tables_are_checked_entry_by_entry() {
+        let s = LoraShape::new(64, 64, 32, 4, 20); // 2 slots
+        let pages: Vec<i32> = (0..16).collect();
+        let check = |po: &[i32], rank: &[i32], pages: &[i32]| {
+            let scale = vec![1.0f32; po.len()];
+            validate_tables(
+                "test",
+                &s,
+                &LoraTables {
+                    adapter_pages: pages,
+                    page_offset: po,
+                    rank,
+                    scale: &scale,
+                },
+            )
+        };
+        check(&[0, -1, 8], &[4, 99, 4], &pages).unwrap();
+        let reason = |r: Result<()>| launch_reason(r.unwrap_err());
+        assert!(reason(check(&[0], &[5], &pages)).contains("rank 5"));
+        assert!(reason(check(&[0], &[0], &pages)).contains("rank 0"));
+        assert!(reason(check(&[9], &[4], &pages)).contains("runs past"));
+        assert!(reason(check(&[-2], &[4], &pages)).contains("neither -1"));
+        let mut bad_pages = pages.clone();
+        bad_pages[3] = 20;
+        assert!(reason(check(&[0], &[4], &bad_pages)).contains("page 20"));
+        assert!(reason(check(&[0, 0], &[4], &pages)).contains("must be equal"));
+    }
+
+    #[test]
+    fn segments_must_tile_the_batch() {
+        assert_eq!(validate_segments("t", &[0, 5, 5, 12], 12).unwrap(), 7);
+        assert_eq!(validate_segments("t", &[0], 0).unwrap(), 0);
+        assert!(validate_segments("t", &[], 0).is_err());
+        assert!(validate_segments("t", &[1, 12], 12).is_err());
+        assert!(validate_segments("t", &[0, 12], 13).is_err());
+        assert!(validate_segments("t", &[0, 6, 5, 12], 12).is_err());
+    }
+
+    #[test]
+    fn packing_round_trips_through_the_pool_layout() {
+        let mut rng = SplitMix(7);
+        // in spans 3 slots (the last partial), out 2: the V side of slot 2 must be zeros.
+        let (inf, outf, w, r) = (40, 24, 16, 3);
+        let slots = slots_for(inf, outf, w);
+        assert_eq!(slots, 3);
+        let a: Vec<f32> = (0..r * inf).map(|_| rng.uniform()).collect();
+        let b: Vec<f32> = (0..outf * r).map(|_| rng.uniform()).collect();
+        let num_pages = 30;
+        let mut order: Vec<i32> = (0..num_pages).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let pages = &order[..r * slots];
+        let packed = pack_adapter_rows(inf, outf, w, r, &a, &b, pages).unwrap();
+        assert_eq!(packed.len(), r * slots);
+        assert!(packed.iter().zip(pages).all(|(p, &q)| p.page == q));
+        let mut k = vec![f32::NAN; num_pages as usize * w];
+        let mut v = vec![f32::NAN; num_pages as usize * w];
+        write_packed_pages(&mut k, &mut v, w, &packed).unwrap();
+        let s = LoraShape::new(inf, outf, w, r, num_pages as usize);
+        for i in 0..r {
+            for j in 0..inf {
+                assert_eq!(
+                    pool_element(&k, pages, 0, i, j, &s),
+                    f64::from(a[i * inf + j])
+                );
+            }
+            for o in 0..outf {
+                assert_eq!(
+                    pool_element(&v, pages, 0, i, o, &s),
+                    f64::from(b[o * r + i])
+                );
+            }
+            // Past the row's end the pages hold zeros, not whatever was there before.
+            assert!(packed[i * slots + 2].k_row[inf - 2 * w..]
+                .iter()
+                .all(|&e| e == 0.0));
+            assert!(packed[i * slots + 2].v_row.iter().all(|&e| e == 0.0));
+        }
+        assert!(pack_adapter_rows(inf, outf, w, r, &a, &b, &pages[1..]).is_err());
+        assert!(pack_adapter_rows(inf, outf, w, r, &a[1..], &b, pages).is_err());
+        let mut far = packed.clone();
+        far[0].page = num_pages;
+        assert!(write_packed_pages(&mut k, &mut v, w, &far).is_err());
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        let err: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(&g, &w)| (f64::from(g) - w).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let size: f64 = want.iter().map(|w| w * w).sum::<f64>().sqrt();
+        assert!(size > 0.1, "{what}: the oracle is near zero ({size})");
+        assert!(err / size < 1e-6, "{what}: relative error {}", err / size);
+    }
+
+    #[test]
+    fn decode_reference_matches_dense_lora() {
+        let mut rng = SplitMix(11);
+        for (inf, outf, w) in CHECK_GEOMETRIES {
+            let sc = Scenario::build(&mut rng, inf, outf, w, &CHECK_RANKS).unwrap();
+            let n = DECODE_USES.len();
+            let (po, rank, scale) = sc.tables(&DECODE_USES);
+            let tables = LoraTables {
+                adapter_pages: &sc.adapter_pages,
+                page_offset: &po,
+                rank: &rank,
+                scale: &scale,
+            };
+            let x = rng.f16s(n * inf, 1.0);
+            let y0 = rng.f16s(n * outf, 1.0);
+            let mut v = vec![f32::NAN; n * sc.shape.max_rank];
+            let mut y: Vec<f32> = y0.iter().map(|h| h.to_f32()).collect();
+            let pool = HostPool {
+                k: &sc.k_pool,
+                v: &sc.v_pool,
+            };
+            lora_decode_ref(&sc.shape, pool, &tables, &x, &mut v, &mut y).unwrap();
+            for (b, u) in DECODE_USES.iter().enumerate() {
+                let row = &y[b * outf..(b + 1) * outf];
+                let before: Vec<f64> = y0[b * outf..(b + 1) * outf]
+                    .iter()
+                    .map(|h| f64::from(h.to_f32()))
+                    .collect();
+                let vrow = &v[b * sc.shape.max_rank..(b + 1) * sc.shape.max_rank];
+                match u {
+                    None => {
+                        assert!(row.iter().zip(&before).all(|(&g, &w)| f64::from(g) == w));
+                        assert!(vrow.iter().all(|e| e.is_nan()));
+                    }
+                    Some(k) => {
+                        let delta = sc.dense_delta(*k, &x[b * inf..(b + 1) * inf]);
+                        let want: Vec<f64> =
+                            before.iter().zip(&delta).map(|(y, d)| y + d).collect();
+                        assert_close(row, &want, &format!("decode request {b}"));
+                        let r = sc.adapters[*k].rank;
+                        assert!(vrow[..r].iter().all(|e| e.is_finite()));
+                        assert!(
+                            vrow[r..].iter().all(|e| e.is_nan()),
+                            "v past the rank was written"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prefill_reference_matches_dense_lora() {
+        let mut rng = SplitMix(13);
+        let (inf, outf, w) = CHECK_GEOMETRIES[0];
+        let sc = Scenario::build(&mut rng, inf, outf, w, &CHECK_RANKS).unwrap();
+        let seg_start = segment_starts();
+        let uses: Vec<Option<usize>> = PREFILL_SEGMENTS.iter().map(|&(_, u)| u).collect();
+        let (po, rank, scale) = sc.tables(&uses);
+        let tables = LoraTables {
+            adapter_pages: &sc.adapter_pages,
+            page_offset: &po,
+            rank: &rank,
+            scale: &scale,
+        };
+        let tokens = *seg_start.last().unwrap() as usize;
+        let x = rng.f16s(tokens * inf, 1.0);
+        let y0 = rng.f16s(tokens * outf, 1.0);
+        let mut v = vec![f32::NAN; tokens * sc.shape.max_rank];
+        let mut y: Vec<f32> = y0.iter().map(|h| h.to_f32()).collect();
+        let pool = HostPool {
+            k: &sc.k_pool,
+            v: &sc.v_pool,
+        };
+        lora_prefill_ref(&sc.shape, pool, &tables, &seg_start, &x, &mut v, &mut y).unwrap();
+        for (s, &(_, u)) in PREFILL_SEGMENTS.iter().enumerate() {
+            for t in seg_start[s] as usize..seg_start[s + 1] as usize {
+                let row = &y[t * outf..(t + 1) * outf];
+                let before: Vec<f64> = y0[t * outf..(t + 1) * outf]
+                    .iter()
+                    .map(|h| f64::from(h.to_f32()))
+                    .collect();
+                match u {
+                    None => assert!(row.iter().zip(&before).all(|(&g, &w)| f64::from(g) == w)),
+                    Some(k) => {
+                        let delta = sc.dense_delta(k, &x[t * inf..(t + 1) * inf]);
+                        let want: Vec<f64> =
+                            before.iter().zip(&delta).map(|(y, d)| y + d).collect();
+                        assert_close(row, &want, &format!("segment {s} token {t}"));
+                    }
+                }
+            }
+        }
+        // Mismatched segment tables are refused.
+        let short = &seg_start[..seg_start.len() - 1];
+        assert!(lora_prefill_ref(&sc.shape, pool, &tables, short, &x, &mut v, &mut y).is_err());
+    }
+
+    #[test]
+    fn references_accept_f32_pools() {
+        let s = LoraShape::new(8, 8, 8, 2, 3);
+        // Page 2 holds row 0 of A (all 1) and of B^T (all 2); page 0 row 1 (A: j, B^T: 1).
+        let mut k = vec![0.0f32; 24];
+        let mut v = vec![0.0f32; 24];
+        k[16..24].fill(1.0);
+        v[16..24].fill(2.0);
+        for (j, e) in k[..8].iter_mut().enumerate() {
+            *e = j as f32;
+        }
+        v[0..8].fill(1.0);
+        let x: Vec<f32> = (0..8).map(|j| 1.0 + j as f32).collect();
+        let pages = [2, 0];
+        let tables = LoraTables {
+            adapter_pages: &pages,
+            page_offset: &[0],
+            rank: &[2],
+            scale: &[0.5],
+        };
+        let mut vs = vec![0.0f32; 2];
+        let mut y = vec![1.0f32; 8];
+        lora_decode_ref(&s, HostPool { k: &k, v: &v }, &tables, &x, &mut vs, &mut y).unwrap();
+        // v0 = sum(1..=8) = 36, v1 = sum j * (1 + j) = 168; y = 1 + 0.5 * (2 * 36 + 168).
+        assert_eq!(vs, [36.0, 168.0]);
+        assert!(y.iter().all(|&e| e == 121.0), "{y:?}");
+    }
+}
