@@ -53,6 +53,9 @@ enum Command {
         #[arg(long)]
         reference: Option<PathBuf>,
     },
+    /// On a GPU machine: measure copy bandwidth and GEMM rate, then the LoRA kernels and full
+    /// decode and prefill steps of synthetic Llama-7B against them (Markdown for BENCHMARKS.md).
+    BenchGpu,
 }
 
 /// Why the command failed; decides the exit code.
@@ -102,6 +105,9 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Doctor { reference } => doctor(reference.as_deref()),
+        Command::BenchGpu => slora_kernels::bench::gpu_benchmarks()
+            .map(|lines| lines.iter().for_each(|l| println!("{l}")))
+            .map_err(CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,4 @@
-// S-LoRA's two LoRA kernels over the unified page pool, for adapters of mixed ranks
+// S-LoRA's LoRA kernels over the unified page pool, for adapters of mixed ranks
 // (README.md, "Unified pool on the device"):
 //   shrink  v[t, i]  = sum_j x[t, j] * A[i, j]                 i < rank of t's adapter
 //   expand  y[t, o] += scale * sum_i v[t, i] * B^T[i, o]
@@ -6,7 +6,11 @@
 // adapter_pages[page_offset + i*slots + s], s = j / W (or o / W), column j % W (or o % W).
 //
 // MBGMV (decode, one token per request) is memory bound: every adapter row is read once, so
-// the kernels are built around 16-byte coalesced loads with several in flight. MBGMM (prefill,
+// the kernels are built around 16-byte coalesced loads with several in flight. It exists as
+// two kernels (shrink, expand: the default) and, from sm_90, as one kernel over thread-block
+// clusters (lora_mbgmv_fused; see DecodePath in src/ops/lora.rs for which is faster where).
+// At small batches both are bound by launch and latency chains (tables -> page indices ->
+// rows), not bandwidth, which is why table-independent loads (x, y) are issued first. MBGMM (prefill,
 // a segment of tokens per adapter) is a gather GEMM: a tile of adapter rows is fetched once
 // into shared memory and reused by every token of a token tile.
 //
@@ -14,8 +18,8 @@
 // exit at once, and inside a block only 16-row groups (prefill shrink) or 16-row chunks
 // (prefill expand) that hold rows < rank are computed.
 //
-// Contract checked by the launch plans (src/ops/lora.rs): W, in and out are multiples of 8 and
-// every pointer is 16-byte aligned, so a chunk of 8 fp16 starting at a multiple of 8 never
+// Contract (src/ops/lora.rs): W, in and out are multiples of 8 (checked by the launch plans)
+// and every pointer is 16-byte aligned (documented; a misaligned one faults), so a chunk of 8 fp16 starting at a multiple of 8 never
 // crosses a page row and loads as one uint4; every product of the int index math below fits
 // in int. The tables themselves are not trusted: an entry that would index out of bounds
 // (rank > max_rank, page list past the end, page outside the pool, bad segment bounds) makes

@@ -65,6 +65,19 @@ pub struct HostAdapter {
     pub packed: Arc<Vec<f16>>,
 }
 
+impl HostAdapter {
+    /// Another handle on the same packed host rows (synthetic populations share them).
+    pub fn share(&self) -> HostAdapter {
+        HostAdapter {
+            rank: self.rank,
+            scale: self.scale,
+            targets: self.targets.clone(),
+            pages: self.pages,
+            packed: self.packed.clone(),
+        }
+    }
+}
+
 struct RequestState {
     /// Prompt followed by every sampled token.
     tokens: Vec<u32>,
@@ -157,6 +170,12 @@ impl GpuExecutor {
             buffers,
             last_logits: Vec::new(),
         })
+    }
+
+    /// Forgets every request and every resident adapter (for a new engine over the same pool).
+    pub fn reset(&mut self) {
+        self.requests.clear();
+        self.resident.clear();
     }
 
     pub fn config(&self) -> &ExecutorConfig {

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod device;
+pub mod bench;
 pub mod doctor;
 pub mod error;
 #[cfg(feature = "cuda")]

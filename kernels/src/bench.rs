@@ -1,0 +1,299 @@
+//! `slora-plan bench-gpu`: the executor's performance against the GPU's own measured
+//! ceilings (device-to-device copy bandwidth and cuBLAS GEMM rate, measured in the same run).
+//! Every figure is a median over repeated runs; bytes and FLOPs are counted from the shapes.
+
+use crate::error::Result;
+
+/// Runs every benchmark; returns Markdown lines (tables) for BENCHMARKS.md.
+pub fn gpu_benchmarks() -> Result<Vec<String>> {
+    imp::gpu_benchmarks()
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use crate::error::{Error, Result};
+    pub fn gpu_benchmarks() -> Result<Vec<String>> {
+        Err(Error::CudaNotCompiled)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use crate::device;
+    use crate::error::Result;
+    use crate::executor::{ExecutorConfig, GpuExecutor, ModelWeights};
+    use crate::gpu::{driver_err, Gpu};
+    use crate::ops::lora;
+    use crate::weights::synthetic_adapter;
+    use half::f16;
+    use slora_engine::{
+        AdapterId, EngineConfig, Executor, ModelSpec, Nanos, PoolLayout, RequestId, RequestMeta,
+        Scheduler, SchedulerConfig, TargetModule,
+    };
+
+    /// Median milliseconds of `reps` runs of `f`, timed with device events after 3 warm-ups.
+    fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..3 {
+            f()?;
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let start = gpu.stream.record_event(flags).map_err(driver_err("event"))?;
+            f()?;
+            let end = gpu.stream.record_event(flags).map_err(driver_err("event"))?;
+            end.synchronize().map_err(driver_err("event sync"))?;
+            times.push(start.elapsed_ms(&end).map_err(driver_err("event time"))? as f64);
+        }
+        Ok(median(&mut times))
+    }
+
+    fn median(v: &mut [f64]) -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+
+    pub fn gpu_benchmarks() -> Result<Vec<String>> {
+        let gpu = Gpu::new(0)?;
+        let info = gpu.info()?;
+        let mut out = vec![format!("GPU: {} ({} SMs)", info.name, info.multiprocessors)];
+
+        // Ceiling 1: device-to-device copy, bytes read + written.
+        let n = 1usize << 30;
+        let src = device::alloc::<f16>(&gpu, n, "copy source")?;
+        let mut dst = device::alloc::<f16>(&gpu, n, "copy destination")?;
+        let ms = time_ms(&gpu, 10, || {
+            gpu.stream.memcpy_dtod(&src, &mut dst).map_err(driver_err("copy"))
+        })?;
+        let copy_bw = (2 * n * 2) as f64 / (ms * 1e-3);
+        out.push(format!(
+            "D2D copy of {} GiB: {ms:.3} ms, {:.0} GB/s (read + write)",
+            (n * 2) >> 30,
+            copy_bw / 1e9
+        ));
+        drop((src, dst));
+
+        // Ceiling 2: cuBLAS fp16 GEMM 8192^3 on random data.
+        let m = 8192usize;
+        let mut a = device::alloc::<f16>(&gpu, m * m, "gemm a")?;
+        let mut b = device::alloc::<f16>(&gpu, m * m, "gemm b")?;
+        let mut c = device::alloc::<f16>(&gpu, m * m, "gemm c")?;
+        device::fill_uniform(&gpu, &mut a, 1, 1.0)?;
+        device::fill_uniform(&gpu, &mut b, 2, 1.0)?;
+        let ms = time_ms(&gpu, 10, || device::linear(&gpu, &a, &b, &mut c, m, m, m, false))?;
+        let gemm_rate = 2.0 * (m as f64).powi(3) / (ms * 1e-3);
+        out.push(format!("cuBLAS fp16 GEMM 8192^3: {ms:.3} ms, {:.0} TFLOP/s", gemm_rate / 1e12));
+        drop((a, b, c));
+
+        out.extend(mbgmv(&gpu, copy_bw)?);
+        out.extend(decode_steps(gpu, copy_bw, gemm_rate)?);
+        Ok(out)
+    }
+
+    /// MBGMV (shrink + expand) on a 4096 -> 4096 projection, every request a distinct adapter,
+    /// ranks cycling 8, 16, 32, 64.
+    fn mbgmv(gpu: &Gpu, copy_bw: f64) -> Result<Vec<String>> {
+        let (inp, outp, w) = (4096usize, 4096usize, 4096usize);
+        let ranks = [8usize, 16, 32, 64];
+        let mut lines = vec![
+            String::new(),
+            "| batch | time (µs) | bytes (MB) | GB/s | % of copy bandwidth |".into(),
+            "|---|---|---|---|---|".into(),
+        ];
+        for batch in [1usize, 8, 32, 64, 128, 256] {
+            let rank: Vec<i32> = (0..batch).map(|i| ranks[i % 4] as i32).collect();
+            let mut offset = Vec::with_capacity(batch);
+            let mut total = 0i32;
+            for &r in &rank {
+                offset.push(total);
+                total += r;
+            }
+            let pages = total as usize;
+            let mut pool = device::alloc::<f16>(gpu, 2 * pages * w, "bench pool")?;
+            device::fill_uniform(gpu, &mut pool, 3, 0.05)?;
+            let mut x = device::alloc::<f16>(gpu, batch * inp, "x")?;
+            device::fill_uniform(gpu, &mut x, 4, 1.0)?;
+            let mut y = device::alloc::<f16>(gpu, batch * outp, "y")?;
+            let mut scratch = device::alloc::<f32>(gpu, batch * 64, "scratch")?;
+            let page_ids: Vec<i32> = (0..pages as i32).collect();
+            let d_pages = gpu.stream.clone_htod(&page_ids).map_err(driver_err("pages"))?;
+            let d_off = gpu.stream.clone_htod(&offset).map_err(driver_err("offsets"))?;
+            let d_rank = gpu.stream.clone_htod(&rank).map_err(driver_err("ranks"))?;
+            let d_scale = gpu.stream.clone_htod(&vec![0.5f32; batch]).map_err(driver_err("scales"))?;
+            let shape = lora::LoraShape::new(inp, outp, w, 64, pages);
+            let k_side = pool.slice(..pages * w);
+            let v_side = pool.slice(pages * w..);
+            let ms = time_ms(gpu, 50, || {
+                lora::lora_decode(
+                    gpu,
+                    &x.slice(..),
+                    &k_side,
+                    &v_side,
+                    &d_pages.slice(..),
+                    &d_off.slice(..),
+                    &d_rank.slice(..),
+                    &d_scale.slice(..),
+                    &mut scratch.slice_mut(..),
+                    &mut y.slice_mut(..),
+                    shape,
+                )
+            })?;
+            let rank_sum: usize = rank.iter().map(|&r| r as usize).sum();
+            let bytes = (rank_sum * (inp + outp) * 2 + batch * inp * 2 + batch * outp * 2 * 2) as f64;
+            let bw = bytes / (ms * 1e-3);
+            lines.push(format!(
+                "| {batch} | {:.1} | {:.2} | {:.0} | {:.0}% |",
+                ms * 1e3,
+                bytes / 1e6,
+                bw / 1e9,
+                100.0 * bw / copy_bw
+            ));
+        }
+        lines.insert(1, "MBGMV, Llama-7B q_proj shape (4096 -> 4096), all-distinct adapters, ranks 8/16/32/64:".into());
+        Ok(lines)
+    }
+
+    /// Full steps of synthetic Llama-7B driven by the engine: decode at context ~512 for
+    /// several batch sizes, with adapters (distinct per request, from 1,000 registered with
+    /// mixed ranks) and without; and one prefill of 4,096 tokens across 8 adapters.
+    fn decode_steps(gpu: Gpu, copy_bw: f64, gemm_rate: f64) -> Result<Vec<String>> {
+        let model = ModelSpec::preset("llama-7b").map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+        let ranks = [8u32, 16, 32, 64];
+        let max_batch = 256usize;
+        let prompt = 512u32;
+        let pool_pages = 200_000u32;
+        let cfg = ExecutorConfig {
+            model: model.clone(),
+            rms_norm_eps: 1e-5,
+            pool_pages,
+            max_step_tokens: 8192 + max_batch,
+            max_rank: 64,
+            record_prompt_logits: false,
+        };
+        let mut exec = GpuExecutor::new(gpu, cfg, ModelWeights::Synthetic { seed: 7 })?;
+        let targets = TargetModule::ATTENTION.to_vec();
+        let templates: Vec<_> = ranks
+            .iter()
+            .map(|&r| synthetic_adapter(&model, r, &targets, 2.0 * r as f32, r as u64))
+            .collect();
+        for (i, t) in templates.iter().enumerate() {
+            exec.register_adapter(AdapterId(i as u32), t)?;
+        }
+        for i in 4..1000u32 {
+            let like = exec.host_adapter(AdapterId(i % 4)).map(|h| h.share()).ok_or_else(|| crate::Error::Plan { step: 0, reason: "template adapter missing".into() })?;
+            exec.register_shared(AdapterId(i), &like);
+        }
+        let specs: Vec<_> = (0..1000u32)
+            .map(|i| slora_engine::AdapterSpec { rank: ranks[(i % 4) as usize], targets: targets.clone() })
+            .collect();
+        let weight_bytes = model.weight_bytes() as f64;
+        let mut lines = vec![
+            String::new(),
+            "Decode step, synthetic Llama-7B, context 512, engine-driven (host-timed, uploads and sync included):".into(),
+            "| batch | with adapters (ms) | without (ms) | adapter overhead | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
+            "|---|---|---|---|---|---|---|".into(),
+        ];
+        let mut next_id = 0u64;
+        for batch in [1usize, 32, 64, 128, 256] {
+            let mut times = [0.0f64; 2];
+            let mut adapter_bytes = 0f64;
+            for (k, with_adapters) in [true, false].into_iter().enumerate() {
+                exec.reset();
+                let mut engine = Scheduler::new(EngineConfig {
+                    model: model.clone(),
+                    adapters: specs.clone(),
+                    pool_pages,
+                    pool_layout: PoolLayout::Unified,
+                    scheduler: SchedulerConfig { max_batch_size: max_batch as u32, max_prefill_tokens: 8192, ..SchedulerConfig::default() },
+                })
+                .map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+                for b in 0..batch {
+                    let id = RequestId(next_id);
+                    next_id += 1;
+                    let tokens: Vec<u32> = (0..prompt).map(|t| (t * 7919 + b as u32 * 104_729) % 32000).collect();
+                    exec.add_request(id, tokens)?;
+                    let adapter = with_adapters.then_some(AdapterId((b * 3 % 1000) as u32));
+                    engine
+                        .submit(RequestMeta { id, adapter, tenant: None, prompt_tokens: prompt, output_tokens: 40 }, Nanos::ZERO)
+                        .map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+                }
+                let mut now = Nanos::ZERO;
+                let mut decode_ms = Vec::new();
+                while let Some(plan) = engine.plan_step(now).map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })? {
+                    let report = exec.execute(&plan).map_err(|e| crate::Error::Plan { step: plan.step, reason: e.to_string() })?;
+                    if plan.prefill.is_empty() && plan.decode.len() == batch {
+                        decode_ms.push(report.elapsed.0 as f64 / 1e6);
+                        if with_adapters && decode_ms.len() == 1 {
+                            adapter_bytes = plan.distinct_rank_sum as f64 * 2.0 * 1024.0 * 1024.0;
+                        }
+                    }
+                    now = now + report.elapsed;
+                    let outcome = engine.complete_step(&report, now).map_err(|e| crate::Error::Plan { step: plan.step, reason: e.to_string() })?;
+                    for f in outcome.finished {
+                        exec.remove_request(f.request);
+                    }
+                    if decode_ms.len() >= 15 {
+                        break;
+                    }
+                }
+                let skip = decode_ms.len().min(3);
+                times[k] = median(&mut decode_ms[skip..].to_vec());
+            }
+            let kv_bytes = batch as f64 * (prompt as f64 + 8.0) * model.kv_bytes_per_token() as f64;
+            let bytes = weight_bytes + kv_bytes + adapter_bytes;
+            let bw = bytes / (times[0] * 1e-3);
+            lines.push(format!(
+                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:.0} | {:.0}% |",
+                times[0],
+                times[1],
+                100.0 * (times[0] / times[1] - 1.0),
+                bytes / 1e9,
+                bw / 1e9,
+                100.0 * bw / copy_bw
+            ));
+        }
+
+        // Prefill of 4,096 tokens: 8 requests x 512 tokens, 8 distinct adapters, one step.
+        let mut prefill_ms = Vec::new();
+        for rep in 0..5 {
+            exec.reset();
+            let mut engine = Scheduler::new(EngineConfig {
+                model: model.clone(),
+                adapters: specs.clone(),
+                pool_pages,
+                pool_layout: PoolLayout::Unified,
+                scheduler: SchedulerConfig { max_prefill_tokens: 4096, ..SchedulerConfig::default() },
+            })
+            .map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+            for b in 0..8u32 {
+                let id = RequestId(next_id);
+                next_id += 1;
+                exec.add_request(id, (0..512u32).map(|t| (t * 31 + b * 17 + rep) % 32000).collect())?;
+                engine
+                    .submit(RequestMeta { id, adapter: Some(AdapterId(b * 5)), tenant: None, prompt_tokens: 512, output_tokens: 1 }, Nanos::ZERO)
+                    .map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+            }
+            // The first plan loads the adapters (blocking) and prefills all 4,096 tokens; run a
+            // warm-up step's worth of loads first so the timed step is the prefill alone.
+            let plan = engine.plan_step(Nanos::ZERO).map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?.ok_or_else(|| crate::Error::Plan { step: 0, reason: "no prefill planned".into() })?;
+            let report = exec.execute(&plan).map_err(|e| crate::Error::Plan { step: plan.step, reason: e.to_string() })?;
+            if rep > 0 {
+                prefill_ms.push(report.elapsed.0 as f64 / 1e6);
+            }
+        }
+        let ms = median(&mut prefill_ms);
+        let h = model.hidden_size as f64;
+        let linear_params = (model.parameter_count() - model.vocab_size as u64 * model.hidden_size as u64) as f64;
+        let tokens = 4096.0;
+        let attention = 4.0 * 8.0 * (512.0 * 513.0 / 2.0) * h * model.num_layers as f64;
+        let lora: f64 = 8.0 * 512.0 * 2.0 * 4.0 * 2.0 * h * model.num_layers as f64 * (8.0 + 16.0 + 32.0 + 64.0) / 4.0;
+        let flops = 2.0 * linear_params * tokens + attention + lora;
+        lines.push(String::new());
+        lines.push(format!(
+            "Prefill of 4,096 tokens (8 requests x 512, 8 distinct adapters of ranks 8-64, adapter loads included): {ms:.1} ms, {:.0} TFLOP/s = {:.0}% of the measured cuBLAS rate",
+            flops / (ms * 1e-3) / 1e12,
+            100.0 * flops / (ms * 1e-3) / gemm_rate
+        ));
+        Ok(lines)
+    }
+}
