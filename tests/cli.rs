@@ -308,3 +308,23 @@ fn an_unwritable_output_folder_is_a_failed_run() {
     ]);
     assert_clean_failure(&o, 1, &["writing outputs"]);
 }
+
+#[test]
+fn doctor_without_a_gpu_says_what_is_missing() {
+    // Without the `cuda` feature it names the rebuild command; with it, on a machine without
+    // a driver or GPU, it says which. Either way: exit 1, no panic.
+    for args in [&["doctor"][..], &["bench-gpu"][..]] {
+        let o = run(args);
+        if o.status.success() {
+            println!("a GPU is present: `{}` ran", args.join(" "));
+            continue;
+        }
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.contains("--features cuda") || err.contains("no usable NVIDIA GPU"),
+            "{err}"
+        );
+    }
+}
