@@ -39,9 +39,15 @@ mod imp {
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps {
-            let start = gpu.stream.record_event(flags).map_err(driver_err("event"))?;
+            let start = gpu
+                .stream
+                .record_event(flags)
+                .map_err(driver_err("event"))?;
             f()?;
-            let end = gpu.stream.record_event(flags).map_err(driver_err("event"))?;
+            let end = gpu
+                .stream
+                .record_event(flags)
+                .map_err(driver_err("event"))?;
             end.synchronize().map_err(driver_err("event sync"))?;
             times.push(start.elapsed_ms(&end).map_err(driver_err("event time"))? as f64);
         }
@@ -63,7 +69,9 @@ mod imp {
         let src = device::alloc::<f16>(&gpu, n, "copy source")?;
         let mut dst = device::alloc::<f16>(&gpu, n, "copy destination")?;
         let ms = time_ms(&gpu, 10, || {
-            gpu.stream.memcpy_dtod(&src, &mut dst).map_err(driver_err("copy"))
+            gpu.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(driver_err("copy"))
         })?;
         let copy_bw = (2 * n * 2) as f64 / (ms * 1e-3);
         out.push(format!(
@@ -80,9 +88,14 @@ mod imp {
         let mut c = device::alloc::<f16>(&gpu, m * m, "gemm c")?;
         device::fill_uniform(&gpu, &mut a, 1, 1.0)?;
         device::fill_uniform(&gpu, &mut b, 2, 1.0)?;
-        let ms = time_ms(&gpu, 10, || device::linear(&gpu, &a, &b, &mut c, m, m, m, false))?;
+        let ms = time_ms(&gpu, 10, || {
+            device::linear(&gpu, &a, &b, &mut c, m, m, m, false)
+        })?;
         let gemm_rate = 2.0 * (m as f64).powi(3) / (ms * 1e-3);
-        out.push(format!("cuBLAS fp16 GEMM 8192^3: {ms:.3} ms, {:.0} TFLOP/s", gemm_rate / 1e12));
+        out.push(format!(
+            "cuBLAS fp16 GEMM 8192^3: {ms:.3} ms, {:.0} TFLOP/s",
+            gemm_rate / 1e12
+        ));
         drop((a, b, c));
 
         out.extend(mbgmv(&gpu, copy_bw)?);
@@ -116,10 +129,19 @@ mod imp {
             let mut y = device::alloc::<f16>(gpu, batch * outp, "y")?;
             let mut scratch = device::alloc::<f32>(gpu, batch * 64, "scratch")?;
             let page_ids: Vec<i32> = (0..pages as i32).collect();
-            let d_pages = gpu.stream.clone_htod(&page_ids).map_err(driver_err("pages"))?;
-            let d_off = gpu.stream.clone_htod(&offset).map_err(driver_err("offsets"))?;
+            let d_pages = gpu
+                .stream
+                .clone_htod(&page_ids)
+                .map_err(driver_err("pages"))?;
+            let d_off = gpu
+                .stream
+                .clone_htod(&offset)
+                .map_err(driver_err("offsets"))?;
             let d_rank = gpu.stream.clone_htod(&rank).map_err(driver_err("ranks"))?;
-            let d_scale = gpu.stream.clone_htod(&vec![0.5f32; batch]).map_err(driver_err("scales"))?;
+            let d_scale = gpu
+                .stream
+                .clone_htod(&vec![0.5f32; batch])
+                .map_err(driver_err("scales"))?;
             let shape = lora::LoraShape::new(inp, outp, w, 64, pages);
             let k_side = pool.slice(..pages * w);
             let v_side = pool.slice(pages * w..);
@@ -139,7 +161,8 @@ mod imp {
                 )
             })?;
             let rank_sum: usize = rank.iter().map(|&r| r as usize).sum();
-            let bytes = (rank_sum * (inp + outp) * 2 + batch * inp * 2 + batch * outp * 2 * 2) as f64;
+            let bytes =
+                (rank_sum * (inp + outp) * 2 + batch * inp * 2 + batch * outp * 2 * 2) as f64;
             let bw = bytes / (ms * 1e-3);
             lines.push(format!(
                 "| {batch} | {:.1} | {:.2} | {:.0} | {:.0}% |",
@@ -149,7 +172,11 @@ mod imp {
                 100.0 * bw / copy_bw
             ));
         }
-        lines.insert(1, "MBGMV, Llama-7B q_proj shape (4096 -> 4096), all-distinct adapters, ranks 8/16/32/64:".into());
+        lines.insert(
+            1,
+            "MBGMV, Llama-7B q_proj shape (4096 -> 4096), all-distinct adapters, ranks 8/16/32/64:"
+                .into(),
+        );
         Ok(lines)
     }
 
@@ -157,7 +184,10 @@ mod imp {
     /// several batch sizes, with adapters (distinct per request, from 1,000 registered with
     /// mixed ranks) and without; and one prefill of 4,096 tokens across 8 adapters.
     fn decode_steps(gpu: Gpu, copy_bw: f64, gemm_rate: f64) -> Result<Vec<String>> {
-        let model = ModelSpec::preset("llama-7b").map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+        let model = ModelSpec::preset("llama-7b").map_err(|e| crate::Error::Plan {
+            step: 0,
+            reason: e.to_string(),
+        })?;
         let ranks = [8u32, 16, 32, 64];
         let max_batch = 256usize;
         let prompt = 512u32;
@@ -180,11 +210,20 @@ mod imp {
             exec.register_adapter(AdapterId(i as u32), t)?;
         }
         for i in 4..1000u32 {
-            let like = exec.host_adapter(AdapterId(i % 4)).map(|h| h.share()).ok_or_else(|| crate::Error::Plan { step: 0, reason: "template adapter missing".into() })?;
+            let like = exec
+                .host_adapter(AdapterId(i % 4))
+                .map(|h| h.share())
+                .ok_or_else(|| crate::Error::Plan {
+                    step: 0,
+                    reason: "template adapter missing".into(),
+                })?;
             exec.register_shared(AdapterId(i), &like);
         }
         let specs: Vec<_> = (0..1000u32)
-            .map(|i| slora_engine::AdapterSpec { rank: ranks[(i % 4) as usize], targets: targets.clone() })
+            .map(|i| slora_engine::AdapterSpec {
+                rank: ranks[(i % 4) as usize],
+                targets: targets.clone(),
+            })
             .collect();
         let weight_bytes = model.weight_bytes() as f64;
         let mut lines = vec![
@@ -204,23 +243,50 @@ mod imp {
                     adapters: specs.clone(),
                     pool_pages,
                     pool_layout: PoolLayout::Unified,
-                    scheduler: SchedulerConfig { max_batch_size: max_batch as u32, max_prefill_tokens: 8192, ..SchedulerConfig::default() },
+                    scheduler: SchedulerConfig {
+                        max_batch_size: max_batch as u32,
+                        max_prefill_tokens: 8192,
+                        ..SchedulerConfig::default()
+                    },
                 })
-                .map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+                .map_err(|e| crate::Error::Plan {
+                    step: 0,
+                    reason: e.to_string(),
+                })?;
                 for b in 0..batch {
                     let id = RequestId(next_id);
                     next_id += 1;
-                    let tokens: Vec<u32> = (0..prompt).map(|t| (t * 7919 + b as u32 * 104_729) % 32000).collect();
+                    let tokens: Vec<u32> = (0..prompt)
+                        .map(|t| (t * 7919 + b as u32 * 104_729) % 32000)
+                        .collect();
                     exec.add_request(id, tokens)?;
                     let adapter = with_adapters.then_some(AdapterId((b * 3 % 1000) as u32));
                     engine
-                        .submit(RequestMeta { id, adapter, tenant: None, prompt_tokens: prompt, output_tokens: 40 }, Nanos::ZERO)
-                        .map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+                        .submit(
+                            RequestMeta {
+                                id,
+                                adapter,
+                                tenant: None,
+                                prompt_tokens: prompt,
+                                output_tokens: 40,
+                            },
+                            Nanos::ZERO,
+                        )
+                        .map_err(|e| crate::Error::Plan {
+                            step: 0,
+                            reason: e.to_string(),
+                        })?;
                 }
                 let mut now = Nanos::ZERO;
                 let mut decode_ms = Vec::new();
-                while let Some(plan) = engine.plan_step(now).map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })? {
-                    let report = exec.execute(&plan).map_err(|e| crate::Error::Plan { step: plan.step, reason: e.to_string() })?;
+                while let Some(plan) = engine.plan_step(now).map_err(|e| crate::Error::Plan {
+                    step: 0,
+                    reason: e.to_string(),
+                })? {
+                    let report = exec.execute(&plan).map_err(|e| crate::Error::Plan {
+                        step: plan.step,
+                        reason: e.to_string(),
+                    })?;
                     if plan.prefill.is_empty() && plan.decode.len() == batch {
                         decode_ms.push(report.elapsed.0 as f64 / 1e6);
                         if with_adapters && decode_ms.len() == 1 {
@@ -228,7 +294,13 @@ mod imp {
                         }
                     }
                     now = now + report.elapsed;
-                    let outcome = engine.complete_step(&report, now).map_err(|e| crate::Error::Plan { step: plan.step, reason: e.to_string() })?;
+                    let outcome =
+                        engine
+                            .complete_step(&report, now)
+                            .map_err(|e| crate::Error::Plan {
+                                step: plan.step,
+                                reason: e.to_string(),
+                            })?;
                     for f in outcome.finished {
                         exec.remove_request(f.request);
                     }
@@ -262,31 +334,75 @@ mod imp {
                 adapters: specs.clone(),
                 pool_pages,
                 pool_layout: PoolLayout::Unified,
-                scheduler: SchedulerConfig { max_prefill_tokens: 4096, ..SchedulerConfig::default() },
+                scheduler: SchedulerConfig {
+                    max_prefill_tokens: 4096,
+                    ..SchedulerConfig::default()
+                },
             })
-            .map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+            .map_err(|e| crate::Error::Plan {
+                step: 0,
+                reason: e.to_string(),
+            })?;
             for b in 0..8u32 {
                 let id = RequestId(next_id);
                 next_id += 1;
-                exec.add_request(id, (0..512u32).map(|t| (t * 31 + b * 17 + rep) % 32000).collect())?;
+                exec.add_request(
+                    id,
+                    (0..512u32)
+                        .map(|t| (t * 31 + b * 17 + rep) % 32000)
+                        .collect(),
+                )?;
                 engine
-                    .submit(RequestMeta { id, adapter: Some(AdapterId(b * 5)), tenant: None, prompt_tokens: 512, output_tokens: 1 }, Nanos::ZERO)
-                    .map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?;
+                    .submit(
+                        RequestMeta {
+                            id,
+                            adapter: Some(AdapterId(b * 5)),
+                            tenant: None,
+                            prompt_tokens: 512,
+                            output_tokens: 1,
+                        },
+                        Nanos::ZERO,
+                    )
+                    .map_err(|e| crate::Error::Plan {
+                        step: 0,
+                        reason: e.to_string(),
+                    })?;
             }
             // The first plan loads the adapters (blocking) and prefills all 4,096 tokens; run a
             // warm-up step's worth of loads first so the timed step is the prefill alone.
-            let plan = engine.plan_step(Nanos::ZERO).map_err(|e| crate::Error::Plan { step: 0, reason: e.to_string() })?.ok_or_else(|| crate::Error::Plan { step: 0, reason: "no prefill planned".into() })?;
-            let report = exec.execute(&plan).map_err(|e| crate::Error::Plan { step: plan.step, reason: e.to_string() })?;
+            let plan = engine
+                .plan_step(Nanos::ZERO)
+                .map_err(|e| crate::Error::Plan {
+                    step: 0,
+                    reason: e.to_string(),
+                })?
+                .ok_or_else(|| crate::Error::Plan {
+                    step: 0,
+                    reason: "no prefill planned".into(),
+                })?;
+            let report = exec.execute(&plan).map_err(|e| crate::Error::Plan {
+                step: plan.step,
+                reason: e.to_string(),
+            })?;
             if rep > 0 {
                 prefill_ms.push(report.elapsed.0 as f64 / 1e6);
             }
         }
         let ms = median(&mut prefill_ms);
         let h = model.hidden_size as f64;
-        let linear_params = (model.parameter_count() - model.vocab_size as u64 * model.hidden_size as u64) as f64;
+        let linear_params =
+            (model.parameter_count() - model.vocab_size as u64 * model.hidden_size as u64) as f64;
         let tokens = 4096.0;
         let attention = 4.0 * 8.0 * (512.0 * 513.0 / 2.0) * h * model.num_layers as f64;
-        let lora: f64 = 8.0 * 512.0 * 2.0 * 4.0 * 2.0 * h * model.num_layers as f64 * (8.0 + 16.0 + 32.0 + 64.0) / 4.0;
+        let lora: f64 = 8.0
+            * 512.0
+            * 2.0
+            * 4.0
+            * 2.0
+            * h
+            * model.num_layers as f64
+            * (8.0 + 16.0 + 32.0 + 64.0)
+            / 4.0;
         let flops = 2.0 * linear_params * tokens + attention + lora;
         lines.push(String::new());
         lines.push(format!(

@@ -225,7 +225,7 @@ pub fn cast_f16_f32(
 pub fn gather_rows(
     gpu: &Gpu,
     input: &CudaView<f16>,
-    rows: &CudaSlice<i32>,
+    rows: &CudaView<i32>,
     out: &mut CudaViewMut<f16>,
     n_rows: usize,
     width: usize,

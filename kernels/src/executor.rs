@@ -114,7 +114,44 @@ pub struct GpuExecutor {
     resident: HashMap<AdapterId, Vec<i32>>,
     requests: HashMap<RequestId, RequestState>,
     buffers: Buffers,
+    /// Every per-step table (token ids, positions, page tables, LoRA tables, ...) travels in
+    /// one upload into these persistent buffers: one host-to-device copy per step instead of
+    /// dozens of allocations and copies.
+    tables_i32: CudaSlice<i32>,
+    tables_f32: CudaSlice<f32>,
+    workspace: CudaSlice<f32>,
+    scalars: CudaSlice<i32>,
+    /// Count of out-of-range token ids the embedding kernel met (ids are checked on the host
+    /// first, so it stays 0; never read on the hot path).
+    bad_ids: CudaSlice<i32>,
     pub last_logits: RecordedLogits,
+}
+
+/// Host staging of a step's tables; each table starts 16-byte aligned.
+#[derive(Default)]
+struct TableArena {
+    ints: Vec<i32>,
+    floats: Vec<f32>,
+}
+
+impl TableArena {
+    fn ints(&mut self, v: &[i32]) -> std::ops::Range<usize> {
+        while self.ints.len() % 4 != 0 {
+            self.ints.push(0);
+        }
+        let start = self.ints.len();
+        self.ints.extend_from_slice(v);
+        start..self.ints.len()
+    }
+
+    fn floats(&mut self, v: &[f32]) -> std::ops::Range<usize> {
+        while self.floats.len() % 4 != 0 {
+            self.floats.push(0.0);
+        }
+        let start = self.floats.len();
+        self.floats.extend_from_slice(v);
+        start..self.floats.len()
+    }
 }
 
 impl GpuExecutor {
@@ -159,6 +196,11 @@ impl GpuExecutor {
             logits16: device::alloc(&gpu, t * v, "logits")?,
             logits32: device::alloc(&gpu, t * v, "logits (f32)")?,
         };
+        let tables_i32 = device::alloc(&gpu, 1 << 16, "step tables")?;
+        let tables_f32 = device::alloc(&gpu, 1 << 12, "step tables")?;
+        let workspace = device::alloc(&gpu, 1, "decode workspace")?;
+        let scalars = device::alloc(&gpu, t.max(1), "sampled ids")?;
+        let bad_ids = device::alloc(&gpu, 1, "bad token counter")?;
         Ok(GpuExecutor {
             gpu,
             cfg,
@@ -168,6 +210,11 @@ impl GpuExecutor {
             resident: HashMap::new(),
             requests: HashMap::new(),
             buffers,
+            tables_i32,
+            tables_f32,
+            workspace,
+            scalars,
+            bad_ids,
             last_logits: Vec::new(),
         })
     }
@@ -496,46 +543,96 @@ impl GpuExecutor {
             (off, rank, scale)
         };
 
-        // ---- Upload -------------------------------------------------------------------------
-        let up = |v: &[i32], what: &str| -> Result<CudaSlice<i32>> {
-            self.gpu
-                .stream
-                .clone_htod(if v.is_empty() { &[0i32][..] } else { v })
-                .map_err(driver_err(format!("uploading {what}")))
-        };
-        let d_tokens = up(&token_ids, "token ids")?;
-        let d_pos = up(&positions, "positions")?;
-        let d_slots = up(&slots, "KV slots")?;
-        let d_kv = up(&kv_table, "page tables")?;
-        let d_seg_start = up(&seg_start, "segment starts")?;
-        let d_seg_ctx = up(&seg_context, "segment contexts")?;
-        let d_seg_tab = up(&seg_table, "segment tables")?;
-        let d_dec_tab = up(&dec_table, "decode tables")?;
-        let d_dec_len = up(&dec_len, "decode lengths")?;
-        let d_apages = up(&adapter_pages, "adapter pages")?;
-        let mut lora_dev: HashMap<(TargetModule, bool), LoraTablesDev> = HashMap::new();
+        // ---- Upload: one copy of every table ---------------------------------------------------
+        let mut arena = TableArena::default();
+        let r_tokens = arena.ints(&token_ids);
+        let r_pos = arena.ints(&positions);
+        let r_slots = arena.ints(&slots);
+        let r_kv = arena.ints(&kv_table);
+        let r_seg_start = arena.ints(&seg_start);
+        let r_seg_ctx = arena.ints(&seg_context);
+        let r_seg_tab = arena.ints(&seg_table);
+        let r_dec_tab = arena.ints(&dec_table);
+        let r_dec_len = arena.ints(&dec_len);
+        let r_apages = arena.ints(&adapter_pages);
+        let sample_rows: Vec<i32> = sample.iter().map(|s| s.0).collect();
+        let r_sample = arena.ints(&sample_rows);
+        let mut lora_ranges: HashMap<(TargetModule, bool), LoraRanges> = HashMap::new();
         for module in TargetModule::ATTENTION {
             for (is_decode, list) in [(false, &seg_adapter), (true, &dec_adapter)] {
                 if list.is_empty() {
                     continue;
                 }
                 let (o, r, sc) = module_tables(module, list);
-                let scale = self
-                    .gpu
-                    .stream
-                    .clone_htod(&sc)
-                    .map_err(driver_err("uploading LoRA scales"))?;
-                lora_dev.insert(
+                lora_ranges.insert(
                     (module, is_decode),
-                    LoraTablesDev {
-                        offset: up(&o, "LoRA offsets")?,
-                        rank: up(&r, "LoRA ranks")?,
-                        scale,
+                    LoraRanges {
+                        offset: arena.ints(&o),
+                        rank: arena.ints(&r),
+                        scale: arena.floats(&sc),
                     },
                 );
             }
         }
+        if arena.ints.len() > self.tables_i32.len() {
+            self.tables_i32 = device::alloc(
+                &self.gpu,
+                arena.ints.len().next_power_of_two(),
+                "step tables",
+            )?;
+        }
+        if arena.floats.len() > self.tables_f32.len() {
+            self.tables_f32 = device::alloc(
+                &self.gpu,
+                arena.floats.len().next_power_of_two(),
+                "step tables",
+            )?;
+        }
+        if !arena.ints.is_empty() {
+            self.gpu
+                .stream
+                .memcpy_htod(
+                    &arena.ints,
+                    &mut self.tables_i32.slice_mut(..arena.ints.len()),
+                )
+                .map_err(driver_err("uploading the step's tables"))?;
+        }
+        if !arena.floats.is_empty() {
+            self.gpu
+                .stream
+                .memcpy_htod(
+                    &arena.floats,
+                    &mut self.tables_f32.slice_mut(..arena.floats.len()),
+                )
+                .map_err(driver_err("uploading the step's LoRA scales"))?;
+        }
         let any_lora = !adapter_pages.is_empty();
+        let ti = &self.tables_i32;
+        let tf = &self.tables_f32;
+        let d_tokens = ti.slice(r_tokens);
+        let d_pos = ti.slice(r_pos);
+        let d_slots = ti.slice(r_slots);
+        let d_kv = ti.slice(r_kv);
+        let d_seg_start = ti.slice(r_seg_start);
+        let d_seg_ctx = ti.slice(r_seg_ctx);
+        let d_seg_tab = ti.slice(r_seg_tab);
+        let d_dec_tab = ti.slice(r_dec_tab);
+        let d_dec_len = ti.slice(r_dec_len);
+        let d_apages = ti.slice(r_apages);
+        let d_sample = ti.slice(r_sample);
+        let lora_dev: HashMap<(TargetModule, bool), LoraTablesDev<'_>> = lora_ranges
+            .iter()
+            .map(|(k, r)| {
+                (
+                    *k,
+                    LoraTablesDev {
+                        offset: ti.slice(r.offset.clone()),
+                        rank: ti.slice(r.rank.clone()),
+                        scale: tf.slice(r.scale.clone()),
+                    },
+                )
+            })
+            .collect();
         let max_segment_len = seg_start
             .windows(2)
             .map(|w| (w[1] - w[0]) as usize)
@@ -575,8 +672,10 @@ impl GpuExecutor {
         };
         let max_ctx = dec_len.iter().copied().max().unwrap_or(1) as usize;
         let ws_elems = attention::decode_workspace_elems(&shape, decode_rows.max(1), max_ctx);
-        let mut workspace = device::alloc::<f32>(&self.gpu, ws_elems.max(1), "decode workspace")?;
-        let mut bad_ids = device::alloc::<i32>(&self.gpu, 1, "bad token counter")?;
+        if ws_elems > self.workspace.len() {
+            self.workspace =
+                device::alloc::<f32>(&self.gpu, ws_elems.next_power_of_two(), "decode workspace")?;
+        }
 
         // ---- Forward --------------------------------------------------------------------------
         let g = &self.gpu;
@@ -589,7 +688,7 @@ impl GpuExecutor {
             &d_tokens.slice(..rows),
             &w.embed.slice(..),
             &mut b.hidden.slice_mut(..rows * h),
-            &mut bad_ids.slice_mut(..),
+            &mut self.bad_ids.slice_mut(..),
             rows,
             h,
             vocab,
@@ -752,7 +851,7 @@ impl GpuExecutor {
                     &b.q.slice(prefill_rows * qw..rows * qw),
                     &layer_kv,
                     &tables,
-                    &mut workspace.slice_mut(..),
+                    &mut self.workspace.slice_mut(..),
                     &mut b.attn.slice_mut(prefill_rows * qw..rows * qw),
                 )?;
             }
@@ -844,8 +943,6 @@ impl GpuExecutor {
             eps,
         )?;
         let n_sample = sample.len();
-        let sample_rows: Vec<i32> = sample.iter().map(|s| s.0).collect();
-        let d_sample = up(&sample_rows, "sampled rows")?;
         device::gather_rows(
             g,
             &b.normed.slice(..rows * h),
@@ -870,11 +967,11 @@ impl GpuExecutor {
             &mut b.logits32.slice_mut(..n_sample * vocab),
             n_sample * vocab,
         )?;
-        let mut d_ids = device::alloc::<i32>(g, n_sample, "sampled ids")?;
+        let mut d_ids = self.scalars.slice_mut(..n_sample);
         sampling::argmax(
             g,
             &b.logits32.slice(..n_sample * vocab),
-            &mut d_ids.slice_mut(..n_sample),
+            &mut d_ids,
             n_sample,
             vocab,
         )?;
@@ -907,10 +1004,17 @@ impl GpuExecutor {
 
 /// Per-step LoRA tables of one module on the device (for the prefill segments or the
 /// decode rows).
-struct LoraTablesDev {
-    offset: CudaSlice<i32>,
-    rank: CudaSlice<i32>,
-    scale: CudaSlice<f32>,
+struct LoraTablesDev<'a> {
+    offset: CudaView<'a, i32>,
+    rank: CudaView<'a, i32>,
+    scale: CudaView<'a, f32>,
+}
+
+/// Where one module's LoRA tables sit in the step's table upload.
+struct LoraRanges {
+    offset: std::ops::Range<usize>,
+    rank: std::ops::Range<usize>,
+    scale: std::ops::Range<usize>,
 }
 
 /// What every LoRA launch of a layer shares.
@@ -918,9 +1022,9 @@ struct LoraCtx<'a> {
     g: &'a Gpu,
     k_pool: &'a CudaView<'a, f16>,
     v_pool: &'a CudaView<'a, f16>,
-    pages: &'a CudaSlice<i32>,
-    tables: &'a HashMap<(TargetModule, bool), LoraTablesDev>,
-    seg_start: &'a CudaSlice<i32>,
+    pages: &'a CudaView<'a, i32>,
+    tables: &'a HashMap<(TargetModule, bool), LoraTablesDev<'a>>,
+    seg_start: &'a CudaView<'a, i32>,
     prefill_rows: usize,
     decode_rows: usize,
     max_rank: usize,

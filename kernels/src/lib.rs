@@ -4,9 +4,9 @@
 //! builds, its launch plans and CPU references are tested, and `Gpu`-needing entry points
 //! return [`Error::CudaNotCompiled`].
 
+pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod device;
-pub mod bench;
 pub mod doctor;
 pub mod error;
 #[cfg(feature = "cuda")]
