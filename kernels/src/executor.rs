@@ -248,7 +248,7 @@ impl GpuExecutor {
             &adapter.targets,
             &|layer, module| adapter.module(layer, module).map(|(a, _)| a),
             &|layer, module| adapter.module(layer, module).map(|(_, b)| b),
-        );
+        )?;
         let pages = slora_engine::AdapterSpec {
             rank: adapter.rank,
             targets: adapter.targets.clone(),
@@ -700,6 +700,18 @@ impl GpuExecutor {
             head_dim: d,
             theta: m.rope_theta as f32,
         };
+        let lora_step = LoraStep {
+            g,
+            pages: &d_apages,
+            tables: &lora_dev,
+            seg_start: &d_seg_start,
+            prefill_rows,
+            decode_rows,
+            max_rank,
+            max_segment_len,
+            pool_pages,
+            page_w: kvw,
+        };
         for (l, lw) in w.layers.iter().enumerate() {
             let layer = attention::layer_kv_range(l, pool_pages, kvw);
             let side = pool_pages * kvw;
@@ -765,19 +777,10 @@ impl GpuExecutor {
             if any_lora {
                 let k_pool = self.pool.slice(layer.start..layer.start + side);
                 let v_pool = self.pool.slice(layer.start + side..layer.end);
-                let ctx = LoraCtx {
-                    g,
+                let ctx = LoraLayer {
+                    step: &lora_step,
                     k_pool: &k_pool,
                     v_pool: &v_pool,
-                    pages: &d_apages,
-                    tables: &lora_dev,
-                    seg_start: &d_seg_start,
-                    prefill_rows,
-                    decode_rows,
-                    max_rank,
-                    max_segment_len,
-                    pool_pages,
-                    page_w: kvw,
                 };
                 lora_apply(
                     &ctx,
@@ -868,19 +871,10 @@ impl GpuExecutor {
             if any_lora {
                 let k_pool = self.pool.slice(layer.start..layer.start + side);
                 let v_pool = self.pool.slice(layer.start + side..layer.end);
-                let ctx = LoraCtx {
-                    g,
+                let ctx = LoraLayer {
+                    step: &lora_step,
                     k_pool: &k_pool,
                     v_pool: &v_pool,
-                    pages: &d_apages,
-                    tables: &lora_dev,
-                    seg_start: &d_seg_start,
-                    prefill_rows,
-                    decode_rows,
-                    max_rank,
-                    max_segment_len,
-                    pool_pages,
-                    page_w: kvw,
                 };
                 lora_apply(
                     &ctx,
@@ -1017,11 +1011,9 @@ struct LoraRanges {
     scale: std::ops::Range<usize>,
 }
 
-/// What every LoRA launch of a layer shares.
-struct LoraCtx<'a> {
+/// What every LoRA launch of a step shares.
+struct LoraStep<'a> {
     g: &'a Gpu,
-    k_pool: &'a CudaView<'a, f16>,
-    v_pool: &'a CudaView<'a, f16>,
     pages: &'a CudaView<'a, i32>,
     tables: &'a HashMap<(TargetModule, bool), LoraTablesDev<'a>>,
     seg_start: &'a CudaView<'a, i32>,
@@ -1033,9 +1025,16 @@ struct LoraCtx<'a> {
     page_w: usize,
 }
 
+/// A step's LoRA context for one layer: its K and V sides of the pool.
+struct LoraLayer<'a> {
+    step: &'a LoraStep<'a>,
+    k_pool: &'a CudaView<'a, f16>,
+    v_pool: &'a CudaView<'a, f16>,
+}
+
 /// Adds the LoRA deltas of `module` to `y` for the prefill rows (segments) and decode rows.
 fn lora_apply(
-    c: &LoraCtx<'_>,
+    layer: &LoraLayer<'_>,
     module: TargetModule,
     in_w: usize,
     out_w: usize,
@@ -1043,6 +1042,7 @@ fn lora_apply(
     y: &mut CudaSlice<f16>,
     scratch: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    let c = layer.step;
     let shape = lora::LoraShape::new(in_w, out_w, c.page_w, c.max_rank, c.pool_pages);
     let (p, n) = (c.prefill_rows, c.decode_rows);
     if p > 0 {
@@ -1050,8 +1050,8 @@ fn lora_apply(
             lora::lora_prefill(
                 c.g,
                 &x.slice(..p * in_w),
-                c.k_pool,
-                c.v_pool,
+                layer.k_pool,
+                layer.v_pool,
                 &c.pages.slice(..),
                 &c.seg_start.slice(..),
                 &t.offset.slice(..),
@@ -1069,8 +1069,8 @@ fn lora_apply(
             lora::lora_decode(
                 c.g,
                 &x.slice(p * in_w..(p + n) * in_w),
-                c.k_pool,
-                c.v_pool,
+                layer.k_pool,
+                layer.v_pool,
                 &c.pages.slice(..),
                 &t.offset.slice(..),
                 &t.rank.slice(..),

@@ -27,16 +27,16 @@ pub fn module_row_offset(
 }
 
 /// Packs `A` (`[r, in]` per layer and module) and `B` (`[out, r]`) into
-/// `[layers][K side, V side][pages][W]` rows in page-list order. `a` and `b` are looked up by
-/// `(layer, module)`; missing entries are an error for the caller to have caught (the loader
-/// checks every tensor), here they pack as zeros.
+/// `[layers][K side, V side][pages][W]` rows in page-list order, each module laid out by
+/// `ops::lora::pack_adapter_rows` (the same packing the LoRA kernels' checks use). Modules
+/// with no tensors (`None`) pack as zeros; the loader has already checked every tensor.
 pub fn pack_adapter<'a>(
     model: &ModelSpec,
     rank: u32,
     targets: &[TargetModule],
     a: &dyn Fn(u32, TargetModule) -> Option<&'a [f16]>,
     b: &dyn Fn(u32, TargetModule) -> Option<&'a [f16]>,
-) -> Vec<f16> {
+) -> crate::Result<Vec<f16>> {
     let w = model.page_width() as usize;
     let r = rank as usize;
     let pages: usize = targets.iter().map(|&t| r * slots_per_row(model, t)).sum();
@@ -46,36 +46,32 @@ pub fn pack_adapter<'a>(
         let k_side = (layer * 2) * pages * w;
         let v_side = (layer * 2 + 1) * pages * w;
         for &module in targets {
+            let (Some(a_rows), Some(b_rows)) = (a(layer as u32, module), b(layer as u32, module))
+            else {
+                continue;
+            };
             let (inp, outp) = model.module_shape(module);
-            let (inp, outp) = (inp as usize, outp as usize);
-            let slots = slots_per_row(model, module);
             let base = module_row_offset(model, rank, targets, module);
-            let a_rows = a(layer as u32, module);
-            let b_rows = b(layer as u32, module);
-            for i in 0..r {
-                for s in 0..slots {
-                    let page = base + i * slots + s;
-                    if let Some(a_rows) = a_rows {
-                        for c in 0..w {
-                            let j = s * w + c;
-                            if j < inp {
-                                out[k_side + page * w + c] = a_rows[i * inp + j];
-                            }
-                        }
-                    }
-                    if let Some(b_rows) = b_rows {
-                        for c in 0..w {
-                            let o = s * w + c;
-                            if o < outp {
-                                out[v_side + page * w + c] = b_rows[o * r + i];
-                            }
-                        }
-                    }
-                }
+            let local: Vec<i32> = (base..base + r * slots_per_row(model, module))
+                .map(|p| p as i32)
+                .collect();
+            let packed = crate::ops::lora::pack_adapter_rows(
+                inp as usize,
+                outp as usize,
+                w,
+                r,
+                a_rows,
+                b_rows,
+                &local,
+            )?;
+            for p in packed {
+                let page = p.page as usize;
+                out[k_side + page * w..k_side + (page + 1) * w].copy_from_slice(&p.k_row);
+                out[v_side + page * w..v_side + (page + 1) * w].copy_from_slice(&p.v_row);
             }
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -151,7 +147,8 @@ mod tests {
             &targets,
             &|l, t| a_store.get(&(l, t)).map(|v| v.as_slice()),
             &|l, t| b_store.get(&(l, t)).map(|v| v.as_slice()),
-        );
+        )
+        .expect("shapes are valid");
         let w = m.page_width() as usize;
         let pages: usize = targets.iter().map(|&t| r * slots_per_row(&m, t)).sum();
         for layer in 0..2usize {
