@@ -328,3 +328,46 @@ fn doctor_without_a_gpu_says_what_is_missing() {
         );
     }
 }
+
+#[test]
+fn a_model_can_come_from_a_hugging_face_config() {
+    let dir = tmp("hf");
+    let model = dir.join("my-model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        r#"{"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16,
+            "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000,
+            "max_position_embeddings": 4096, "rope_theta": 10000.0, "torch_dtype": "float16"}"#,
+    )
+    .unwrap();
+    let s = write(
+        &dir,
+        "hf.yaml",
+        &small_scenario("").replace("model: llama-7b", "model: { path: my-model }"),
+    );
+    let out = dir.join("out");
+    let o = run(&[
+        "simulate",
+        "--quiet",
+        s.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    assert!(
+        m["cost_model"].as_str().unwrap().contains("my-model"),
+        "{}",
+        m["cost_model"]
+    );
+    // A folder without config.json is bad input naming the file.
+    let s = write(
+        &dir,
+        "missing.yaml",
+        &small_scenario("").replace("model: llama-7b", "model: { path: nowhere }"),
+    );
+    let o = run(&["simulate", s.to_str().unwrap()]);
+    assert_clean_failure(&o, 2, &["missing.yaml", "`model`", "config.json"]);
+}

@@ -58,12 +58,76 @@ pub enum ScenarioError {
     },
 }
 
-/// A model preset name, or a full shape.
+/// A model preset name, a full shape, or `{ path: DIR }` of a Hugging Face model folder (its
+/// `config.json` gives the shape; relative to the scenario's folder).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ModelChoice {
     Preset(String),
     Custom(ModelSpec),
+    Path { path: PathBuf },
+}
+
+/// Reads a Llama-family shape from a Hugging Face `config.json` (transformers 4 and 5 names).
+fn model_from_config(dir: &Path) -> Result<ModelSpec, String> {
+    let file = if dir.extension().is_some_and(|e| e == "json") {
+        dir.to_path_buf()
+    } else {
+        dir.join("config.json")
+    };
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", file.display()))?;
+    let int = |key: &str| -> Result<u32, String> {
+        v.get(key)
+            .and_then(|x| x.as_u64())
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| {
+                format!(
+                    "{}: field `{key}` is missing or not a positive integer",
+                    file.display()
+                )
+            })
+    };
+    let heads = int("num_attention_heads")?;
+    let theta = v
+        .get("rope_theta")
+        .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")))
+        .and_then(|x| x.as_f64())
+        .unwrap_or(10_000.0);
+    let dtype = match v
+        .get("torch_dtype")
+        .or_else(|| v.get("dtype"))
+        .and_then(|x| x.as_str())
+    {
+        Some("bfloat16") => slora_engine::DType::Bf16,
+        Some("float16") | None => slora_engine::DType::Fp16,
+        Some(other) => {
+            return Err(format!(
+                "{}: dtype `{other}` is not supported (float16 or bfloat16)",
+                file.display()
+            ))
+        }
+    };
+    Ok(ModelSpec {
+        name: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+        hidden_size: int("hidden_size")?,
+        num_layers: int("num_hidden_layers")?,
+        num_heads: heads,
+        num_kv_heads: v
+            .get("num_key_value_heads")
+            .and_then(|x| x.as_u64())
+            .map_or(heads, |x| x as u32),
+        intermediate_size: int("intermediate_size")?,
+        vocab_size: int("vocab_size")?,
+        max_position: int("max_position_embeddings")?,
+        rope_theta: theta,
+        dtype,
+    })
 }
 
 /// A GPU from the catalogue.
@@ -325,12 +389,17 @@ impl Scenario {
         })
     }
 
-    pub fn model_spec(&self) -> Result<ModelSpec, slora_engine::SpecError> {
+    /// The model's shape; `path` names the scenario file (relative model paths start there).
+    pub fn model_spec(&self, path: &Path) -> Result<ModelSpec, String> {
         let m = match &self.model {
-            ModelChoice::Preset(name) => ModelSpec::preset(name)?,
+            ModelChoice::Preset(name) => ModelSpec::preset(name).map_err(|e| e.to_string())?,
             ModelChoice::Custom(spec) => spec.clone(),
+            ModelChoice::Path { path: dir } => {
+                let base = path.parent().unwrap_or(Path::new("."));
+                model_from_config(&base.join(dir))?
+            }
         };
-        m.validate()?;
+        m.validate().map_err(|e| e.to_string())?;
         Ok(m)
     }
 
@@ -357,7 +426,7 @@ impl Scenario {
                 ),
             ));
         }
-        let model = self.model_spec().map_err(|e| bad("model", e.to_string()))?;
+        let model = self.model_spec(path).map_err(|e| bad("model", e))?;
         cost::find_gpu(&self.gpu).map_err(|e| bad("gpu", e.to_string()))?;
         if self.tensor_parallel != 1 {
             return Err(bad(
@@ -535,11 +604,13 @@ impl Scenario {
     /// model and the request stream. All randomness comes from one ChaCha8 generator seeded
     /// with `seed`: adapter ranks first, then the workload.
     pub fn build(&self, path: &Path) -> Result<RunSetup, ScenarioError> {
-        let model = self.model_spec().map_err(|e| ScenarioError::Invalid {
-            path: path.to_path_buf(),
-            field: "model".into(),
-            reason: e.to_string(),
-        })?;
+        let model = self
+            .model_spec(path)
+            .map_err(|reason| ScenarioError::Invalid {
+                path: path.to_path_buf(),
+                field: "model".into(),
+                reason,
+            })?;
         let cost_err = |source| ScenarioError::Cost {
             path: path.to_path_buf(),
             source: Box::new(source),
