@@ -165,6 +165,7 @@ fn ones(gpu: &Gpu, n: usize) -> Result<CudaSlice<f16>> {
 #[allow(clippy::too_many_arguments)] // shapes of a scatter: each names one dimension
 pub fn scatter_rows(
     gpu: &Gpu,
+    stream: &cudarc::driver::CudaStream,
     staging: &CudaSlice<f16>,
     pool: &mut CudaSlice<f16>,
     pages: &CudaSlice<i32>,
@@ -188,7 +189,7 @@ pub fn scatter_rows(
     }
     let f = gpu.function(SOURCE, "scatter_rows")?;
     let (np, w, pp) = (n_pages as i32, width as i32, pool_pages as i64);
-    let mut b = gpu.stream.launch_builder(&f);
+    let mut b = stream.launch_builder(&f);
     b.arg(staging)
         .arg(pool)
         .arg(pages)

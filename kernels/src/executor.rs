@@ -21,7 +21,7 @@ use crate::gpu::{driver_err, Gpu};
 use crate::ops::{attention, layers, lora, sampling};
 use crate::packing;
 use crate::weights::PeftAdapter;
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView, PinnedHostSlice};
 use half::f16;
 use slora_engine::{
     AdapterId, ExecError, Executor, ModelSpec, RequestId, StepPlan, StepReport, TargetModule,
@@ -62,7 +62,8 @@ pub struct HostAdapter {
     pub scale: f32,
     pub targets: Vec<TargetModule>,
     pub pages: usize,
-    pub packed: Arc<Vec<f16>>,
+    /// Page-locked, so loads copy at full link speed and asynchronously.
+    pub packed: Arc<PinnedHostSlice<f16>>,
 }
 
 impl HostAdapter {
@@ -121,6 +122,8 @@ pub struct GpuExecutor {
     tables_f32: CudaSlice<f32>,
     workspace: CudaSlice<f32>,
     scalars: CudaSlice<i32>,
+    /// Staging buffers of the loads issued by the step in flight (freed when it completes).
+    load_staging: Vec<(CudaSlice<f16>, CudaSlice<i32>)>,
     /// Count of out-of-range token ids the embedding kernel met (ids are checked on the host
     /// first, so it stays 0; never read on the hot path).
     bad_ids: CudaSlice<i32>,
@@ -215,6 +218,7 @@ impl GpuExecutor {
             workspace,
             scalars,
             bad_ids,
+            load_staging: Vec::new(),
             last_logits: Vec::new(),
         })
     }
@@ -249,6 +253,13 @@ impl GpuExecutor {
             &|layer, module| adapter.module(layer, module).map(|(a, _)| a),
             &|layer, module| adapter.module(layer, module).map(|(_, b)| b),
         )?;
+        // SAFETY: the pinned buffer is filled completely before any use.
+        let mut pinned = unsafe { self.gpu.ctx.alloc_pinned::<f16>(packed.len()) }
+            .map_err(driver_err("allocating pinned host memory for an adapter"))?;
+        pinned
+            .as_mut_slice()
+            .map_err(driver_err("filling pinned memory"))?
+            .copy_from_slice(&packed);
         let pages = slora_engine::AdapterSpec {
             rank: adapter.rank,
             targets: adapter.targets.clone(),
@@ -261,7 +272,7 @@ impl GpuExecutor {
                 scale: adapter.scale(),
                 targets: adapter.targets.clone(),
                 pages,
-                packed: Arc::new(packed),
+                packed: Arc::new(pinned),
             },
         );
         Ok(())
@@ -319,11 +330,15 @@ impl GpuExecutor {
 
     /// Copies every load of the plan into its pages (all before compute; see the module doc
     /// of `AdapterLoad`: a load completes within its step).
-    fn load_adapters(&mut self, plan: &StepPlan) -> Result<()> {
+    fn load_adapters(&mut self, plan: &StepPlan) -> Result<Option<CudaEvent>> {
         let m = &self.cfg.model;
         for ev in &plan.evictions {
             self.resident.remove(ev);
         }
+        if plan.loads.is_empty() {
+            return Ok(None);
+        }
+        let copy = self.gpu.copy_stream.clone();
         for load in &plan.loads {
             let host = self.adapters.get(&load.adapter).ok_or_else(|| {
                 Self::plan_err(
@@ -347,22 +362,23 @@ impl GpuExecutor {
                     ),
                 ));
             }
-            // A real host-to-device copy of every byte, each load.
-            let staging =
-                self.gpu
-                    .stream
-                    .clone_htod(host.packed.as_slice())
-                    .map_err(driver_err(format!(
-                        "copying {} to the device",
-                        load.adapter
-                    )))?;
-            let page_ids = self
-                .gpu
-                .stream
+            // A real host-to-device copy of every byte, each load, from pinned memory on the
+            // copy stream; then one scatter of the rows into their (non-contiguous) pages.
+            // SAFETY: the staging buffer is fully overwritten by the copy before the scatter
+            // reads it (both on the copy stream, in order).
+            let mut staging = unsafe { copy.alloc::<f16>(host.packed.len()) }
+                .map_err(driver_err("allocating adapter staging"))?;
+            copy.memcpy_htod(host.packed.as_ref(), &mut staging)
+                .map_err(driver_err(format!(
+                    "copying {} to the device",
+                    load.adapter
+                )))?;
+            let page_ids = copy
                 .clone_htod(&pages)
                 .map_err(driver_err("uploading adapter pages"))?;
             device::scatter_rows(
                 &self.gpu,
+                &copy,
                 &staging,
                 &mut self.pool,
                 &page_ids,
@@ -371,9 +387,20 @@ impl GpuExecutor {
                 m.page_width() as usize,
                 self.cfg.pool_pages as usize,
             )?;
+            self.load_staging.push((staging, page_ids));
             self.resident.insert(load.adapter, pages);
         }
-        Ok(())
+        let done = copy
+            .record_event(None)
+            .map_err(driver_err("recording the loads' event"))?;
+        // Compute waits only for loads this step uses; prefetches overlap the step.
+        if plan.loads.iter().any(|l| l.blocking) {
+            self.gpu
+                .stream
+                .wait(&done)
+                .map_err(driver_err("waiting for blocking adapter loads"))?;
+        }
+        Ok(Some(done))
     }
 
     fn run(&mut self, plan: &StepPlan) -> Result<()> {
@@ -385,10 +412,24 @@ impl GpuExecutor {
                 r.pages.clear();
             }
         }
-        self.load_adapters(plan)?;
-        if !plan.has_compute() {
-            return Ok(());
+        let loads = self.load_adapters(plan)?;
+        let result = if plan.has_compute() {
+            self.forward(plan)
+        } else {
+            Ok(())
+        };
+        // Every load completes within its step (the engine marks it resident when the step
+        // completes); prefetches have overlapped the forward pass.
+        if let Some(done) = loads {
+            done.synchronize()
+                .map_err(driver_err("waiting for adapter loads"))?;
         }
+        self.load_staging.clear();
+        result
+    }
+
+    /// The model's forward pass over the plan's prefill and decode rows, and sampling.
+    fn forward(&mut self, plan: &StepPlan) -> Result<()> {
         let step = plan.step;
         let m = self.cfg.model.clone();
         let (h, i_size, vocab) = (

@@ -31,10 +31,12 @@ pub struct DeviceInfo {
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
-    /// The one stream: every copy, kernel and GEMM runs on it, in order. (Adapter prefetch
-    /// on a second copy stream, overlapping compute, is not implemented yet: loads complete
-    /// before the step's compute.)
+    /// The compute stream: every kernel and GEMM of a step runs on it, in order.
     pub stream: Arc<CudaStream>,
+    /// Adapter loads: host-to-device copies from pinned memory and the scatter into pool
+    /// pages, overlapping compute. Ordered against `stream` with explicit events only (see
+    /// `GpuExecutor::load_adapters`).
+    pub copy_stream: Arc<CudaStream>,
     pub blas: CudaBlas,
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
@@ -68,11 +70,17 @@ impl Gpu {
                 "GPU {ordinal} has compute capability {major}.{minor}; slora-plan needs 8.0 or newer (Ampere+)"
             )));
         }
-        // SAFETY: everything runs on one stream, in order, so no buffer is ever used by two
-        // streams and cudarc's per-buffer event tracking (an event record and wait per kernel
-        // argument, ~20 µs of host time per launch) protects nothing here.
+        // SAFETY: cudarc's per-buffer event tracking costs an event record and wait per
+        // kernel argument (~20 µs of host time per launch). Without it we order the two
+        // streams ourselves: the only buffers both touch are the pool (the copy stream writes
+        // only pages the engine gave to a loading adapter, which no computing request reads,
+        // and compute waits on the load's event before a step that uses them) and the staging
+        // buffers of loads (kept alive until the step that issued them has completed).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(driver_err("creating the copy stream"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Blas {
             context: "creating the cuBLAS handle".into(),
             message: e.to_string(),
@@ -80,6 +88,7 @@ impl Gpu {
         Ok(Gpu {
             ctx,
             stream,
+            copy_stream,
             blas,
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
