@@ -149,8 +149,9 @@ fn doctor(reference: Option<&Path>) -> Result<(), CliError> {
     }
     if let Some(dir) = reference {
         println!("\nexecutor vs transformers + peft ({}):", dir.display());
-        for check in slora_kernels::doctor::reference_check(dir)? {
+        for (check, replays) in slora_kernels::doctor::reference_check(dir)? {
             println!("{check}");
+            println!("  ({replays} decode steps replayed a captured CUDA graph)");
             match check.verdict(1e-2) {
                 Ok(()) => println!("  -> pass"),
                 Err(why) => {

@@ -229,15 +229,19 @@ mod imp {
         let mut lines = vec![
             String::new(),
             "Decode step, synthetic Llama-7B, context 512, engine-driven (host-timed, uploads and sync included):".into(),
-            "| batch | with adapters (ms) | without (ms) | adapter overhead | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
-            "|---|---|---|---|---|---|---|".into(),
+            "| batch | with adapters (ms) | without (ms) | adapter overhead | with adapters, no CUDA graph (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
+            "|---|---|---|---|---|---|---|---|".into(),
         ];
         let mut next_id = 0u64;
         for batch in [1usize, 32, 64, 128, 256] {
-            let mut times = [0.0f64; 2];
+            let mut times = [0.0f64; 3];
             let mut adapter_bytes = 0f64;
-            for (k, with_adapters) in [true, false].into_iter().enumerate() {
+            for (k, (with_adapters, graphs)) in [(true, true), (false, true), (true, false)]
+                .into_iter()
+                .enumerate()
+            {
                 exec.reset();
+                exec.set_cuda_graphs(graphs);
                 let mut engine = Scheduler::new(EngineConfig {
                     model: model.clone(),
                     adapters: specs.clone(),
@@ -315,16 +319,18 @@ mod imp {
             let bytes = weight_bytes + kv_bytes + adapter_bytes;
             let bw = bytes / (times[0] * 1e-3);
             lines.push(format!(
-                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:.0} | {:.0}% |",
+                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:.2} | {:.0} | {:.0}% |",
                 times[0],
                 times[1],
                 100.0 * (times[0] / times[1] - 1.0),
+                times[2],
                 bytes / 1e9,
                 bw / 1e9,
                 100.0 * bw / copy_bw
             ));
         }
 
+        exec.set_cuda_graphs(true);
         // Prefill of 4,096 tokens: 8 requests x 512 tokens, 8 distinct adapters, one step.
         let mut prefill_ms = Vec::new();
         for rep in 0..5 {

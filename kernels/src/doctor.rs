@@ -31,7 +31,8 @@ pub fn kernel_checks() -> Result<Vec<CheckRow>> {
 
 /// Runs each configuration of a reference folder through the engine and the GPU executor
 /// (prefill of the mixed batch, then greedy decoding) and compares with transformers + peft.
-pub fn reference_check(dir: &Path) -> Result<Vec<ConfigCheck>> {
+/// Each configuration's comparison, and how many of its decode steps replayed a CUDA graph.
+pub fn reference_check(dir: &Path) -> Result<Vec<(ConfigCheck, u64)>> {
     imp::reference_check(dir)
 }
 
@@ -46,7 +47,7 @@ mod imp {
     pub fn kernel_checks() -> Result<Vec<CheckRow>> {
         Err(Error::CudaNotCompiled)
     }
-    pub fn reference_check(_dir: &Path) -> Result<Vec<ConfigCheck>> {
+    pub fn reference_check(_dir: &Path) -> Result<Vec<(ConfigCheck, u64)>> {
         Err(Error::CudaNotCompiled)
     }
 }
@@ -126,7 +127,7 @@ mod imp {
         Ok(rows)
     }
 
-    pub fn reference_check(dir: &Path) -> Result<Vec<ConfigCheck>> {
+    pub fn reference_check(dir: &Path) -> Result<Vec<(ConfigCheck, u64)>> {
         let suite = read_reference_suite(dir)?;
         let mut out = Vec::new();
         for config in &suite.configs {
@@ -240,7 +241,7 @@ mod imp {
                 }
                 check.greedy.push(g);
             }
-            out.push(check);
+            out.push((check, exec.graph_replays));
         }
         Ok(out)
     }

@@ -122,12 +122,32 @@ pub struct GpuExecutor {
     tables_f32: CudaSlice<f32>,
     workspace: CudaSlice<f32>,
     scalars: CudaSlice<i32>,
+    /// Whether decode-only steps run as captured CUDA graphs (off after a failed capture).
+    graphs_enabled: bool,
+    /// The captured decode graph and the batch shape it is valid for.
+    graph: Option<(GraphKey, cudarc::driver::CudaGraph)>,
+    /// Bumped whenever a buffer a graph points into is reallocated.
+    buffer_generation: u64,
+    /// Decode steps run by replaying a captured graph (for reports and checks).
+    pub graph_replays: u64,
     /// Staging buffers of the loads issued by the step in flight (freed when it completes).
     load_staging: Vec<(CudaSlice<f16>, CudaSlice<i32>)>,
     /// Count of out-of-range token ids the embedding kernel met (ids are checked on the host
     /// first, so it stays 0; never read on the hot path).
     bad_ids: CudaSlice<i32>,
     pub last_logits: RecordedLogits,
+}
+
+/// What a captured decode graph depends on: every kernel argument (sizes and addresses of
+/// the step tables and scratch buffers) is a function of these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GraphKey {
+    rows: usize,
+    adapter_pages: usize,
+    lora: Vec<(u8, bool)>,
+    partitions: usize,
+    kv_offset: usize,
+    generation: u64,
 }
 
 /// Host staging of a step's tables; each table starts 16-byte aligned.
@@ -219,8 +239,18 @@ impl GpuExecutor {
             scalars,
             bad_ids,
             load_staging: Vec::new(),
+            graphs_enabled: true,
+            graph: None,
+            buffer_generation: 0,
+            graph_replays: 0,
             last_logits: Vec::new(),
         })
+    }
+
+    /// Runs decode-only steps as CUDA graphs (the default) or launch by launch.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs_enabled = on;
+        self.graph = None;
     }
 
     /// Forgets every request and every resident adapter (for a new engine over the same pool).
@@ -589,7 +619,6 @@ impl GpuExecutor {
         let r_tokens = arena.ints(&token_ids);
         let r_pos = arena.ints(&positions);
         let r_slots = arena.ints(&slots);
-        let r_kv = arena.ints(&kv_table);
         let r_seg_start = arena.ints(&seg_start);
         let r_seg_ctx = arena.ints(&seg_context);
         let r_seg_tab = arena.ints(&seg_table);
@@ -615,12 +644,17 @@ impl GpuExecutor {
                 );
             }
         }
+        // Last: it grows every decode step, and everything before it keeps its offsets, so a
+        // captured decode graph stays valid while the batch is unchanged.
+        let r_kv = arena.ints(&kv_table);
+        let r_kv_start = r_kv.start;
         if arena.ints.len() > self.tables_i32.len() {
             self.tables_i32 = device::alloc(
                 &self.gpu,
                 arena.ints.len().next_power_of_two(),
                 "step tables",
             )?;
+            self.buffer_generation += 1;
         }
         if arena.floats.len() > self.tables_f32.len() {
             self.tables_f32 = device::alloc(
@@ -628,6 +662,7 @@ impl GpuExecutor {
                 arena.floats.len().next_power_of_two(),
                 "step tables",
             )?;
+            self.buffer_generation += 1;
         }
         if !arena.ints.is_empty() {
             self.gpu
@@ -716,300 +751,367 @@ impl GpuExecutor {
         if ws_elems > self.workspace.len() {
             self.workspace =
                 device::alloc::<f32>(&self.gpu, ws_elems.next_power_of_two(), "decode workspace")?;
+            self.buffer_generation += 1;
         }
 
+        let n_sample = sample.len();
         // ---- Forward --------------------------------------------------------------------------
-        let g = &self.gpu;
-        let b = &mut self.buffers;
-        let w = &self.weights;
-        let eps = self.cfg.rms_norm_eps;
-        let max_rank = self.cfg.max_rank as usize;
-        layers::embedding(
-            g,
-            &d_tokens.slice(..rows),
-            &w.embed.slice(..),
-            &mut b.hidden.slice_mut(..rows * h),
-            &mut self.bad_ids.slice_mut(..),
-            rows,
-            h,
-            vocab,
-        )?;
-        let rope_shape = layers::RopeShape {
-            tokens: rows,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: d,
-            theta: m.rope_theta as f32,
-        };
-        let lora_step = LoraStep {
-            g,
-            pages: &d_apages,
-            tables: &lora_dev,
-            seg_start: &d_seg_start,
-            prefill_rows,
-            decode_rows,
-            max_rank,
-            max_segment_len,
-            pool_pages,
-            page_w: kvw,
-        };
-        for (l, lw) in w.layers.iter().enumerate() {
-            let layer = attention::layer_kv_range(l, pool_pages, kvw);
-            let side = pool_pages * kvw;
-            // Attention block: residual += previous output (layer 0: residual = embeddings).
-            if l == 0 {
-                g.stream
-                    .memcpy_dtod(
-                        &b.hidden.slice(..rows * h),
-                        &mut b.residual.slice_mut(..rows * h),
+        // Decode-only steps run as a CUDA graph: captured the first time a batch shape is seen,
+        // replayed (one launch instead of ~20 per layer) while it is unchanged. Any capture
+        // failure turns graphs off for this executor and the step runs launch by launch.
+        let graph_key =
+            (decode_rows > 0 && prefill_rows == 0 && self.graphs_enabled).then(|| GraphKey {
+                rows,
+                adapter_pages: adapter_pages.len(),
+                lora: {
+                    let mut k: Vec<(u8, bool)> =
+                        lora_ranges.keys().map(|(m, d)| (*m as u8, *d)).collect();
+                    k.sort_unstable();
+                    k
+                },
+                partitions: decode_plan.as_ref().map_or(0, |p| p.partitions),
+                kv_offset: r_kv_start,
+                generation: self.buffer_generation,
+            });
+        let replay = graph_key.is_some()
+            && self.graph.as_ref().map(|(k, _)| Some(k)) == Some(graph_key.as_ref());
+        if replay {
+            let (_, graph) = self.graph.as_ref().expect("checked above");
+            graph
+                .launch()
+                .map_err(driver_err("replaying the decode graph"))?;
+            self.graph_replays += 1;
+        } else {
+            let capture = graph_key.is_some();
+            if capture {
+                self.graph = None;
+                self.gpu
+                    .stream
+                    .begin_capture(
+                        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
                     )
-                    .map_err(driver_err("residual copy"))?;
-                layers::rms_norm(
+                    .map_err(driver_err("beginning graph capture"))?;
+            }
+            let mut enqueue = || -> Result<()> {
+                let g = &self.gpu;
+                let b = &mut self.buffers;
+                let w = &self.weights;
+                let eps = self.cfg.rms_norm_eps;
+                let max_rank = self.cfg.max_rank as usize;
+                layers::embedding(
                     g,
-                    &b.residual.slice(..rows * h),
-                    &lw.input_norm.slice(..),
-                    &mut b.normed.slice_mut(..rows * h),
+                    &d_tokens.slice(..rows),
+                    &w.embed.slice(..),
+                    &mut b.hidden.slice_mut(..rows * h),
+                    &mut self.bad_ids.slice_mut(..),
                     rows,
                     h,
-                    eps,
+                    vocab,
                 )?;
-            } else {
+                let rope_shape = layers::RopeShape {
+                    tokens: rows,
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: d,
+                    theta: m.rope_theta as f32,
+                };
+                let lora_step = LoraStep {
+                    g,
+                    pages: &d_apages,
+                    tables: &lora_dev,
+                    seg_start: &d_seg_start,
+                    prefill_rows,
+                    decode_rows,
+                    max_rank,
+                    max_segment_len,
+                    pool_pages,
+                    page_w: kvw,
+                };
+                for (l, lw) in w.layers.iter().enumerate() {
+                    let layer = attention::layer_kv_range(l, pool_pages, kvw);
+                    let side = pool_pages * kvw;
+                    // Attention block: residual += previous output (layer 0: residual = embeddings).
+                    if l == 0 {
+                        g.stream
+                            .memcpy_dtod(
+                                &b.hidden.slice(..rows * h),
+                                &mut b.residual.slice_mut(..rows * h),
+                            )
+                            .map_err(driver_err("residual copy"))?;
+                        layers::rms_norm(
+                            g,
+                            &b.residual.slice(..rows * h),
+                            &lw.input_norm.slice(..),
+                            &mut b.normed.slice_mut(..rows * h),
+                            rows,
+                            h,
+                            eps,
+                        )?;
+                    } else {
+                        layers::add_rms_norm(
+                            g,
+                            &mut b.residual.slice_mut(..rows * h),
+                            &b.hidden.slice(..rows * h),
+                            &lw.input_norm.slice(..),
+                            &mut b.normed.slice_mut(..rows * h),
+                            rows,
+                            h,
+                            eps,
+                        )?;
+                    }
+                    device::linear(
+                        g,
+                        &b.normed.slice(..rows * h),
+                        &lw.q,
+                        &mut b.q.slice_mut(..rows * qw),
+                        rows,
+                        h,
+                        qw,
+                        false,
+                    )?;
+                    device::linear(
+                        g,
+                        &b.normed.slice(..rows * h),
+                        &lw.k,
+                        &mut b.k.slice_mut(..rows * kvw),
+                        rows,
+                        h,
+                        kvw,
+                        false,
+                    )?;
+                    device::linear(
+                        g,
+                        &b.normed.slice(..rows * h),
+                        &lw.v,
+                        &mut b.v.slice_mut(..rows * kvw),
+                        rows,
+                        h,
+                        kvw,
+                        false,
+                    )?;
+                    if any_lora {
+                        let k_pool = self.pool.slice(layer.start..layer.start + side);
+                        let v_pool = self.pool.slice(layer.start + side..layer.end);
+                        let ctx = LoraLayer {
+                            step: &lora_step,
+                            k_pool: &k_pool,
+                            v_pool: &v_pool,
+                        };
+                        lora_apply(
+                            &ctx,
+                            TargetModule::Q,
+                            h,
+                            qw,
+                            &b.normed,
+                            &mut b.q,
+                            &mut b.lora_scratch,
+                        )?;
+                        lora_apply(
+                            &ctx,
+                            TargetModule::K,
+                            h,
+                            kvw,
+                            &b.normed,
+                            &mut b.k,
+                            &mut b.lora_scratch,
+                        )?;
+                        lora_apply(
+                            &ctx,
+                            TargetModule::V,
+                            h,
+                            kvw,
+                            &b.normed,
+                            &mut b.v,
+                            &mut b.lora_scratch,
+                        )?;
+                    }
+                    layers::rope(
+                        g,
+                        &mut b.q.slice_mut(..rows * qw),
+                        &mut b.k.slice_mut(..rows * kvw),
+                        &d_pos.slice(..rows),
+                        &rope_shape,
+                    )?;
+                    attention::kv_store(
+                        g,
+                        &store_plan,
+                        &b.k.slice(..rows * kvw),
+                        &b.v.slice(..rows * kvw),
+                        &d_slots.slice(..rows),
+                        &mut self.pool.slice_mut(layer.clone()),
+                    )?;
+                    let layer_kv = self.pool.slice(layer.clone());
+                    if let Some(plan) = &prefill_plan {
+                        let tables = attention::PrefillTablesOnDevice {
+                            kv_pages: d_kv.slice(..),
+                            seg_start: d_seg_start.slice(..),
+                            context_start: d_seg_ctx.slice(..),
+                            table_offset: d_seg_tab.slice(..),
+                        };
+                        attention::prefill_attention(
+                            g,
+                            plan,
+                            &b.q.slice(..prefill_rows * qw),
+                            &layer_kv,
+                            &tables,
+                            &mut b.attn.slice_mut(..prefill_rows * qw),
+                        )?;
+                    }
+                    if let Some(plan) = &decode_plan {
+                        let tables = attention::DecodeTablesOnDevice {
+                            kv_pages: d_kv.slice(..),
+                            table_offset: d_dec_tab.slice(..),
+                            ctx_len: d_dec_len.slice(..),
+                        };
+                        attention::decode_attention(
+                            g,
+                            plan,
+                            &b.q.slice(prefill_rows * qw..rows * qw),
+                            &layer_kv,
+                            &tables,
+                            &mut self.workspace.slice_mut(..),
+                            &mut b.attn.slice_mut(prefill_rows * qw..rows * qw),
+                        )?;
+                    }
+                    device::linear(
+                        g,
+                        &b.attn.slice(..rows * qw),
+                        &lw.o,
+                        &mut b.hidden.slice_mut(..rows * h),
+                        rows,
+                        qw,
+                        h,
+                        false,
+                    )?;
+                    if any_lora {
+                        let k_pool = self.pool.slice(layer.start..layer.start + side);
+                        let v_pool = self.pool.slice(layer.start + side..layer.end);
+                        let ctx = LoraLayer {
+                            step: &lora_step,
+                            k_pool: &k_pool,
+                            v_pool: &v_pool,
+                        };
+                        lora_apply(
+                            &ctx,
+                            TargetModule::O,
+                            qw,
+                            h,
+                            &b.attn,
+                            &mut b.hidden,
+                            &mut b.lora_scratch,
+                        )?;
+                    }
+                    // MLP block: residual += attention output; normed = rms_norm(residual).
+                    layers::add_rms_norm(
+                        g,
+                        &mut b.residual.slice_mut(..rows * h),
+                        &b.hidden.slice(..rows * h),
+                        &lw.post_norm.slice(..),
+                        &mut b.normed.slice_mut(..rows * h),
+                        rows,
+                        h,
+                        eps,
+                    )?;
+                    device::linear(
+                        g,
+                        &b.normed.slice(..rows * h),
+                        &lw.gate_up,
+                        &mut b.gate_up.slice_mut(..rows * 2 * i_size),
+                        rows,
+                        h,
+                        2 * i_size,
+                        false,
+                    )?;
+                    layers::silu_mul(
+                        g,
+                        &b.gate_up.slice(..rows * 2 * i_size),
+                        &mut b.mlp.slice_mut(..rows * i_size),
+                        rows,
+                        i_size,
+                    )?;
+                    device::linear(
+                        g,
+                        &b.mlp.slice(..rows * i_size),
+                        &lw.down,
+                        &mut b.hidden.slice_mut(..rows * h),
+                        rows,
+                        i_size,
+                        h,
+                        false,
+                    )?;
+                }
+                // residual += last MLP output; normed = final norm.
                 layers::add_rms_norm(
                     g,
                     &mut b.residual.slice_mut(..rows * h),
                     &b.hidden.slice(..rows * h),
-                    &lw.input_norm.slice(..),
+                    &w.norm.slice(..),
                     &mut b.normed.slice_mut(..rows * h),
                     rows,
                     h,
                     eps,
                 )?;
-            }
-            device::linear(
-                g,
-                &b.normed.slice(..rows * h),
-                &lw.q,
-                &mut b.q.slice_mut(..rows * qw),
-                rows,
-                h,
-                qw,
-                false,
-            )?;
-            device::linear(
-                g,
-                &b.normed.slice(..rows * h),
-                &lw.k,
-                &mut b.k.slice_mut(..rows * kvw),
-                rows,
-                h,
-                kvw,
-                false,
-            )?;
-            device::linear(
-                g,
-                &b.normed.slice(..rows * h),
-                &lw.v,
-                &mut b.v.slice_mut(..rows * kvw),
-                rows,
-                h,
-                kvw,
-                false,
-            )?;
-            if any_lora {
-                let k_pool = self.pool.slice(layer.start..layer.start + side);
-                let v_pool = self.pool.slice(layer.start + side..layer.end);
-                let ctx = LoraLayer {
-                    step: &lora_step,
-                    k_pool: &k_pool,
-                    v_pool: &v_pool,
-                };
-                lora_apply(
-                    &ctx,
-                    TargetModule::Q,
-                    h,
-                    qw,
-                    &b.normed,
-                    &mut b.q,
-                    &mut b.lora_scratch,
-                )?;
-                lora_apply(
-                    &ctx,
-                    TargetModule::K,
-                    h,
-                    kvw,
-                    &b.normed,
-                    &mut b.k,
-                    &mut b.lora_scratch,
-                )?;
-                lora_apply(
-                    &ctx,
-                    TargetModule::V,
-                    h,
-                    kvw,
-                    &b.normed,
-                    &mut b.v,
-                    &mut b.lora_scratch,
-                )?;
-            }
-            layers::rope(
-                g,
-                &mut b.q.slice_mut(..rows * qw),
-                &mut b.k.slice_mut(..rows * kvw),
-                &d_pos.slice(..rows),
-                &rope_shape,
-            )?;
-            attention::kv_store(
-                g,
-                &store_plan,
-                &b.k.slice(..rows * kvw),
-                &b.v.slice(..rows * kvw),
-                &d_slots.slice(..rows),
-                &mut self.pool.slice_mut(layer.clone()),
-            )?;
-            let layer_kv = self.pool.slice(layer.clone());
-            if let Some(plan) = &prefill_plan {
-                let tables = attention::PrefillTablesOnDevice {
-                    kv_pages: d_kv.slice(..),
-                    seg_start: d_seg_start.slice(..),
-                    context_start: d_seg_ctx.slice(..),
-                    table_offset: d_seg_tab.slice(..),
-                };
-                attention::prefill_attention(
+                device::gather_rows(
                     g,
-                    plan,
-                    &b.q.slice(..prefill_rows * qw),
-                    &layer_kv,
-                    &tables,
-                    &mut b.attn.slice_mut(..prefill_rows * qw),
-                )?;
-            }
-            if let Some(plan) = &decode_plan {
-                let tables = attention::DecodeTablesOnDevice {
-                    kv_pages: d_kv.slice(..),
-                    table_offset: d_dec_tab.slice(..),
-                    ctx_len: d_dec_len.slice(..),
-                };
-                attention::decode_attention(
-                    g,
-                    plan,
-                    &b.q.slice(prefill_rows * qw..rows * qw),
-                    &layer_kv,
-                    &tables,
-                    &mut self.workspace.slice_mut(..),
-                    &mut b.attn.slice_mut(prefill_rows * qw..rows * qw),
-                )?;
-            }
-            device::linear(
-                g,
-                &b.attn.slice(..rows * qw),
-                &lw.o,
-                &mut b.hidden.slice_mut(..rows * h),
-                rows,
-                qw,
-                h,
-                false,
-            )?;
-            if any_lora {
-                let k_pool = self.pool.slice(layer.start..layer.start + side);
-                let v_pool = self.pool.slice(layer.start + side..layer.end);
-                let ctx = LoraLayer {
-                    step: &lora_step,
-                    k_pool: &k_pool,
-                    v_pool: &v_pool,
-                };
-                lora_apply(
-                    &ctx,
-                    TargetModule::O,
-                    qw,
+                    &b.normed.slice(..rows * h),
+                    &d_sample,
+                    &mut b.sample_rows.slice_mut(..n_sample * h),
+                    n_sample,
                     h,
-                    &b.attn,
-                    &mut b.hidden,
-                    &mut b.lora_scratch,
                 )?;
+                device::linear(
+                    g,
+                    &b.sample_rows.slice(..n_sample * h),
+                    &w.lm_head,
+                    &mut b.logits16.slice_mut(..n_sample * vocab),
+                    n_sample,
+                    h,
+                    vocab,
+                    false,
+                )?;
+                device::cast_f16_f32(
+                    g,
+                    &b.logits16.slice(..n_sample * vocab),
+                    &mut b.logits32.slice_mut(..n_sample * vocab),
+                    n_sample * vocab,
+                )?;
+                let mut d_ids = self.scalars.slice_mut(..n_sample);
+                sampling::argmax(
+                    g,
+                    &b.logits32.slice(..n_sample * vocab),
+                    &mut d_ids,
+                    n_sample,
+                    vocab,
+                )?;
+                Ok(())
+            };
+            let enqueued = enqueue();
+            if capture {
+                let captured = self
+                    .gpu
+                    .stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+                match (enqueued, captured) {
+                    (Ok(()), Ok(Some(graph))) => {
+                        graph
+                            .launch()
+                            .map_err(driver_err("launching the decode graph"))?;
+                        self.graph = graph_key.map(|k| (k, graph));
+                    }
+                    _ => {
+                        // Capture is not possible here: turn graphs off and run eagerly (a
+                        // genuine launch error shows up again in the eager run).
+                        self.graphs_enabled = false;
+                        enqueue()?;
+                    }
+                }
+            } else {
+                enqueued?;
             }
-            // MLP block: residual += attention output; normed = rms_norm(residual).
-            layers::add_rms_norm(
-                g,
-                &mut b.residual.slice_mut(..rows * h),
-                &b.hidden.slice(..rows * h),
-                &lw.post_norm.slice(..),
-                &mut b.normed.slice_mut(..rows * h),
-                rows,
-                h,
-                eps,
-            )?;
-            device::linear(
-                g,
-                &b.normed.slice(..rows * h),
-                &lw.gate_up,
-                &mut b.gate_up.slice_mut(..rows * 2 * i_size),
-                rows,
-                h,
-                2 * i_size,
-                false,
-            )?;
-            layers::silu_mul(
-                g,
-                &b.gate_up.slice(..rows * 2 * i_size),
-                &mut b.mlp.slice_mut(..rows * i_size),
-                rows,
-                i_size,
-            )?;
-            device::linear(
-                g,
-                &b.mlp.slice(..rows * i_size),
-                &lw.down,
-                &mut b.hidden.slice_mut(..rows * h),
-                rows,
-                i_size,
-                h,
-                false,
-            )?;
         }
-        // residual += last MLP output; normed = final norm.
-        layers::add_rms_norm(
-            g,
-            &mut b.residual.slice_mut(..rows * h),
-            &b.hidden.slice(..rows * h),
-            &w.norm.slice(..),
-            &mut b.normed.slice_mut(..rows * h),
-            rows,
-            h,
-            eps,
-        )?;
-        let n_sample = sample.len();
-        device::gather_rows(
-            g,
-            &b.normed.slice(..rows * h),
-            &d_sample,
-            &mut b.sample_rows.slice_mut(..n_sample * h),
-            n_sample,
-            h,
-        )?;
-        device::linear(
-            g,
-            &b.sample_rows.slice(..n_sample * h),
-            &w.lm_head,
-            &mut b.logits16.slice_mut(..n_sample * vocab),
-            n_sample,
-            h,
-            vocab,
-            false,
-        )?;
-        device::cast_f16_f32(
-            g,
-            &b.logits16.slice(..n_sample * vocab),
-            &mut b.logits32.slice_mut(..n_sample * vocab),
-            n_sample * vocab,
-        )?;
-        let mut d_ids = self.scalars.slice_mut(..n_sample);
-        sampling::argmax(
-            g,
-            &b.logits32.slice(..n_sample * vocab),
-            &mut d_ids,
-            n_sample,
-            vocab,
-        )?;
+        let g = &self.gpu;
+        let b = &mut self.buffers;
+        let d_ids = self.scalars.slice(..n_sample);
         let ids = g
             .stream
             .clone_dtoh(&d_ids)

@@ -77,7 +77,11 @@ impl Gpu {
         // and compute waits on the load's event before a step that uses them) and the staging
         // buffers of loads (kept alive until the step that issued them has completed).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A created stream, not the legacy default one: only such a stream can be captured
+        // into a CUDA graph.
+        let stream = ctx
+            .new_stream()
+            .map_err(driver_err("creating the compute stream"))?;
         let copy_stream = ctx
             .new_stream()
             .map_err(driver_err("creating the copy stream"))?;
