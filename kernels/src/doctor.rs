@@ -88,6 +88,19 @@ mod imp {
                 info.nvrtc_version.0,
                 info.nvrtc_version.1
             ),
+            {
+                let model =
+                    slora_engine::ModelSpec::preset("llama-7b").map_err(|e| Error::Plan {
+                        step: 0,
+                        reason: e.to_string(),
+                    })?;
+                let pages =
+                    GpuExecutor::pool_pages_from_free_memory(&gpu, &model, 4096 + 256, 64, 0.9)?;
+                format!(
+                    "a Llama-7B server at 90% of free memory: {pages} pool pages ({:.1} GB of KV cache and adapters)",
+                    pages as f64 * model.page_bytes() as f64 / 1e9
+                )
+            },
         ])
     }
 

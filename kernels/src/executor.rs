@@ -178,6 +178,49 @@ impl TableArena {
 }
 
 impl GpuExecutor {
+    /// Pool pages that fit in `fraction` of the GPU memory left once `model`'s weights and the
+    /// activation buffers for steps of `max_step_tokens` rows are accounted for (the engine's
+    /// `pool_pages` for a live run). Errors name the sizes when nothing is left.
+    pub fn pool_pages_from_free_memory(
+        gpu: &Gpu,
+        model: &ModelSpec,
+        max_step_tokens: usize,
+        max_rank: u32,
+        fraction: f64,
+    ) -> Result<u32> {
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(Error::Plan {
+                step: 0,
+                reason: format!("the pool's memory fraction must be in (0, 1], got {fraction}"),
+            });
+        }
+        let free = gpu.info()?.free_memory;
+        let (h, i, v) = (
+            model.hidden_size as u64,
+            model.intermediate_size as u64,
+            model.vocab_size as u64,
+        );
+        let t = max_step_tokens.max(1) as u64;
+        // hidden, residual, normed, q, k, v, attention, gate_up, mlp, sampled rows (fp16),
+        // LoRA scratch and f32 logits, plus fp16 logits: what `new` allocates.
+        let activations = t * (7 * h + 3 * i + h) * 2 + t * max_rank as u64 * 4 + t * v * 6;
+        let fixed = DeviceWeights::bytes(model) + activations;
+        let usable = (free as f64 * fraction) as u64;
+        if usable <= fixed {
+            return Err(Error::OutOfMemory {
+                what: format!(
+                    "{} weights ({:.2} GB) and activations for {t} tokens ({:.2} GB), at memory fraction {fraction}",
+                    model.name,
+                    DeviceWeights::bytes(model) as f64 / 1e9,
+                    activations as f64 / 1e9
+                ),
+                needed_gb: fixed as f64 / 1e9,
+                available_gb: usable as f64 / 1e9,
+            });
+        }
+        Ok(((usable - fixed) / model.page_bytes()).min(u32::MAX as u64) as u32)
+    }
+
     pub fn new(gpu: Gpu, cfg: ExecutorConfig, weights: ModelWeights<'_>) -> Result<GpuExecutor> {
         let m = &cfg.model;
         let (free, _) =
