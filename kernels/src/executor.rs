@@ -933,13 +933,7 @@ impl GpuExecutor {
                         false,
                     )?;
                     if any_lora {
-                        let k_pool = self.pool.slice(layer.start..layer.start + side);
-                        let v_pool = self.pool.slice(layer.start + side..layer.end);
-                        let ctx = LoraLayer {
-                            step: &lora_step,
-                            k_pool: &k_pool,
-                            v_pool: &v_pool,
-                        };
+                        let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
                         lora_apply(
                             &ctx,
                             TargetModule::Q,
@@ -1027,13 +1021,7 @@ impl GpuExecutor {
                         false,
                     )?;
                     if any_lora {
-                        let k_pool = self.pool.slice(layer.start..layer.start + side);
-                        let v_pool = self.pool.slice(layer.start + side..layer.end);
-                        let ctx = LoraLayer {
-                            step: &lora_step,
-                            k_pool: &k_pool,
-                            v_pool: &v_pool,
-                        };
+                        let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
                         lora_apply(
                             &ctx,
                             TargetModule::O,
@@ -1214,8 +1202,24 @@ struct LoraStep<'a> {
 /// A step's LoRA context for one layer: its K and V sides of the pool.
 struct LoraLayer<'a> {
     step: &'a LoraStep<'a>,
-    k_pool: &'a CudaView<'a, f16>,
-    v_pool: &'a CudaView<'a, f16>,
+    k_pool: CudaView<'a, f16>,
+    v_pool: CudaView<'a, f16>,
+}
+
+impl<'a> LoraLayer<'a> {
+    /// `layer` is the layer's `[2, pages, W]` range of the pool; `side` one side's length.
+    fn new(
+        step: &'a LoraStep<'a>,
+        pool: &'a CudaSlice<f16>,
+        layer: std::ops::Range<usize>,
+        side: usize,
+    ) -> LoraLayer<'a> {
+        LoraLayer {
+            step,
+            k_pool: pool.slice(layer.start..layer.start + side),
+            v_pool: pool.slice(layer.start + side..layer.end),
+        }
+    }
 }
 
 /// Adds the LoRA deltas of `module` to `y` for the prefill rows (segments) and decode rows.
@@ -1236,8 +1240,8 @@ fn lora_apply(
             lora::lora_prefill(
                 c.g,
                 &x.slice(..p * in_w),
-                layer.k_pool,
-                layer.v_pool,
+                &layer.k_pool,
+                &layer.v_pool,
                 &c.pages.slice(..),
                 &c.seg_start.slice(..),
                 &t.offset.slice(..),
@@ -1255,8 +1259,8 @@ fn lora_apply(
             lora::lora_decode(
                 c.g,
                 &x.slice(p * in_w..(p + n) * in_w),
-                layer.k_pool,
-                layer.v_pool,
+                &layer.k_pool,
+                &layer.v_pool,
                 &c.pages.slice(..),
                 &t.offset.slice(..),
                 &t.rank.slice(..),
