@@ -63,12 +63,6 @@ impl Recorder {
         }
     }
 
-    /// Labels the results as measured live instead of by the cost model.
-    pub fn set_provenance(&mut self, provenance: Provenance, description: String) {
-        self.provenance = provenance;
-        self.cost_model = description;
-    }
-
     pub fn rejected(&mut self, index: usize, _reject: &slora_engine::Reject, now: Nanos) {
         let r = &mut self.requests[index];
         r.status = RequestStatus::Rejected;
@@ -114,13 +108,6 @@ impl Recorder {
             aborted: plan.aborted.len() as u32,
             preempted: plan.preempted.len() as u32,
         });
-    }
-
-    /// Overrides the duration of the last planned step (the live driver learns it later).
-    pub fn set_last_step_duration(&mut self, duration: Nanos) {
-        if let Some(s) = self.steps.last_mut() {
-            s.duration = duration;
-        }
     }
 
     pub fn completed(&mut self, outcome: &slora_engine::StepOutcome, now: Nanos) {
