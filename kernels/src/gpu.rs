@@ -219,6 +219,19 @@ pub fn compile(source: KernelSource, arch: &str) -> Result<cudarc::nvrtc::Ptx> {
     })
 }
 
+/// The GPU for a test, or `None` with a printed line when this machine has none (CI has
+/// none), so the same tests skip on CPU machines and prove themselves on a GPU.
+#[cfg(test)]
+pub(crate) fn gpu_for_test(test: &str) -> Option<Gpu> {
+    match Gpu::new(0) {
+        Ok(gpu) => Some(gpu),
+        Err(e) => {
+            println!("skipping {test}: {e}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

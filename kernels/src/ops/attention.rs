@@ -1355,9 +1355,12 @@ mod device {
 
         /// Needs a GPU: `cargo test -p slora-kernels --features cuda -- --ignored attention`.
         #[test]
-        #[ignore = "needs an NVIDIA GPU"]
         fn attention_kernels_match_cpu_reference_on_gpu() {
-            let gpu = Gpu::new(0).expect("a GPU");
+            let Some(gpu) =
+                crate::gpu::gpu_for_test("attention_kernels_match_cpu_reference_on_gpu")
+            else {
+                return;
+            };
             let rows = check_on_gpu(&gpu).expect("check runs");
             for r in &rows {
                 println!(
@@ -1369,146 +1372,6 @@ mod device {
                 );
             }
             assert!(rows.iter().all(|r| r.passed));
-        }
-
-        /// Times decode (Llama-2 7B MHA and Llama-3 8B GQA shapes, batch 256, context 512)
-        /// and prefill (8 chunks of 512 tokens) on one layer; prints, asserts nothing.
-        /// `cargo test --release -p slora-kernels --features cuda -- --ignored attention_timing --nocapture`
-        #[test]
-        #[ignore = "needs an NVIDIA GPU"]
-        fn attention_timing() {
-            use cudarc::driver::sys::CUevent_flags;
-            let gpu = Gpu::new(0).expect("a GPU");
-            let time = |f: &mut dyn FnMut()| -> f64 {
-                for _ in 0..3 {
-                    f();
-                }
-                let start = gpu
-                    .stream
-                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .unwrap();
-                const REPS: usize = 20;
-                for _ in 0..REPS {
-                    f();
-                }
-                let end = gpu
-                    .stream
-                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .unwrap();
-                end.synchronize().unwrap();
-                start.elapsed_ms(&end).unwrap() as f64 * 1e3 / REPS as f64
-            };
-            let mut rng = TestRng(7);
-            for shape in [
-                AttentionShape::new(32, 32, 128),
-                AttentionShape::new(32, 8, 128),
-            ] {
-                let (batch, ctx) = (256usize, 512usize);
-                let pool_pages = batch * ctx;
-                let w = shape.kv_width();
-                let layer = gpu.stream.alloc_zeros::<f16>(2 * pool_pages * w).unwrap();
-                let kv_pages = rng.permutation(pool_pages);
-                let table_offset: Vec<i32> = (0..batch as i32).map(|b| b * ctx as i32).collect();
-                let ctx_len = vec![ctx as i32; batch];
-                let tables = DecodeTables {
-                    kv_pages: &kv_pages,
-                    table_offset: &table_offset,
-                    ctx_len: &ctx_len,
-                };
-                let plan = plan_decode(shape, pool_pages, &tables).unwrap();
-                let q = gpu
-                    .stream
-                    .clone_htod(&to_f16(&rng.values(batch * shape.q_width(), 1.0)))
-                    .unwrap();
-                let mut o = gpu
-                    .stream
-                    .alloc_zeros::<f16>(batch * shape.q_width())
-                    .unwrap();
-                let mut ws = gpu
-                    .stream
-                    .alloc_zeros::<f32>(plan.workspace_elems.max(1))
-                    .unwrap();
-                let (kv_dev, off_dev, ctx_dev) = (
-                    gpu.stream.clone_htod(&kv_pages).unwrap(),
-                    gpu.stream.clone_htod(&table_offset).unwrap(),
-                    gpu.stream.clone_htod(&ctx_len).unwrap(),
-                );
-                let dev_tables = DecodeTablesOnDevice {
-                    kv_pages: kv_dev.slice(..),
-                    table_offset: off_dev.slice(..),
-                    ctx_len: ctx_dev.slice(..),
-                };
-                let us = time(&mut || {
-                    decode_attention(
-                        &gpu,
-                        &plan,
-                        &q.slice(..),
-                        &layer.slice(..),
-                        &dev_tables,
-                        &mut ws.slice_mut(..),
-                        &mut o.slice_mut(..),
-                    )
-                    .unwrap()
-                });
-                let bytes = (batch * ctx * w * 2 * 2) as f64;
-                println!(
-                    "decode {shape:?} batch {batch} ctx {ctx}: {us:.1} us, KV {:.0} GB/s",
-                    bytes / us * 1e-3
-                );
-
-                let (segments, chunk) = (8usize, 512usize);
-                let seg_start: Vec<i32> = (0..=segments as i32).map(|s| s * chunk as i32).collect();
-                let context_start = vec![0i32; segments];
-                let table_offset: Vec<i32> =
-                    (0..segments as i32).map(|s| s * chunk as i32).collect();
-                let tables = PrefillTables {
-                    kv_pages: &kv_pages,
-                    seg_start: &seg_start,
-                    context_start: &context_start,
-                    table_offset: &table_offset,
-                };
-                let plan = plan_prefill(shape, pool_pages, &tables).unwrap();
-                let tokens = segments * chunk;
-                let q = gpu
-                    .stream
-                    .clone_htod(&to_f16(&rng.values(tokens * shape.q_width(), 1.0)))
-                    .unwrap();
-                let mut o = gpu
-                    .stream
-                    .alloc_zeros::<f16>(tokens * shape.q_width())
-                    .unwrap();
-                let (kv_dev, seg_dev, c0_dev, off_dev) = (
-                    gpu.stream.clone_htod(&kv_pages).unwrap(),
-                    gpu.stream.clone_htod(&seg_start).unwrap(),
-                    gpu.stream.clone_htod(&context_start).unwrap(),
-                    gpu.stream.clone_htod(&table_offset).unwrap(),
-                );
-                let dev_tables = PrefillTablesOnDevice {
-                    kv_pages: kv_dev.slice(..),
-                    seg_start: seg_dev.slice(..),
-                    context_start: c0_dev.slice(..),
-                    table_offset: off_dev.slice(..),
-                };
-                let us = time(&mut || {
-                    prefill_attention(
-                        &gpu,
-                        &plan,
-                        &q.slice(..),
-                        &layer.slice(..),
-                        &dev_tables,
-                        &mut o.slice_mut(..),
-                    )
-                    .unwrap()
-                });
-                // Causal: about half of the T x T scores, 2 matmuls of 2 flops per multiply-add.
-                let flops =
-                    (segments * chunk * (chunk + 1) / 2 * shape.num_heads * shape.head_dim * 4)
-                        as f64;
-                println!(
-                    "prefill {shape:?} {segments} x {chunk} tokens: {us:.1} us, {:.1} TFLOP/s",
-                    flops / us * 1e-6
-                );
-            }
         }
     }
 }

@@ -980,9 +980,10 @@ mod tests {
     /// `cargo test -p slora-kernels --features cuda -- --ignored layers_match_cpu_reference_on_gpu`
     #[cfg(feature = "cuda")]
     #[test]
-    #[ignore = "needs an NVIDIA GPU"]
     fn layers_match_cpu_reference_on_gpu() {
-        let gpu = Gpu::new(0).expect("a GPU");
+        let Some(gpu) = crate::gpu::gpu_for_test("layers_match_cpu_reference_on_gpu") else {
+            return;
+        };
         let rows = check_on_gpu(&gpu).expect("check runs");
         for r in &rows {
             println!(

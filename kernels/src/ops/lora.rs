@@ -1616,9 +1616,10 @@ mod tests {
     /// machine with an NVIDIA GPU (sm_80+, NVRTC and cuBLAS libraries) runs it.
     #[cfg(feature = "cuda")]
     #[test]
-    #[ignore = "needs an NVIDIA GPU"]
     fn gpu_self_check_passes() {
-        let gpu = crate::gpu::Gpu::new(0).expect("a usable GPU");
+        let Some(gpu) = crate::gpu::gpu_for_test("gpu_self_check_passes") else {
+            return;
+        };
         let results = check_on_gpu(&gpu).expect("the self-check runs");
         for r in &results {
             println!(

@@ -449,9 +449,10 @@ mod tests {
     /// Needs a GPU: `cargo test -p slora-kernels --features cuda -- --ignored sampling_matches`
     #[cfg(feature = "cuda")]
     #[test]
-    #[ignore = "needs an NVIDIA GPU"]
     fn sampling_matches_cpu_reference_on_gpu() {
-        let gpu = Gpu::new(0).expect("a GPU");
+        let Some(gpu) = crate::gpu::gpu_for_test("sampling_matches_cpu_reference_on_gpu") else {
+            return;
+        };
         let rows = check_on_gpu(&gpu).expect("check runs");
         for r in &rows {
             println!(
