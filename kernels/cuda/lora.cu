@@ -9,6 +9,8 @@
 // the kernels are built around 16-byte coalesced loads with several in flight. It exists as
 // two kernels (shrink, expand: the default) and, from sm_90, as one kernel over thread-block
 // clusters (lora_mbgmv_fused; see DecodePath in src/ops/lora.rs for which is faster where).
+// lora_mbgmv_shrink_multi / lora_mbgmv_expand_multi run the two-kernel path for up to three
+// modules that share x (q, k, v of a layer) in one launch each.
 // At small batches both are bound by launch and latency chains (tables -> page indices ->
 // rows), not bandwidth, which is why table-independent loads (x, y) are issued first. MBGMM (prefill,
 // a segment of tokens per adapter) is a gather GEMM: a tile of adapter rows is fetched once
@@ -26,6 +28,7 @@
 // the kernel skip that request, segment or row instead of reading or writing out of bounds.
 
 #define LORA_VEC 8  // fp16 elements per 16-byte load
+#define LORA_MAX_MODULES 3  // modules of one multi-module MBGMV launch (q, k, v of a layer)
 
 // MBGMV shrink: one block per (request, group of DS_ROWS rank rows); the block's threads split
 // the `in` dimension in 8-element chunks, each thread loading one x chunk and reusing it for
@@ -131,23 +134,25 @@ __device__ __forceinline__ int lora_page(const int* __restrict__ adapter_pages, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// MBGMV (decode). grid.x = n * ceil(max_rank / DS_ROWS), block DS_THREADS,
-// dynamic shared memory DS_ROWS * slots ints.
-extern "C" __global__ void __launch_bounds__(DS_THREADS)
-lora_mbgmv_shrink(const half_t* __restrict__ x,            // [n, in]
-                  const half_t* __restrict__ k_pool,       // [num_pages, W], K side of the layer
-                  const int* __restrict__ adapter_pages,   // [num_adapter_pages]
-                  const int* __restrict__ page_offset,     // [n]
-                  const int* __restrict__ rank,            // [n]
-                  float* __restrict__ v,                   // [n, max_rank]
-                  int n, int in_features, int max_rank, int slots, int page_width,
-                  int num_pages, int num_adapter_pages) {
+// MBGMV (decode). The shrink and expand bodies are device functions of (request b, rank row
+// group row0 / output tile tile0) so that the single-module kernels and the multi-module ones
+// (q, k, v of a layer in one launch each) run the same code.
+//
+// Shrink body: rank rows [row0, row0 + DS_ROWS) of request b; block DS_THREADS, dynamic
+// shared memory DS_ROWS * slots ints.
+__device__ __forceinline__ void
+lora_mbgmv_shrink_block(const half_t* __restrict__ x,            // [n, in]
+                        const half_t* __restrict__ k_pool,       // [num_pages, W], K side
+                        const int* __restrict__ adapter_pages,   // [num_adapter_pages]
+                        const int* __restrict__ page_offset,     // [n]
+                        const int* __restrict__ rank,            // [n]
+                        float* __restrict__ v,                   // [n, max_rank]
+                        int b, int row0,
+                        int n, int in_features, int max_rank, int slots, int page_width,
+                        int num_pages, int num_adapter_pages) {
     extern __shared__ int s_pages[];  // [DS_ROWS][slots]: this block's rows' page indices
     __shared__ float s_red[DS_WARPS][DS_ROWS];
 
-    const int groups = (max_rank + DS_ROWS - 1) / DS_ROWS;
-    const int b = blockIdx.x / groups;
-    const int row0 = (blockIdx.x - b * groups) * DS_ROWS;
     if (b >= n) return;
     const half_t* xb = x + b * in_features;
     const int chunks = in_features / LORA_VEC;
@@ -223,22 +228,21 @@ lora_mbgmv_shrink(const half_t* __restrict__ x,            // [n, in]
     }
 }
 
-// grid.x = n * ceil(out / DE_TILE), block DE_THREADS, no dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(DE_THREADS)
-lora_mbgmv_expand(const float* __restrict__ v,             // [n, max_rank], from the shrink
-                  const half_t* __restrict__ v_pool,       // [num_pages, W], V side of the layer
-                  const int* __restrict__ adapter_pages,
-                  const int* __restrict__ page_offset,
-                  const int* __restrict__ rank,
-                  const float* __restrict__ scale,         // [n]
-                  half_t* __restrict__ y,                  // [n, out], added to in place
-                  int n, int out_features, int max_rank, int slots, int page_width,
-                  int num_pages, int num_adapter_pages) {
+// Expand body: outputs [tile0, tile0 + DE_TILE) of request b; block DE_THREADS, no dynamic
+// shared memory.
+__device__ __forceinline__ void
+lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank], from the shrink
+                        const half_t* __restrict__ v_pool,       // [num_pages, W], V side
+                        const int* __restrict__ adapter_pages,
+                        const int* __restrict__ page_offset,
+                        const int* __restrict__ rank,
+                        const float* __restrict__ scale,         // [n]
+                        half_t* __restrict__ y,                  // [n, out], added to in place
+                        int b, int tile0,
+                        int n, int out_features, int max_rank, int slots, int page_width,
+                        int num_pages, int num_adapter_pages) {
     __shared__ __align__(16) float s_red[DE_WARPS][DE_TILE];
 
-    const int tiles = (out_features + DE_TILE - 1) / DE_TILE;
-    const int b = blockIdx.x / tiles;
-    const int tile0 = (blockIdx.x - b * tiles) * DE_TILE;
     if (b >= n) return;
     // y is read before the tables so that its latency overlaps theirs.
     half_t* yb = y + b * out_features;
@@ -309,6 +313,132 @@ lora_mbgmv_expand(const float* __restrict__ v,             // [n, max_rank], fro
             yb[tile0 + ol] = f2h(h2f(y_old[k]) + sc * t);
         }
     }
+}
+
+// grid.x = n * ceil(max_rank / DS_ROWS), block DS_THREADS, dynamic shared memory
+// DS_ROWS * slots ints.
+extern "C" __global__ void __launch_bounds__(DS_THREADS)
+lora_mbgmv_shrink(const half_t* __restrict__ x,            // [n, in]
+                  const half_t* __restrict__ k_pool,       // [num_pages, W], K side of the layer
+                  const int* __restrict__ adapter_pages,   // [num_adapter_pages]
+                  const int* __restrict__ page_offset,     // [n]
+                  const int* __restrict__ rank,            // [n]
+                  float* __restrict__ v,                   // [n, max_rank]
+                  int n, int in_features, int max_rank, int slots, int page_width,
+                  int num_pages, int num_adapter_pages) {
+    const int groups = (max_rank + DS_ROWS - 1) / DS_ROWS;
+    const int b = blockIdx.x / groups;
+    const int row0 = (blockIdx.x - b * groups) * DS_ROWS;
+    lora_mbgmv_shrink_block(x, k_pool, adapter_pages, page_offset, rank, v, b, row0, n,
+                            in_features, max_rank, slots, page_width, num_pages,
+                            num_adapter_pages);
+}
+
+// grid.x = n * ceil(out / DE_TILE), block DE_THREADS, no dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(DE_THREADS)
+lora_mbgmv_expand(const float* __restrict__ v,             // [n, max_rank], from the shrink
+                  const half_t* __restrict__ v_pool,       // [num_pages, W], V side of the layer
+                  const int* __restrict__ adapter_pages,
+                  const int* __restrict__ page_offset,
+                  const int* __restrict__ rank,
+                  const float* __restrict__ scale,         // [n]
+                  half_t* __restrict__ y,                  // [n, out], added to in place
+                  int n, int out_features, int max_rank, int slots, int page_width,
+                  int num_pages, int num_adapter_pages) {
+    const int tiles = (out_features + DE_TILE - 1) / DE_TILE;
+    const int b = blockIdx.x / tiles;
+    const int tile0 = (blockIdx.x - b * tiles) * DE_TILE;
+    lora_mbgmv_expand_block(v, v_pool, adapter_pages, page_offset, rank, scale, y, b, tile0, n,
+                            out_features, max_rank, slots, page_width, num_pages,
+                            num_adapter_pages);
+}
+
+// Multi-module MBGMV: up to LORA_MAX_MODULES modules that share x (so `in`), the adapter page
+// lists and the pool, e.g. q, k and v of a layer, in one shrink and one expand launch instead
+// of one of each per module. Module m has its own tables (pom: where its rows start in the
+// page lists, -1 = no adapter or an adapter that does not target it; rkm: rank; scm: scale),
+// `slots` (slotsm), `out` (outm) and y (ym); modules >= count are never read (their pointers
+// may be null). v is module-major, [count, n, max_rank]: module m's part [n, max_rank] is laid
+// out as for the single-module kernels. Numerics are the single-module kernels' (same bodies).
+//
+// Shrink: grid (n * ceil(max_rank / DS_ROWS), count), block DS_THREADS, dynamic shared memory
+// DS_ROWS * max(slots) ints; block (x, m) is the single-module shrink's block x for module m.
+extern "C" __global__ void __launch_bounds__(DS_THREADS)
+lora_mbgmv_shrink_multi(const half_t* __restrict__ x,          // [n, in]
+                        const half_t* __restrict__ k_pool,     // [num_pages, W], K side
+                        const int* __restrict__ adapter_pages, // [num_adapter_pages]
+                        const int* __restrict__ po0,           // [n] each
+                        const int* __restrict__ po1,
+                        const int* __restrict__ po2,
+                        const int* __restrict__ rk0,           // [n] each
+                        const int* __restrict__ rk1,
+                        const int* __restrict__ rk2,
+                        float* __restrict__ v,                 // [count, n, max_rank]
+                        int n, int in_features, int max_rank, int slots0, int slots1,
+                        int slots2, int page_width, int num_pages, int num_adapter_pages,
+                        int count) {
+    const int m = blockIdx.y;
+    if (m >= count || m >= LORA_MAX_MODULES) return;
+    const int* page_offset = m == 0 ? po0 : (m == 1 ? po1 : po2);
+    const int* rank = m == 0 ? rk0 : (m == 1 ? rk1 : rk2);
+    const int slots = m == 0 ? slots0 : (m == 1 ? slots1 : slots2);
+    const int groups = (max_rank + DS_ROWS - 1) / DS_ROWS;
+    const int b = blockIdx.x / groups;
+    const int row0 = (blockIdx.x - b * groups) * DS_ROWS;
+    // m * n * max_rank < count * n * max_rank, which the plan checked fits in int.
+    lora_mbgmv_shrink_block(x, k_pool, adapter_pages, page_offset, rank, v + m * n * max_rank,
+                            b, row0, n, in_features, max_rank, slots, page_width, num_pages,
+                            num_adapter_pages);
+}
+
+// Expand: grid.x = n * (tiles0 + tiles1 + tiles2), tilesm = ceil(outm / DE_TILE) for m < count
+// (0 otherwise), block DE_THREADS, no dynamic shared memory. Block b * tiles + t computes
+// request b: tiles t < tiles0 are module 0's, the next tiles1 module 1's, the rest module 2's,
+// so no block is launched for tiles past a narrower module's out.
+extern "C" __global__ void __launch_bounds__(DE_THREADS)
+lora_mbgmv_expand_multi(const float* __restrict__ v,           // [count, n, max_rank]
+                        const half_t* __restrict__ v_pool,     // [num_pages, W], V side
+                        const int* __restrict__ adapter_pages,
+                        const int* __restrict__ po0,           // [n] each
+                        const int* __restrict__ po1,
+                        const int* __restrict__ po2,
+                        const int* __restrict__ rk0,           // [n] each
+                        const int* __restrict__ rk1,
+                        const int* __restrict__ rk2,
+                        const float* __restrict__ sc0,         // [n] each
+                        const float* __restrict__ sc1,
+                        const float* __restrict__ sc2,
+                        half_t* __restrict__ y0,               // [n, out0], added to in place
+                        half_t* __restrict__ y1,               // [n, out1]
+                        half_t* __restrict__ y2,               // [n, out2]
+                        int n, int out0, int out1, int out2, int max_rank, int slots0,
+                        int slots1, int slots2, int page_width, int num_pages,
+                        int num_adapter_pages, int count) {
+    const int tiles0 = (out0 + DE_TILE - 1) / DE_TILE;
+    const int tiles1 = count > 1 ? (out1 + DE_TILE - 1) / DE_TILE : 0;
+    const int tiles2 = count > 2 ? (out2 + DE_TILE - 1) / DE_TILE : 0;
+    const int tiles = tiles0 + tiles1 + tiles2;
+    if (tiles <= 0) return;
+    const int b = blockIdx.x / tiles;
+    int t = blockIdx.x - b * tiles;
+    int m = 0;
+    if (t >= tiles0) {
+        t -= tiles0;
+        m = 1;
+        if (t >= tiles1) {
+            t -= tiles1;
+            m = 2;  // t < tiles2, so count > 2
+        }
+    }
+    const int* page_offset = m == 0 ? po0 : (m == 1 ? po1 : po2);
+    const int* rank = m == 0 ? rk0 : (m == 1 ? rk1 : rk2);
+    const float* scale = m == 0 ? sc0 : (m == 1 ? sc1 : sc2);
+    half_t* y = m == 0 ? y0 : (m == 1 ? y1 : y2);
+    const int out_features = m == 0 ? out0 : (m == 1 ? out1 : out2);
+    const int slots = m == 0 ? slots0 : (m == 1 ? slots1 : slots2);
+    lora_mbgmv_expand_block(v + m * n * max_rank, v_pool, adapter_pages, page_offset, rank,
+                            scale, y, b, t * DE_TILE, n, out_features, max_rank, slots,
+                            page_width, num_pages, num_adapter_pages);
 }
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)

@@ -203,7 +203,7 @@ impl GpuExecutor {
         let t = max_step_tokens.max(1) as u64;
         // hidden, residual, normed, q, k, v, attention, gate_up, mlp, sampled rows (fp16),
         // LoRA scratch and f32 logits, plus fp16 logits: what `new` allocates.
-        let activations = t * (7 * h + 3 * i + h) * 2 + t * max_rank as u64 * 4 + t * v * 6;
+        let activations = t * (7 * h + 3 * i + h) * 2 + 3 * t * max_rank as u64 * 4 + t * v * 6;
         let fixed = DeviceWeights::bytes(model) + activations;
         let usable = (free as f64 * fraction) as u64;
         if usable <= fixed {
@@ -257,7 +257,12 @@ impl GpuExecutor {
             attn: device::alloc(&gpu, t * qw, "attention output")?,
             gate_up: device::alloc(&gpu, t * 2 * i, "gate_up")?,
             mlp: device::alloc(&gpu, t * i, "mlp")?,
-            lora_scratch: device::alloc(&gpu, t * cfg.max_rank.max(1) as usize, "LoRA scratch")?,
+            // Three modules' `v` at once for the fused q/k/v decode path.
+            lora_scratch: device::alloc(
+                &gpu,
+                3 * t * cfg.max_rank.max(1) as usize,
+                "LoRA scratch",
+            )?,
             sample_rows: device::alloc(&gpu, t * h, "sampled rows")?,
             logits16: device::alloc(&gpu, t * v, "logits")?,
             logits32: device::alloc(&gpu, t * v, "logits (f32)")?,
@@ -934,31 +939,34 @@ impl GpuExecutor {
                     )?;
                     if any_lora {
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
-                        lora_apply(
+                        // Prefill segments module by module; decode rows of q, k and v in one
+                        // fused shrink and one fused expand (they share x and the adapter).
+                        for (module, out_w, y) in [
+                            (TargetModule::Q, qw, &mut b.q),
+                            (TargetModule::K, kvw, &mut b.k),
+                            (TargetModule::V, kvw, &mut b.v),
+                        ] {
+                            lora_apply(
+                                &ctx,
+                                module,
+                                h,
+                                out_w,
+                                &b.normed,
+                                y,
+                                &mut b.lora_scratch,
+                                false,
+                            )?;
+                        }
+                        lora_qkv_decode(
                             &ctx,
-                            TargetModule::Q,
                             h,
-                            qw,
+                            [
+                                (TargetModule::Q, qw),
+                                (TargetModule::K, kvw),
+                                (TargetModule::V, kvw),
+                            ],
                             &b.normed,
-                            &mut b.q,
-                            &mut b.lora_scratch,
-                        )?;
-                        lora_apply(
-                            &ctx,
-                            TargetModule::K,
-                            h,
-                            kvw,
-                            &b.normed,
-                            &mut b.k,
-                            &mut b.lora_scratch,
-                        )?;
-                        lora_apply(
-                            &ctx,
-                            TargetModule::V,
-                            h,
-                            kvw,
-                            &b.normed,
-                            &mut b.v,
+                            [&mut b.q, &mut b.k, &mut b.v],
                             &mut b.lora_scratch,
                         )?;
                     }
@@ -1030,6 +1038,7 @@ impl GpuExecutor {
                             &b.attn,
                             &mut b.hidden,
                             &mut b.lora_scratch,
+                            true,
                         )?;
                     }
                     // MLP block: residual += attention output; normed = rms_norm(residual).
@@ -1223,6 +1232,7 @@ impl<'a> LoraLayer<'a> {
 }
 
 /// Adds the LoRA deltas of `module` to `y` for the prefill rows (segments) and decode rows.
+#[allow(clippy::too_many_arguments)] // one module: its shapes, input, output, scratch, and whether decode rows are done here
 fn lora_apply(
     layer: &LoraLayer<'_>,
     module: TargetModule,
@@ -1231,6 +1241,7 @@ fn lora_apply(
     x: &CudaSlice<f16>,
     y: &mut CudaSlice<f16>,
     scratch: &mut CudaSlice<f32>,
+    decode: bool,
 ) -> Result<()> {
     let c = layer.step;
     let shape = lora::LoraShape::new(in_w, out_w, c.page_w, c.max_rank, c.pool_pages);
@@ -1254,7 +1265,7 @@ fn lora_apply(
             )?;
         }
     }
-    if n > 0 {
+    if n > 0 && decode {
         if let Some(t) = c.tables.get(&(module, true)) {
             lora::lora_decode(
                 c.g,
@@ -1272,6 +1283,55 @@ fn lora_apply(
         }
     }
     Ok(())
+}
+
+/// The decode rows' LoRA deltas of up to three modules sharing the input `x` (q, k, v): one
+/// fused shrink launch and one fused expand launch instead of three of each.
+fn lora_qkv_decode(
+    layer: &LoraLayer<'_>,
+    in_w: usize,
+    modules: [(TargetModule, usize); 3],
+    x: &CudaSlice<f16>,
+    ys: [&mut CudaSlice<f16>; 3],
+    scratch: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let c = layer.step;
+    let (p, n) = (c.prefill_rows, c.decode_rows);
+    if n == 0 {
+        return Ok(());
+    }
+    let mut outs = Vec::with_capacity(3);
+    for ((module, out_w), y) in modules.into_iter().zip(ys) {
+        if let Some(t) = c.tables.get(&(module, true)) {
+            outs.push(lora::ModuleOut {
+                page_offset: t.offset.slice(..),
+                rank: t.rank.slice(..),
+                scale: t.scale.slice(..),
+                out_features: out_w,
+                y: y.slice_mut(p * out_w..(p + n) * out_w),
+            });
+        }
+    }
+    if outs.is_empty() {
+        return Ok(());
+    }
+    let shape = lora::LoraMultiShape {
+        in_features: in_w,
+        page_width: c.page_w,
+        max_rank: c.max_rank,
+        num_pages: c.pool_pages,
+    };
+    let count = outs.len();
+    lora::lora_decode_multi(
+        c.g,
+        &x.slice(p * in_w..(p + n) * in_w),
+        &layer.k_pool,
+        &layer.v_pool,
+        &c.pages.slice(..),
+        &mut outs,
+        &mut scratch.slice_mut(..count * n * c.max_rank),
+        shape,
+    )
 }
 
 impl Executor for GpuExecutor {

@@ -9,7 +9,9 @@
 //! - **MBGMV** (decode, one token per request): `lora_mbgmv_shrink`, `lora_mbgmv_expand`
 //!   ([`DecodePath::Split`], the default), or `lora_mbgmv_fused` on sm_90+ (one launch over
 //!   thread-block clusters, [`DecodePath::Fused`]). Memory bound, so built for 16-byte coalesced
-//!   loads with several in flight.
+//!   loads with several in flight. `lora_mbgmv_shrink_multi`, `lora_mbgmv_expand_multi`
+//!   (`lora_decode_multi`) run the split path for up to three modules sharing `x` (q, k, v
+//!   of a layer) in one launch each.
 //! - **MBGMM** (prefill, a segment of tokens per adapter): `lora_mbgmm_shrink`,
 //!   `lora_mbgmm_expand`, gather GEMMs that stage a tile of adapter rows in shared memory once
 //!   and reuse it for every token of a token tile.
@@ -31,7 +33,7 @@
 use crate::error::{Error, Result};
 use crate::sources::KernelSource;
 
-/// The CUDA C source of the four kernels.
+/// The CUDA C source of the LoRA kernels.
 pub const SOURCE: KernelSource = KernelSource {
     name: "lora.cu",
     code: include_str!("../../cuda/lora.cu"),
@@ -62,6 +64,9 @@ pub const PREFILL_EXPAND_TOKENS: usize = 32;
 pub const PREFILL_EXPAND_OUTPUTS: usize = 128;
 /// Threads per block of both MBGMM kernels (`PS_THREADS`, `PE_THREADS`).
 pub const PREFILL_THREADS: u32 = 256;
+
+/// Most modules one multi-module MBGMV launch takes (`LORA_MAX_MODULES`: q, k and v).
+pub const DECODE_MULTI_MAX_MODULES: usize = 3;
 
 /// Elements of one 16-byte load; `W`, `in` and `out` must be multiples of it.
 const VEC: usize = 8;
@@ -268,6 +273,119 @@ impl DecodePath {
             DecodePath::Split => true,
             DecodePath::Fused => major * 10 + minor >= DECODE_FUSED_MIN_ARCH,
         }
+    }
+}
+
+/// What the modules of one multi-module MBGMV launch share: they read the same `x` (so `in`),
+/// the same pool layer and the same adapter page lists. Module `m` adds its own `out` (and
+/// its own tables); [`LoraMultiShape::module`] gives its [`LoraShape`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraMultiShape {
+    /// `in` of every module.
+    pub in_features: usize,
+    /// `W`, the pool's page width in elements.
+    pub page_width: usize,
+    /// Columns of each module's part of the `v` scratch; every rank is at most this.
+    pub max_rank: usize,
+    /// Pages in the pool: each side of the layer is `[num_pages, W]`.
+    pub num_pages: usize,
+}
+
+impl LoraMultiShape {
+    /// The shape of the module `in -> out_features` (its `slots` follow from `out`).
+    pub fn module(&self, out_features: usize) -> LoraShape {
+        LoraShape::new(
+            self.in_features,
+            out_features,
+            self.page_width,
+            self.max_rank,
+            self.num_pages,
+        )
+    }
+}
+
+/// The multi-module MBGMV launches for `n` decode requests and 1..=3 modules of outputs
+/// `outs` (e.g. q, k and v of a layer): one shrink and one expand launch for all of them.
+/// The `v` scratch is module-major, `[modules, n, max_rank]`: module `m`'s part is laid out as
+/// the single-module kernels' `[n, max_rank]`. `n == 0` is valid and launches nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoraDecodeMultiPlan {
+    /// Module `m`'s shape (`shape.module(outs[m])`), one per module.
+    pub modules: Vec<LoraShape>,
+    pub n: usize,
+    /// `lora_mbgmv_shrink_multi`: block `(b * groups + g, m)` computes rank rows
+    /// `[4g, 4g + 4)` of request `b` for module `m` (`groups = ceil(max_rank / 4)`); dynamic
+    /// shared memory for 4 x the largest `slots` ints.
+    pub shrink: LaunchDims,
+    /// `lora_mbgmv_expand_multi`: `tiles_m = ceil(out_m / 256)`, `tiles = sum tiles_m`; block
+    /// `b * tiles + t` computes request `b`, tile `t` of the modules' tiles laid end to end
+    /// (module 0's first).
+    pub expand: LaunchDims,
+}
+
+impl LoraDecodeMultiPlan {
+    pub fn new(shape: LoraMultiShape, outs: &[usize], n: usize) -> Result<LoraDecodeMultiPlan> {
+        const KERNEL: &str = "lora_mbgmv_multi";
+        let bad = |reason: String| {
+            Err(Error::Launch {
+                kernel: KERNEL,
+                reason,
+            })
+        };
+        if outs.is_empty() || outs.len() > DECODE_MULTI_MAX_MODULES {
+            return bad(format!(
+                "{} modules; one launch takes 1 to {DECODE_MULTI_MAX_MODULES}",
+                outs.len()
+            ));
+        }
+        let modules: Vec<LoraShape> = outs.iter().map(|&out| shape.module(out)).collect();
+        for m in &modules {
+            m.validate(KERNEL)?;
+            check_rows(KERNEL, "requests", n, m)?;
+        }
+        // v is [modules, n, max_rank]: its last index must fit in i32.
+        if outs
+            .len()
+            .checked_mul(n)
+            .and_then(|e| e.checked_mul(shape.max_rank))
+            .is_none_or(|e| e > I32_MAX)
+        {
+            return bad(format!(
+                "a v scratch of {} modules x {n} requests x max rank {} overflows i32 indexing",
+                outs.len(),
+                shape.max_rank
+            ));
+        }
+        let groups = shape.max_rank.div_ceil(DECODE_SHRINK_ROWS);
+        let tiles: usize = outs.iter().map(|o| o.div_ceil(DECODE_EXPAND_TILE)).sum();
+        let shrink_blocks = grid_x(KERNEL, n, groups)?;
+        let expand_blocks = grid_x(KERNEL, n, tiles)?;
+        let max_slots = modules.iter().map(|m| m.slots).max().unwrap_or(0);
+        Ok(LoraDecodeMultiPlan {
+            n,
+            shrink: LaunchDims {
+                grid: (shrink_blocks, outs.len() as u32, 1),
+                block: (DECODE_SHRINK_THREADS, 1, 1),
+                // Each module's validate() checked 4 x its slots ints fit.
+                shared_mem: (DECODE_SHRINK_ROWS * max_slots * 4) as u32,
+            },
+            expand: LaunchDims {
+                grid: (expand_blocks, 1, 1),
+                block: (DECODE_EXPAND_THREADS, 1, 1),
+                shared_mem: 0,
+            },
+            modules,
+        })
+    }
+
+    /// Nothing to launch.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Elements of the `v` scratch the launch writes: `modules * n * max_rank`.
+    pub fn v_len(&self) -> usize {
+        self.modules.len() * self.n * self.modules[0].max_rank
     }
 }
 
@@ -723,6 +841,63 @@ pub fn lora_decode_ref<T: Copy + Into<f32>>(
     Ok(())
 }
 
+/// One module of [`lora_decode_multi_ref`], on the host.
+#[derive(Debug)]
+pub struct HostModuleOut<'a> {
+    /// Where this module's rows start in `adapter_pages`, per request; `-1`: no adapter.
+    pub page_offset: &'a [i32],
+    /// Per request, as in [`LoraTables`].
+    pub rank: &'a [i32],
+    /// Per request, as in [`LoraTables`].
+    pub scale: &'a [f32],
+    /// `out` of the module.
+    pub out_features: usize,
+    /// `[n, out]`, added to in place.
+    pub y: &'a mut [f32],
+}
+
+/// CPU reference of the multi-module MBGMV: [`lora_decode_ref`] for each module `m` with the
+/// shared `adapter_pages`, `x: [n, in]` and pool, the module's tables and `y`, and
+/// `v[m * n * max_rank..][..n * max_rank]` of the module-major `v: [modules, n, max_rank]`.
+/// `n = modules[0].page_offset.len()`; every module's tables must have `n` entries.
+pub fn lora_decode_multi_ref<T: Copy + Into<f32>>(
+    shape: &LoraMultiShape,
+    pool: HostPool<'_, T>,
+    adapter_pages: &[i32],
+    modules: &mut [HostModuleOut<'_>],
+    x: &[T],
+    v: &mut [f32],
+) -> Result<()> {
+    const KERNEL: &str = "lora_decode_multi_ref";
+    let n = modules.first().map_or(0, |m| m.page_offset.len());
+    let outs: Vec<usize> = modules.iter().map(|m| m.out_features).collect();
+    let plan = LoraDecodeMultiPlan::new(*shape, &outs, n)?;
+    check_len(KERNEL, "v", v.len(), plan.v_len())?;
+    if n == 0 {
+        return Ok(());
+    }
+    for (m, (module, v_m)) in modules
+        .iter_mut()
+        .zip(v.chunks_mut(n * shape.max_rank))
+        .enumerate()
+    {
+        let tables = LoraTables {
+            adapter_pages,
+            page_offset: module.page_offset,
+            rank: module.rank,
+            scale: module.scale,
+        };
+        check_len(
+            KERNEL,
+            "a module's page_offset",
+            module.page_offset.len(),
+            n,
+        )?;
+        lora_decode_ref(&plan.modules[m], pool, &tables, x, v_m, module.y)?;
+    }
+    Ok(())
+}
+
 /// CPU reference of MBGMM: the MBGMV reference applied to every token of every segment, the
 /// tokens `seg_start[s] .. seg_start[s + 1]` using entry `s` of the tables.
 /// `x: [T, in]`, `v: [T, max_rank]`, `y: [T, out]`, `T = seg_start.last()`.
@@ -992,11 +1167,206 @@ fn segment_starts() -> Vec<i32> {
     starts
 }
 
+/// One module of an adapter in a [`MultiScenario`]: where its rows start and, for the CPU
+/// tests' dense oracle, its PEFT matrices.
+#[cfg(any(test, feature = "cuda"))]
+struct DenseModule {
+    page_offset: i32,
+    /// `[rank, in]`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    a: Vec<half::f16>,
+    /// `[out, rank]`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    b: Vec<half::f16>,
+}
+
+/// An adapter of a [`MultiScenario`]: one rank and scale for all its modules; `None` for a
+/// module it does not target.
+#[cfg(any(test, feature = "cuda"))]
+struct MultiAdapter {
+    rank: usize,
+    scale: f32,
+    modules: Vec<Option<DenseModule>>,
+}
+
+/// Like [`Scenario`], for modules that share `in` (q, k, v): each adapter's page list holds an
+/// earlier module's pages, then the rows of each module it targets, in module order (README:
+/// `m_off = r * (sum of slots of earlier modules)`), so every module's `page_offset` differs.
+/// Adapter [`MULTI_SKIP`]`.0` does not target module [`MULTI_SKIP`]`.1`.
+#[cfg(any(test, feature = "cuda"))]
+struct MultiScenario {
+    shape: LoraMultiShape,
+    outs: Vec<usize>,
+    k_pool: Vec<half::f16>,
+    v_pool: Vec<half::f16>,
+    adapter_pages: Vec<i32>,
+    adapters: Vec<MultiAdapter>,
+}
+
+/// `(adapter, module)` left out of [`MultiScenario`]'s adapters (an adapter of q and v only).
+#[cfg(any(test, feature = "cuda"))]
+const MULTI_SKIP: (usize, usize) = (2, 1);
+
+#[cfg(any(test, feature = "cuda"))]
+impl MultiScenario {
+    fn build(
+        rng: &mut SplitMix,
+        in_features: usize,
+        outs: &[usize],
+        page_width: usize,
+        ranks: &[usize],
+    ) -> Result<MultiScenario> {
+        let targets = |k: usize, m: usize| (k, m) != MULTI_SKIP;
+        let slots: Vec<usize> = outs
+            .iter()
+            .map(|&o| slots_for(in_features, o, page_width))
+            .collect();
+        let earlier_slots = 2; // a module before these in the adapter's targets
+        let needed: usize = ranks
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let own: usize = (0..outs.len())
+                    .filter(|&m| targets(k, m))
+                    .map(|m| slots[m])
+                    .sum();
+                r * (earlier_slots + own)
+            })
+            .sum();
+        let num_pages = needed + 37;
+        let max_rank = ranks.iter().copied().max().unwrap_or(1);
+        let shape = LoraMultiShape {
+            in_features,
+            page_width,
+            max_rank,
+            num_pages,
+        };
+        let mut order: Vec<i32> = (0..num_pages as i32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let mut k_pool = rng.f16s(num_pages * page_width, 1.0);
+        let mut v_pool = rng.f16s(num_pages * page_width, 1.0);
+        let mut adapter_pages = Vec::new();
+        let mut adapters = Vec::new();
+        let mut next = 0;
+        for (k, &r) in ranks.iter().enumerate() {
+            // The earlier module's pages: junk this launch must not read.
+            adapter_pages.extend_from_slice(&order[next..next + r * earlier_slots]);
+            next += r * earlier_slots;
+            let mut modules = Vec::new();
+            for (m, &out) in outs.iter().enumerate() {
+                if !targets(k, m) {
+                    modules.push(None);
+                    continue;
+                }
+                let list = &order[next..next + r * slots[m]];
+                next += list.len();
+                let page_offset = adapter_pages.len() as i32;
+                adapter_pages.extend_from_slice(list);
+                let a = rng.f16s(r * in_features, (3.0 / in_features as f32).sqrt());
+                let b = rng.f16s(out * r, (3.0 / r as f32).sqrt());
+                let packed = pack_adapter_rows(in_features, out, page_width, r, &a, &b, list)?;
+                write_packed_pages(&mut k_pool, &mut v_pool, page_width, &packed)?;
+                modules.push(Some(DenseModule { page_offset, a, b }));
+            }
+            adapters.push(MultiAdapter {
+                rank: r,
+                scale: 0.5 + 0.25 * k as f32,
+                modules,
+            });
+        }
+        Ok(MultiScenario {
+            shape,
+            outs: outs.to_vec(),
+            k_pool,
+            v_pool,
+            adapter_pages,
+            adapters,
+        })
+    }
+
+    /// Per module `(page_offset, rank, scale)` for requests using `which` adapter (`None`: no
+    /// adapter, with a nonzero rank the kernels must ignore; a module the adapter does not
+    /// target: -1, rank 0 and scale 0, as the executor builds them).
+    fn tables(&self, which: &[Option<usize>]) -> Vec<(Vec<i32>, Vec<i32>, Vec<f32>)> {
+        (0..self.outs.len())
+            .map(|m| {
+                let mut po = Vec::new();
+                let mut rank = Vec::new();
+                let mut scale = Vec::new();
+                for w in which {
+                    let adapter = w.map(|k| &self.adapters[k]);
+                    match adapter.map(|a| (a, a.modules[m].as_ref())) {
+                        Some((a, Some(d))) => {
+                            po.push(d.page_offset);
+                            rank.push(a.rank as i32);
+                            scale.push(a.scale);
+                        }
+                        Some((_, None)) => {
+                            po.push(-1);
+                            rank.push(0);
+                            scale.push(0.0);
+                        }
+                        None => {
+                            po.push(-1);
+                            rank.push(16);
+                            scale.push(1.0);
+                        }
+                    }
+                }
+                (po, rank, scale)
+            })
+            .collect()
+    }
+
+    /// `scale * x A^T B^T` of `adapter`'s `module` from the dense matrices, in f64; `None`
+    /// where the adapter does not target the module.
+    #[cfg(test)]
+    fn dense_delta(&self, adapter: usize, module: usize, x: &[half::f16]) -> Option<Vec<f64>> {
+        let a = &self.adapters[adapter];
+        let d = a.modules[module].as_ref()?;
+        let (inf, outf, r) = (self.shape.in_features, self.outs[module], a.rank);
+        let v: Vec<f64> = (0..r)
+            .map(|i| {
+                (0..inf)
+                    .map(|j| f64::from(x[j].to_f32()) * f64::from(d.a[i * inf + j].to_f32()))
+                    .sum()
+            })
+            .collect();
+        Some(
+            (0..outf)
+                .map(|o| {
+                    f64::from(a.scale)
+                        * (0..r)
+                            .map(|i| v[i] * f64::from(d.b[o * r + i].to_f32()))
+                            .sum::<f64>()
+                })
+                .collect(),
+        )
+    }
+}
+
+/// `(in, outs, W)` of the multi-module self-check: GQA q/k/v (k, v 4x narrower than q), three
+/// different outs over W = 128 with ragged tails (q 8 slots, k and v 4: slots differ by module),
+/// and two modules, the second wider, so unused module slots are exercised.
+#[cfg(any(test, feature = "cuda"))]
+const MULTI_CHECK_GEOMETRIES: [(usize, &[usize], usize); 3] = [
+    (2048, &[2048, 512, 512], 512),
+    (392, &[1000, 264, 136], 128),
+    (1024, &[256, 1024], 128),
+];
+/// Mixed ranks of the multi-module self-check: 10 and 36 end inside a 4-row shrink group.
+#[cfg(any(test, feature = "cuda"))]
+const MULTI_CHECK_RANKS: [usize; 4] = [8, 10, 64, 36];
+
 // ---------------------------------------------------------------------------------------------
 // Launches (feature `cuda`).
 
 #[cfg(feature = "cuda")]
-pub use launch::{check_on_gpu, lora_decode, lora_decode_with, lora_prefill};
+pub use launch::{
+    check_on_gpu, lora_decode, lora_decode_multi, lora_decode_with, lora_prefill, ModuleOut,
+};
 
 #[cfg(feature = "cuda")]
 mod launch {
@@ -1239,6 +1609,217 @@ mod launch {
         // the shrink (same stream, so ordered) and read-modify-writes `y[n, out]` in bounds.
         unsafe { b.launch(config(&plan.expand)) }
             .map_err(driver_err("launching lora_mbgmv_expand"))?;
+        Ok(())
+    }
+
+    /// One module of [`lora_decode_multi`]: its own rows of the adapters and its output.
+    pub struct ModuleOut<'a> {
+        /// `[n]`: where this module's rows start in `adapter_pages`, per request; `-1` where
+        /// the request has no adapter or its adapter does not target this module (that row of
+        /// `y` is left as it is).
+        pub page_offset: CudaView<'a, i32>,
+        /// `[n]`: the rank of the request's adapter (ignored where `page_offset` is -1).
+        pub rank: CudaView<'a, i32>,
+        /// `[n]`: `lora_alpha / r` of the request's adapter.
+        pub scale: CudaView<'a, f32>,
+        /// `out` of the module.
+        pub out_features: usize,
+        /// `[n, out]` exactly, added to in place; 16-byte aligned.
+        pub y: CudaViewMut<'a, f16>,
+    }
+
+    /// Multi-module MBGMV: [`lora_decode`] for 1..=3 modules that share `x`, the pool layer
+    /// and `adapter_pages`, e.g. q, k and v of a layer, in one `lora_mbgmv_shrink_multi` and
+    /// one `lora_mbgmv_expand_multi` launch on `gpu.stream` instead of two launches per
+    /// module. Each module brings its own tables (the executor's per-module `offset`, `rank`,
+    /// `scale` as they are: an adapter that does not target a module has -1 there). Same math
+    /// and numerics per module `m`: `v_m[b, i] = x[b] · A_{b,m}[i]` (f32) for
+    /// `i < rank_m[b]`, then `y_m[b] += scale_m[b] * v_m[b, ..rank_m[b]] · B_{b,m}^T`, rounded
+    /// to fp16 once.
+    ///
+    /// `n = modules[0].page_offset.len()`; `x: [n, in]`; every module's `page_offset`, `rank`,
+    /// `scale: [n]` and `y: [n, out_m]`; `v_scratch` at least `[modules, n, max_rank]`
+    /// (module-major: module `m`'s part starts at `m * n * max_rank`, so it needs `modules`
+    /// times the single-module scratch). Each module must be a valid [`LoraShape`]
+    /// (`shape.module(out_m)`), whose `slots` locate its rows; check each module's tables on
+    /// the host with [`validate_tables`] and that shape before uploading. Alignment as for
+    /// [`lora_decode`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_decode_multi(
+        gpu: &Gpu,
+        x: &CudaView<f16>,
+        k_pool_layer: &CudaView<f16>,
+        v_pool_layer: &CudaView<f16>,
+        adapter_pages: &CudaView<i32>,
+        modules: &mut [ModuleOut<'_>],
+        v_scratch: &mut CudaViewMut<f32>,
+        shape: LoraMultiShape,
+    ) -> Result<()> {
+        const KERNEL: &str = "lora_mbgmv_multi";
+        let n = modules.first().map_or(0, |m| m.page_offset.len());
+        let outs: Vec<usize> = modules.iter().map(|m| m.out_features).collect();
+        let plan = LoraDecodeMultiPlan::new(shape, &outs, n)?;
+        let side = shape.num_pages * shape.page_width;
+        check_len(
+            KERNEL,
+            "the K side of the pool layer",
+            k_pool_layer.len(),
+            side,
+        )?;
+        check_len(
+            KERNEL,
+            "the V side of the pool layer",
+            v_pool_layer.len(),
+            side,
+        )?;
+        check_len(KERNEL, "x", x.len(), n * shape.in_features)?;
+        for (m, module) in modules.iter().enumerate() {
+            check_len(KERNEL, &format!("module {m}'s rank"), module.rank.len(), n)?;
+            check_len(
+                KERNEL,
+                &format!("module {m}'s scale"),
+                module.scale.len(),
+                n,
+            )?;
+            check_len(
+                KERNEL,
+                &format!("module {m}'s page_offset"),
+                module.page_offset.len(),
+                n,
+            )?;
+            check_len(
+                KERNEL,
+                &format!("module {m}'s y"),
+                module.y.len(),
+                n * module.out_features,
+            )?;
+        }
+        if v_scratch.len() < plan.v_len() {
+            return Err(Error::Launch {
+                kernel: KERNEL,
+                reason: format!(
+                    "v scratch has {} elements; {} modules x {n} requests x max rank {} need {}",
+                    v_scratch.len(),
+                    modules.len(),
+                    shape.max_rank,
+                    plan.v_len()
+                ),
+            });
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let n_i = i32_of(KERNEL, "requests", n)?;
+        let in_i = shape.in_features as i32;
+        let max_rank_i = shape.max_rank as i32;
+        let w_i = shape.page_width as i32;
+        let pages_i = shape.num_pages as i32;
+        let adapter_pages_i = i32_of(KERNEL, "adapter pages", adapter_pages.len())?;
+        let count_i = modules.len() as i32;
+        // Per-module sizes in the kernels' three fixed slots; slots past `count` are never
+        // read (0 here, null pointers below).
+        let mut slots_i = [0i32; DECODE_MULTI_MAX_MODULES];
+        let mut outs_i = [0i32; DECODE_MULTI_MAX_MODULES];
+        for (m, s) in plan.modules.iter().enumerate() {
+            slots_i[m] = s.slots as i32;
+            outs_i[m] = s.out_features as i32;
+        }
+        let null: u64 = 0;
+        let mut offsets: Vec<&CudaView<i32>> = Vec::with_capacity(modules.len());
+        let mut ranks: Vec<&CudaView<i32>> = Vec::with_capacity(modules.len());
+        let mut scales: Vec<&CudaView<f32>> = Vec::with_capacity(modules.len());
+        let mut ys: Vec<&mut CudaViewMut<f16>> = Vec::with_capacity(modules.len());
+        for module in modules.iter_mut() {
+            offsets.push(&module.page_offset);
+            ranks.push(&module.rank);
+            scales.push(&module.scale);
+            ys.push(&mut module.y);
+        }
+
+        let shrink = gpu.function(SOURCE, "lora_mbgmv_shrink_multi")?;
+        let mut b = gpu.stream.launch_builder(&shrink);
+        b.arg(x).arg(k_pool_layer).arg(adapter_pages);
+        for slot in 0..DECODE_MULTI_MAX_MODULES {
+            match offsets.get(slot) {
+                Some(&po) => b.arg(po),
+                None => b.arg(&null),
+            };
+        }
+        for slot in 0..DECODE_MULTI_MAX_MODULES {
+            match ranks.get(slot) {
+                Some(&rank) => b.arg(rank),
+                None => b.arg(&null),
+            };
+        }
+        b.arg(&mut *v_scratch)
+            .arg(&n_i)
+            .arg(&in_i)
+            .arg(&max_rank_i)
+            .arg(&slots_i[0])
+            .arg(&slots_i[1])
+            .arg(&slots_i[2])
+            .arg(&w_i)
+            .arg(&pages_i)
+            .arg(&adapter_pages_i)
+            .arg(&count_i);
+        // SAFETY: the arguments match `lora_mbgmv_shrink_multi`'s parameters in order and type
+        // (a null u64 for the pointer of each module slot past `count`, which the kernel never
+        // reads: grid.y = count). The plan checked every module's shape (i32 indexing,
+        // multiples of 8, shared memory for 4 x the largest slots ints) and that
+        // `modules * n * max_rank` fits in i32; lengths were checked above; the kernel
+        // bounds-checks each table entry and page index, so it reads `x[n, in]`, the pool
+        // sides and the tables and writes `v_scratch[modules, n, max_rank]` only in bounds.
+        unsafe { b.launch(config(&plan.shrink)) }
+            .map_err(driver_err("launching lora_mbgmv_shrink_multi"))?;
+
+        let expand = gpu.function(SOURCE, "lora_mbgmv_expand_multi")?;
+        let v_read = v_scratch.as_view();
+        let mut b = gpu.stream.launch_builder(&expand);
+        b.arg(&v_read).arg(v_pool_layer).arg(adapter_pages);
+        for slot in 0..DECODE_MULTI_MAX_MODULES {
+            match offsets.get(slot) {
+                Some(&po) => b.arg(po),
+                None => b.arg(&null),
+            };
+        }
+        for slot in 0..DECODE_MULTI_MAX_MODULES {
+            match ranks.get(slot) {
+                Some(&rank) => b.arg(rank),
+                None => b.arg(&null),
+            };
+        }
+        for slot in 0..DECODE_MULTI_MAX_MODULES {
+            match scales.get(slot) {
+                Some(&scale) => b.arg(scale),
+                None => b.arg(&null),
+            };
+        }
+        let mut ys = ys.into_iter();
+        for _ in 0..DECODE_MULTI_MAX_MODULES {
+            match ys.next() {
+                Some(y) => b.arg(y),
+                None => b.arg(&null),
+            };
+        }
+        b.arg(&n_i)
+            .arg(&outs_i[0])
+            .arg(&outs_i[1])
+            .arg(&outs_i[2])
+            .arg(&max_rank_i)
+            .arg(&slots_i[0])
+            .arg(&slots_i[1])
+            .arg(&slots_i[2])
+            .arg(&w_i)
+            .arg(&pages_i)
+            .arg(&adapter_pages_i)
+            .arg(&count_i);
+        // SAFETY: as for the shrink: arguments in order and type (null pointers only in module
+        // slots past `count`, whose tiles the grid does not contain), lengths checked, table
+        // entries guarded in the kernel; it reads the `v_scratch` rows written by the shrink
+        // (same stream, so ordered) and read-modify-writes each module's `y[n, out_m]` in
+        // bounds.
+        unsafe { b.launch(config(&plan.expand)) }
+            .map_err(driver_err("launching lora_mbgmv_expand_multi"))?;
         Ok(())
     }
 
@@ -1593,6 +2174,144 @@ mod launch {
                 &touched,
             ));
         }
+        results.extend(check_multi_on_gpu(gpu, &mut rng)?);
+        Ok(results)
+    }
+
+    /// The multi-module MBGMV on [`MULTI_CHECK_GEOMETRIES`]: adapters of ranks
+    /// [`MULTI_CHECK_RANKS`] with one that does not target module 1 and one request without an
+    /// adapter, against [`lora_decode_multi_ref`]. One `v` and one `y` row per module and
+    /// geometry.
+    fn check_multi_on_gpu(gpu: &Gpu, rng: &mut SplitMix) -> Result<Vec<CheckResult>> {
+        let mut results = Vec::new();
+        let copy = |what: &str| driver_err(format!("lora multi self-check: copying {what}"));
+        for (inf, outs, w) in MULTI_CHECK_GEOMETRIES {
+            let sc = MultiScenario::build(rng, inf, outs, w, &MULTI_CHECK_RANKS)?;
+            let shape = sc.shape;
+            let count = outs.len();
+            let n = DECODE_USES.len();
+            let tables = sc.tables(&DECODE_USES);
+            for (m, (po, rank, scale)) in tables.iter().enumerate() {
+                let t = LoraTables {
+                    adapter_pages: &sc.adapter_pages,
+                    page_offset: po,
+                    rank,
+                    scale,
+                };
+                validate_tables("lora multi self-check", &shape.module(outs[m]), &t)?;
+            }
+            let x = rng.f16s(n * inf, 1.0);
+            let y0: Vec<Vec<f16>> = outs.iter().map(|&o| rng.f16s(n * o, 1.0)).collect();
+            let poison = vec![f32::NAN; count * n * shape.max_rank];
+            let mut v_ref = poison.clone();
+            let mut y_ref: Vec<Vec<f32>> = y0
+                .iter()
+                .map(|y| y.iter().map(|h| h.to_f32()).collect())
+                .collect();
+            {
+                let mut host: Vec<HostModuleOut<'_>> = y_ref
+                    .iter_mut()
+                    .zip(&tables)
+                    .zip(outs)
+                    .map(|((y, (po, rank, scale)), &out)| HostModuleOut {
+                        page_offset: po,
+                        rank,
+                        scale,
+                        out_features: out,
+                        y,
+                    })
+                    .collect();
+                lora_decode_multi_ref(
+                    &shape,
+                    HostPool {
+                        k: &sc.k_pool,
+                        v: &sc.v_pool,
+                    },
+                    &sc.adapter_pages,
+                    &mut host,
+                    &x,
+                    &mut v_ref,
+                )?;
+            }
+
+            let k_pool = gpu
+                .stream
+                .clone_htod(&sc.k_pool)
+                .map_err(copy("the K side"))?;
+            let v_pool = gpu
+                .stream
+                .clone_htod(&sc.v_pool)
+                .map_err(copy("the V side"))?;
+            let pages = gpu
+                .stream
+                .clone_htod(&sc.adapter_pages)
+                .map_err(copy("adapter pages"))?;
+            let x_d = gpu.stream.clone_htod(&x).map_err(copy("x"))?;
+            let mut tables_d = Vec::new();
+            let mut y_d = Vec::new();
+            for ((po, rank, scale), y0_m) in tables.iter().zip(&y0) {
+                tables_d.push((
+                    gpu.stream.clone_htod(po).map_err(copy("page_offset"))?,
+                    gpu.stream.clone_htod(rank).map_err(copy("rank"))?,
+                    gpu.stream.clone_htod(scale).map_err(copy("scale"))?,
+                ));
+                y_d.push(gpu.stream.clone_htod(y0_m).map_err(copy("y"))?);
+            }
+            let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
+            {
+                let mut modules: Vec<ModuleOut<'_>> = tables_d
+                    .iter()
+                    .zip(y_d.iter_mut())
+                    .zip(outs)
+                    .map(|(((po, rank, scale), y_m), &out)| ModuleOut {
+                        page_offset: po.as_view(),
+                        rank: rank.as_view(),
+                        scale: scale.as_view(),
+                        out_features: out,
+                        y: y_m.as_view_mut(),
+                    })
+                    .collect();
+                lora_decode_multi(
+                    gpu,
+                    &x_d.as_view(),
+                    &k_pool.as_view(),
+                    &v_pool.as_view(),
+                    &pages.as_view(),
+                    &mut modules,
+                    &mut v_d.as_view_mut(),
+                    shape,
+                )?;
+            }
+            let v_got = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
+            let tag = format!("in={inf} outs={outs:?} W={w}");
+            let mr = shape.max_rank;
+            for m in 0..count {
+                let y_got = gpu.stream.clone_dtoh(&y_d[m]).map_err(copy("y back"))?;
+                let (po, rank, _) = &tables[m];
+                let ranks: Vec<usize> = po
+                    .iter()
+                    .zip(rank)
+                    .map(|(&p, &r)| if p < 0 { 0 } else { r as usize })
+                    .collect();
+                let touched: Vec<bool> = po.iter().map(|&p| p >= 0).collect();
+                let part = m * n * mr..(m + 1) * n * mr;
+                results.push(compare_v(
+                    format!("lora_mbgmv_shrink_multi module {m} ({tag})"),
+                    &v_got[part.clone()],
+                    &v_ref[part],
+                    mr,
+                    &ranks,
+                ));
+                results.push(compare_y(
+                    format!("lora_mbgmv_expand_multi module {m} ({tag})"),
+                    &y_got,
+                    &y_ref[m],
+                    &y0[m],
+                    outs[m],
+                    &touched,
+                ));
+            }
+        }
         Ok(results)
     }
 }
@@ -1659,10 +2378,13 @@ mod tests {
         assert_eq!(define("PE_TM"), PREFILL_EXPAND_TOKENS);
         assert_eq!(define("PE_TN"), PREFILL_EXPAND_OUTPUTS);
         assert_eq!(define("PE_THREADS"), PREFILL_THREADS as usize);
+        assert_eq!(define("LORA_MAX_MODULES"), DECODE_MULTI_MAX_MODULES);
         for kernel in [
             "lora_mbgmv_fused",
             "lora_mbgmv_shrink",
             "lora_mbgmv_expand",
+            "lora_mbgmv_shrink_multi",
+            "lora_mbgmv_expand_multi",
             "lora_mbgmm_shrink",
             "lora_mbgmm_expand",
         ] {
@@ -1701,6 +2423,185 @@ mod tests {
         assert_eq!(plan.shrink.grid.0, 3 * 4);
         assert_eq!(plan.expand.grid.0, 3 * 4);
         assert!(LoraDecodePlan::new(shape(), 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn multi_decode_plan_covers_modules_ranks_and_outputs() {
+        let shared = LoraMultiShape {
+            in_features: 4096,
+            page_width: 1024,
+            max_rank: 64,
+            num_pages: 10_000,
+        };
+        // q, k, v of a GQA layer: 4096 -> 4096, 1024, 1024.
+        let plan = LoraDecodeMultiPlan::new(shared, &[4096, 1024, 1024], 64).unwrap();
+        assert_eq!(plan.modules.len(), 3);
+        assert_eq!(
+            plan.modules[1],
+            LoraShape::new(4096, 1024, 1024, 64, 10_000)
+        );
+        // 64 requests x 16 row groups, one grid row per module.
+        assert_eq!(plan.shrink.grid, (64 * 16, 3, 1));
+        assert_eq!(plan.shrink.block, (256, 1, 1));
+        assert_eq!(plan.shrink.shared_mem, 4 * 4 * 4); // 4 slots for every module
+                                                       // 64 requests x (16 + 4 + 4) output tiles laid end to end.
+        assert_eq!(plan.expand.grid, (64 * 24, 1, 1));
+        assert_eq!(plan.expand.block, (128, 1, 1));
+        assert_eq!(plan.v_len(), 3 * 64 * 64);
+        // Modules with different slots: shared memory for the largest.
+        let narrow = LoraMultiShape {
+            page_width: 128,
+            in_features: 392,
+            max_rank: 13,
+            num_pages: 50,
+        };
+        let plan = LoraDecodeMultiPlan::new(narrow, &[1000, 136], 3).unwrap();
+        assert_eq!(plan.modules[0].slots, 8);
+        assert_eq!(plan.modules[1].slots, 4);
+        assert_eq!(plan.shrink.shared_mem, 4 * 8 * 4);
+        assert_eq!(plan.shrink.grid, (3 * 4, 2, 1));
+        assert_eq!(plan.expand.grid, (3 * (4 + 1), 1, 1));
+        assert!(LoraDecodeMultiPlan::new(shared, &[4096], 0)
+            .unwrap()
+            .is_empty());
+        // Refused: no module, four modules, a bad out, a v scratch past i32.
+        let reason = |outs: &[usize], n| {
+            launch_reason(LoraDecodeMultiPlan::new(shared, outs, n).unwrap_err())
+        };
+        assert!(reason(&[], 4).contains("0 modules"));
+        assert!(reason(&[8, 8, 8, 8], 4).contains("4 modules"));
+        assert!(reason(&[4096, 1020], 4).contains("multiple of 8"));
+        let wide = LoraMultiShape {
+            in_features: 8,
+            page_width: 8,
+            max_rank: 4096,
+            num_pages: 10,
+        };
+        // 3 x 200_000 x 4096 > i32::MAX, while one module's 200_000 x 4096 is not.
+        assert!(LoraDecodeMultiPlan::new(wide, &[8], 200_000).is_ok());
+        let r = launch_reason(LoraDecodeMultiPlan::new(wide, &[8, 8, 8], 200_000).unwrap_err());
+        assert!(r.contains("v scratch"), "{r}");
+    }
+
+    /// Runs the multi-module reference on `sc`, returning `(v, ys)`.
+    #[allow(clippy::type_complexity)]
+    fn multi_ref(
+        sc: &MultiScenario,
+        tables: &[(Vec<i32>, Vec<i32>, Vec<f32>)],
+        x: &[half::f16],
+        y0: &[Vec<half::f16>],
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let n = tables[0].0.len();
+        let mut v = vec![f32::NAN; sc.outs.len() * n * sc.shape.max_rank];
+        let mut ys: Vec<Vec<f32>> = y0
+            .iter()
+            .map(|y| y.iter().map(|h| h.to_f32()).collect())
+            .collect();
+        let mut modules: Vec<HostModuleOut<'_>> = ys
+            .iter_mut()
+            .zip(tables)
+            .zip(&sc.outs)
+            .map(|((y, (po, rank, scale)), &out)| HostModuleOut {
+                page_offset: po,
+                rank,
+                scale,
+                out_features: out,
+                y,
+            })
+            .collect();
+        let pool = HostPool {
+            k: &sc.k_pool,
+            v: &sc.v_pool,
+        };
+        lora_decode_multi_ref(&sc.shape, pool, &sc.adapter_pages, &mut modules, x, &mut v).unwrap();
+        (v, ys)
+    }
+
+    #[test]
+    fn multi_decode_reference_equals_single_module_references() {
+        let mut rng = SplitMix(17);
+        for (inf, outs, w) in MULTI_CHECK_GEOMETRIES {
+            let sc = MultiScenario::build(&mut rng, inf, outs, w, &MULTI_CHECK_RANKS).unwrap();
+            let n = DECODE_USES.len();
+            let mr = sc.shape.max_rank;
+            let tables = sc.tables(&DECODE_USES);
+            let x = rng.f16s(n * inf, 1.0);
+            let y0: Vec<Vec<half::f16>> = outs.iter().map(|&o| rng.f16s(n * o, 1.0)).collect();
+            let (v, ys) = multi_ref(&sc, &tables, &x, &y0);
+            let pool = HostPool {
+                k: &sc.k_pool,
+                v: &sc.v_pool,
+            };
+            for (m, &out) in outs.iter().enumerate() {
+                let (po, rank, scale) = &tables[m];
+                let t = LoraTables {
+                    adapter_pages: &sc.adapter_pages,
+                    page_offset: po,
+                    rank,
+                    scale,
+                };
+                let mut v1 = vec![f32::NAN; n * mr];
+                let mut y1: Vec<f32> = y0[m].iter().map(|h| h.to_f32()).collect();
+                lora_decode_ref(&sc.shape.module(out), pool, &t, &x, &mut v1, &mut y1).unwrap();
+                assert_eq!(y1, ys[m], "module {m} y");
+                let part = &v[m * n * mr..(m + 1) * n * mr];
+                assert!(
+                    part.iter()
+                        .zip(&v1)
+                        .all(|(a, b)| a == b || (a.is_nan() && b.is_nan())),
+                    "module {m} v"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn multi_decode_reference_matches_dense_lora() {
+        let mut rng = SplitMix(19);
+        for (inf, outs, w) in MULTI_CHECK_GEOMETRIES {
+            let sc = MultiScenario::build(&mut rng, inf, outs, w, &MULTI_CHECK_RANKS).unwrap();
+            let n = DECODE_USES.len();
+            let tables = sc.tables(&DECODE_USES);
+            let po: Vec<&Vec<i32>> = tables.iter().map(|t| &t.0).collect();
+            // Every module's rows start somewhere else, and the skipped module is -1.
+            let (k, m) = MULTI_SKIP;
+            let b_skip = DECODE_USES.iter().position(|u| *u == Some(k)).unwrap();
+            if m < outs.len() {
+                assert_eq!(po[m][b_skip], -1);
+            }
+            for b in 0..n {
+                let live: Vec<i32> = po.iter().map(|p| p[b]).filter(|&p| p >= 0).collect();
+                let mut dedup = live.clone();
+                dedup.dedup();
+                assert_eq!(live, dedup, "request {b}: modules share rows");
+            }
+            let x = rng.f16s(n * inf, 1.0);
+            let y0: Vec<Vec<half::f16>> = outs.iter().map(|&o| rng.f16s(n * o, 1.0)).collect();
+            let (_, ys) = multi_ref(&sc, &tables, &x, &y0);
+            let mut checked = 0;
+            for (m, &out) in outs.iter().enumerate() {
+                for (b, u) in DECODE_USES.iter().enumerate() {
+                    let row = &ys[m][b * out..(b + 1) * out];
+                    let before: Vec<f64> = y0[m][b * out..(b + 1) * out]
+                        .iter()
+                        .map(|h| f64::from(h.to_f32()))
+                        .collect();
+                    let delta = u.and_then(|k| sc.dense_delta(k, m, &x[b * inf..(b + 1) * inf]));
+                    match delta {
+                        None => {
+                            assert!(row.iter().zip(&before).all(|(&g, &w)| f64::from(g) == w));
+                        }
+                        Some(delta) => {
+                            let want: Vec<f64> =
+                                before.iter().zip(&delta).map(|(y, d)| y + d).collect();
+                            assert_close(row, &want, &format!("module {m} request {b}"));
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+            assert!(checked >= outs.len() * (n - 3), "{checked} rows checked");
+        }
     }
 
     #[test]
