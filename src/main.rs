@@ -1,7 +1,9 @@
 //! slora-plan: the command line. Thin by design: parsing, progress, output paths and exit
 //! codes live here; every decision lives in the library crates.
 //!
-//! Exit codes: 0 success, 1 a run failed, 2 bad input (arguments or scenario files).
+//! Exit codes: 0 success, 1 a run failed, 2 bad input (arguments, scenario files, run folders).
+
+mod compare_cmd;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -45,6 +47,9 @@ enum Command {
     },
     /// List the model presets and the GPU catalogue with their sizes.
     Catalog,
+    /// Compare two runs of one scenario (e.g. simulated vs executed): relative errors of
+    /// throughput, latency percentiles and SLO attainment, per-adapter p99 TTFT, overlaid CDFs.
+    Compare(compare_cmd::CompareArgs),
     /// On a GPU machine: find the driver, NVRTC and cuBLAS, compile every kernel, check each
     /// against its CPU reference on random data, and optionally check the whole executor
     /// against transformers + peft outputs (see tests/gpu/README.md).
@@ -63,6 +68,8 @@ enum Command {
 enum CliError {
     #[error(transparent)]
     BadInput(#[from] ScenarioError),
+    #[error(transparent)]
+    Compare(#[from] compare_cmd::CompareError),
     #[error("{scenario}: {source}")]
     Run { scenario: String, source: SimError },
     #[error("doctor: {0}")]
@@ -80,6 +87,7 @@ impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
             CliError::BadInput(_) => 2,
+            CliError::Compare(e) => e.exit_code(),
             CliError::Run { .. }
             | CliError::Output { .. }
             | CliError::Gpu(_)
@@ -104,6 +112,7 @@ fn main() -> ExitCode {
             catalog();
             Ok(())
         }
+        Command::Compare(args) => compare_cmd::run(&args).map_err(CliError::from),
         Command::Doctor { reference } => doctor(reference.as_deref()),
         Command::BenchGpu => slora_kernels::bench::gpu_benchmarks()
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))

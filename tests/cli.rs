@@ -371,3 +371,196 @@ fn a_model_can_come_from_a_hugging_face_config() {
     let o = run(&["simulate", s.to_str().unwrap()]);
     assert_clean_failure(&o, 2, &["missing.yaml", "`model`", "config.json"]);
 }
+
+/// Simulates the embedded default scenario with `seed` into `dir/name` and returns the folder.
+fn simulate_default(dir: &Path, name: &str, seed: &str) -> PathBuf {
+    let out = dir.join(name);
+    let o = run(&[
+        "simulate",
+        "--quiet",
+        "--seed",
+        seed,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    out
+}
+
+#[test]
+fn compare_two_runs_writes_every_output() {
+    let dir = tmp("compare");
+    let a = simulate_default(&dir, "a", "1");
+    let b = simulate_default(&dir, "b", "2");
+    let out = dir.join("cmp");
+    // A folder and a metrics.json are both accepted.
+    let o = run(&[
+        "compare",
+        a.to_str().unwrap(),
+        b.join("metrics.json").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "| TTFT p99 (s) |",
+        "| SLO attainment |",
+        "Per-adapter TTFT p99",
+    ] {
+        assert!(stdout.contains(needle), "expected `{needle}` in: {stdout}");
+    }
+    for f in [
+        "compare.json",
+        "compare.md",
+        "compare.html",
+        "compare-cdf.png",
+        "compare-cdf.svg",
+    ] {
+        let p = out.join(f);
+        assert!(
+            p.metadata().map(|m| m.len() > 0).unwrap_or(false),
+            "missing {f}"
+        );
+    }
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("compare.json")).unwrap()).unwrap();
+    // Neither run was executed: the first argument is the reference.
+    assert_eq!(c["reference"]["seed"], 1);
+    assert_eq!(c["predicted"]["seed"], 2);
+    assert_eq!(c["reference"]["provenance"], "derived");
+    let rows = c["rows"].as_array().unwrap();
+    let row = |key: &str| {
+        rows.iter()
+            .find(|r| r["key"] == key)
+            .unwrap_or_else(|| panic!("no row {key}"))
+    };
+    for key in [
+        "request_throughput_req_s",
+        "output_throughput_tok_s",
+        "ttft_mean_s",
+        "ttft_p50_s",
+        "ttft_p90_s",
+        "ttft_p99_s",
+        "tpot_mean_s",
+        "tpot_p99_s",
+        "e2e_mean_s",
+        "e2e_p99_s",
+        "slo_attainment",
+        "aborted",
+        "rejected",
+    ] {
+        let r = row(key);
+        assert!(
+            r["reference"].is_number() && r["predicted"].is_number(),
+            "{r}"
+        );
+    }
+    // Different seeds differ, and the error is stated against the first run.
+    let ttft = row("ttft_p99_s");
+    let (reference, predicted) = (
+        ttft["reference"].as_f64().unwrap(),
+        ttft["predicted"].as_f64().unwrap(),
+    );
+    assert_ne!(reference, predicted);
+    let signed = ttft["signed_error"].as_f64().unwrap();
+    assert!((signed - (predicted - reference) / reference).abs() < 1e-12);
+    assert_eq!(ttft["abs_error"].as_f64().unwrap(), signed.abs());
+    // The default scenario's Zipf popularity gives several adapters 20+ requests.
+    let adapters = &c["per_adapter_ttft_p99"];
+    assert!(adapters["compared"].as_u64().unwrap() >= 5, "{adapters}");
+    assert!(adapters["max_abs_error"].as_f64().unwrap() > 0.0);
+
+    // A run against itself: every defined error is zero; run from another folder, the
+    // output goes to out/compare-<scenario>/ there.
+    let o = bin()
+        .args([
+            "compare",
+            a.to_str().unwrap(),
+            a.to_str().unwrap(),
+            "--quiet",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout.is_empty(), "--quiet printed output");
+    let c: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("out/compare-default/compare.json")).unwrap(),
+    )
+    .unwrap();
+    for r in c["rows"].as_array().unwrap() {
+        assert!(
+            r["signed_error"].is_null() || r["signed_error"] == 0.0,
+            "{r}"
+        );
+    }
+    assert_eq!(c["per_adapter_ttft_p99"]["within_target"], true);
+}
+
+#[test]
+fn compare_bad_input_exits_2_naming_the_file() {
+    let dir = tmp("compare-bad");
+    let s = write(&dir, "s.yaml", &small_scenario(""));
+    let good = dir.join("good");
+    let o = run(&[
+        "simulate",
+        "--quiet",
+        s.to_str().unwrap(),
+        "--out",
+        good.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let good = good.to_str().unwrap();
+
+    let missing = dir.join("no-such-run");
+    let o = run(&["compare", missing.to_str().unwrap(), good]);
+    assert_clean_failure(&o, 2, &["no-such-run", "cannot read"]);
+
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = run(&["compare", good, empty.to_str().unwrap()]);
+    assert_clean_failure(&o, 2, &["empty", "no metrics.json"]);
+
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    write(&broken, "metrics.json", "{\"scenario\": ");
+    let o = run(&["compare", good, broken.to_str().unwrap()]);
+    assert_clean_failure(&o, 2, &["broken/metrics.json", "line"]);
+
+    let no_requests = dir.join("no-requests");
+    std::fs::create_dir_all(&no_requests).unwrap();
+    std::fs::copy(
+        Path::new(good).join("metrics.json"),
+        no_requests.join("metrics.json"),
+    )
+    .unwrap();
+    let o = run(&["compare", good, no_requests.to_str().unwrap()]);
+    assert_clean_failure(&o, 2, &["no-requests/requests.csv"]);
+
+    let o = run(&["compare", good]);
+    assert_clean_failure(&o, 2, &["<B>"]);
+
+    // Runs of different scenarios compare, with a warning; an unwritable output is exit 1.
+    let other = simulate_default(&dir, "other", "3");
+    let out = dir.join("cmp");
+    let o = run(&[
+        "compare",
+        good,
+        other.to_str().unwrap(),
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("different scenarios"), "{}", stderr(&o));
+    let blocker = write(&dir, "file", "not a folder");
+    let o = run(&[
+        "compare",
+        good,
+        good,
+        "--out",
+        blocker.join("x").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 1, &["writing outputs"]);
+}

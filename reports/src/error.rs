@@ -34,6 +34,17 @@ pub enum ReportError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// An input (a run folder, `metrics.json`, `requests.csv`) could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input was read but is not what it should be: not a run folder, malformed JSON, a
+    /// bad CSV line. `reason` says what is wrong and where (line, column).
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
     /// The font embedded in this crate was rejected by the glyph rasteriser. Only a corrupted
     /// build can cause it; it is an error rather than a panic so a report run never aborts.
     #[error("the embedded chart font (assets/DejaVuSans.ttf) could not be loaded")]

@@ -4,6 +4,9 @@
 //!   `report.html` and `report.md`.
 //! - [`write_sweep`]: `sweep.json`, `sweep.csv`, three charts (PNG + SVG) including the
 //!   capacity chart, `sweep.html` and `sweep.md`.
+//! - [`compare`] and [`write_comparison`]: two runs of one scenario side by side (a
+//!   simulation against a live execution): `compare.json`, overlaid latency CDFs (PNG + SVG),
+//!   `compare.html` and `compare.md`; [`load_run`] reads a run folder back.
 //!
 //! Guarantees:
 //! - **Deterministic.** Identical input gives byte-identical JSON, CSV, SVG, HTML and Markdown:
@@ -19,6 +22,7 @@
 
 mod capacity;
 mod charts;
+mod compare;
 mod downsample;
 mod error;
 mod files;
@@ -29,6 +33,11 @@ mod page;
 mod tables;
 
 pub use capacity::{capacity, CapacityPoint};
+pub use compare::{
+    compare, load_run, pick_reference, relative_error, write_comparison, AdapterComparison,
+    AdapterRow, Comparison, MetricRow, RunData, RunLabel, ADAPTER_TTFT_TARGET,
+    MIN_ADAPTER_REQUESTS,
+};
 pub use error::ReportError;
 
 use page::Page;
