@@ -285,3 +285,34 @@ extern "C" __global__ void add(half_t* __restrict__ x, const half_t* __restrict_
         }
     }
 }
+
+// qkv [T, qw + 2 kvw] (one fused q/k/v GEMM's output: q columns, then k, then v) -> q [T, qw],
+// k [T, kvw], v [T, kvw]. grid = (tokens, ceil((qw + 2 kvw) / LAYERS_CHUNK)), block = 256.
+// With every width a multiple of 8 a 16-byte chunk never straddles two outputs.
+extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __restrict__ q,
+                                     half_t* __restrict__ k, half_t* __restrict__ v, int qw,
+                                     int kvw) {
+    const long long row = blockIdx.x;
+    const int total = qw + 2 * kvw;
+    const half_t* src = qkv + row * total;
+    const int begin = blockIdx.y * LAYERS_CHUNK;
+    const bool vec = (qw & 7) == 0 && (kvw & 7) == 0 && aligned16(qkv) && aligned16(q) &&
+                     aligned16(k) && aligned16(v);
+    if (vec) {
+        const int j = begin + threadIdx.x * 8;
+        if (j < total) {
+            half_t* dst = j < qw ? q + row * qw + j
+                        : j < qw + kvw ? k + row * kvw + (j - qw)
+                                       : v + row * kvw + (j - qw - kvw);
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src + j);
+        }
+    } else {
+        const int end = min(total, begin + LAYERS_CHUNK);
+        for (int j = begin + threadIdx.x; j < end; j += blockDim.x) {
+            half_t* dst = j < qw ? q + row * qw + j
+                        : j < qw + kvw ? k + row * kvw + (j - qw)
+                                       : v + row * kvw + (j - qw - kvw);
+            *dst = src[j];
+        }
+    }
+}

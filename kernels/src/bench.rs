@@ -22,7 +22,7 @@ mod imp {
     use crate::device;
     use crate::error::Result;
     use crate::executor::{ExecutorConfig, GpuExecutor, ModelWeights};
-    use crate::gpu::{driver_err, Gpu};
+    use crate::gpu::{driver_err, Gpu, Phase, PhaseTimes};
     use crate::ops::lora;
     use crate::weights::synthetic_adapter;
     use half::f16;
@@ -56,7 +56,7 @@ mod imp {
 
     fn median(v: &mut [f64]) -> f64 {
         v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     }
 
     pub fn gpu_benchmarks() -> Result<Vec<String>> {
@@ -257,23 +257,58 @@ mod imp {
                 targets: targets.clone(),
             })
             .collect();
-        let weight_bytes = model.weight_bytes() as f64;
+        // The embedding table is not streamed: a step reads one row per token.
+        let weight_bytes = model.weight_bytes() as f64
+            - (model.vocab_size as f64 * model.hidden_size as f64 * 2.0);
         let mut lines = vec![
             String::new(),
             "Decode step, synthetic Llama-7B, context 512, engine-driven (host-timed, uploads and sync included):".into(),
-            "| batch | with adapters (ms) | without (ms) | adapter overhead | with adapters, no CUDA graph (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
-            "|---|---|---|---|---|---|---|---|".into(),
+            "| batch | with adapters (ms) | without (ms) | adapter overhead | Zipf(1) adapters (ms) | Zipf overhead | distinct (Zipf) | with adapters, no CUDA graph (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
+        let mut phase_lines = vec![
+            String::new(),
+            "Where a decode step's GPU time goes (with adapters, launch by launch, CUDA events between phases; GB/s = the phase's bytes over its time):".into(),
+            "| batch | dense (ms) | dense GB/s | attention (ms) | attention GB/s | LoRA shrink (ms) | LoRA expand (ms) | LM head + sampling (ms) | sum of phases (ms) | step, host-timed (ms) |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|".into(),
+        ];
+        // Zipf(1) popularity over the 1,000 adapters, sampled deterministically at the batch's
+        // quantiles: the typical batch of a skewed population, where popular adapters share
+        // rows (S-LoRA's power-law workloads).
+        let zipf_cdf: Vec<f64> = {
+            let w: Vec<f64> = (1..=1000).map(|k| 1.0 / k as f64).collect();
+            let total: f64 = w.iter().sum();
+            w.iter()
+                .scan(0.0, |acc, x| {
+                    *acc += x / total;
+                    Some(*acc)
+                })
+                .collect()
+        };
+        let zipf_adapter = |b: usize, batch: usize| -> u32 {
+            let u = (b as f64 + 0.5) / batch as f64;
+            zipf_cdf.partition_point(|&c| c < u).min(999) as u32
+        };
         let mut next_id = 0u64;
         for batch in [1usize, 32, 64, 128, 256] {
-            let mut times = [0.0f64; 3];
+            let mut times = [0.0f64; 5];
             let mut adapter_bytes = 0f64;
-            for (k, (with_adapters, graphs)) in [(true, true), (false, true), (true, false)]
-                .into_iter()
-                .enumerate()
+            let mut zipf_distinct = 0u32;
+            let mut phases: Vec<PhaseTimes> = Vec::new();
+            // (adapters: 0 none, 1 distinct, 2 Zipf; CUDA graphs; phase timing)
+            for (k, (adapters, graphs, timing)) in [
+                (1u8, true, false),
+                (0, true, false),
+                (2, true, false),
+                (1, false, false),
+                (1, false, true),
+            ]
+            .into_iter()
+            .enumerate()
             {
                 exec.reset();
                 exec.set_cuda_graphs(graphs);
+                exec.set_phase_timing(timing);
                 let mut engine = Scheduler::new(EngineConfig {
                     model: model.clone(),
                     adapters: specs.clone(),
@@ -296,7 +331,11 @@ mod imp {
                         .map(|t| (t * 7919 + b as u32 * 104_729) % 32000)
                         .collect();
                     exec.add_request(id, tokens)?;
-                    let adapter = with_adapters.then_some(AdapterId((b * 3 % 1000) as u32));
+                    let adapter = match adapters {
+                        0 => None,
+                        1 => Some(AdapterId((b * 3 % 1000) as u32)),
+                        _ => Some(AdapterId(zipf_adapter(b, batch))),
+                    };
                     engine
                         .submit(
                             RequestMeta {
@@ -325,8 +364,14 @@ mod imp {
                     })?;
                     if plan.prefill.is_empty() && plan.decode.len() == batch {
                         decode_ms.push(report.elapsed.0 as f64 / 1e6);
-                        if with_adapters && decode_ms.len() == 1 {
+                        if adapters == 1 && decode_ms.len() == 1 {
                             adapter_bytes = plan.distinct_rank_sum as f64 * 2.0 * 1024.0 * 1024.0;
+                        }
+                        if adapters == 2 {
+                            zipf_distinct = plan.distinct_adapters;
+                        }
+                        if timing && decode_ms.len() > 3 {
+                            phases.extend(exec.last_phase_times.clone());
                         }
                     }
                     now = now + report.elapsed;
@@ -347,21 +392,61 @@ mod imp {
                 let skip = decode_ms.len().min(3);
                 times[k] = median(&mut decode_ms[skip..].to_vec());
             }
+            exec.set_phase_timing(false);
             let kv_bytes = batch as f64 * (prompt as f64 + 8.0) * model.kv_bytes_per_token() as f64;
             let bytes = weight_bytes + kv_bytes + adapter_bytes;
             let bw = bytes / (times[0] * 1e-3);
             lines.push(format!(
-                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:.2} | {:.0} | {:.0}% |",
+                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {zipf_distinct} | {:.2} | {:.2} | {:.0} | {:.0}% |",
                 times[0],
                 times[1],
                 100.0 * (times[0] / times[1] - 1.0),
                 times[2],
+                100.0 * (times[2] / times[1] - 1.0),
+                times[3],
                 bytes / 1e9,
                 bw / 1e9,
                 100.0 * bw / copy_bw
             ));
+            let phase = |p: Phase| median(&mut phases.iter().map(|t| t.get(p)).collect::<Vec<_>>());
+            let dense = phase(Phase::Dense);
+            let attn = phase(Phase::AttentionDecode);
+            let lm_bytes = (model.vocab_size as f64) * model.hidden_size as f64 * 2.0;
+            phase_lines.push(format!(
+                "| {batch} | {dense:.2} | {:.0} | {attn:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                (weight_bytes - lm_bytes) / (dense * 1e-3) / 1e9,
+                kv_bytes / (attn * 1e-3) / 1e9,
+                phase(Phase::LoraShrink),
+                phase(Phase::LoraExpand),
+                phase(Phase::LmHead),
+                median(&mut phases.iter().map(|t| t.total()).collect::<Vec<_>>()),
+                times[4],
+            ));
         }
 
+        lines.extend(phase_lines);
+        lines.push(String::new());
+        lines.push("Base GEMMs of the decode steps above: cuBLASLt's first-choice algorithm vs the fastest of its top 8, timed once per shape (events, median of 5; weights from HBM):".into());
+        lines.push(
+            "| tokens | in -> out | heuristic (µs) | tuned (µs) | tuned GB/s | gain |".into(),
+        );
+        lines.push("|---|---|---|---|---|---|".into());
+        for r in exec.gpu.gemm.report() {
+            if r.tokens > 256 {
+                continue;
+            }
+            let bytes = 2.0 * (r.inp * r.out + r.tokens * (r.inp + r.out)) as f64;
+            lines.push(format!(
+                "| {} | {} -> {} | {:.1} | {:.1} | {:.0} | {:+.1}% |",
+                r.tokens,
+                r.inp,
+                r.out,
+                r.heuristic_ms * 1e3,
+                r.chosen_ms * 1e3,
+                bytes / (r.chosen_ms * 1e-3) / 1e9,
+                100.0 * (r.heuristic_ms / r.chosen_ms - 1.0)
+            ));
+        }
         exec.set_cuda_graphs(true);
         // Prefill of 4,096 tokens: 8 requests x 512 tokens, 8 distinct adapters, one step.
         let mut prefill_ms = Vec::new();

@@ -17,7 +17,7 @@
 
 use crate::device::{self, DeviceWeights};
 use crate::error::{Error, Result};
-use crate::gpu::{driver_err, Gpu};
+use crate::gpu::{driver_err, Gpu, Phase, PhaseTimes};
 use crate::ops::{attention, layers, lora, sampling};
 use crate::packing;
 use crate::weights::PeftAdapter;
@@ -93,6 +93,8 @@ struct Buffers {
     hidden: CudaSlice<f16>,
     residual: CudaSlice<f16>,
     normed: CudaSlice<f16>,
+    /// The fused q/k/v GEMM's output, split into `q`, `k` and `v`.
+    qkv: CudaSlice<f16>,
     q: CudaSlice<f16>,
     k: CudaSlice<f16>,
     v: CudaSlice<f16>,
@@ -126,6 +128,10 @@ pub struct GpuExecutor {
     graphs_enabled: bool,
     /// The captured decode graph and the batch shape it is valid for.
     graph: Option<(GraphKey, cudarc::driver::CudaGraph)>,
+    /// The last decode shape run launch by launch: a shape is captured the second time in a
+    /// row it is seen, so one-off shapes never pay for a capture, and the first run of a
+    /// shape tunes its GEMMs (which a capture cannot).
+    last_eager_key: Option<GraphKey>,
     /// Bumped whenever a buffer a graph points into is reallocated.
     buffer_generation: u64,
     /// Decode steps run by replaying a captured graph (for reports and checks).
@@ -136,6 +142,10 @@ pub struct GpuExecutor {
     /// first, so it stays 0; never read on the hot path).
     bad_ids: CudaSlice<i32>,
     pub last_logits: RecordedLogits,
+    /// Whether steps record per-phase GPU times (runs launch by launch while on).
+    phase_timing: bool,
+    /// Per-phase GPU times of the last step run with phase timing on.
+    pub last_phase_times: Option<PhaseTimes>,
 }
 
 /// What a captured decode graph depends on: every kernel argument (sizes and addresses of
@@ -201,9 +211,10 @@ impl GpuExecutor {
             model.vocab_size as u64,
         );
         let t = max_step_tokens.max(1) as u64;
-        // hidden, residual, normed, q, k, v, attention, gate_up, mlp, sampled rows (fp16),
-        // LoRA scratch and f32 logits, plus fp16 logits: what `new` allocates.
-        let activations = t * (7 * h + 3 * i + h) * 2 + 3 * t * max_rank as u64 * 4 + t * v * 6;
+        // hidden, residual, normed, qkv, q, k, v, attention, gate_up, mlp, sampled rows (fp16),
+        // LoRA scratch and f32 logits, plus fp16 logits: what `new` allocates (q, k and v
+        // counted at the MHA width, an upper bound for GQA).
+        let activations = t * (10 * h + 3 * i + h) * 2 + 3 * t * max_rank as u64 * 4 + t * v * 6;
         let fixed = DeviceWeights::bytes(model) + activations;
         let usable = (free as f64 * fraction) as u64;
         if usable <= fixed {
@@ -251,6 +262,7 @@ impl GpuExecutor {
             hidden: device::alloc(&gpu, t * h, "hidden states")?,
             residual: device::alloc(&gpu, t * h, "residual")?,
             normed: device::alloc(&gpu, t * h, "normed")?,
+            qkv: device::alloc(&gpu, t * (qw + 2 * kvw), "qkv")?,
             q: device::alloc(&gpu, t * qw, "q")?,
             k: device::alloc(&gpu, t * kvw, "k")?,
             v: device::alloc(&gpu, t * kvw, "v")?,
@@ -289,10 +301,20 @@ impl GpuExecutor {
             load_staging: Vec::new(),
             graphs_enabled: true,
             graph: None,
+            last_eager_key: None,
             buffer_generation: 0,
             graph_replays: 0,
             last_logits: Vec::new(),
+            phase_timing: false,
+            last_phase_times: None,
         })
+    }
+
+    /// Records the GPU time of each phase of every step (`last_phase_times`); steps then run
+    /// launch by launch, since events inside a replayed graph cannot be read.
+    pub fn set_phase_timing(&mut self, on: bool) {
+        self.phase_timing = on;
+        self.last_phase_times = None;
     }
 
     /// Runs decode-only steps as CUDA graphs (the default) or launch by launch.
@@ -492,7 +514,17 @@ impl GpuExecutor {
         }
         let loads = self.load_adapters(plan)?;
         let result = if plan.has_compute() {
-            self.forward(plan)
+            if self.phase_timing {
+                self.gpu.start_phase_timing();
+                let r = self.forward(plan);
+                let times = self.gpu.finish_phase_timing();
+                r.and_then(|()| {
+                    self.last_phase_times = Some(times?);
+                    Ok(())
+                })
+            } else {
+                self.forward(plan)
+            }
         } else {
             Ok(())
         };
@@ -808,19 +840,20 @@ impl GpuExecutor {
         // replayed (one launch instead of ~20 per layer) while it is unchanged. Any capture
         // failure turns graphs off for this executor and the step runs launch by launch.
         let graph_key =
-            (decode_rows > 0 && prefill_rows == 0 && self.graphs_enabled).then(|| GraphKey {
-                rows,
-                adapter_pages: adapter_pages.len(),
-                lora: {
-                    let mut k: Vec<(u8, bool)> =
-                        lora_ranges.keys().map(|(m, d)| (*m as u8, *d)).collect();
-                    k.sort_unstable();
-                    k
-                },
-                partitions: decode_plan.as_ref().map_or(0, |p| p.partitions),
-                kv_offset: r_kv_start,
-                generation: self.buffer_generation,
-            });
+            (decode_rows > 0 && prefill_rows == 0 && self.graphs_enabled && !self.phase_timing)
+                .then(|| GraphKey {
+                    rows,
+                    adapter_pages: adapter_pages.len(),
+                    lora: {
+                        let mut k: Vec<(u8, bool)> =
+                            lora_ranges.keys().map(|(m, d)| (*m as u8, *d)).collect();
+                        k.sort_unstable();
+                        k
+                    },
+                    partitions: decode_plan.as_ref().map_or(0, |p| p.partitions),
+                    kv_offset: r_kv_start,
+                    generation: self.buffer_generation,
+                });
         let replay = graph_key.is_some()
             && self.graph.as_ref().map(|(k, _)| Some(k)) == Some(graph_key.as_ref());
         if replay {
@@ -830,7 +863,8 @@ impl GpuExecutor {
                 .map_err(driver_err("replaying the decode graph"))?;
             self.graph_replays += 1;
         } else {
-            let capture = graph_key.is_some();
+            let capture = graph_key.is_some() && graph_key == self.last_eager_key;
+            self.last_eager_key = if capture { None } else { graph_key.clone() };
             if capture {
                 self.graph = None;
                 self.gpu
@@ -846,6 +880,7 @@ impl GpuExecutor {
                 let w = &self.weights;
                 let eps = self.cfg.rms_norm_eps;
                 let max_rank = self.cfg.max_rank as usize;
+                g.mark(Phase::Dense)?;
                 layers::embedding(
                     g,
                     &d_tokens.slice(..rows),
@@ -910,32 +945,24 @@ impl GpuExecutor {
                     device::linear(
                         g,
                         &b.normed.slice(..rows * h),
-                        &lw.q,
-                        &mut b.q.slice_mut(..rows * qw),
+                        &lw.qkv,
+                        &mut b.qkv.slice_mut(..rows * (qw + 2 * kvw)),
                         rows,
                         h,
+                        qw + 2 * kvw,
+                        false,
+                    )?;
+                    layers::split_qkv(
+                        g,
+                        &b.qkv.slice(..rows * (qw + 2 * kvw)),
+                        [
+                            &mut b.q.slice_mut(..rows * qw),
+                            &mut b.k.slice_mut(..rows * kvw),
+                            &mut b.v.slice_mut(..rows * kvw),
+                        ],
+                        rows,
                         qw,
-                        false,
-                    )?;
-                    device::linear(
-                        g,
-                        &b.normed.slice(..rows * h),
-                        &lw.k,
-                        &mut b.k.slice_mut(..rows * kvw),
-                        rows,
-                        h,
                         kvw,
-                        false,
-                    )?;
-                    device::linear(
-                        g,
-                        &b.normed.slice(..rows * h),
-                        &lw.v,
-                        &mut b.v.slice_mut(..rows * kvw),
-                        rows,
-                        h,
-                        kvw,
-                        false,
                     )?;
                     if any_lora {
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
@@ -970,6 +997,7 @@ impl GpuExecutor {
                             &mut b.lora_scratch,
                         )?;
                     }
+                    g.mark(Phase::Dense)?;
                     layers::rope(
                         g,
                         &mut b.q.slice_mut(..rows * qw),
@@ -987,6 +1015,7 @@ impl GpuExecutor {
                     )?;
                     let layer_kv = self.pool.slice(layer.clone());
                     if let Some(plan) = &prefill_plan {
+                        g.mark(Phase::AttentionPrefill)?;
                         let tables = attention::PrefillTablesOnDevice {
                             kv_pages: d_kv.slice(..),
                             seg_start: d_seg_start.slice(..),
@@ -1003,6 +1032,7 @@ impl GpuExecutor {
                         )?;
                     }
                     if let Some(plan) = &decode_plan {
+                        g.mark(Phase::AttentionDecode)?;
                         let tables = attention::DecodeTablesOnDevice {
                             kv_pages: d_kv.slice(..),
                             table_offset: d_dec_tab.slice(..),
@@ -1018,6 +1048,7 @@ impl GpuExecutor {
                             &mut b.attn.slice_mut(prefill_rows * qw..rows * qw),
                         )?;
                     }
+                    g.mark(Phase::Dense)?;
                     device::linear(
                         g,
                         &b.attn.slice(..rows * qw),
@@ -1042,6 +1073,7 @@ impl GpuExecutor {
                         )?;
                     }
                     // MLP block: residual += attention output; normed = rms_norm(residual).
+                    g.mark(Phase::Dense)?;
                     layers::add_rms_norm(
                         g,
                         &mut b.residual.slice_mut(..rows * h),
@@ -1081,6 +1113,7 @@ impl GpuExecutor {
                     )?;
                 }
                 // residual += last MLP output; normed = final norm.
+                g.mark(Phase::LmHead)?;
                 layers::add_rms_norm(
                     g,
                     &mut b.residual.slice_mut(..rows * h),

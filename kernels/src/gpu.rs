@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -38,8 +38,44 @@ pub struct Gpu {
     /// `GpuExecutor::load_adapters`).
     pub copy_stream: Arc<CudaStream>,
     pub blas: CudaBlas,
+    /// The base model's linear layers (cuBLASLt, algorithm tuned per shape).
+    pub gemm: crate::gemm::LtGemm,
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Phase marks of the step being timed (`calibrate`, `bench-gpu`): `None` when timing is
+    /// off, which is the serving path's state and costs one branch per mark.
+    phase_marks: Mutex<Option<Vec<(Phase, CudaEvent)>>>,
+}
+
+/// What a stretch of a step's GPU work is, for the calibration profile's components. A mark
+/// starts a phase; it lasts until the next mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// Embedding, norms, base GEMMs, RoPE, KV stores, SiLU·mul: the per-token dense work.
+    Dense,
+    AttentionPrefill,
+    AttentionDecode,
+    LoraShrink,
+    LoraExpand,
+    /// Final norm, LM head, logits cast and sampling.
+    LmHead,
+    /// Closes the last phase.
+    End,
+}
+
+/// GPU milliseconds per phase of one step, from events between the phases.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    pub ms: HashMap<Phase, f64>,
+}
+
+impl PhaseTimes {
+    pub fn get(&self, phase: Phase) -> f64 {
+        self.ms.get(&phase).copied().unwrap_or(0.0)
+    }
+    pub fn total(&self) -> f64 {
+        self.ms.values().sum()
+    }
 }
 
 pub(crate) fn driver_err(
@@ -89,14 +125,64 @@ impl Gpu {
             context: "creating the cuBLAS handle".into(),
             message: e.to_string(),
         })?;
+        let gemm = crate::gemm::LtGemm::new(&stream)?;
         Ok(Gpu {
             ctx,
+            gemm,
             stream,
             copy_stream,
             blas,
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
+            phase_marks: Mutex::new(None),
         })
+    }
+
+    fn marks(&self) -> std::sync::MutexGuard<'_, Option<Vec<(Phase, CudaEvent)>>> {
+        // A panic elsewhere cannot leave the list half-updated: take it as it is.
+        self.phase_marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts recording phase marks (every later `mark` records an event on the compute
+    /// stream). Not for captured graphs: events inside a capture are not timed.
+    pub fn start_phase_timing(&self) {
+        *self.marks() = Some(Vec::new());
+    }
+
+    /// Marks the start of `phase` on the compute stream when timing is on.
+    pub fn mark(&self, phase: Phase) -> Result<()> {
+        let mut marks = self.marks();
+        if let Some(marks) = marks.as_mut() {
+            // Consecutive marks of the same phase add nothing but events.
+            if marks.last().map(|m| m.0) != Some(phase) {
+                let event = self
+                    .stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(driver_err("recording a phase event"))?;
+                marks.push((phase, event));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops timing and returns the GPU time of each phase since `start_phase_timing`
+    /// (waits for the stream's work to finish).
+    pub fn finish_phase_timing(&self) -> Result<PhaseTimes> {
+        self.mark(Phase::End)?;
+        let marks = self.marks().take().unwrap_or_default();
+        let mut times = PhaseTimes::default();
+        if let Some((_, last)) = marks.last() {
+            last.synchronize()
+                .map_err(driver_err("waiting for the timed step"))?;
+        }
+        for pair in marks.windows(2) {
+            let ms = pair[0]
+                .1
+                .elapsed_ms(&pair[1].1)
+                .map_err(driver_err("reading a phase event"))? as f64;
+            *times.ms.entry(pair[0].0).or_insert(0.0) += ms;
+        }
+        Ok(times)
     }
 
     pub fn arch(&self) -> &str {

@@ -12,6 +12,8 @@ pub mod error;
 #[cfg(feature = "cuda")]
 pub mod executor;
 #[cfg(feature = "cuda")]
+pub mod gemm;
+#[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod ops;
 pub mod packing;

@@ -338,6 +338,41 @@ pub fn silu_mul_plan(
     })
 }
 
+/// Plan of `split_qkv`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitQkvPlan {
+    pub q_width: i32,
+    pub kv_width: i32,
+    pub launch: Launch,
+}
+
+/// `split_qkv`: `qkv [tokens, q_width + 2 × kv_width]` → `q [tokens, q_width]`,
+/// `k` and `v [tokens, kv_width]`.
+pub fn split_qkv_plan(
+    tokens: usize,
+    q_width: usize,
+    kv_width: usize,
+    lens: [usize; 4],
+) -> Result<SplitQkvPlan> {
+    const K: &str = "split_qkv";
+    positive(K, "q_width", q_width)?;
+    positive(K, "kv_width", kv_width)?;
+    let total = q_width.saturating_add(kv_width.saturating_mul(2));
+    let qkv = elements(K, "qkv [tokens, q_width + 2 × kv_width]", tokens, total)?;
+    check_len(K, "qkv", lens[0], qkv)?;
+    check_len(K, "q", lens[1], tokens * q_width)?;
+    check_len(K, "k", lens[2], tokens * kv_width)?;
+    check_len(K, "v", lens[3], tokens * kv_width)?;
+    Ok(SplitQkvPlan {
+        q_width: to_i32(K, "q_width", q_width)?,
+        kv_width: to_i32(K, "kv_width", kv_width)?,
+        launch: Launch {
+            grid: (tokens as u32, chunks(K, total)?, 1),
+            block: CHUNK_THREADS,
+        },
+    })
+}
+
 /// `add`: `x [n] += y [n]`.
 pub fn add_plan(n: usize, x_len: usize, y_len: usize) -> Result<ElementwisePlan> {
     const K: &str = "add";
@@ -444,6 +479,23 @@ pub fn rope_ref(q: &mut [f16], k: &mut [f16], positions: &[i32], shape: &RopeSha
 }
 
 /// `out[t, j] = f16(f16(silu(gate[t, j])) * up[t, j])` with `gate_up [tokens, 2I]`.
+/// `split_qkv` on the host: the q, k and v column blocks of each row.
+pub fn split_qkv_ref(
+    qkv: &[f16],
+    q_width: usize,
+    kv_width: usize,
+) -> (Vec<f16>, Vec<f16>, Vec<f16>) {
+    let total = q_width + 2 * kv_width;
+    assert_eq!(qkv.len() % total, 0);
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for row in qkv.chunks_exact(total) {
+        q.extend_from_slice(&row[..q_width]);
+        k.extend_from_slice(&row[q_width..q_width + kv_width]);
+        v.extend_from_slice(&row[q_width + kv_width..]);
+    }
+    (q, k, v)
+}
+
 pub fn silu_mul_ref(gate_up: &[f16], intermediate: usize) -> Vec<f16> {
     assert_eq!(gate_up.len() % (2 * intermediate), 0);
     let mut out = Vec::with_capacity(gate_up.len() / 2);
@@ -624,6 +676,40 @@ pub fn silu_mul(
     // SAFETY: the argument list matches `silu_mul(const half_t*, half_t*, int)`; the plan checked
     // gate_up (tokens × 2I) and out (tokens × I), grid = (tokens, ceil(I / CHUNK)).
     unsafe { builder.launch(plan.launch.config()) }.map_err(driver_err("launching silu_mul"))?;
+    Ok(())
+}
+
+/// Splits one fused q/k/v GEMM output `[tokens, qw + 2 kvw]` into `q`, `k` and `v`.
+#[cfg(feature = "cuda")]
+pub fn split_qkv(
+    gpu: &Gpu,
+    qkv: &CudaView<'_, f16>,
+    [q, k, v]: [&mut CudaViewMut<'_, f16>; 3],
+    tokens: usize,
+    q_width: usize,
+    kv_width: usize,
+) -> Result<()> {
+    let plan = split_qkv_plan(
+        tokens,
+        q_width,
+        kv_width,
+        [qkv.len(), q.len(), k.len(), v.len()],
+    )?;
+    if plan.launch.is_empty() {
+        return Ok(());
+    }
+    let f = gpu.function(SOURCE, "split_qkv")?;
+    let mut builder = gpu.stream.launch_builder(&f);
+    builder
+        .arg(qkv)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(&plan.q_width)
+        .arg(&plan.kv_width);
+    // SAFETY: the argument list matches `split_qkv(const half_t*, half_t*, half_t*, half_t*,
+    // int, int)`; the plan checked every length against tokens and the widths.
+    unsafe { builder.launch(plan.launch.config()) }.map_err(driver_err("launching split_qkv"))?;
     Ok(())
 }
 
@@ -940,6 +1026,44 @@ fn check_case(
         results.push(compare_f16(name("rope (k)"), &got_k, &k));
     }
 
+    // split_qkv: the rope case's head counts give q and kv widths.
+    {
+        let (qw, kvw) = (
+            case.rope.num_heads * case.rope.head_dim,
+            case.rope.num_kv_heads * case.rope.head_dim,
+        );
+        let qkv = rng.f16s(t * (qw + 2 * kvw), -4.0, 4.0);
+        let (want_q, want_k, want_v) = split_qkv_ref(&qkv, qw, kvw);
+        let d_qkv = upload_at(gpu, &qkv, off)?;
+        let mut d_q = upload_at(gpu, &poison(t * qw), off)?;
+        let mut d_k = upload_at(gpu, &poison(t * kvw), off)?;
+        let mut d_v = upload_at(gpu, &poison(t * kvw), off)?;
+        split_qkv(
+            gpu,
+            &d_qkv.slice(off..),
+            [
+                &mut d_q.slice_mut(off..),
+                &mut d_k.slice_mut(off..),
+                &mut d_v.slice_mut(off..),
+            ],
+            t,
+            qw,
+            kvw,
+        )?;
+        for (what, d, want) in [
+            ("q", &d_q, &want_q),
+            ("k", &d_k, &want_k),
+            ("v", &d_v, &want_v),
+        ] {
+            let got = download(gpu, &d.slice(off..))?;
+            results.push(compare_f16(
+                name(&format!("split_qkv ({what})")),
+                &got,
+                want,
+            ));
+        }
+    }
+
     // silu_mul
     {
         let i = case.intermediate;
@@ -1070,6 +1194,17 @@ mod tests {
     fn chunked_plans_reject_bad_shapes() {
         let e = |r: Result<ElementwisePlan>| r.unwrap_err().to_string();
         assert!(e(silu_mul_plan(2, 8, 31, 16)).contains("`gate_up`"));
+        let p = split_qkv_plan(3, 4096, 1024, [3 * 6144, 3 * 4096, 3 * 1024, 3 * 1024]).unwrap();
+        assert_eq!(p.launch.grid, (3, 3, 1));
+        let e_split = |r: Result<SplitQkvPlan>| r.unwrap_err().to_string();
+        assert!(e_split(split_qkv_plan(
+            3,
+            4096,
+            1024,
+            [3 * 6144, 3 * 4096, 3 * 1023, 3 * 1024]
+        ))
+        .contains("`k`"));
+        assert!(e_split(split_qkv_plan(3, 0, 1024, [0, 0, 0, 0])).contains("positive"));
         assert!(e(silu_mul_plan(2, 8, 32, 15)).contains("`out`"));
         assert!(e(silu_mul_plan(2, 0, 32, 16)).contains("positive"));
         assert!(e(silu_mul_plan(1 << 16, 1 << 15, usize::MAX, usize::MAX)).contains("32-bit"));
@@ -1239,6 +1374,16 @@ mod tests {
         };
         check(&q0, &q, shape.num_heads);
         check(&k0, &k, shape.num_kv_heads);
+    }
+
+    #[test]
+    fn split_qkv_ref_takes_each_rows_column_blocks() {
+        let qkv: Vec<f16> = (0..2 * 8).map(|i| f16::from_f32(i as f32)).collect();
+        let (q, k, v) = split_qkv_ref(&qkv, 4, 2);
+        let f = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        assert_eq!(f(&q), [0.0, 1.0, 2.0, 3.0, 8.0, 9.0, 10.0, 11.0]);
+        assert_eq!(f(&k), [4.0, 5.0, 12.0, 13.0]);
+        assert_eq!(f(&v), [6.0, 7.0, 14.0, 15.0]);
     }
 
     #[test]

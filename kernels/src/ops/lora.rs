@@ -1532,6 +1532,7 @@ mod launch {
                     ),
                 });
             }
+            gpu.mark(crate::gpu::Phase::LoraShrink)?;
             let fused = gpu.function(SOURCE, "lora_mbgmv_fused")?;
             let mut b = gpu.stream.launch_builder(&fused);
             b.arg(x)
@@ -1563,6 +1564,8 @@ mod launch {
             return Ok(());
         }
 
+        gpu.mark(crate::gpu::Phase::LoraShrink)?;
+
         let shrink = gpu.function(SOURCE, "lora_mbgmv_shrink")?;
         let mut b = gpu.stream.launch_builder(&shrink);
         b.arg(x)
@@ -1586,6 +1589,8 @@ mod launch {
         // within those lengths.
         unsafe { b.launch(config(&plan.shrink)) }
             .map_err(driver_err("launching lora_mbgmv_shrink"))?;
+
+        gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
         let expand = gpu.function(SOURCE, "lora_mbgmv_expand")?;
         let v_read = v_scratch.as_view();
@@ -1736,6 +1741,8 @@ mod launch {
             ys.push(&mut module.y);
         }
 
+        gpu.mark(crate::gpu::Phase::LoraShrink)?;
+
         let shrink = gpu.function(SOURCE, "lora_mbgmv_shrink_multi")?;
         let mut b = gpu.stream.launch_builder(&shrink);
         b.arg(x).arg(k_pool_layer).arg(adapter_pages);
@@ -1771,6 +1778,8 @@ mod launch {
         // sides and the tables and writes `v_scratch[modules, n, max_rank]` only in bounds.
         unsafe { b.launch(config(&plan.shrink)) }
             .map_err(driver_err("launching lora_mbgmv_shrink_multi"))?;
+
+        gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
         let expand = gpu.function(SOURCE, "lora_mbgmv_expand_multi")?;
         let v_read = v_scratch.as_view();
@@ -1873,6 +1882,8 @@ mod launch {
         let pages_i = shape.num_pages as i32;
         let adapter_pages_i = i32_of(KERNEL, "adapter pages", adapter_pages.len())?;
 
+        gpu.mark(crate::gpu::Phase::LoraShrink)?;
+
         let shrink = gpu.function(SOURCE, "lora_mbgmm_shrink")?;
         let mut b = gpu.stream.launch_builder(&shrink);
         b.arg(x)
@@ -1896,6 +1907,8 @@ mod launch {
         // and writes (`v_scratch[T, max_rank]`) only within the checked lengths.
         unsafe { b.launch(config(&plan.shrink)) }
             .map_err(driver_err("launching lora_mbgmm_shrink"))?;
+
+        gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
         let expand = gpu.function(SOURCE, "lora_mbgmm_expand")?;
         let v_read = v_scratch.as_view();

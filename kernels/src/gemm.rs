@@ -1,0 +1,493 @@
+//! The base model's linear layers through cuBLASLt, with the algorithm for each shape chosen by
+//! timing cuBLASLt's own candidates.
+//!
+//! Decode steps multiply a few dozen token rows by weight matrices of tens of megabytes: the
+//! GEMM is a weight stream, and how well it is spread over the SMs (tile shape, split-K)
+//! decides the bandwidth. cuBLAS's heuristic picks one algorithm per shape without running
+//! it. Here the first shape met in each power-of-two bucket of token counts (up to
+//! `TUNE_MAX_TOKENS`) runs cuBLASLt's top `CANDIDATES` algorithms, and split-K variants of the
+//! top three, on the real operands (into a scratch output, after flushing the L2) and keeps
+//! the fastest for the bucket. A shape first met while the stream is being captured into a
+//! CUDA graph cannot be timed: it takes the heuristic's first choice for that call only (the
+//! executor runs a decode shape eagerly once before it captures it).
+
+use crate::error::{Error, Result};
+use crate::gpu::{driver_err, Gpu};
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::f16;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::MaybeUninit;
+use std::sync::Mutex;
+
+/// cuBLASLt's ranked algorithms timed per shape (split-K variants come on top).
+const CANDIDATES: usize = 8;
+/// Timed repetitions per candidate (after one warm-up); the median is compared.
+const TUNING_REPS: usize = 5;
+/// Split-K factors tried on top of the heuristic's algorithms, for decode-sized shapes.
+const SPLIT_K: [u32; 3] = [2, 4, 8];
+/// Token counts up to this are tuned (decode batches and small prefills); larger GEMMs are
+/// compute-bound tiles the heuristic handles well, and a prefill's arbitrary size would
+/// otherwise cost a tuning each.
+const TUNE_MAX_TOKENS: usize = 512;
+/// Larger than any current GPU's L2 (H200: 60 MB).
+const L2_FLUSH_BYTES: usize = 128 << 20;
+/// cuBLASLt's recommended workspace on Hopper (split-K partial sums live here).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// `y[t, out] (+)= x[t, inp] · w[out, inp]ᵀ`, all row-major fp16, fp32 accumulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Shape {
+    t: usize,
+    inp: usize,
+    out: usize,
+    accumulate: bool,
+}
+
+/// The descriptors of one shape and the algorithm chosen for it.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    c: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's choice for a shape met during a graph capture, before it could be
+    /// tuned: used once, not cached.
+    provisional: bool,
+}
+
+/// Shapes share a tuned algorithm by power-of-two bucket of the token count: the first size
+/// met in a bucket is timed, the others reuse its choice (when it runs their shape), so a
+/// server meets at most ten tunings per weight shape instead of one per batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Bucket {
+    t: usize,
+    inp: usize,
+    out: usize,
+    accumulate: bool,
+}
+
+/// A bucket's tuning result.
+#[derive(Clone, Copy)]
+struct Tuned {
+    algo: sys::cublasLtMatmulAlgo_t,
+    /// The size it was timed at, and the milliseconds of the heuristic's first choice and of
+    /// the winner there.
+    timed_at: usize,
+    heuristic_ms: f64,
+    chosen_ms: f64,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: created in `Plan::new` and destroyed only here.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.c);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// One row of `LtGemm::report`: a shape, and what tuning gained over the heuristic.
+#[derive(Clone, Debug)]
+pub struct TunedShape {
+    pub tokens: usize,
+    pub inp: usize,
+    pub out: usize,
+    pub heuristic_ms: f64,
+    pub chosen_ms: f64,
+}
+
+pub struct LtGemm {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    plans: Mutex<HashMap<Shape, Plan>>,
+    tuned: Mutex<HashMap<Bucket, Tuned>>,
+    /// Time the candidates (on by default; off reproduces cuBLAS's own choice).
+    tune: bool,
+}
+
+// SAFETY: the handle and descriptors are used from one thread at a time (behind the Mutex or
+// by the executor that owns the Gpu), as cuBLASLt allows.
+unsafe impl Send for LtGemm {}
+unsafe impl Sync for LtGemm {}
+
+impl Drop for LtGemm {
+    fn drop(&mut self) {
+        self.plans
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+fn blas_err(context: String) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> Error {
+    move |e| Error::Blas {
+        context,
+        message: e.to_string(),
+    }
+}
+
+impl LtGemm {
+    pub fn new(stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> Result<LtGemm> {
+        let handle =
+            lt::create_handle().map_err(blas_err("creating the cuBLASLt handle".into()))?;
+        // SAFETY: the workspace is only ever handed to cuBLASLt, which writes before reading.
+        let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }
+            .map_err(driver_err("allocating the cuBLASLt workspace"))?;
+        Ok(LtGemm {
+            handle,
+            workspace,
+            plans: Mutex::new(HashMap::new()),
+            tuned: Mutex::new(HashMap::new()),
+            tune: true,
+        })
+    }
+
+    /// Whether new shapes are tuned by timing (default) or take cuBLAS's first choice.
+    pub fn set_tuning(&mut self, on: bool) {
+        self.tune = on;
+        self.plans
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.tuned
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// The tuned shapes so far, with the heuristic's time beside the chosen one.
+    pub fn report(&self) -> Vec<TunedShape> {
+        let tuned = self.tuned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<TunedShape> = tuned
+            .iter()
+            .map(|(b, t)| TunedShape {
+                tokens: t.timed_at,
+                inp: b.inp,
+                out: b.out,
+                heuristic_ms: t.heuristic_ms,
+                chosen_ms: t.chosen_ms,
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.out, r.inp, r.tokens));
+        rows
+    }
+
+    /// `y[t, out] (+)= x[t, inp] · w[out, inp]ᵀ` on the compute stream.
+    #[allow(clippy::too_many_arguments)] // one GEMM: operands, sizes, and accumulate
+    pub fn linear<X, W, Y>(
+        &self,
+        gpu: &Gpu,
+        x: &X,
+        w: &W,
+        y: &mut Y,
+        t: usize,
+        inp: usize,
+        out: usize,
+        accumulate: bool,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f16>,
+        W: DevicePtr<f16>,
+        Y: DevicePtrMut<f16>,
+    {
+        if t == 0 {
+            return Ok(());
+        }
+        let shape = Shape {
+            t,
+            inp,
+            out,
+            accumulate,
+        };
+        let stream = &gpu.stream;
+        let (xp, _gx) = x.device_ptr(stream);
+        let (wp, _gw) = w.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Vacant(slot) = plans.entry(shape) {
+            let capturing = stream
+                .capture_status()
+                .map(|s| {
+                    s != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+                })
+                .unwrap_or(true);
+            let plan = self.plan(gpu, shape, xp, wp, capturing)?;
+            if plan.provisional {
+                // Use it for this call only; the next eager call tunes the shape.
+                return self.launch(gpu, &plan, shape, xp, wp, yp);
+            }
+            slot.insert(plan);
+        }
+        let plan = &plans[&shape];
+        self.launch(gpu, plan, shape, xp, wp, yp)
+    }
+
+    fn launch(&self, gpu: &Gpu, plan: &Plan, shape: Shape, x: u64, w: u64, y: u64) -> Result<()> {
+        let alpha = 1.0f32;
+        let beta = if shape.accumulate { 1.0f32 } else { 0.0 };
+        let (ws, _g) = self.workspace.device_ptr(&gpu.stream);
+        // SAFETY: the layouts describe w as [out, inp], x as [t, inp] and y as [t, out]
+        // row-major, which is what the caller holds; the workspace is WORKSPACE_BYTES long.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                (&alpha) as *const f32 as *const c_void,
+                (&beta) as *const f32 as *const c_void,
+                w as *const c_void,
+                plan.a,
+                x as *const c_void,
+                plan.b,
+                y as *const c_void,
+                plan.c,
+                y as *mut c_void,
+                plan.c,
+                &plan.algo,
+                ws as *mut c_void,
+                WORKSPACE_BYTES,
+                gpu.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(blas_err(format!(
+            "linear {}->{} over {} tokens",
+            shape.inp, shape.out, shape.t
+        )))
+    }
+
+    /// Descriptors for `shape` and its algorithm: its bucket's tuned algorithm, timed now
+    /// when the bucket has none yet (not possible while `capturing`), or the heuristic's
+    /// first choice for shapes too large to tune.
+    fn plan(&self, gpu: &Gpu, shape: Shape, x: u64, w: u64, capturing: bool) -> Result<Plan> {
+        let bucket = (self.tune && shape.t <= TUNE_MAX_TOKENS).then(|| Bucket {
+            t: shape.t.next_power_of_two(),
+            inp: shape.inp,
+            out: shape.out,
+            accumulate: shape.accumulate,
+        });
+        let known = bucket.and_then(|b| {
+            self.tuned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&b)
+                .copied()
+        });
+        let tune = bucket.is_some() && known.is_none() && !capturing;
+        let ctx = || {
+            format!(
+                "planning linear {}->{} over {} tokens",
+                shape.inp, shape.out, shape.t
+            )
+        };
+        let f16_t = sys::cudaDataType_t::CUDA_R_16F;
+        // Column-major view: C[out, t] = op(A)[out, inp] · B[inp, t] with A = w stored as
+        // [inp, out] (transposed), B = x as [inp, t], C = y as [out, t].
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(blas_err(ctx()))?;
+        let trans = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
+        // SAFETY: `desc` was just created; the attribute is a cublasOperation_t.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&trans) as *const _ as *const c_void,
+                std::mem::size_of::<cudarc::cublas::sys::cublasOperation_t>(),
+            )
+        }
+        .map_err(blas_err(ctx()))?;
+        let (inp, out, t) = (shape.inp as u64, shape.out as u64, shape.t as u64);
+        let a = lt::create_matrix_layout(f16_t, inp, out, inp as i64).map_err(blas_err(ctx()))?;
+        let b = lt::create_matrix_layout(f16_t, inp, t, inp as i64).map_err(blas_err(ctx()))?;
+        let c = lt::create_matrix_layout(f16_t, out, t, out as i64).map_err(blas_err(ctx()))?;
+        let pref = lt::create_matmul_pref().map_err(blas_err(ctx()))?;
+        let ws = WORKSPACE_BYTES as u64;
+        let mut heuristics: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            Vec::with_capacity(CANDIDATES);
+        let mut found = 0i32;
+        // SAFETY: all descriptors are live; `heuristics` has room for CANDIDATES results and
+        // its length is set to what cuBLASLt wrote.
+        let status = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws) as *const u64 as *const c_void,
+                std::mem::size_of::<u64>(),
+            )
+            .and_then(|()| {
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    desc,
+                    a,
+                    b,
+                    c,
+                    c,
+                    pref,
+                    CANDIDATES as i32,
+                    heuristics.as_mut_ptr(),
+                    &mut found,
+                )
+                .result()
+            })
+        };
+        // SAFETY: cuBLASLt initialised `found` entries.
+        unsafe {
+            heuristics.set_len(found.max(0) as usize);
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        let mut plan = Plan {
+            desc,
+            a,
+            b,
+            c,
+            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            provisional: bucket.is_some() && known.is_none() && capturing,
+        };
+        status.map_err(blas_err(ctx()))?;
+        let mut candidates: Vec<_> = heuristics
+            .iter()
+            .filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|h| h.algo)
+            .collect();
+        if tune {
+            // Few output tiles (4,096 outputs at a decode batch) leave SMs idle; splitting the
+            // reduction dimension gives every SM a share of the weight stream. The heuristic
+            // rarely offers it for these shapes, so the top algorithms are also tried split.
+            let heuristic: Vec<_> = candidates.iter().take(3).copied().collect();
+            for base in heuristic {
+                for split in SPLIT_K {
+                    let mut algo = base;
+                    // SAFETY: `algo` is a valid algorithm value; the attribute is a u32, and
+                    // the check below rejects a configuration these descriptors cannot run.
+                    let ok = unsafe {
+                        let mut check =
+                            MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed();
+                        sys::cublasLtMatmulAlgoConfigSetAttribute(
+                            &mut algo,
+                            sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                            (&split) as *const u32 as *const c_void,
+                            std::mem::size_of::<u32>(),
+                        ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                            && sys::cublasLtMatmulAlgoCheck(
+                                self.handle,
+                                desc,
+                                a,
+                                b,
+                                c,
+                                c,
+                                &algo,
+                                check.as_mut_ptr(),
+                            ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                            && check.assume_init().workspaceSize <= WORKSPACE_BYTES
+                    };
+                    if ok {
+                        candidates.push(algo);
+                    }
+                }
+            }
+        }
+        let Some(&first) = candidates.first() else {
+            return Err(Error::Blas {
+                context: ctx(),
+                message: "cuBLASLt offers no algorithm for this shape".into(),
+            });
+        };
+        plan.algo = first;
+        if let Some(known) = known {
+            // SAFETY: all descriptors are live; `check` is written by cuBLASLt.
+            let runs_here = unsafe {
+                let mut check = MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed();
+                sys::cublasLtMatmulAlgoCheck(
+                    self.handle,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.c,
+                    plan.c,
+                    &known.algo,
+                    check.as_mut_ptr(),
+                ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                    && check.assume_init().workspaceSize <= WORKSPACE_BYTES
+            };
+            if runs_here {
+                plan.algo = known.algo;
+            }
+            return Ok(plan);
+        }
+        if !tune || candidates.len() == 1 {
+            return Ok(plan);
+        }
+        // Time every candidate into a scratch output: the caller's y stays as it was.
+        let scratch = gpu
+            .stream
+            .alloc_zeros::<f16>(shape.t * shape.out)
+            .map_err(driver_err("allocating GEMM tuning scratch"))?;
+        let (sp, _g) = scratch.device_ptr(&gpu.stream);
+        // Decode GEMMs read their weights from HBM (a step streams gigabytes through the
+        // 60 MB L2); overwriting a buffer larger than the L2 before each timed run keeps a
+        // 32 MB weight matrix from being timed out of the cache.
+        let mut flush = gpu
+            .stream
+            .alloc_zeros::<u8>(L2_FLUSH_BYTES)
+            .map_err(driver_err("allocating the L2 flush buffer"))?;
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut best = (f64::INFINITY, first);
+        let mut heuristic_ms = f64::NAN;
+        for (i, algo) in candidates.iter().enumerate() {
+            plan.algo = *algo;
+            // A candidate the heuristic offered can still refuse these pointers' alignment:
+            // skip it rather than fail the step.
+            if self.launch(gpu, &plan, shape, x, w, sp).is_err() {
+                continue;
+            }
+            let mut times = Vec::with_capacity(TUNING_REPS);
+            for _ in 0..TUNING_REPS {
+                gpu.stream
+                    .memset_zeros(&mut flush)
+                    .map_err(driver_err("flushing the L2"))?;
+                let start = gpu
+                    .stream
+                    .record_event(flags)
+                    .map_err(driver_err("event"))?;
+                self.launch(gpu, &plan, shape, x, w, sp)?;
+                let end = gpu
+                    .stream
+                    .record_event(flags)
+                    .map_err(driver_err("event"))?;
+                end.synchronize().map_err(driver_err("event sync"))?;
+                times.push(start.elapsed_ms(&end).map_err(driver_err("event time"))? as f64);
+            }
+            times.sort_by(|a, b| a.total_cmp(b));
+            let ms = times[times.len() / 2];
+            if i == 0 {
+                heuristic_ms = ms;
+            }
+            if ms < best.0 {
+                best = (ms, *algo);
+            }
+        }
+        plan.algo = best.1;
+        if let (Some(b), true) = (bucket, best.0.is_finite()) {
+            self.tuned.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                b,
+                Tuned {
+                    algo: best.1,
+                    timed_at: shape.t,
+                    heuristic_ms,
+                    chosen_ms: best.0,
+                },
+            );
+        }
+        Ok(plan)
+    }
+}
