@@ -93,6 +93,61 @@ pub struct DecodeStats {
     /// Decode requests that use an adapter, and the sum of those adapters' ranks.
     pub lora_requests: u32,
     pub lora_rank_sum: u64,
+    /// How the KV rows read (`context_len + 1`) are spread over the decode requests, so a cost
+    /// model can see a skewed batch (a few long contexts among many short ones) and not only
+    /// its mean.
+    pub context_histogram: ContextHistogram,
+}
+
+/// Decode requests by KV rows read, in power-of-two buckets: bucket `b` holds `rows` in
+/// `[2^b, 2^(b+1))`, the last bucket everything from `2^15` = 32,768 rows up. Each bucket keeps
+/// its count and the sum of its rows, so its mean is exact and, for any cost affine in the
+/// context, the histogram loses nothing.
+///
+/// Fixed size (192 bytes, no allocation); [`ContextHistogram::add`] is O(1): a
+/// `leading_zeros` and two additions, cheap enough for the scheduler's per-request loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextHistogram {
+    /// Requests per bucket.
+    pub counts: [u32; ContextHistogram::BUCKETS],
+    /// Sum of the rows of the bucket's requests.
+    pub rows: [u64; ContextHistogram::BUCKETS],
+}
+
+impl ContextHistogram {
+    pub const BUCKETS: usize = 16;
+
+    /// The bucket of a request reading `rows` KV rows (0 and 1 both go to bucket 0).
+    pub fn bucket(rows: u32) -> usize {
+        let log2 = 31 - (rows | 1).leading_zeros() as usize;
+        log2.min(Self::BUCKETS - 1)
+    }
+
+    /// Counts one request reading `rows` KV rows.
+    pub fn add(&mut self, rows: u32) {
+        let b = Self::bucket(rows);
+        self.counts[b] += 1;
+        self.rows[b] += rows as u64;
+    }
+
+    /// Requests counted.
+    pub fn requests(&self) -> u32 {
+        self.counts.iter().sum()
+    }
+
+    /// Rows counted over all requests.
+    pub fn total_rows(&self) -> u64 {
+        self.rows.iter().sum()
+    }
+
+    /// `(requests, mean rows)` of each non-empty bucket, shortest contexts first.
+    pub fn buckets(&self) -> impl Iterator<Item = (u32, f64)> + '_ {
+        self.counts
+            .iter()
+            .zip(&self.rows)
+            .filter(|(&n, _)| n > 0)
+            .map(|(&n, &rows)| (n, rows as f64 / n as f64))
+    }
 }
 
 impl StepPlan {
@@ -154,4 +209,29 @@ pub enum ExecError {
 pub trait Executor {
     /// Run one iteration exactly as planned; report how long it took.
     fn execute(&mut self, plan: &StepPlan) -> Result<StepReport, ExecError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_histogram_buckets_by_power_of_two() {
+        assert_eq!(ContextHistogram::bucket(0), 0);
+        assert_eq!(ContextHistogram::bucket(1), 0);
+        assert_eq!(ContextHistogram::bucket(2), 1);
+        assert_eq!(ContextHistogram::bucket(3), 1);
+        assert_eq!(ContextHistogram::bucket(4), 2);
+        assert_eq!(ContextHistogram::bucket(32_767), 14);
+        assert_eq!(ContextHistogram::bucket(32_768), 15);
+        assert_eq!(ContextHistogram::bucket(u32::MAX), 15);
+        let mut h = ContextHistogram::default();
+        for rows in [10, 12, 15, 1000, 100_000] {
+            h.add(rows);
+        }
+        assert_eq!(h.requests(), 5);
+        assert_eq!(h.total_rows(), 101_037);
+        let buckets: Vec<(u32, f64)> = h.buckets().collect();
+        assert_eq!(buckets, vec![(3, 37.0 / 3.0), (1, 1000.0), (1, 100_000.0)]);
+    }
 }

@@ -503,6 +503,7 @@ impl Scheduler {
             r.work = Work::Decode;
             stats.context_tokens += r.kv_len as u64 + 1;
             stats.max_context = stats.max_context.max(r.kv_len + 1);
+            stats.context_histogram.add(r.kv_len + 1);
             if r.meta.adapter.is_some() {
                 stats.lora_requests += 1;
                 stats.lora_rank_sum += r.rank as u64;

@@ -6,12 +6,14 @@
 //! datasheet), the derived roofline model [`AnalyticCost`] with its [`Efficiency`] factors
 //! (defaults fitted to the H200 measurements in DESIGN.md, see [`Efficiency`]), the KV pool
 //! size [`kv_pool_pages`], and the calibration profile file format ([`CalibrationProfile`],
-//! [`load_profile`]) that `slora-plan calibrate` writes and a calibrated model reads.
+//! [`load_profile`]) that `slora-plan calibrate` writes and the calibrated model
+//! ([`crate::calibrated::CalibratedCost`]) reads.
 //!
 //! `step_cost` runs once per simulated step: `AnalyticCost` precomputes every rate in `new`,
 //! so a call is a few dozen floating-point operations (about 60 ns), with no allocation.
 
 use serde::{Deserialize, Serialize};
+use slora_engine::plan::ContextHistogram;
 use slora_engine::{ModelSpec, Nanos, SpecError, StepPlan, TargetModule};
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,11 @@ pub struct BatchShape {
     pub decode_context_tokens: u64,
     /// Longest decode context.
     pub max_decode_context: u32,
+    /// Decode requests by KV rows read (`context_len + 1`), in power-of-two buckets with each
+    /// bucket's row sum, for cost models that see a skewed batch and not only its mean (the
+    /// calibrated model). A shape built by hand may leave it empty: cost models then treat
+    /// the decode batch as `decode_requests` requests at the mean context.
+    pub decode_context_histogram: ContextHistogram,
     /// Tokens (prefill + decode) of requests that use an adapter.
     pub lora_tokens: u32,
     /// Sum over those tokens of their adapter's rank (LoRA FLOPs scale with it).
@@ -67,6 +74,7 @@ impl BatchShape {
             decode_requests: plan.decode.len() as u32,
             decode_context_tokens: d.context_tokens,
             max_decode_context: d.max_context,
+            decode_context_histogram: d.context_histogram,
             lora_tokens: d.lora_requests,
             lora_token_rank: d.lora_rank_sum,
             distinct_adapters: plan.distinct_adapters,
@@ -486,6 +494,18 @@ pub enum CostError {
         field: String,
         reason: String,
     },
+    #[error(
+        "calibration profile `{profile}` cannot model {wanted}: {mismatches}; measure this \
+         configuration with `slora-plan calibrate`, or use the derived cost model"
+    )]
+    ProfileMismatch {
+        /// The profile: GPU, model and date.
+        profile: String,
+        /// What was asked for (the scenario's model, TP degree or GPU).
+        wanted: String,
+        /// Each differing field as `field: profile X, wanted Y`.
+        mismatches: String,
+    },
 }
 
 /// `memory * utilization - reserve` in bytes (may be negative when nothing is usable).
@@ -650,10 +670,59 @@ impl Efficiency {
 /// A group of GEMMs that see the same tokens: their weight bytes, the activation bytes each
 /// token adds (input read, output written) and the FLOPs each token costs.
 #[derive(Clone, Copy, Debug)]
-struct GemmGroup {
-    weight_bytes: f64,
-    act_bytes_per_token: f64,
-    flops_per_token: f64,
+pub(crate) struct GemmGroup {
+    pub(crate) weight_bytes: f64,
+    pub(crate) act_bytes_per_token: f64,
+    pub(crate) flops_per_token: f64,
+}
+
+/// The two GEMM groups of a step: every layer's q,k,v,o,gate,up,down (per token), and the LM
+/// head (per sampled token). Shared by [`AnalyticCost`] and the efficiency fit of the
+/// calibrated model, so both use one formula.
+pub(crate) fn gemm_groups(model: &ModelSpec) -> (GemmGroup, GemmGroup) {
+    let dtype = model.dtype.bytes() as f64;
+    let layers = model.num_layers as f64;
+    let hidden = model.hidden_size as f64;
+    let vocab = model.vocab_size as f64;
+    let mut params = 0.0;
+    for m in TargetModule::ALL {
+        let (i, o) = model.module_shape(m);
+        params += i as f64 * o as f64;
+    }
+    // Activation elements each token moves through the GEMMs, with q,k,v fused into one
+    // GEMM and gate,up into another (as the executor and the reference table run them):
+    // the fused GEMM reads its input once.
+    let kv_width = model.kv_width() as f64;
+    let inter = model.intermediate_size as f64;
+    let io_elems = (hidden + hidden + 2.0 * kv_width)
+        + (hidden + hidden)
+        + (hidden + 2.0 * inter)
+        + (inter + hidden);
+    (
+        GemmGroup {
+            weight_bytes: params * layers * dtype,
+            act_bytes_per_token: io_elems * layers * dtype,
+            flops_per_token: 2.0 * params * layers,
+        },
+        GemmGroup {
+            weight_bytes: vocab * hidden * dtype,
+            act_bytes_per_token: (hidden + vocab) * dtype,
+            flops_per_token: 2.0 * vocab * hidden,
+        },
+    )
+}
+
+/// Sum over `targets` of each module's input width and of its output width, times the layers:
+/// the elements a LoRA shrink reads per token (and per rank row of A), and an expand writes.
+pub(crate) fn lora_elems(model: &ModelSpec, targets: &[TargetModule]) -> (f64, f64) {
+    let (mut lora_in, mut lora_out) = (0.0, 0.0);
+    for &m in targets {
+        let (i, o) = model.module_shape(m);
+        lora_in += i as f64;
+        lora_out += o as f64;
+    }
+    let layers = model.num_layers as f64;
+    (lora_in * layers, lora_out * layers)
 }
 
 /// Roofline step costs from a GPU's datasheet numbers and [`Efficiency`] factors, for GPUs we
@@ -764,46 +833,20 @@ impl AnalyticCost {
         let layers = model.num_layers as f64;
         let hidden = model.hidden_size as f64;
         let vocab = model.vocab_size as f64;
-        let mut params = 0.0;
-        for m in TargetModule::ALL {
-            let (i, o) = model.module_shape(m);
-            params += i as f64 * o as f64;
-        }
-        // Activation elements each token moves through the GEMMs, with q,k,v fused into one
-        // GEMM and gate,up into another (as the executor and the reference table run them):
-        // the fused GEMM reads its input once.
-        let kv_width = model.kv_width() as f64;
-        let inter = model.intermediate_size as f64;
-        let io_elems = (hidden + hidden + 2.0 * kv_width)
-            + (hidden + hidden)
-            + (hidden + 2.0 * inter)
-            + (inter + hidden);
-        let (mut lora_in, mut lora_out) = (0.0, 0.0);
-        for &m in targets {
-            let (i, o) = model.module_shape(m);
-            lora_in += i as f64;
-            lora_out += o as f64;
-        }
+        let (layer_gemms, lm_head) = gemm_groups(model);
+        let (lora_in_elems, lora_out_elems) = lora_elems(model, targets);
         let weight_bw = eff.weight_streaming * gpu.hbm_bandwidth;
         Ok(AnalyticCost {
-            layers: GemmGroup {
-                weight_bytes: params * layers * dtype,
-                act_bytes_per_token: io_elems * layers * dtype,
-                flops_per_token: 2.0 * params * layers,
-            },
-            lm_head: GemmGroup {
-                weight_bytes: vocab * hidden * dtype,
-                act_bytes_per_token: (hidden + vocab) * dtype,
-                flops_per_token: 2.0 * vocab * hidden,
-            },
+            layers: layer_gemms,
+            lm_head,
             weight_bw,
             tensor_flops: eff.tensor_core * gpu.dense_fp16_flops,
             kv_bw: eff.kv_read * gpu.hbm_bandwidth,
             kv_bytes_per_token: model.kv_bytes_per_token() as f64,
             // QK^T and PV: 2 FLOPs per multiply-add, over num_heads * head_dim = H per layer.
             attention_flops_per_row: 4.0 * hidden * layers,
-            lora_in_elems: lora_in * layers,
-            lora_out_elems: lora_out * layers,
+            lora_in_elems,
+            lora_out_elems,
             dtype_bytes: dtype,
             lora_bw: eff.lora_kernel * gpu.hbm_bandwidth,
             lora_flops: eff.lora_kernel * gpu.dense_fp16_flops,
@@ -848,7 +891,7 @@ impl AnalyticCost {
 
 /// The smooth maximum `(a^p + b^p)^(1/p)` of a memory time and a compute time.
 #[derive(Clone, Copy, Debug)]
-struct SmoothMax {
+pub(crate) struct SmoothMax {
     p: f64,
     /// `k` when `p = 2^k` (the default 8 has k = 3): then `r^p` is `k` squarings and the
     /// `p`-th root `k` square roots, several times cheaper than two `powf` in a function called
@@ -857,7 +900,7 @@ struct SmoothMax {
 }
 
 impl SmoothMax {
-    fn new(p: f64) -> SmoothMax {
+    pub(crate) fn new(p: f64) -> SmoothMax {
         SmoothMax {
             p,
             squarings: (0..=9).find(|&k| f64::from(1u32 << k) == p),
@@ -867,7 +910,7 @@ impl SmoothMax {
     /// Computed as `hi * (1 + (lo/hi)^p)^(1/p)` with `hi = max(a, b)`, so that small times
     /// (1e-6 s)^8 cannot underflow. Non-decreasing in both arguments, between `max(a, b)` and
     /// `2^(1/p) * max(a, b)`. Arguments must be >= 0.
-    fn of(self, a: f64, b: f64) -> f64 {
+    pub(crate) fn of(self, a: f64, b: f64) -> f64 {
         let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
         if hi <= 0.0 {
             return 0.0;
@@ -1041,8 +1084,8 @@ pub struct Measured {
     pub samples: u32,
 }
 
-/// Base-model GEMMs (q,k,v,o,gate,up,down of every layer, weights streamed once), or the LM
-/// head, for `tokens` tokens in one step.
+/// One step's dense work for `tokens` token rows: see [`CalibrationProfile::base_gemm`] and
+/// [`CalibrationProfile::lm_head`] for what each grid's time covers.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensPoint {
@@ -1050,9 +1093,10 @@ pub struct TokensPoint {
     pub time: Measured,
 }
 
-/// Prefill attention over all layers for one chunk of `tokens` new tokens of a request that
+/// Prefill attention over all layers for ONE chunk of `tokens` new tokens of a request that
 /// already holds `context` tokens of KV (0 for a first chunk): `tokens * context +
-/// tokens * (tokens + 1) / 2` attended pairs, plus writing the chunk's KV rows.
+/// tokens * (tokens + 1) / 2` attended pairs, in one launch per layer (the executor's
+/// variable-length kernel with a single segment). The chunk's KV stores are in `base_gemm`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrefillAttentionPoint {
@@ -1061,7 +1105,9 @@ pub struct PrefillAttentionPoint {
     pub time: Measured,
 }
 
-/// Decode attention over all layers for `batch` requests that each read `context` KV rows.
+/// Decode attention over all layers for `batch` requests that each read `context` KV rows
+/// (their `context_len + 1`: the cached rows and the one written this step), in one launch
+/// (plus the split-K reduce) per layer.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecodeAttentionPoint {
@@ -1070,8 +1116,9 @@ pub struct DecodeAttentionPoint {
     pub time: Measured,
 }
 
-/// One LoRA kernel (shrink or expand) over all layers and the profile's `lora_targets`, for
-/// `tokens` tokens spread evenly over `adapters` distinct adapters, all of rank `rank`.
+/// One LoRA kernel (shrink or expand) over all layers and all of the profile's `lora_targets`
+/// (every launch the executor makes for it), for `tokens` tokens spread evenly over `adapters`
+/// distinct adapters, all of rank `rank`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraPoint {
@@ -1121,24 +1168,31 @@ pub struct CalibrationProfile {
     pub tensor_parallel: u32,
     /// Projections the LoRA kernels were measured on.
     pub lora_targets: Vec<TargetModule>,
-    /// Base GEMMs of all layers by token count.
+    /// All of one step's per-layer dense work for `tokens` token rows, over all layers: the
+    /// q,k,v,o,gate_up,down GEMMs plus the RMSNorms, RoPE, SiLU·mul, residual adds and KV
+    /// stores the executor launches (everything of a layer but attention and LoRA), weights
+    /// streamed once. The embedding lookup is counted here too.
     pub base_gemm: Vec<TokensPoint>,
-    /// LM head GEMM by number of tokens that sample.
+    /// The final RMSNorm, the LM head GEMM and the logits cast for `tokens` sampled rows.
     pub lm_head: Vec<TokensPoint>,
-    /// Prefill attention by (chunk tokens, context already cached).
+    /// Prefill attention over all layers for ONE chunk, by (chunk tokens, context already
+    /// cached); see [`PrefillAttentionPoint`].
     pub attention_prefill: Vec<PrefillAttentionPoint>,
-    /// Decode attention by (batch, context per request).
+    /// Decode attention over all layers for `batch` requests that each read `context` KV rows.
     pub attention_decode: Vec<DecodeAttentionPoint>,
-    /// LoRA shrink (x A) by (tokens, distinct adapters, rank).
+    /// LoRA shrink (`x · A^T`) over all layers × `lora_targets`, by (tokens, distinct
+    /// adapters, rank).
     pub lora_shrink: Vec<LoraPoint>,
-    /// LoRA expand (v B, added into the output) by (tokens, distinct adapters, rank).
+    /// LoRA expand (`v · B^T`, added into the output) over all layers × `lora_targets`, by
+    /// (tokens, distinct adapters, rank).
     pub lora_expand: Vec<LoraPoint>,
-    /// Host-to-device copies by transfer size.
+    /// Host-to-device copies by transfer size, one copy each, from pinned memory.
     pub host_to_device: Vec<TransferPoint>,
-    /// Per-step time outside the measured kernels (launches, metadata copies, sync): an
-    /// empty step's time.
+    /// Per-step host and launch time on the critical path that no grid above contains:
+    /// measured as a minimal step (one decode token, no adapter) minus the GPU time of its
+    /// kernels (its points of the grids above). Charged once per step.
     pub fixed_overhead: Measured,
-    /// Sampling time per sampled token.
+    /// Sampling time per sampled token (after `lm_head`'s logits).
     pub sampling_per_token: Measured,
 }
 
@@ -1552,6 +1606,7 @@ mod tests {
             distinct_rank_sum: v[10],
             blocking_load_bytes: v[11],
             prefetch_load_bytes: v[12],
+            decode_context_histogram: ContextHistogram::default(),
         }
     }
 

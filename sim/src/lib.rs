@@ -1,6 +1,7 @@
 //! slora-sim: a discrete-event simulator that drives the `slora-engine` core with a cost
 //! model instead of a GPU. It re-implements no policy: every decision comes from the engine.
 
+pub mod calibrated;
 pub mod cost;
 pub mod des;
 pub mod metrics;
@@ -8,6 +9,7 @@ pub mod recorder;
 pub mod scenario;
 pub mod workload;
 
+pub use calibrated::{cost_model_for, embedded_profiles, CalibratedCost};
 pub use cost::{BatchShape, CostModel, Provenance, StepCost};
 pub use des::{simulate, Event, EventQueue, SimError};
 pub use metrics::{Metrics, RunResult, SweepPoint, SweepResult};

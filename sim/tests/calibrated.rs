@@ -1,0 +1,834 @@
+//! The calibrated cost model against a known truth: profiles generated from the derived model
+//! (or from explicit functions) must be reproduced, extrapolated safely, fitted back, and
+//! chosen by `cost_model_for` as documented.
+
+use slora_engine::plan::ContextHistogram;
+use slora_engine::{
+    AdapterSpec, EngineConfig, Executor, ModelSpec, Nanos, PoolLayout, RequestMeta, Scheduler,
+    SchedulerConfig, TargetModule,
+};
+use slora_sim::calibrated::{
+    cost_model_for, embedded_profiles, fit_efficiency, leave_one_out, profile_from_cost_model,
+    profile_report, CalibratedCost, SyntheticGrids,
+};
+use slora_sim::cost::{find_gpu, AnalyticCost, CalibrationProfile, CostError, Efficiency};
+use slora_sim::{BatchShape, CostModel, Provenance, StepCost};
+
+fn llama7b() -> ModelSpec {
+    ModelSpec::preset("llama-7b").unwrap()
+}
+
+fn derived(gpu: &str, model: &ModelSpec, eff: Efficiency) -> AnalyticCost {
+    AnalyticCost::new(
+        find_gpu(gpu).unwrap(),
+        model,
+        1,
+        eff,
+        &TargetModule::ATTENTION,
+    )
+    .unwrap()
+}
+
+/// An H200 Llama-7B profile whose every point is the derived model's prediction.
+fn synthetic_profile(eff: Efficiency) -> CalibrationProfile {
+    let model = llama7b();
+    profile_from_cost_model(
+        &derived("h200", &model, eff),
+        "h200",
+        &model,
+        &TargetModule::ATTENTION,
+        &SyntheticGrids::default(),
+    )
+}
+
+fn calibrated(profile: &CalibrationProfile) -> CalibratedCost {
+    CalibratedCost::new(profile, &llama7b(), 1, &TargetModule::ATTENTION).unwrap()
+}
+
+/// A decode batch with these KV rows per request, histogram included.
+fn decode(rows: &[u32]) -> BatchShape {
+    let mut histogram = ContextHistogram::default();
+    for &r in rows {
+        histogram.add(r);
+    }
+    BatchShape {
+        decode_requests: rows.len() as u32,
+        decode_context_tokens: rows.iter().map(|&r| r as u64).sum(),
+        max_decode_context: rows.iter().copied().max().unwrap_or(0),
+        decode_context_histogram: histogram,
+        ..BatchShape::default()
+    }
+}
+
+/// Prefill chunks `(tokens, context)` added to a shape.
+fn with_prefill(mut s: BatchShape, chunks: &[(u32, u32)]) -> BatchShape {
+    for &(t, c) in chunks {
+        let t64 = t as u64;
+        s.prefill_requests += 1;
+        s.prefill_tokens += t;
+        s.prefill_attention_pairs += t64 * c as u64 + t64 * (t64 + 1) / 2;
+        s.max_prefill_tokens = s.max_prefill_tokens.max(t);
+    }
+    s
+}
+
+/// LoRA for every token of the shape: `(tokens, rank)` per adapter.
+fn with_lora(mut s: BatchShape, adapters: &[(u32, u32)]) -> BatchShape {
+    for &(tokens, rank) in adapters {
+        s.lora_tokens += tokens;
+        s.lora_token_rank += tokens as u64 * rank as u64;
+        s.distinct_adapters += 1;
+        s.distinct_rank_sum += rank as u64;
+    }
+    s
+}
+
+fn secs(n: Nanos) -> f64 {
+    n.as_secs_f64()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    if a == b {
+        0.0
+    } else {
+        a / b - 1.0
+    }
+}
+
+/// Contexts spread evenly over `lo..=hi`.
+fn spread(n: u32, lo: u32, hi: u32) -> Vec<u32> {
+    (0..n)
+        .map(|i| lo + ((hi - lo) as u64 * i as u64 / (n.max(2) - 1) as u64) as u32)
+        .collect()
+}
+
+#[test]
+fn reproduces_the_derived_model_off_grid() {
+    let truth = derived("h200", &llama7b(), Efficiency::default());
+    let cost = calibrated(&synthetic_profile(Efficiency::default()));
+    let shapes: Vec<(&str, BatchShape)> = vec![
+        ("decode 48 x 300..900", decode(&spread(48, 300, 900))),
+        ("decode 200 x 1500", decode(&[1500; 200])),
+        ("decode 700 x 3000 (beyond batch)", decode(&[3000; 700])),
+        (
+            "decode 100, skewed",
+            decode(&[[100; 90].as_slice(), &[5000; 10]].concat()),
+        ),
+        (
+            "prefill 700",
+            with_prefill(BatchShape::default(), &[(700, 0)]),
+        ),
+        (
+            "prefill 300 after 1000",
+            with_prefill(BatchShape::default(), &[(300, 1000)]),
+        ),
+        (
+            "prefill 3 chunks",
+            with_prefill(BatchShape::default(), &[(100, 0), (500, 0), (1200, 256)]),
+        ),
+        (
+            "mixed: 64 decode + 2 prefill, LoRA ranks 8..64",
+            with_lora(
+                with_prefill(decode(&spread(64, 50, 2500)), &[(200, 0), (300, 700)]),
+                &[(200, 8), (300, 64), (30, 16), (34, 32)],
+            ),
+        ),
+        (
+            "decode 160, 40 adapters of mixed rank, blocking load",
+            BatchShape {
+                blocking_load_bytes: 40 << 20,
+                ..with_lora(
+                    decode(&spread(160, 10, 1800)),
+                    &(0..40)
+                        .map(|i| (4, [8, 16, 32, 64][i % 4]))
+                        .collect::<Vec<_>>(),
+                )
+            },
+        ),
+    ];
+    println!(
+        "{:<55} {:>10} {:>10} {:>7}",
+        "shape", "derived", "calibr.", "error"
+    );
+    for (name, s) in &shapes {
+        let (want, got) = (truth.step_cost(s), cost.step_cost(s));
+        let err = rel(secs(got.total()), secs(want.total()));
+        println!(
+            "{name:<55} {:>8.3}ms {:>8.3}ms {:>+6.2}%",
+            secs(want.total()) * 1e3,
+            secs(got.total()) * 1e3,
+            err * 100.0
+        );
+        assert!(
+            err.abs() < 0.03,
+            "{name}: total off by {:+.2}%",
+            err * 100.0
+        );
+        for ((part, w), g) in StepCost::PARTS.iter().zip(want.parts()).zip(got.parts()) {
+            // Parts under 20 us are noise next to the step; the rest within 5%.
+            if secs(w).max(secs(g)) > 20e-6 {
+                let e = rel(secs(g), secs(w));
+                assert!(
+                    e.abs() < 0.05,
+                    "{name}: {part} {g} vs {w} ({:+.2}%)",
+                    e * 100.0
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn exact_at_grid_points() {
+    let profile = synthetic_profile(Efficiency::default());
+    let cost = calibrated(&profile);
+    let close = |got: Nanos, want: f64, what: String| {
+        assert!((secs(got) - want).abs() <= 1e-9, "{what}: {got} vs {want}");
+    };
+    for p in &profile.base_gemm {
+        let s = BatchShape {
+            prefill_tokens: p.tokens,
+            ..BatchShape::default()
+        };
+        close(
+            cost.step_cost(&s).base_gemm,
+            p.time.median_s,
+            format!("base_gemm {}", p.tokens),
+        );
+    }
+    for p in &profile.lm_head {
+        let s = BatchShape {
+            prefill_requests: p.tokens,
+            ..BatchShape::default()
+        };
+        close(
+            cost.step_cost(&s).base_gemm,
+            p.time.median_s,
+            format!("lm_head {}", p.tokens),
+        );
+    }
+    for p in &profile.attention_prefill {
+        let s = with_prefill(BatchShape::default(), &[(p.tokens, p.context)]);
+        close(
+            cost.step_cost(&s).attention_prefill,
+            p.time.median_s,
+            format!("prefill {} after {}", p.tokens, p.context),
+        );
+    }
+    for p in &profile.attention_decode {
+        let s = decode(&vec![p.context; p.batch as usize]);
+        close(
+            cost.step_cost(&s).attention_decode,
+            p.time.median_s,
+            format!("decode {} x {}", p.batch, p.context),
+        );
+    }
+    for (grid, pick) in [
+        (
+            &profile.lora_shrink,
+            (|c: &StepCost| c.lora_shrink) as fn(&StepCost) -> Nanos,
+        ),
+        (&profile.lora_expand, |c: &StepCost| c.lora_expand),
+    ] {
+        for p in grid {
+            let s = BatchShape {
+                lora_tokens: p.tokens,
+                lora_token_rank: p.tokens as u64 * p.rank as u64,
+                distinct_adapters: p.adapters,
+                distinct_rank_sum: p.adapters as u64 * p.rank as u64,
+                ..BatchShape::default()
+            };
+            close(
+                pick(&cost.step_cost(&s)),
+                p.time.median_s,
+                format!("lora {} {} {}", p.tokens, p.adapters, p.rank),
+            );
+        }
+    }
+    for p in &profile.host_to_device {
+        let s = BatchShape {
+            blocking_load_bytes: p.bytes,
+            ..BatchShape::default()
+        };
+        close(
+            cost.step_cost(&s).adapter_h2d,
+            p.time.median_s,
+            format!("copy {}", p.bytes),
+        );
+    }
+    let empty = cost.step_cost(&BatchShape::default());
+    close(
+        empty.fixed_overhead,
+        profile.fixed_overhead.median_s,
+        "fixed".into(),
+    );
+    assert_eq!(empty.total(), empty.fixed_overhead);
+    assert_eq!(cost.provenance(), Provenance::Calibrated);
+    let d = cost.describe();
+    assert!(
+        d.starts_with("calibrated:") && d.contains("llama-7b"),
+        "{d}"
+    );
+}
+
+#[test]
+fn monotone_in_tokens_batch_and_context() {
+    for profile in [
+        synthetic_profile(Efficiency::default()),
+        critical_path_profile(),
+    ] {
+        let cost = calibrated(&profile);
+        let mut last = Nanos::ZERO;
+        for tokens in (1..12_000).step_by(7) {
+            let s = with_prefill(BatchShape::default(), &[(tokens, 0)]);
+            let t = cost.step_cost(&s).total();
+            assert!(t >= last, "prefill {tokens}: {t} < {last}");
+            last = t;
+        }
+        last = Nanos::ZERO;
+        for context in (0..20_000).step_by(37) {
+            let s = with_prefill(BatchShape::default(), &[(256, context)]);
+            let t = cost.step_cost(&s).total();
+            assert!(t >= last, "prefill after {context}: {t} < {last}");
+            last = t;
+        }
+        last = Nanos::ZERO;
+        for batch in 1..1200 {
+            let t = cost.step_cost(&decode(&vec![777; batch])).total();
+            assert!(t >= last, "decode batch {batch}: {t} < {last}");
+            last = t;
+        }
+        last = Nanos::ZERO;
+        for rows in (1..20_000).step_by(13) {
+            let t = cost.step_cost(&decode(&[rows; 64])).total();
+            assert!(t >= last, "decode rows {rows}: {t} < {last}");
+            last = t;
+        }
+        // Adding a request to a mixed batch never makes it cheaper, short or long.
+        let mut rows: Vec<u32> = vec![9000];
+        let mut last = cost.step_cost(&decode(&rows)).attention_decode;
+        let mut x: u64 = 7;
+        for _ in 0..600 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            rows.push(1 + (x >> 33) as u32 % 12_000);
+            let t = cost.step_cost(&decode(&rows)).attention_decode;
+            assert!(t >= last, "adding {:?}: {t} < {last}", rows.last());
+            last = t;
+        }
+        last = Nanos::ZERO;
+        for tokens in (1..6000).step_by(11) {
+            let s = with_lora(
+                BatchShape {
+                    prefill_tokens: tokens,
+                    ..BatchShape::default()
+                },
+                &[(tokens, 16)],
+            );
+            let t = cost.step_cost(&s).total();
+            assert!(t >= last, "lora tokens {tokens}: {t} < {last}");
+            last = t;
+        }
+    }
+}
+
+#[test]
+fn extrapolation_is_finite_and_never_negative() {
+    let mut profile = synthetic_profile(Efficiency::default());
+    // A noisy last segment that falls: beyond the grid it must stay flat, not fall to zero.
+    let n = profile.base_gemm.len();
+    profile.base_gemm[n - 1].time.median_s = profile.base_gemm[n - 2].time.median_s * 0.9;
+    let t = &mut profile.base_gemm[n - 1].time;
+    (t.p10_s, t.p90_s) = (t.median_s, t.median_s);
+    let cost = calibrated(&profile);
+    let huge = BatchShape {
+        prefill_requests: 1000,
+        prefill_tokens: 4_000_000,
+        prefill_attention_pairs: u64::MAX / 4,
+        max_prefill_tokens: 1_000_000,
+        lora_tokens: 4_000_000,
+        lora_token_rank: 4_000_000 * 64,
+        distinct_adapters: 100_000,
+        distinct_rank_sum: 100_000 * 64,
+        blocking_load_bytes: 1 << 40,
+        prefetch_load_bytes: 1 << 40,
+        ..decode(&[u32::MAX / 2; 3000])
+    };
+    let c = cost.step_cost(&huge);
+    for (part, v) in StepCost::PARTS.iter().zip(c.parts()) {
+        assert!(v > Nanos::ZERO && v < Nanos::MAX, "{part}: {v}");
+    }
+    let last_point = profile.base_gemm[n - 1].time.median_s;
+    let beyond = cost.step_cost(&BatchShape {
+        prefill_tokens: 100_000,
+        ..BatchShape::default()
+    });
+    assert!(
+        (secs(beyond.base_gemm) - last_point).abs() < 1e-9,
+        "{beyond:?}"
+    );
+    // Below every grid: one token, one row, a tiny copy.
+    let tiny = BatchShape {
+        blocking_load_bytes: 1,
+        ..with_lora(decode(&[1]), &[(1, 1)])
+    };
+    let c = cost.step_cost(&tiny);
+    assert!(
+        c.total() > Nanos::ZERO && c.total() < Nanos::from_millis(100),
+        "{c:?}"
+    );
+}
+
+/// A profile whose decode attention has a critical path: a lone request of `C` rows takes
+/// as long as 32 requests of `C` rows, whose rows stream at the bandwidth beyond that.
+fn critical_path_profile() -> CalibrationProfile {
+    let mut p = synthetic_profile(Efficiency::default());
+    for d in &mut p.attention_decode {
+        d.time.median_s = critical_path_truth(&vec![d.context; d.batch as usize]);
+        (d.time.p10_s, d.time.p90_s) = (d.time.median_s, d.time.median_s);
+    }
+    p
+}
+
+const ROW_S: f64 = 1.46e-7;
+
+fn critical_path_truth(rows: &[u32]) -> f64 {
+    let total: f64 = rows.iter().map(|&r| r as f64).sum();
+    let longest = rows.iter().copied().max().unwrap_or(0) as f64;
+    5e-6 + (total * ROW_S).max(32.0 * longest * ROW_S)
+}
+
+#[test]
+fn skewed_decode_batch_costs_more_than_its_mean_context_says() {
+    let mut skewed: Vec<u32> = vec![100; 63];
+    skewed.push(8000);
+    let with_histogram = decode(&skewed);
+    let mean_only = BatchShape {
+        decode_context_histogram: ContextHistogram::default(),
+        max_decode_context: 0,
+        ..with_histogram.clone()
+    };
+
+    // A critical path: the long request sets the time, the mean hides it.
+    let cost = calibrated(&critical_path_profile());
+    let (hist, mean) = (
+        secs(cost.step_cost(&with_histogram).attention_decode),
+        secs(cost.step_cost(&mean_only).attention_decode),
+    );
+    let truth = critical_path_truth(&skewed);
+    println!("critical path: mean {mean:.6}, histogram {hist:.6}, truth {truth:.6}");
+    assert!(mean < 0.2 * truth, "{mean} vs {truth}");
+    assert!((hist / truth - 1.0).abs() < 0.02, "{hist} vs {truth}");
+
+    // Convex in context (each request costs rows^1.3): the buckets follow the curve.
+    let convex = |rows: &[u32]| {
+        2e-6 + rows
+            .iter()
+            .map(|&r| 1e-8 * (r as f64).powf(1.3))
+            .sum::<f64>()
+    };
+    let mut profile = synthetic_profile(Efficiency::default());
+    for d in &mut profile.attention_decode {
+        d.time.median_s = convex(&vec![d.context; d.batch as usize]);
+        (d.time.p10_s, d.time.p90_s) = (d.time.median_s, d.time.median_s);
+    }
+    let cost = calibrated(&profile);
+    let (hist, mean) = (
+        secs(cost.step_cost(&with_histogram).attention_decode),
+        secs(cost.step_cost(&mean_only).attention_decode),
+    );
+    let truth = convex(&skewed);
+    println!("convex: mean {mean:.6}, histogram {hist:.6}, truth {truth:.6}");
+    assert!(mean < hist && hist <= truth * 1.05, "{mean} {hist} {truth}");
+    assert!((hist / truth - 1.0).abs() < (mean / truth - 1.0).abs() / 3.0);
+
+    // For a time affine in context (the derived model), the histogram changes nothing.
+    let cost = calibrated(&synthetic_profile(Efficiency::default()));
+    assert_eq!(
+        cost.step_cost(&with_histogram).attention_decode,
+        cost.step_cost(&mean_only).attention_decode
+    );
+}
+
+/// The synthetic grid with every time replaced by `f(grid, axis values)`.
+fn profile_from_fns(f: impl Fn(&str, &[f64]) -> f64) -> CalibrationProfile {
+    let mut p = synthetic_profile(Efficiency::default());
+    let set = |m: &mut slora_sim::cost::Measured, v: f64| {
+        (m.median_s, m.p10_s, m.p90_s) = (v, v, v);
+    };
+    for x in &mut p.base_gemm {
+        set(&mut x.time, f("base_gemm", &[x.tokens as f64]));
+    }
+    for x in &mut p.lm_head {
+        set(&mut x.time, f("lm_head", &[x.tokens as f64]));
+    }
+    for x in &mut p.attention_prefill {
+        set(
+            &mut x.time,
+            f("attention_prefill", &[x.tokens as f64, x.context as f64]),
+        );
+    }
+    for x in &mut p.attention_decode {
+        set(
+            &mut x.time,
+            f("attention_decode", &[x.batch as f64, x.context as f64]),
+        );
+    }
+    for x in p.lora_shrink.iter_mut().chain(p.lora_expand.iter_mut()) {
+        set(
+            &mut x.time,
+            f("lora", &[x.tokens as f64, x.adapters as f64, x.rank as f64]),
+        );
+    }
+    for x in &mut p.host_to_device {
+        set(&mut x.time, f("host_to_device", &[x.bytes as f64]));
+    }
+    p
+}
+
+#[test]
+fn leave_one_out_is_zero_when_linear_and_grows_with_curvature() {
+    // Affine in each interpolation coordinate (attended pairs along the prefill's tokens).
+    let linear = profile_from_fns(|grid, x| match grid {
+        "attention_prefill" => {
+            let (t, c) = (x[0], x[1]);
+            1e-5 + 1e-9 * (t * c + t * (t + 1.0) / 2.0) + 1e-9 * c
+        }
+        "attention_decode" => 5e-6 + 1e-7 * x[0] + 1e-8 * x[1] + 1.5e-7 * x[0] * x[1],
+        "lora" => 3e-6 + 1e-8 * x[0] + 2e-7 * x[1] * x[2] + 1e-10 * x[0] * x[2],
+        "host_to_device" => 1e-5 + x[0] / 50e9,
+        _ => 3.6e-3 + 1e-5 * x[0],
+    });
+    let report = leave_one_out(&linear);
+    assert_eq!(report.grids.len(), 7);
+    for g in &report.grids {
+        assert!(g.predictions > 0, "{}", g.grid);
+        let max = g.max_abs_error.unwrap();
+        assert!(max < 1e-9, "{}: {max}", g.grid);
+    }
+    let base = &report.grids[0];
+    assert_eq!(base.grid, "base_gemm");
+    assert_eq!(base.points, SyntheticGrids::default().tokens.len());
+    assert_eq!(base.predictions, base.points - 2);
+
+    let curved = profile_from_fns(|grid, x| match grid {
+        "attention_decode" => 1e-9 * (x[0] * x[1]).powf(1.5),
+        "lora" => 1e-9 * (x[0] * x[2]).powf(1.5) + 1e-6 * x[1],
+        "host_to_device" => 1e-5 + (x[0] / 50e9).powf(1.3),
+        "attention_prefill" => 1e-9 * (x[0] * (x[1] + 1.0)).powf(1.4),
+        _ => 1e-9 * x[0] * x[0] + 1e-6,
+    });
+    for g in leave_one_out(&curved).grids {
+        let (median, max) = (g.median_abs_error.unwrap(), g.max_abs_error.unwrap());
+        assert!(max > 0.01 && max >= median, "{}: {median} {max}", g.grid);
+        let worst = g.worst.unwrap();
+        assert_eq!(worst.relative_error.abs(), max);
+        // Convex: the chord lies above the curve.
+        assert!(
+            worst.predicted_s > worst.measured_s,
+            "{}: {worst:?}",
+            g.grid
+        );
+    }
+}
+
+#[test]
+fn mismatched_model_or_tp_is_a_clear_error() {
+    let profile = synthetic_profile(Efficiency::default());
+    let model = ModelSpec::preset("llama-13b").unwrap();
+    let err = CalibratedCost::new(&profile, &model, 1, &TargetModule::ATTENTION).unwrap_err();
+    assert!(matches!(err, CostError::ProfileMismatch { .. }), "{err}");
+    let msg = err.to_string();
+    for needle in [
+        "llama-13b",
+        "hidden_size: profile 4096, wanted 5120",
+        "num_layers: profile 32, wanted 40",
+        "intermediate_size: profile 11008, wanted 13824",
+        "slora-plan calibrate",
+    ] {
+        assert!(msg.contains(needle), "{needle}: {msg}");
+    }
+    assert!(!msg.contains("vocab_size"), "{msg}");
+
+    let err = CalibratedCost::new(&profile, &llama7b(), 2, &TargetModule::ATTENTION)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tensor_parallel: profile 1, wanted 2"),
+        "{err}"
+    );
+    // A different name alone is fine: costs depend on the shape.
+    let renamed = ModelSpec {
+        name: "my-llama".into(),
+        max_position: 4096,
+        ..llama7b()
+    };
+    CalibratedCost::new(&profile, &renamed, 1, &TargetModule::ATTENTION).unwrap();
+    let err = CalibratedCost::new(&profile, &llama7b(), 1, &[]).unwrap_err();
+    assert!(err.to_string().contains("targets"), "{err}");
+}
+
+#[test]
+fn lora_times_scale_to_other_targets() {
+    let profile = synthetic_profile(Efficiency::default());
+    let attention = calibrated(&profile);
+    let all = CalibratedCost::new(&profile, &llama7b(), 1, &TargetModule::ALL).unwrap();
+    assert!(all
+        .describe()
+        .contains("scaled from q_proj,k_proj,v_proj,o_proj"));
+    let s = with_lora(decode(&[500; 32]), &[(32, 16)]);
+    let (a, b) = (attention.step_cost(&s), all.step_cost(&s));
+    // Llama-7B: q,k,v,o take 4 x 4096 inputs; all seven 6 x 4096 + 11008.
+    let ratio = secs(b.lora_shrink) / secs(a.lora_shrink);
+    let want = (6.0 * 4096.0 + 11008.0) / (4.0 * 4096.0);
+    assert!((ratio / want - 1.0).abs() < 1e-3, "{ratio} vs {want}");
+}
+
+#[test]
+fn fit_efficiency_recovers_known_factors() {
+    let h200 = find_gpu("h200").unwrap();
+    for known in [
+        Efficiency {
+            weight_streaming: 0.7,
+            kv_read: 0.65,
+            tensor_core: 0.8,
+            gemm_fill_tokens: 150.0,
+            roofline_sharpness: 8.0,
+            lora_kernel: 0.3,
+            host_link: 0.75,
+            kernel_launch_s: 3e-6,
+            kernels_per_layer: 10,
+            step_overhead_s: 75e-6,
+            sampling_logit_passes: 3.0,
+        },
+        Efficiency {
+            weight_streaming: 0.82,
+            kv_read: 0.5,
+            tensor_core: 0.6,
+            gemm_fill_tokens: 60.0,
+            roofline_sharpness: 4.0,
+            lora_kernel: 0.12,
+            host_link: 0.9,
+            sampling_logit_passes: 6.0,
+            ..Efficiency::default()
+        },
+        Efficiency::default(),
+    ] {
+        let fitted = fit_efficiency(&synthetic_profile(known.clone()), h200).unwrap();
+        println!("known  {known:?}\nfitted {fitted:?}");
+        for (field, want, got) in [
+            (
+                "weight_streaming",
+                known.weight_streaming,
+                fitted.weight_streaming,
+            ),
+            ("kv_read", known.kv_read, fitted.kv_read),
+            ("tensor_core", known.tensor_core, fitted.tensor_core),
+            (
+                "gemm_fill_tokens",
+                known.gemm_fill_tokens,
+                fitted.gemm_fill_tokens,
+            ),
+            (
+                "roofline_sharpness",
+                known.roofline_sharpness,
+                fitted.roofline_sharpness,
+            ),
+            ("lora_kernel", known.lora_kernel, fitted.lora_kernel),
+            ("host_link", known.host_link, fitted.host_link),
+            (
+                "sampling_logit_passes",
+                known.sampling_logit_passes,
+                fitted.sampling_logit_passes,
+            ),
+            (
+                "kernel_launch_s",
+                known.kernel_launch_s,
+                fitted.kernel_launch_s,
+            ),
+            (
+                "step_overhead_s",
+                known.step_overhead_s,
+                fitted.step_overhead_s,
+            ),
+        ] {
+            assert!((got / want - 1.0).abs() < 0.02, "{field}: {got} vs {want}");
+        }
+    }
+    // Measured elsewhere than the GPU asked for.
+    let err = fit_efficiency(
+        &synthetic_profile(Efficiency::default()),
+        find_gpu("h100").unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("gpu_key: profile h200, wanted h100-sxm"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fit_on_a_profile_faster_than_the_datasheet_is_refused() {
+    // Times 1/3 of the derived model's: a weight stream at 2.2x the H200's peak bandwidth.
+    let mut p = synthetic_profile(Efficiency::default());
+    for x in &mut p.base_gemm {
+        x.time.median_s /= 3.0;
+        (x.time.p10_s, x.time.p90_s) = (x.time.median_s, x.time.median_s);
+    }
+    let err = fit_efficiency(&p, find_gpu("h200").unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("weight_streaming") && err.contains("this GPU"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cost_model_for_prefers_calibrated_then_fitted_then_defaults() {
+    let model = llama7b();
+    let targets = TargetModule::ATTENTION;
+    let known = Efficiency {
+        weight_streaming: 0.7,
+        kv_read: 0.6,
+        ..Efficiency::default()
+    };
+    let profiles = vec![synthetic_profile(known.clone())];
+    let h200 = find_gpu("h200").unwrap();
+    let h100 = find_gpu("h100").unwrap();
+
+    let c = cost_model_for(h200, &model, 1, &targets, &profiles).unwrap();
+    assert_eq!(c.provenance(), Provenance::Calibrated);
+
+    // Another GPU: derived with the H200-fitted efficiencies, labelled derived.
+    let c = cost_model_for(h100, &model, 1, &targets, &profiles).unwrap();
+    assert_eq!(c.provenance(), Provenance::Derived);
+    assert!(c
+        .describe()
+        .contains("fitted to the H200 calibration profile of llama-7b"));
+    let fitted_truth = derived("h100", &model, known.clone());
+    let s = decode(&[1000; 64]);
+    let (got, want) = (
+        secs(c.step_cost(&s).total()),
+        secs(fitted_truth.step_cost(&s).total()),
+    );
+    assert!((got / want - 1.0).abs() < 0.01, "{got} vs {want}");
+
+    // Same family (MHA, head dim 128, fp16), another size: fitted too.
+    let llama13b = ModelSpec::preset("llama-13b").unwrap();
+    let c = cost_model_for(h100, &llama13b, 1, &targets, &profiles).unwrap();
+    assert!(
+        c.describe().contains("fitted to the H200"),
+        "{}",
+        c.describe()
+    );
+    // And on the H200 itself, where no profile of that model exists.
+    let c = cost_model_for(h200, &llama13b, 1, &targets, &profiles).unwrap();
+    assert_eq!(c.provenance(), Provenance::Derived);
+    assert!(
+        c.describe().contains("fitted to the H200"),
+        "{}",
+        c.describe()
+    );
+
+    // Grouped-query attention is another family: the defaults.
+    let llama3 = ModelSpec::preset("llama-3-8b").unwrap();
+    let c = cost_model_for(h100, &llama3, 1, &targets, &profiles).unwrap();
+    assert_eq!(c.provenance(), Provenance::Derived);
+    assert!(c.describe().contains("defaults"), "{}", c.describe());
+    let c = cost_model_for(h100, &model, 1, &targets, &[]).unwrap();
+    assert!(c.describe().contains("defaults"), "{}", c.describe());
+
+    // The newest of two calibrated profiles wins.
+    let mut newer = synthetic_profile(Efficiency::default());
+    newer.date = "2027-02-03".into();
+    let both = vec![profiles[0].clone(), newer];
+    let c = cost_model_for(h200, &model, 1, &targets, &both).unwrap();
+    assert!(c.describe().contains("2027-02-03"), "{}", c.describe());
+}
+
+#[test]
+fn embedded_profiles_parse_and_fit() {
+    for (name, profile) in embedded_profiles() {
+        let model = &profile.model;
+        CalibratedCost::new(
+            &profile,
+            model,
+            profile.tensor_parallel,
+            &profile.lora_targets,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        if let Some(key) = &profile.gpu_key {
+            if profile.tensor_parallel == 1 {
+                fit_efficiency(&profile, find_gpu(key).unwrap())
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+        let report = profile_report(&profile);
+        assert!(report.contains(&profile.date), "{name}");
+    }
+}
+
+#[test]
+fn profile_report_has_header_grids_and_loo_table() {
+    let profile = synthetic_profile(Efficiency::default());
+    let report = profile_report(&profile);
+    println!("{report}");
+    for needle in [
+        "# Calibration profile: NVIDIA H200 SXM 141GB x llama-7b",
+        "| driver | synthetic |",
+        "| date | 2026-01-01 |",
+        "hidden 4096, 32 layers",
+        "| base_gemm | 17 | tokens 1–8192 (17) |",
+        "| attention_prefill | 52 | tokens 1–4096 (13) × context 0–8192 (4) |",
+        "| lora_shrink | 64 | tokens 32–2048 (4) × adapters 1–32 (4) × rank 8–64 (4) |",
+        "## Leave-one-out accuracy",
+        "| attention_decode | 49 | 70 |",
+    ] {
+        assert!(report.contains(needle), "missing `{needle}`");
+    }
+    // Every grid of the derived model is well predicted except around the GEMM bend.
+    let json = serde_json::to_string(&leave_one_out(&profile)).unwrap();
+    assert!(json.contains("\"grid\":\"host_to_device\""), "{json}");
+}
+
+/// The engine's decode histogram reaches the cost model's shape intact.
+#[test]
+fn histogram_comes_with_the_plan() {
+    let model = llama7b();
+    let adapters: Vec<AdapterSpec> = (0..8)
+        .map(|i| AdapterSpec::attention(8 << (i % 3)))
+        .collect();
+    let ranks: Vec<u32> = adapters.iter().map(|a| a.rank).collect();
+    let mut sched = Scheduler::new(EngineConfig {
+        model,
+        adapters,
+        pool_pages: 200_000,
+        pool_layout: PoolLayout::Unified,
+        scheduler: SchedulerConfig::default(),
+    })
+    .unwrap();
+    for i in 0..40u64 {
+        let meta = RequestMeta::new(i, Some((i % 8) as u32), 10 + 97 * i as u32, 30);
+        sched.submit(meta, Nanos::ZERO).unwrap();
+    }
+    let mut exec = slora_engine::testing::FakeExecutor::new(Nanos::from_millis(20), Nanos::ZERO);
+    let mut now = Nanos::ZERO;
+    let mut decode_steps = 0;
+    while let Some(plan) = sched.plan_step(now).unwrap() {
+        let s = BatchShape::from_plan(&plan, &ranks);
+        let h = &s.decode_context_histogram;
+        assert_eq!(h.requests(), s.decode_requests);
+        assert_eq!(h.total_rows(), s.decode_context_tokens);
+        for d in &plan.decode {
+            assert!(h.counts[ContextHistogram::bucket(d.context_len + 1)] > 0);
+        }
+        decode_steps += (s.decode_requests > 1) as u32;
+        let report = exec.execute(&plan).unwrap();
+        now = now + report.elapsed;
+        sched.complete_step(&report, now).unwrap();
+    }
+    assert!(decode_steps > 10, "{decode_steps}");
+}
