@@ -5,8 +5,25 @@
 //! Errors name the file, the field (serde_yaml gives the path and line) and what is allowed.
 //! Every check on user values happens in `Scenario::load`/`Scenario::build`, before a run
 //! starts, so a run never fails on bad input halfway.
+//!
+//! # Which cost model a scenario runs on
+//!
+//! [`Scenario::build`] picks it, in this order:
+//!
+//! 1. `efficiency:` given: the derived model ([`AnalyticCost`]) with exactly those factors;
+//! 2. `gpu_profile:` given: that profile, which must be of the scenario's model shape and TP
+//!    degree: calibrated ([`CalibratedCost`]) when it was measured on the scenario's GPU, derived
+//!    with efficiencies fitted to it when it was measured on an H200 and the scenario's GPU is
+//!    another; any other GPU is an error;
+//! 3. otherwise [`calibrated::cost_model_for`] over the profiles embedded in the binary and the
+//!    caller's ([`Scenario::build_with_profiles`]): calibrated when one matches GPU, shape and
+//!    TP, else derived with fitted or default efficiencies.
 
-use crate::cost::{self, AnalyticCost, CostError, CostModel, Efficiency, GpuSpec};
+use crate::calibrated::{self, CalibratedCost};
+use crate::cost::{
+    self, AnalyticCost, BatchShape, CalibrationProfile, CostError, CostModel, Efficiency, GpuSpec,
+    Provenance, StepCost,
+};
 use crate::metrics::SloTargets;
 use crate::workload::{self, PopularitySpec, WorkloadError, WorkloadSpec};
 use rand::{Rng, SeedableRng};
@@ -316,9 +333,14 @@ pub struct Scenario {
     pub tensor_parallel: u32,
     #[serde(default)]
     pub memory: MemorySpec,
-    /// Override of the derived cost model's efficiency factors.
+    /// Override of the derived cost model's efficiency factors. Selects the derived model
+    /// whatever calibration profiles exist; excludes `gpu_profile`.
     #[serde(default)]
     pub efficiency: Option<Efficiency>,
+    /// A calibration profile (JSON from `slora-plan calibrate`) to take step costs from,
+    /// relative to the scenario's folder. See the module documentation for how it is used.
+    #[serde(default)]
+    pub gpu_profile: Option<PathBuf>,
     pub adapters: AdapterPopulation,
     pub workload: WorkloadSpec,
     #[serde(default)]
@@ -428,6 +450,14 @@ impl Scenario {
         }
         let model = self.model_spec(path).map_err(|e| bad("model", e))?;
         cost::find_gpu(&self.gpu).map_err(|e| bad("gpu", e.to_string()))?;
+        if self.efficiency.is_some() && self.gpu_profile.is_some() {
+            return Err(bad(
+                "efficiency",
+                "and `gpu_profile` exclude each other: `efficiency` sets the derived model's \
+                 factors, `gpu_profile` replaces the derived model with measured costs"
+                    .into(),
+            ));
+        }
         if self.tensor_parallel != 1 {
             return Err(bad(
                 "tensor_parallel",
@@ -602,8 +632,21 @@ impl Scenario {
 
     /// Everything a run needs, derived from the scenario with its seed: engine config, cost
     /// model and the request stream. All randomness comes from one ChaCha8 generator seeded
-    /// with `seed`: adapter ranks first, then the workload.
+    /// with `seed`: adapter ranks first, then the workload. The cost model is chosen as the
+    /// [module documentation](self) says, among the embedded calibration profiles.
     pub fn build(&self, path: &Path) -> Result<RunSetup, ScenarioError> {
+        self.build_with_profiles(path, &[])
+    }
+
+    /// [`Scenario::build`] with `extra` calibration profiles (a command line's) as candidates
+    /// beside the embedded ones: the newest that matches the scenario's GPU, model shape and TP
+    /// makes the run calibrated. A scenario's own `gpu_profile` takes precedence over both, and
+    /// `efficiency` over all.
+    pub fn build_with_profiles(
+        &self,
+        path: &Path,
+        extra: &[CalibrationProfile],
+    ) -> Result<RunSetup, ScenarioError> {
         let model = self
             .model_spec(path)
             .map_err(|reason| ScenarioError::Invalid {
@@ -648,15 +691,7 @@ impl Scenario {
             path: path.to_path_buf(),
             source: Box::new(source),
         })?;
-        let eff = self.efficiency.clone().unwrap_or_default();
-        let cost = AnalyticCost::new(
-            gpu,
-            &model,
-            self.tensor_parallel,
-            eff,
-            &self.adapters.targets,
-        )
-        .map_err(cost_err)?;
+        let cost = self.cost_model(path, gpu, &model, extra)?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
         let arrivals = workload::generate(
             &self.workload,
@@ -672,10 +707,101 @@ impl Scenario {
         Ok(RunSetup {
             scenario: self.clone(),
             engine,
-            cost: Box::new(cost),
+            cost,
             arrivals,
             ranks,
         })
+    }
+
+    /// The run's cost model (see the module documentation); `path` is the scenario file.
+    fn cost_model(
+        &self,
+        path: &Path,
+        gpu: &'static GpuSpec,
+        model: &ModelSpec,
+        extra: &[CalibrationProfile],
+    ) -> Result<Box<dyn CostModel>, ScenarioError> {
+        let cost_err = |source| ScenarioError::Cost {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        };
+        let tp = self.tensor_parallel;
+        let targets = &self.adapters.targets;
+        if let Some(eff) = &self.efficiency {
+            let inner =
+                AnalyticCost::new(gpu, model, tp, eff.clone(), targets).map_err(cost_err)?;
+            let description = format!(
+                "derived: {} x {}, TP {tp}, roofline from datasheet numbers with the scenario's \
+                 efficiency factors",
+                gpu.name, model.name
+            );
+            return Ok(Box::new(Described {
+                inner: Box::new(inner),
+                description,
+            }));
+        }
+        if let Some(file) = &self.gpu_profile {
+            return self.named_profile_cost(path, file, gpu, model);
+        }
+        let embedded = embedded_profiles();
+        let profiles: std::borrow::Cow<[CalibrationProfile]> = if extra.is_empty() {
+            embedded.into()
+        } else {
+            [embedded, extra].concat().into()
+        };
+        calibrated::cost_model_for(gpu, model, tp, targets, &profiles).map_err(cost_err)
+    }
+
+    /// The cost model from the scenario's `gpu_profile: file`. Errors name the scenario file,
+    /// the field and the profile's path.
+    fn named_profile_cost(
+        &self,
+        path: &Path,
+        file: &Path,
+        gpu: &'static GpuSpec,
+        model: &ModelSpec,
+    ) -> Result<Box<dyn CostModel>, ScenarioError> {
+        let resolved = path.parent().unwrap_or(Path::new(".")).join(file);
+        let bad = |reason: String| ScenarioError::Invalid {
+            path: path.to_path_buf(),
+            field: "gpu_profile".into(),
+            reason,
+        };
+        // Errors of reading and parsing name the path already; the others name the profile by
+        // its GPU, model and date.
+        let in_profile = |e: CostError| bad(format!("{}: {e}", resolved.display()));
+        let profile = cost::load_profile(&resolved).map_err(|e| bad(e.to_string()))?;
+        let (tp, targets) = (self.tensor_parallel, &self.adapters.targets);
+        // Checks the model shape and TP degree, whichever GPU the profile was measured on.
+        let calibrated = CalibratedCost::new(&profile, model, tp, targets).map_err(in_profile)?;
+        let measured_on = profile
+            .gpu_key
+            .as_deref()
+            .and_then(|k| cost::find_gpu(k).ok());
+        let h200 = cost::find_gpu("h200").map_err(in_profile)?;
+        let inner: Box<dyn CostModel> = match measured_on {
+            Some(g) if g.key == gpu.key => Box::new(calibrated),
+            Some(g) if g.key == h200.key && tp == 1 => {
+                calibrated::cost_model_for(gpu, model, tp, targets, std::slice::from_ref(&profile))
+                    .map_err(in_profile)?
+            }
+            _ => {
+                return Err(bad(format!(
+                    "calibration profile {} was measured on {} ({}), not on the scenario's {}: \
+                     a profile gives calibrated costs on its own GPU, and an H200 profile fits \
+                     the derived model's efficiencies for other GPUs",
+                    resolved.display(),
+                    profile.gpu_name,
+                    profile.gpu_key.as_deref().map_or_else(
+                        || "no catalogue `gpu_key`".to_string(),
+                        |k| format!("`gpu_key` {k}")
+                    ),
+                    gpu.name
+                )))
+            }
+        };
+        let description = format!("{}; profile {}", inner.describe(), resolved.display());
+        Ok(Box::new(Described { inner, description }))
     }
 
     fn draw_ranks(&self, rng: &mut ChaCha8Rng) -> Vec<u32> {
@@ -700,6 +826,36 @@ impl Scenario {
                 *a.ranks.last().unwrap_or(&1)
             })
             .collect()
+    }
+}
+
+/// The profiles embedded in the binary, parsed once per process (a sweep builds every point).
+fn embedded_profiles() -> &'static [CalibrationProfile] {
+    static EMBEDDED: std::sync::OnceLock<Vec<CalibrationProfile>> = std::sync::OnceLock::new();
+    EMBEDDED.get_or_init(|| {
+        calibrated::embedded_profiles()
+            .into_iter()
+            .map(|(_, profile)| profile)
+            .collect()
+    })
+}
+
+/// A cost model with a description that says more about where its numbers come from (the
+/// scenario's efficiency factors, the profile file).
+struct Described {
+    inner: Box<dyn CostModel>,
+    description: String,
+}
+
+impl CostModel for Described {
+    fn step_cost(&self, batch: &BatchShape) -> StepCost {
+        self.inner.step_cost(batch)
+    }
+    fn provenance(&self) -> Provenance {
+        self.inner.provenance()
+    }
+    fn describe(&self) -> String {
+        self.description.clone()
     }
 }
 
