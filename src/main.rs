@@ -3,7 +3,9 @@
 //!
 //! Exit codes: 0 success, 1 a run failed, 2 bad input (arguments, scenario files, run folders).
 
+mod calibrate_cmd;
 mod compare_cmd;
+mod execute;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -44,7 +46,19 @@ enum Command {
         /// No progress bar and no summary table.
         #[arg(long)]
         quiet: bool,
+        /// Serve the scenario live on the GPU (needs a build with `--features cuda`): the
+        /// same engine plans every step, the GPU executor runs it, in real time. Outputs as
+        /// for a simulation, labelled `executed`.
+        #[arg(long)]
+        execute: bool,
+        /// Simulate and execute the same scenario and compare them: DIR/simulated,
+        /// DIR/executed and DIR/compare (implies --execute).
+        #[arg(long)]
+        compare: bool,
     },
+    /// On a GPU: time the executor's own operations over grids of shapes and write a
+    /// calibration profile for the simulator (see docs/FIDELITY.md).
+    Calibrate(calibrate_cmd::CalibrateArgs),
     /// List the model presets and the GPU catalogue with their sizes.
     Catalog,
     /// Compare two runs of one scenario (e.g. simulated vs executed): relative errors of
@@ -74,6 +88,13 @@ enum CliError {
     Run { scenario: String, source: SimError },
     #[error("doctor: {0}")]
     Gpu(#[from] slora_kernels::Error),
+    #[error(transparent)]
+    Calibrate(#[from] calibrate_cmd::CalibrateError),
+    #[error("{scenario}: live run: {source}")]
+    Execute {
+        scenario: String,
+        source: execute::ExecuteError,
+    },
     #[error("doctor: {failed} check(s) failed")]
     ChecksFailed { failed: usize },
     #[error("{scenario}: writing outputs: {source}")]
@@ -88,6 +109,8 @@ impl CliError {
         match self {
             CliError::BadInput(_) => 2,
             CliError::Compare(e) => e.exit_code(),
+            CliError::Calibrate(e) => e.exit_code(),
+            CliError::Execute { .. } => 1,
             CliError::Run { .. }
             | CliError::Output { .. }
             | CliError::Gpu(_)
@@ -107,7 +130,16 @@ fn main() -> ExitCode {
             out,
             seed,
             quiet,
-        } => simulate(&scenarios, out.as_deref(), seed, quiet),
+            execute,
+            compare,
+        } => simulate(
+            &scenarios,
+            out.as_deref(),
+            seed,
+            quiet,
+            Mode::from_flags(execute, compare),
+        ),
+        Command::Calibrate(args) => calibrate_cmd::run(&args).map_err(CliError::from),
         Command::Catalog => {
             catalog();
             Ok(())
@@ -224,11 +256,31 @@ fn catalog() {
     }
 }
 
+/// What `simulate` does with each scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Simulate,
+    Execute,
+    /// Simulate and execute, then compare.
+    Compare,
+}
+
+impl Mode {
+    fn from_flags(execute: bool, compare: bool) -> Mode {
+        match (execute, compare) {
+            (_, true) => Mode::Compare,
+            (true, false) => Mode::Execute,
+            _ => Mode::Simulate,
+        }
+    }
+}
+
 fn simulate(
     paths: &[PathBuf],
     out: Option<&Path>,
     seed: Option<u64>,
     quiet: bool,
+    mode: Mode,
 ) -> Result<(), CliError> {
     // Load and check every scenario before running any: bad input fails fast and whole.
     let mut loaded = Vec::new();
@@ -251,13 +303,14 @@ fn simulate(
     }
     let several = loaded.len() > 1;
     let mut summaries = Vec::new();
+    let mut live = execute::LiveServer::default();
     for l in &loaded {
         let dir = match (out, several) {
             (Some(dir), false) => dir.to_path_buf(),
             (Some(dir), true) => dir.join(&l.base.name),
             (None, _) => Path::new("out").join(&l.base.name),
         };
-        let metrics = run_scenario(l, &dir, quiet)?;
+        let metrics = run_scenario(l, &dir, quiet, mode, &mut live)?;
         summaries.push((l.base.name.clone(), dir, metrics));
     }
     if !quiet {
@@ -307,7 +360,62 @@ impl Progress {
     }
 }
 
-fn run_scenario(l: &LoadedScenario, dir: &Path, quiet: bool) -> Result<Metrics, CliError> {
+/// One run of `setup` in `mode`, written under `dir`: the simulation or the live run there,
+/// or for `Compare` both (`simulated/`, `executed/`) and their comparison (`compare/`).
+/// Returns the primary run (the executed one when there is one).
+fn run_live(
+    name: &str,
+    setup: &mut slora_sim::RunSetup,
+    dir: &Path,
+    quiet: bool,
+    mode: Mode,
+    live: &mut execute::LiveServer,
+) -> Result<RunResult, CliError> {
+    let out_err = |source| CliError::Output {
+        scenario: name.to_string(),
+        source,
+    };
+    let progress = Progress::new(setup.arrivals.len() as u64, "requests", quiet);
+    progress.bar.set_message(format!("{name} (live)"));
+    let report = |done: u64, _total: u64| progress.set(done);
+    let executed = live
+        .execute(setup, Some(&report))
+        .map_err(|source| CliError::Execute {
+            scenario: name.to_string(),
+            source,
+        })?;
+    progress.finish();
+    if mode == Mode::Execute {
+        slora_reports::write_run(dir, &executed).map_err(out_err)?;
+        return Ok(executed);
+    }
+    // The simulation runs on the setup as executed (its pool capped at what the GPU holds).
+    let simulated = slora_sim::simulate(setup, None).map_err(|source| CliError::Run {
+        scenario: name.to_string(),
+        source,
+    })?;
+    let (exec_dir, sim_dir) = (dir.join("executed"), dir.join("simulated"));
+    slora_reports::write_run(&exec_dir, &executed).map_err(out_err)?;
+    slora_reports::write_run(&sim_dir, &simulated).map_err(out_err)?;
+    let bad = |e| CliError::Compare(compare_cmd::CompareError::BadRun(e));
+    let reference = slora_reports::load_run(&exec_dir).map_err(bad)?;
+    let predicted = slora_reports::load_run(&sim_dir).map_err(bad)?;
+    let cmp = slora_reports::compare(&reference, &predicted);
+    slora_reports::write_comparison(&cmp, &reference, &predicted, &dir.join("compare"))
+        .map_err(|e| CliError::Compare(compare_cmd::CompareError::Output(e)))?;
+    if !quiet {
+        print!("{}", cmp.to_markdown());
+    }
+    Ok(executed)
+}
+
+fn run_scenario(
+    l: &LoadedScenario,
+    dir: &Path,
+    quiet: bool,
+    mode: Mode,
+    live: &mut execute::LiveServer,
+) -> Result<Metrics, CliError> {
     let name = l.base.name.clone();
     let run_err = |source| CliError::Run {
         scenario: name.clone(),
@@ -318,11 +426,45 @@ fn run_scenario(l: &LoadedScenario, dir: &Path, quiet: bool) -> Result<Metrics, 
         source,
     };
     // Build every point first: a point whose model does not fit is bad input (exit 2).
-    let setups = l
+    let mut setups = l
         .points
         .iter()
         .map(|p| p.scenario.build(&l.path))
         .collect::<Result<Vec<_>, _>>()?;
+
+    if mode != Mode::Simulate {
+        // Live runs one after another on the one GPU.
+        if l.base.sweep.is_empty() {
+            return run_live(&name, &mut setups[0], dir, quiet, mode, live).map(|r| r.metrics);
+        }
+        let mut points = Vec::new();
+        for (index, (setup, point)) in setups.iter_mut().zip(&l.points).enumerate() {
+            let point_dir = dir
+                .join("points")
+                .join(point_label(index, &point.parameters));
+            let label = format!("{name} (sweep point {index})");
+            let run = run_live(&label, setup, &point_dir, quiet, mode, live)?;
+            points.push(SweepPoint {
+                parameters: point.parameters.clone(),
+                adapters: point.scenario.adapters.count,
+                offered_rate: point
+                    .scenario
+                    .offered_rate()
+                    .unwrap_or(run.metrics.throughput.offered_requests_per_s),
+                metrics: run.metrics,
+            });
+        }
+        let sweep = SweepResult {
+            scenario: name.clone(),
+            points,
+        };
+        slora_reports::write_sweep(dir, &sweep).map_err(out_err)?;
+        return Ok(sweep
+            .points
+            .last()
+            .map(|p| p.metrics.clone())
+            .unwrap_or_default());
+    }
 
     if l.base.sweep.is_empty() {
         let setup = &setups[0];

@@ -26,8 +26,8 @@ pub use config::{
     SchedulerConfig,
 };
 pub use plan::{
-    AdapterLoad, DecodeWork, Emitted, ExecError, Executor, PageSpan, PrefillWork, StepOutcome,
-    StepPlan, StepReport,
+    AdapterLoad, ContextHistogram, DecodeStats, DecodeWork, Emitted, ExecError, Executor, PageSpan,
+    PrefillWork, StepOutcome, StepPlan, StepReport,
 };
 pub use pool::{PageId, PageOwner, PoolLayout, PoolUsage};
 pub use request::{AbortReason, Aborted, Finished, Reject, RequestId, RequestMeta, TenantId};

@@ -621,9 +621,12 @@ lora_mbgmv_fused(const half_t* __restrict__ x,             // [n, in]
 
 // ---------------------------------------------------------------------------------------------
 // MBGMM (prefill). Segment s covers token rows seg_start[s] .. seg_start[s + 1].
-// Shrink: grid (token-tile workers, ceil(max_rank / PS_TR), segments), block PS_THREADS.
-// Token tiles are walked with a grid stride, so grid.x (from the longest segment) is only a
-// degree of parallelism, never a bound on the tokens computed.
+// Shrink: grid (token-tile workers, ceil(max_rank / PS_TR) * k_splits, segments), block
+// PS_THREADS. Token tiles are walked with a grid stride, so grid.x (from the longest segment)
+// is only a degree of parallelism, never a bound on the tokens computed. The reduction over
+// `in` is split into chunks of `k_chunk` (blockIdx.y / rank tiles picks one): a prompt of a
+// few hundred tokens is otherwise only a dozen blocks, each streaming all of `in`. Partial
+// sums are added into `v` with atomics, so `v` must be zeroed first (the launcher does).
 extern "C" __global__ void __launch_bounds__(PS_THREADS)
 lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
                   const half_t* __restrict__ k_pool,
@@ -633,7 +636,7 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
                   const int* __restrict__ rank,            // [num_segments]
                   float* __restrict__ v,                   // [num_tokens, max_rank]
                   int num_segments, int num_tokens, int in_features, int max_rank, int slots,
-                  int page_width, int num_pages, int num_adapter_pages) {
+                  int page_width, int num_pages, int num_adapter_pages, int k_chunk) {
     // +1 column: thread tr reads row tr + 16g at one k, so rows must fall in distinct banks.
     __shared__ float s_x[PS_TM][PS_TK + 1];
     __shared__ float s_a[PS_TR][PS_TK + 1];
@@ -642,8 +645,12 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
     if (seg >= num_segments) return;
     int po = 0;
     const int r = lora_entry(page_offset, rank, seg, max_rank, slots, num_adapter_pages, &po);
-    const int rank0 = blockIdx.y * PS_TR;
+    const int rank_tiles = (max_rank + PS_TR - 1) / PS_TR;
+    const int rank0 = (blockIdx.y % rank_tiles) * PS_TR;
     if (rank0 >= r) return;
+    const int k_begin = (blockIdx.y / rank_tiles) * k_chunk;
+    const int k_end = min(in_features, k_begin + k_chunk);
+    if (k_begin >= k_end) return;
     const int start = seg_start[seg];
     const int end = seg_start[seg + 1];
     if (start < 0 || end > num_tokens || end <= start) return;
@@ -664,14 +671,14 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
 #pragma unroll
             for (int g = 0; g < 4; ++g) acc[q][g] = 0.f;
 
-        for (int k0 = 0; k0 < in_features; k0 += PS_TK) {
+        for (int k0 = k_begin; k0 < k_end; k0 += PS_TK) {
             {
                 // x tile: PS_TM rows x 8 chunks, one chunk per thread; 8 consecutive threads
                 // read one row's 128 contiguous bytes.
                 const int row = threadIdx.x >> 3;
                 const int kc = (threadIdx.x & 7) * LORA_VEC;
                 uint4 d = zero;
-                if (row < tcount && k0 + kc < in_features)
+                if (row < tcount && k0 + kc < k_end)
                     d = lora_ld16(x + (t0 + row) * in_features + k0 + kc);
                 float f[LORA_VEC];
                 lora_unpack8(d, f);
@@ -685,7 +692,7 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
                 const int kc = (c & 7) * LORA_VEC;
                 const int j = k0 + kc;
                 uint4 d = zero;
-                if (row < rows && j < in_features) {
+                if (row < rows && j < k_end) {
                     const int s = j / page_width;
                     const int p = lora_page(adapter_pages, po + (rank0 + row) * slots + s, num_pages);
                     if (p >= 0) d = lora_ld16(k_pool + p * page_width + (j - s * page_width));
@@ -719,7 +726,7 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
 #pragma unroll
             for (int g = 0; g < 4; ++g) {
                 const int i = tr + 16 * g;
-                if (i < rows) v[(t0 + t) * max_rank + rank0 + i] = acc[q][g];
+                if (i < rows) atomicAdd(&v[(t0 + t) * max_rank + rank0 + i], acc[q][g]);
             }
         }
     }

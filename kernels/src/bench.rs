@@ -418,7 +418,7 @@ mod imp {
                 kv_bytes / (attn * 1e-3) / 1e9,
                 phase(Phase::LoraShrink),
                 phase(Phase::LoraExpand),
-                phase(Phase::LmHead),
+                phase(Phase::LmHead) + phase(Phase::Sampling),
                 median(&mut phases.iter().map(|t| t.total()).collect::<Vec<_>>()),
                 times[4],
             ));

@@ -416,6 +416,13 @@ impl GpuExecutor {
     }
 
     /// Forgets a request that finished (or was aborted) and returns its tokens.
+    /// A request whose first `pages.len()` tokens already have KV rows in `pages` (their
+    /// contents are whatever the pool holds): `calibrate` times decode and chunked-prefill
+    /// steps at long contexts without running the prefills first.
+    pub fn add_prefilled(&mut self, id: RequestId, tokens: Vec<u32>, pages: Vec<i32>) {
+        self.requests.insert(id, RequestState { tokens, pages });
+    }
+
     pub fn remove_request(&mut self, id: RequestId) -> Option<Vec<u32>> {
         self.requests.remove(&id).map(|r| r.tokens)
     }
@@ -1149,6 +1156,7 @@ impl GpuExecutor {
                     n_sample * vocab,
                 )?;
                 let mut d_ids = self.scalars.slice_mut(..n_sample);
+                g.mark(Phase::Sampling)?;
                 sampling::argmax(
                     g,
                     &b.logits32.slice(..n_sample * vocab),

@@ -57,8 +57,10 @@ pub enum Phase {
     AttentionDecode,
     LoraShrink,
     LoraExpand,
-    /// Final norm, LM head, logits cast and sampling.
+    /// Final norm, gathering the rows that sample, LM head GEMM and logits cast.
     LmHead,
+    /// Choosing the next token from the logits.
+    Sampling,
     /// Closes the last phase.
     End,
 }

@@ -6,6 +6,8 @@
 
 pub mod bench;
 #[cfg(feature = "cuda")]
+pub mod calibrate;
+#[cfg(feature = "cuda")]
 pub mod device;
 pub mod doctor;
 pub mod error;

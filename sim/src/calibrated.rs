@@ -296,6 +296,9 @@ pub struct CalibratedCost {
     decode: Grid<2>,
     lora_shrink: Grid<3>,
     lora_expand: Grid<3>,
+    /// Shrink and expand of prefill segments (MBGMM), when the profile measured them apart
+    /// from decode rows.
+    lora_prefill: Option<(Grid<3>, Grid<3>)>,
     host_to_device: Grid<1>,
     fixed_s: f64,
     sampling_s: f64,
@@ -446,6 +449,14 @@ impl CalibratedCost {
             ),
             lora_shrink: lora(&profile.lora_shrink),
             lora_expand: lora(&profile.lora_expand),
+            lora_prefill: (!profile.lora_prefill_shrink.is_empty()
+                && !profile.lora_prefill_expand.is_empty())
+            .then(|| {
+                (
+                    lora(&profile.lora_prefill_shrink),
+                    lora(&profile.lora_prefill_expand),
+                )
+            }),
             host_to_device: Grid::new(
                 profile
                     .host_to_device
@@ -581,6 +592,49 @@ impl CalibratedCost {
     fn lora(&self, b: &BatchShape) -> (f64, f64) {
         if b.lora_tokens == 0 {
             return (0.0, 0.0);
+        }
+        if let Some((shrink, expand)) = &self.lora_prefill {
+            // Decode rows (MBGMV) and prompt segments (MBGMM) are different kernels, launched
+            // one after the other: price each on its own grid and add.
+            let mut total = (0.0, 0.0);
+            let decode_tokens = b.lora_tokens.saturating_sub(b.prefill_lora_tokens);
+            if decode_tokens > 0 {
+                let tokens = decode_tokens as f64;
+                let token_rank =
+                    b.lora_token_rank.saturating_sub(b.prefill_lora_token_rank) as f64 / tokens;
+                let adapters = (b.distinct_adapters as f64).clamp(1.0, tokens);
+                let adapter_rank = if b.distinct_adapters > 0 && b.distinct_rank_sum > 0 {
+                    b.distinct_rank_sum as f64 / b.distinct_adapters as f64
+                } else {
+                    token_rank
+                };
+                total.0 += self.shrink_scale
+                    * Self::lora_time(
+                        &self.lora_shrink,
+                        tokens,
+                        adapters,
+                        token_rank,
+                        adapter_rank,
+                    );
+                total.1 += self.expand_scale
+                    * Self::lora_time(
+                        &self.lora_expand,
+                        tokens,
+                        adapters,
+                        token_rank,
+                        adapter_rank,
+                    );
+            }
+            if b.prefill_lora_tokens > 0 {
+                let tokens = b.prefill_lora_tokens as f64;
+                let rank = b.prefill_lora_token_rank as f64 / tokens;
+                let segments = (b.prefill_lora_segments as f64).clamp(1.0, tokens);
+                total.0 +=
+                    self.shrink_scale * Self::lora_time(shrink, tokens, segments, rank, rank);
+                total.1 +=
+                    self.expand_scale * Self::lora_time(expand, tokens, segments, rank, rank);
+            }
+            return total;
         }
         let tokens = b.lora_tokens as f64;
         // Every grid point has adapters <= tokens; the engine's count also holds the adapters
@@ -782,6 +836,8 @@ pub fn leave_one_out(profile: &CalibrationProfile) -> LooReport {
         },
         lora("lora_shrink", &profile.lora_shrink),
         lora("lora_expand", &profile.lora_expand),
+        lora("lora_prefill_shrink", &profile.lora_prefill_shrink),
+        lora("lora_prefill_expand", &profile.lora_prefill_expand),
         GridPoints {
             name: "host_to_device",
             axes: &["bytes"],
@@ -794,7 +850,11 @@ pub fn leave_one_out(profile: &CalibrationProfile) -> LooReport {
         },
     ];
     LooReport {
-        grids: grids.iter().map(grid_loo).collect(),
+        grids: grids
+            .iter()
+            .filter(|g| !g.points.is_empty())
+            .map(grid_loo)
+            .collect(),
     }
 }
 
@@ -1031,6 +1091,12 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
     grid_row("lora_shrink", &["tokens", "adapters", "rank"], k, t);
     let (k, t) = lora(&profile.lora_expand);
     grid_row("lora_expand", &["tokens", "adapters", "rank"], k, t);
+    if !profile.lora_prefill_shrink.is_empty() {
+        let (k, t) = lora(&profile.lora_prefill_shrink);
+        grid_row("lora_prefill_shrink", &["tokens", "segments", "rank"], k, t);
+        let (k, t) = lora(&profile.lora_prefill_expand);
+        grid_row("lora_prefill_expand", &["tokens", "segments", "rank"], k, t);
+    }
     grid_row(
         "host_to_device",
         &["bytes"],
@@ -1391,7 +1457,20 @@ pub fn fit_efficiency(
 /// put the file there and add its line, e.g.
 /// `("h200-llama-7b.json", include_str!("../profiles/h200-llama-7b.json")),`.
 /// The test `embedded_profiles_parse_and_fit` checks every entry.
-const EMBEDDED_PROFILES: &[(&str, &str)] = &[];
+const EMBEDDED_PROFILES: &[(&str, &str)] = &[
+    (
+        "h200-llama-7b.json",
+        include_str!("../profiles/h200-llama-7b.json"),
+    ),
+    (
+        "h200-llama-13b.json",
+        include_str!("../profiles/h200-llama-13b.json"),
+    ),
+    (
+        "h200-llama-3-8b.json",
+        include_str!("../profiles/h200-llama-3-8b.json"),
+    ),
+];
 
 /// The calibration profiles embedded in the binary, by file name, parsed and validated.
 ///
@@ -1597,6 +1676,8 @@ pub fn profile_from_cost_model(
         model: model.clone(),
         tensor_parallel: 1,
         lora_targets: lora_targets.to_vec(),
+        lora_prefill_shrink: Vec::new(),
+        lora_prefill_expand: Vec::new(),
         base_gemm: grids
             .tokens
             .iter()

@@ -52,6 +52,14 @@ pub struct BatchShape {
     pub decode_context_histogram: ContextHistogram,
     /// Tokens (prefill + decode) of requests that use an adapter.
     pub lora_tokens: u32,
+    /// The prefill part of `lora_tokens` and of `lora_token_rank`, and the prefill chunks
+    /// with an adapter: prompt tokens run a different LoRA kernel (MBGMM) from decode rows.
+    #[serde(default)]
+    pub prefill_lora_tokens: u32,
+    #[serde(default)]
+    pub prefill_lora_token_rank: u64,
+    #[serde(default)]
+    pub prefill_lora_segments: u32,
     /// Sum over those tokens of their adapter's rank (LoRA FLOPs scale with it).
     pub lora_token_rank: u64,
     /// Distinct adapters of running requests, and the sum of their ranks (weights read once).
@@ -88,8 +96,12 @@ impl BatchShape {
             s.prefill_attention_pairs += t * p.context_start as u64 + t * (t + 1) / 2;
             s.max_prefill_tokens = s.max_prefill_tokens.max(p.tokens);
             if let Some(a) = p.adapter {
+                let rank = rank_of[a.0 as usize] as u64 * t;
                 s.lora_tokens += p.tokens;
-                s.lora_token_rank += rank_of[a.0 as usize] as u64 * t;
+                s.lora_token_rank += rank;
+                s.prefill_lora_tokens += p.tokens;
+                s.prefill_lora_token_rank += rank;
+                s.prefill_lora_segments += 1;
             }
         }
         for l in &plan.loads {
@@ -1181,11 +1193,19 @@ pub struct CalibrationProfile {
     /// Decode attention over all layers for `batch` requests that each read `context` KV rows.
     pub attention_decode: Vec<DecodeAttentionPoint>,
     /// LoRA shrink (`x · A^T`) over all layers × `lora_targets`, by (tokens, distinct
-    /// adapters, rank).
+    /// adapters, rank). When the `lora_prefill_*` grids are present these are decode rows
+    /// (the MBGMV kernels) only; otherwise they price every LoRA token.
     pub lora_shrink: Vec<LoraPoint>,
     /// LoRA expand (`v · B^T`, added into the output) over all layers × `lora_targets`, by
-    /// (tokens, distinct adapters, rank).
+    /// (tokens, distinct adapters, rank); decode rows only as for `lora_shrink`.
     pub lora_expand: Vec<LoraPoint>,
+    /// LoRA of prefill segments (the MBGMM kernels), shrink and expand, by (prompt tokens
+    /// that use an adapter, segments, rank): a different kernel from the decode rows', with a
+    /// different cost curve. Absent (empty) in profiles written before it was measured.
+    #[serde(default)]
+    pub lora_prefill_shrink: Vec<LoraPoint>,
+    #[serde(default)]
+    pub lora_prefill_expand: Vec<LoraPoint>,
     /// Host-to-device copies by transfer size, one copy each, from pinned memory.
     pub host_to_device: Vec<TransferPoint>,
     /// Per-step host and launch time on the critical path that no grid above contains:
@@ -1327,7 +1347,12 @@ impl CalibrationProfile {
         for (name, grid) in [
             ("lora_shrink", &self.lora_shrink),
             ("lora_expand", &self.lora_expand),
+            ("lora_prefill_shrink", &self.lora_prefill_shrink),
+            ("lora_prefill_expand", &self.lora_prefill_expand),
         ] {
+            if name.starts_with("lora_prefill") && grid.is_empty() {
+                continue;
+            }
             check_grid(
                 origin_bad,
                 name,
@@ -1607,6 +1632,7 @@ mod tests {
             blocking_load_bytes: v[11],
             prefetch_load_bytes: v[12],
             decode_context_histogram: ContextHistogram::default(),
+            ..BatchShape::default()
         }
     }
 
@@ -1947,6 +1973,8 @@ mod tests {
             attention_decode: decode,
             lora_shrink: lora.clone(),
             lora_expand: lora,
+            lora_prefill_shrink: Vec::new(),
+            lora_prefill_expand: Vec::new(),
             host_to_device: [1 << 20, 64 << 20]
                 .iter()
                 .map(|&bytes| TransferPoint {

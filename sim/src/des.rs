@@ -91,6 +91,11 @@ impl EventQueue {
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
+
+    /// Time of the next event, if any.
+    pub fn peek_time(&self) -> Option<Nanos> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
 }
 
 /// Progress callback: `(arrivals submitted, total arrivals)`.
@@ -98,10 +103,31 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 /// Runs a scenario to completion (every request completed, aborted or rejected).
 pub fn simulate(setup: &RunSetup, progress: Option<Progress<'_>>) -> Result<RunResult, SimError> {
-    let mut scheduler = Scheduler::new(setup.engine.clone())?;
     let cost: &dyn CostModel = setup.cost.as_ref();
+    let recorder = Recorder::new(setup, cost);
+    let mut step_cost = |_: &StepPlan, shape: &BatchShape| cost.step_cost(shape);
+    simulate_with(setup, recorder, &mut step_cost, progress, None)
+}
+
+/// What a step of a simulation takes: the cost model's prediction, or (in the conformance
+/// test against the live driver) an executor's reported time.
+pub type StepTimer<'a> = &'a mut dyn FnMut(&StepPlan, &BatchShape) -> StepCost;
+
+/// Sees every plan as it is made (the conformance test records them).
+pub type PlanObserver<'a> = &'a mut dyn FnMut(&StepPlan);
+
+/// The discrete-event loop with step times from `step_time`. All events at one instant are
+/// handled before the engine plans, so requests arriving together are planned together (as
+/// the live driver does, which submits everything that has arrived before it plans).
+pub fn simulate_with(
+    setup: &RunSetup,
+    mut recorder: Recorder,
+    step_time: StepTimer<'_>,
+    progress: Option<Progress<'_>>,
+    mut on_plan: Option<PlanObserver<'_>>,
+) -> Result<RunResult, SimError> {
+    let mut scheduler = Scheduler::new(setup.engine.clone())?;
     let arrivals = &setup.arrivals;
-    let mut recorder = Recorder::new(setup, cost);
     let mut queue = EventQueue::default();
     let mut in_flight: Option<(StepPlan, StepCost)> = None;
     if let Some(first) = arrivals.first() {
@@ -143,12 +169,18 @@ pub fn simulate(setup: &RunSetup, progress: Option<Progress<'_>>) -> Result<RunR
                 recorder.completed(&outcome, now);
             }
         }
+        if queue.peek_time() == Some(now) {
+            continue;
+        }
         if in_flight.is_none() {
             if let Some(plan) = scheduler.plan_step(now)? {
+                if let Some(observe) = on_plan.as_mut() {
+                    observe(&plan);
+                }
                 let shape = BatchShape::from_plan(&plan, &setup.ranks);
                 // A plan that only aborts requests does no GPU work and takes no time.
                 let step_cost = if plan.has_compute() || !plan.loads.is_empty() {
-                    cost.step_cost(&shape)
+                    step_time(&plan, &shape)
                 } else {
                     StepCost::default()
                 };

@@ -4,6 +4,7 @@
 pub mod calibrated;
 pub mod cost;
 pub mod des;
+pub mod live;
 pub mod metrics;
 pub mod recorder;
 pub mod scenario;

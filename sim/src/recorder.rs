@@ -26,6 +26,16 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new(setup: &crate::scenario::RunSetup, cost: &dyn crate::cost::CostModel) -> Recorder {
+        Recorder::with_source(setup, cost.provenance(), cost.describe())
+    }
+
+    /// A recorder for a run whose step times come from `provenance` (`Executed` for the live
+    /// driver), described in reports as `description`.
+    pub fn with_source(
+        setup: &crate::scenario::RunSetup,
+        provenance: Provenance,
+        description: String,
+    ) -> Recorder {
         let requests = setup
             .arrivals
             .iter()
@@ -48,8 +58,8 @@ impl Recorder {
         Recorder {
             scenario: setup.scenario.name.clone(),
             seed: setup.scenario.seed,
-            provenance: cost.provenance(),
-            cost_model: cost.describe(),
+            provenance,
+            cost_model: description,
             slo: setup.scenario.slo_targets(),
             ranks: setup.ranks.clone(),
             page_bytes: setup.engine.model.page_bytes(),

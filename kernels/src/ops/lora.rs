@@ -64,6 +64,13 @@ pub const PREFILL_EXPAND_TOKENS: usize = 32;
 pub const PREFILL_EXPAND_OUTPUTS: usize = 128;
 /// Threads per block of both MBGMM kernels (`PS_THREADS`, `PE_THREADS`).
 pub const PREFILL_THREADS: u32 = 256;
+/// Reduction depth of one step of the MBGMM shrink (`PS_TK`): split-K chunks are multiples.
+pub const PREFILL_SHRINK_K: usize = 64;
+/// Blocks the MBGMM shrink aims for by splitting its reduction: two per SM of a 132-SM GPU.
+/// Fewer (a short prompt on one adapter is a dozen token tiles) leaves most SMs idle.
+pub const PREFILL_SHRINK_TARGET_BLOCKS: usize = 264;
+/// Most split-K chunks of the MBGMM shrink (each adds one atomic per output).
+pub const PREFILL_SHRINK_MAX_SPLITS: usize = 16;
 
 /// Most modules one multi-module MBGMV launch takes (`LORA_MAX_MODULES`: q, k and v).
 pub const DECODE_MULTI_MAX_MODULES: usize = 3;
@@ -398,9 +405,13 @@ pub struct LoraPrefillPlan {
     pub num_tokens: usize,
     pub num_segments: usize,
     /// `lora_mbgmm_shrink`: grid (token tiles of 32 in the longest segment,
-    /// ceil(max_rank / 64), segments); block (x, y, z) computes token tiles
-    /// `x, x + grid.x, ...` of segment z for rank rows `[64y, 64y + 64)`.
+    /// ceil(max_rank / 64) × k_splits, segments); block (x, y, z) computes token tiles
+    /// `x, x + grid.x, ...` of segment z for rank rows `[64 (y % tiles), +64)` over the
+    /// reduction chunk `y / tiles` of `k_chunk` inputs.
     pub shrink: LaunchDims,
+    /// Inputs per split-K chunk of the shrink (a multiple of 64), and the number of chunks.
+    pub k_chunk: usize,
+    pub k_splits: usize,
     /// `lora_mbgmm_expand`: grid (token tiles of 32, ceil(out / 128), segments); block
     /// (x, y, z) computes outputs `[128y, 128y + 128)` of token tiles `x, x + grid.x, ...`.
     pub expand: LaunchDims,
@@ -443,12 +454,28 @@ impl LoraPrefillPlan {
         let segments = if empty { 0 } else { num_segments as u32 };
         let shrink_x = max_segment_len.div_ceil(PREFILL_SHRINK_TOKENS).max(1) as u32;
         let expand_x = max_segment_len.div_ceil(PREFILL_EXPAND_TOKENS).max(1) as u32;
+        // Split the reduction until the shrink has about two blocks per SM.
+        let base_blocks = (shrink_x as usize * rank_tiles * num_segments.max(1)).max(1);
+        let k_steps = shape.in_features.div_ceil(PREFILL_SHRINK_K).max(1);
+        let wanted = PREFILL_SHRINK_TARGET_BLOCKS
+            .div_ceil(base_blocks)
+            .clamp(1, PREFILL_SHRINK_MAX_SPLITS)
+            .min(k_steps);
+        let k_chunk = k_steps.div_ceil(wanted) * PREFILL_SHRINK_K;
+        let k_splits = shape.in_features.div_ceil(k_chunk).max(1);
+        if rank_tiles * k_splits > MAX_GRID_YZ {
+            return bad(format!(
+                "{rank_tiles} rank tiles x {k_splits} reduction chunks exceed gridDim.y's {MAX_GRID_YZ}"
+            ));
+        }
         Ok(LoraPrefillPlan {
             shape,
             num_tokens,
             num_segments,
+            k_chunk,
+            k_splits,
             shrink: LaunchDims {
-                grid: (shrink_x, rank_tiles as u32, segments),
+                grid: (shrink_x, (rank_tiles * k_splits) as u32, segments),
                 block: (PREFILL_THREADS, 1, 1),
                 shared_mem: 0,
             },
@@ -1884,6 +1911,11 @@ mod launch {
 
         gpu.mark(crate::gpu::Phase::LoraShrink)?;
 
+        let k_chunk_i = i32_of(KERNEL, "k_chunk", plan.k_chunk)?;
+        // The shrink adds its split-K partial sums into v.
+        gpu.stream
+            .memset_zeros(&mut v_scratch.slice_mut(..tokens * shape.max_rank))
+            .map_err(driver_err("zeroing the LoRA scratch"))?;
         let shrink = gpu.function(SOURCE, "lora_mbgmm_shrink")?;
         let mut b = gpu.stream.launch_builder(&shrink);
         b.arg(x)
@@ -1900,7 +1932,8 @@ mod launch {
             .arg(&slots_i)
             .arg(&w_i)
             .arg(&pages_i)
-            .arg(&adapter_pages_i);
+            .arg(&adapter_pages_i)
+            .arg(&k_chunk_i);
         // SAFETY: the arguments match `lora_mbgmm_shrink`'s parameters in order and type;
         // lengths, alignment and i32 indexing were checked above; the kernel skips segments
         // whose bounds leave `0..tokens` and table entries or pages out of range, so it reads
@@ -2633,18 +2666,25 @@ mod tests {
     #[test]
     fn prefill_plan_covers_segments_tokens_and_outputs() {
         let plan = LoraPrefillPlan::new(shape(), 300, 5, 100).unwrap();
-        assert_eq!(plan.shrink.grid, (4, 1, 5)); // ceil(100 / 32), ceil(64 / 64)
+        // ceil(100 / 32) token tiles, one rank tile, split-K to reach ~264 blocks.
+        assert_eq!(plan.shrink.grid.0, 4);
+        assert_eq!(plan.shrink.grid.2, 5);
+        assert_eq!(plan.shrink.grid.1 as usize, plan.k_splits);
+        // About the target (chunks are whole 64-input steps, so it rounds).
+        assert!(4 * plan.k_splits * 5 >= PREFILL_SHRINK_TARGET_BLOCKS * 3 / 4);
         assert_eq!(plan.expand.grid, (4, 8, 5)); // ceil(1024 / 128)
         assert_eq!(plan.shrink.block, (256, 1, 1));
         let wide = LoraShape::new(4096, 1024, 1024, 65, 10_000);
-        assert_eq!(
-            LoraPrefillPlan::new(wide, 300, 5, 100)
-                .unwrap()
-                .shrink
-                .grid
-                .1,
-            2
-        );
+        let p = LoraPrefillPlan::new(wide, 300, 5, 100).unwrap();
+        assert_eq!(p.shrink.grid.1 as usize, 2 * p.k_splits); // two rank tiles per chunk
+                                                              // The chunks tile the reduction exactly, in whole 64-input steps.
+        for (in_f, tokens, segs) in [(4096, 1, 1), (4096, 4096, 8), (11008, 300, 1), (64, 5, 1)] {
+            let shape = LoraShape::new(in_f, 1024, 1024, 64, 10_000);
+            let p = LoraPrefillPlan::new(shape, tokens, segs, tokens / segs).unwrap();
+            assert_eq!(p.k_chunk % PREFILL_SHRINK_K, 0);
+            assert!(p.k_splits * p.k_chunk >= in_f && (p.k_splits - 1) * p.k_chunk < in_f);
+            assert!(p.k_splits <= PREFILL_SHRINK_MAX_SPLITS);
+        }
         let plan = LoraPrefillPlan::new(shape(), 0, 0, 0).unwrap();
         assert!(plan.is_empty());
         assert_eq!(plan.shrink.grid.2, 0);

@@ -1,0 +1,542 @@
+//! `slora-plan calibrate`: the executor's own operations timed over grids of shapes, for the
+//! simulator's calibrated cost model.
+//!
+//! Every point runs real executor steps on hand-made plans (the engine is not needed to reach
+//! a shape: requests are given KV pages directly, see `GpuExecutor::add_prefilled`), launch by
+//! launch with CUDA events between the phases of the step (`gpu::Phase`), so one step yields
+//! the dense, attention, LoRA, LM-head and sampling times of its shape. The per-step time
+//! outside the phases (building and uploading the step's tables, launch gaps, the final
+//! synchronisation and read-back) is the host-timed step without events minus the sum of its
+//! phases. Adapter loads are timed as the executor does them: pinned host → staging on the
+//! copy stream, scatter into pool pages, until the copy's event completes.
+//!
+//! The KV pages of a point are laid out by a multiplicative permutation of the pool, so
+//! neighbouring requests read distant pages, as a long-running server's do; a grid point
+//! whose batch × context exceeds the pool reuses pages (timing only reads them; the engine
+//! never plans such a step, so those points only anchor interpolation).
+
+use crate::error::Result;
+use crate::executor::{ExecutorConfig, GpuExecutor, ModelWeights};
+use crate::gpu::{Gpu, Phase, PhaseTimes};
+use crate::weights::synthetic_adapter;
+use slora_engine::{
+    AdapterId, AdapterLoad, DecodeWork, Executor, ModelSpec, PageId, PageSpan, PrefillWork,
+    RequestId, StepPlan, TargetModule,
+};
+use std::time::Instant;
+
+/// Robust statistics of one point (seconds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stat {
+    pub median_s: f64,
+    pub p10_s: f64,
+    pub p90_s: f64,
+    pub samples: u32,
+}
+
+impl Stat {
+    fn of(mut v: Vec<f64>) -> Stat {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        Stat {
+            median_s: q(0.5),
+            p10_s: q(0.1),
+            p90_s: q(0.9),
+            samples: v.len() as u32,
+        }
+    }
+}
+
+/// The axes measured. Multi-axis grids are complete (every combination).
+#[derive(Clone, Debug)]
+pub struct Grid {
+    /// Decode batch sizes: base GEMMs, LM head and decode attention at these token counts.
+    pub decode_batches: Vec<u32>,
+    /// Context lengths of the decode attention grid.
+    pub decode_contexts: Vec<u32>,
+    /// Prefill token counts (above the largest decode batch) for the base GEMMs.
+    pub prefill_tokens: Vec<u32>,
+    /// Prefill attention: chunk tokens × cached context.
+    pub prefill_chunk_tokens: Vec<u32>,
+    pub prefill_contexts: Vec<u32>,
+    /// LoRA of decode rows (MBGMV): tokens × distinct adapters × rank.
+    pub lora_tokens: Vec<u32>,
+    pub lora_adapters: Vec<u32>,
+    pub lora_ranks: Vec<u32>,
+    /// LoRA of prompt segments (MBGMM): tokens × segments (one adapter each) × rank.
+    pub lora_prefill_tokens: Vec<u32>,
+    pub lora_prefill_segments: Vec<u32>,
+    /// Timed repetitions per point (after one warm-up).
+    pub reps: usize,
+}
+
+impl Default for Grid {
+    fn default() -> Grid {
+        Grid {
+            decode_batches: vec![1, 8, 32, 64, 128, 256],
+            decode_contexts: vec![64, 256, 512, 1024, 2048],
+            prefill_tokens: vec![512, 1024, 2048, 4096, 8192],
+            prefill_chunk_tokens: vec![16, 32, 64, 128, 256, 512, 1024, 2048],
+            prefill_contexts: vec![0, 512, 1536],
+            lora_tokens: vec![16, 32, 64, 128, 256],
+            lora_adapters: vec![1, 4, 16],
+            lora_ranks: vec![8, 16, 32, 64],
+            lora_prefill_tokens: vec![16, 64, 256, 1024, 4096],
+            lora_prefill_segments: vec![1, 4, 16],
+            reps: 5,
+        }
+    }
+}
+
+/// Everything `calibrate` measured for one model on one GPU.
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    pub gpu_name: String,
+    pub gpu_memory_bytes: u64,
+    pub driver_version: String,
+    pub cuda_version: String,
+    pub model: ModelSpec,
+    pub lora_targets: Vec<TargetModule>,
+    pub base_gemm: Vec<(u32, Stat)>,
+    pub lm_head: Vec<(u32, Stat)>,
+    pub attention_prefill: Vec<(u32, u32, Stat)>,
+    pub attention_decode: Vec<(u32, u32, Stat)>,
+    pub lora_shrink: Vec<(u32, u32, u32, Stat)>,
+    pub lora_expand: Vec<(u32, u32, u32, Stat)>,
+    pub lora_prefill_shrink: Vec<(u32, u32, u32, Stat)>,
+    pub lora_prefill_expand: Vec<(u32, u32, u32, Stat)>,
+    pub host_to_device: Vec<(u64, Stat)>,
+    pub fixed_overhead: Stat,
+    pub sampling_per_token: Stat,
+    /// Whole decode steps as the executor runs them (host-timed, no events): `(batch,
+    /// context, seconds)`, for checking a cost model's sum of parts against real steps.
+    pub decode_steps: Vec<(u32, u32, Stat)>,
+}
+
+/// The NVIDIA driver's version as the kernel module reports it (Linux), else what CUDA says.
+fn driver_version(cuda_driver_api: i32) -> String {
+    std::fs::read_to_string("/proc/driver/nvidia/version")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().next()?.to_string();
+            // "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release
+            // Build ...": the first word that is a dotted number.
+            line.split_whitespace()
+                .find(|w| w.contains('.') && w.chars().all(|c| c.is_ascii_digit() || c == '.'))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("unknown (CUDA driver API {cuda_driver_api})"))
+}
+
+/// State of one calibration: the executor and the page layout.
+struct Bench {
+    exec: GpuExecutor,
+    /// Pages `[0, kv_pages)` hold KV rows; adapters live above.
+    kv_pages: u32,
+    next_kv: u64,
+    next_request: u64,
+    next_step: u64,
+    vocab: u32,
+}
+
+impl Bench {
+    /// The `i`-th KV page handed out: a multiplicative permutation of the KV region (odd
+    /// multiplier coprime with the region size), so consecutive pages are far apart.
+    fn kv_page(&mut self) -> i32 {
+        let i = self.next_kv;
+        self.next_kv += 1;
+        let n = self.kv_pages as u64;
+        ((i.wrapping_mul(2_654_435_761) + 12_345) % n) as i32
+    }
+
+    fn request(&mut self, context: u32, extra_tokens: u32) -> (RequestId, Vec<u32>, Vec<i32>) {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        let tokens: Vec<u32> = (0..context + extra_tokens)
+            .map(|t| (t.wrapping_mul(7919) ^ id.0 as u32).wrapping_mul(2_246_822_519) % self.vocab)
+            .collect();
+        let pages: Vec<i32> = (0..context).map(|_| self.kv_page()).collect();
+        (id, tokens, pages)
+    }
+
+    /// Runs `plan` once: host seconds of the whole step, and its phases when `timed`.
+    fn run(&mut self, plan: &StepPlan, timed: bool) -> Result<(f64, Option<PhaseTimes>)> {
+        self.exec.set_phase_timing(timed);
+        let start = Instant::now();
+        self.exec.execute(plan).map_err(|e| crate::Error::Plan {
+            step: plan.step,
+            reason: e.to_string(),
+        })?;
+        let host = start.elapsed().as_secs_f64();
+        let phases = if timed {
+            self.exec.last_phase_times.clone()
+        } else {
+            None
+        };
+        self.exec.set_phase_timing(false);
+        Ok((host, phases))
+    }
+
+    /// A decode step of `batch` requests at `context`, adapters assigned round robin.
+    fn decode_plan(&mut self, batch: u32, context: u32, adapters: &[AdapterId]) -> StepPlan {
+        let mut plan = StepPlan {
+            step: self.next_step,
+            ..StepPlan::default()
+        };
+        self.next_step += 1;
+        for b in 0..batch {
+            let (id, tokens, pages) = self.request(context, 1);
+            self.exec.add_prefilled(id, tokens, pages);
+            let page = PageId(self.kv_page() as u32);
+            plan.decode.push(DecodeWork {
+                request: id,
+                adapter: (!adapters.is_empty()).then(|| adapters[b as usize % adapters.len()]),
+                context_len: context,
+                page,
+            });
+        }
+        plan
+    }
+
+    /// One prefill step: chunks of `(tokens, context)`, adapters round robin.
+    fn prefill_plan(&mut self, chunks: &[(u32, u32)], adapters: &[AdapterId]) -> StepPlan {
+        let mut plan = StepPlan {
+            step: self.next_step,
+            ..StepPlan::default()
+        };
+        self.next_step += 1;
+        for (k, &(tokens, context)) in chunks.iter().enumerate() {
+            let (id, all_tokens, pages) = self.request(context, tokens);
+            self.exec.add_prefilled(id, all_tokens, pages);
+            let start = plan.pages.len() as u32;
+            for _ in 0..tokens {
+                let p = self.kv_page();
+                plan.pages.push(PageId(p as u32));
+            }
+            plan.prefill.push(PrefillWork {
+                request: id,
+                adapter: (!adapters.is_empty()).then(|| adapters[k % adapters.len()]),
+                context_start: context,
+                tokens,
+                pages: PageSpan { start, len: tokens },
+                emits_token: true,
+            });
+        }
+        plan
+    }
+
+    fn release(&mut self, plan: &StepPlan) {
+        for p in &plan.prefill {
+            self.exec.remove_request(p.request);
+        }
+        for d in &plan.decode {
+            self.exec.remove_request(d.request);
+        }
+    }
+
+    /// Phases (medians over reps) and host-timed step (median) of plans made by `make`.
+    fn measure(
+        &mut self,
+        reps: usize,
+        mut make: impl FnMut(&mut Bench) -> StepPlan,
+    ) -> Result<(Vec<PhaseTimes>, Vec<f64>)> {
+        // Warm-up: compiles kernels, tunes GEMMs for the shape.
+        let plan = make(self);
+        self.run(&plan, false)?;
+        self.release(&plan);
+        let mut phases = Vec::with_capacity(reps);
+        let mut hosts = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let plan = make(self);
+            let (_, p) = self.run(&plan, true)?;
+            self.release(&plan);
+            phases.extend(p);
+            let plan = make(self);
+            let (host, _) = self.run(&plan, false)?;
+            self.release(&plan);
+            hosts.push(host);
+        }
+        Ok((phases, hosts))
+    }
+}
+
+fn phase_stat(phases: &[PhaseTimes], pick: impl Fn(&PhaseTimes) -> f64) -> Stat {
+    Stat::of(phases.iter().map(|p| pick(p) * 1e-3).collect())
+}
+
+/// Measures `model` (synthetic weights) on GPU 0 over `grid`. `progress` gets a line per
+/// grid being measured.
+pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Result<Calibration> {
+    let gpu = Gpu::new(0)?;
+    let info = gpu.info()?;
+    let max_rank = grid.lora_ranks.iter().copied().max().unwrap_or(64);
+    let max_decode = grid.decode_batches.iter().copied().max().unwrap_or(256);
+    let max_tokens = [
+        grid.prefill_tokens.iter().copied().max().unwrap_or(0),
+        grid.lora_prefill_tokens.iter().copied().max().unwrap_or(0),
+        grid.prefill_chunk_tokens.iter().copied().max().unwrap_or(0),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
+    .max(max_decode) as usize;
+    let pool_pages =
+        GpuExecutor::pool_pages_from_free_memory(&gpu, model, max_tokens, max_rank, 0.9)?;
+    let targets = TargetModule::ATTENTION.to_vec();
+    // Adapter region: every (rank, adapter) of the LoRA grid resident at once.
+    let max_adapters = grid
+        .lora_adapters
+        .iter()
+        .chain(&grid.lora_prefill_segments)
+        .copied()
+        .max()
+        .unwrap_or(1);
+    let adapter_pages: u64 = grid
+        .lora_ranks
+        .iter()
+        .map(|&r| {
+            max_adapters as u64
+                * slora_engine::AdapterSpec {
+                    rank: r,
+                    targets: targets.clone(),
+                }
+                .pages(model)
+        })
+        .sum();
+    if adapter_pages * 2 >= pool_pages as u64 {
+        return Err(crate::Error::Plan {
+            step: 0,
+            reason: format!(
+                "the LoRA grid's adapters need {adapter_pages} pages; the pool has {pool_pages}"
+            ),
+        });
+    }
+    let cfg = ExecutorConfig {
+        model: model.clone(),
+        rms_norm_eps: 1e-5,
+        pool_pages,
+        max_step_tokens: max_tokens + max_decode as usize,
+        max_rank,
+        record_prompt_logits: false,
+    };
+    let cuda_version = format!(
+        "{}.{}",
+        info.driver_version / 1000,
+        (info.driver_version % 1000) / 10
+    );
+    let exec = GpuExecutor::new(gpu, cfg, ModelWeights::Synthetic { seed: 11 })?;
+    let mut b = Bench {
+        exec,
+        kv_pages: pool_pages - adapter_pages as u32,
+        next_kv: 0,
+        next_request: 0,
+        next_step: 0,
+        vocab: model.vocab_size,
+    };
+    // The executor runs launch by launch while serving live (see `--execute`): calibrate it so.
+    b.exec.set_cuda_graphs(false);
+    let reps = grid.reps.max(1);
+
+    // ---- Decode grid: base GEMMs, LM head, sampling, attention, fixed overhead -------------
+    progress("decode steps (dense layers, LM head, decode attention, step overhead)");
+    let mut base_gemm = Vec::new();
+    let mut lm_head = Vec::new();
+    let mut attention_decode = Vec::new();
+    let mut decode_steps = Vec::new();
+    let mut overheads = Vec::new();
+    let mut sampling = Vec::new();
+    for &batch in &grid.decode_batches {
+        for (ci, &context) in grid.decode_contexts.iter().enumerate() {
+            let (phases, hosts) = b.measure(reps, |b| b.decode_plan(batch, context, &[]))?;
+            attention_decode.push((
+                batch,
+                context,
+                phase_stat(&phases, |p| p.get(Phase::AttentionDecode)),
+            ));
+            let host = Stat::of(hosts.clone());
+            let sum = phase_stat(&phases, |p| p.total());
+            overheads.push((host.median_s - sum.median_s).max(0.0));
+            decode_steps.push((batch, context, host));
+            if ci == 0 {
+                base_gemm.push((batch, phase_stat(&phases, |p| p.get(Phase::Dense))));
+                lm_head.push((batch, phase_stat(&phases, |p| p.get(Phase::LmHead))));
+                sampling.extend(
+                    phases
+                        .iter()
+                        .map(|p| p.get(Phase::Sampling) * 1e-3 / batch as f64),
+                );
+            }
+        }
+    }
+    let fixed_overhead = Stat::of(overheads);
+    // The per-token cost of sampling: at the largest batch (a lone argmax is launch-bound).
+    let sampling_per_token = Stat::of(
+        sampling
+            .iter()
+            .rev()
+            .take(reps)
+            .copied()
+            .collect::<Vec<_>>(),
+    );
+
+    // ---- Base GEMMs at prefill sizes ---------------------------------------------------------
+    progress("prefill steps (dense layers at prefill sizes)");
+    for &tokens in &grid.prefill_tokens {
+        let chunk = 512u32.min(tokens);
+        let chunks: Vec<(u32, u32)> = (0..tokens.div_ceil(chunk))
+            .map(|k| (chunk.min(tokens - k * chunk), 0))
+            .collect();
+        let (phases, _) = b.measure(reps, |b| b.prefill_plan(&chunks, &[]))?;
+        base_gemm.push((tokens, phase_stat(&phases, |p| p.get(Phase::Dense))));
+    }
+    base_gemm.sort_by_key(|p| p.0);
+    base_gemm.dedup_by_key(|p| p.0);
+
+    // ---- Prefill attention ---------------------------------------------------------------------
+    progress("prefill attention");
+    let mut attention_prefill = Vec::new();
+    for &tokens in &grid.prefill_chunk_tokens {
+        for &context in &grid.prefill_contexts {
+            let (phases, _) = b.measure(reps, |b| b.prefill_plan(&[(tokens, context)], &[]))?;
+            attention_prefill.push((
+                tokens,
+                context,
+                phase_stat(&phases, |p| p.get(Phase::AttentionPrefill)),
+            ));
+        }
+    }
+
+    // ---- Adapters: register, load (timing each load), LoRA kernels --------------------------
+    progress("adapter loads and LoRA kernels");
+    let mut host_to_device = Vec::new();
+    let mut lora_shrink = Vec::new();
+    let mut lora_expand = Vec::new();
+    let mut lora_prefill_shrink = Vec::new();
+    let mut lora_prefill_expand = Vec::new();
+    let mut next_adapter_page = b.kv_pages;
+    for (ri, &rank) in grid.lora_ranks.iter().enumerate() {
+        let template = synthetic_adapter(model, rank, &targets, 2.0 * rank as f32, rank as u64);
+        let ids: Vec<AdapterId> = (0..max_adapters)
+            .map(|j| AdapterId(ri as u32 * 100_000 + j))
+            .collect();
+        b.exec.register_adapter(ids[0], &template)?;
+        let host = b
+            .exec
+            .host_adapter(ids[0])
+            .map(|h| h.share())
+            .ok_or_else(|| crate::Error::Plan {
+                step: 0,
+                reason: "template adapter missing".into(),
+            })?;
+        for &id in &ids[1..] {
+            b.exec.register_shared(id, &host);
+        }
+        let pages_each = host.pages as u32;
+        let bytes = host.packed.len() as u64 * 2;
+        // Each adapter loaded by its own blocking step, host-timed as the executor runs it;
+        // the first is a warm-up.
+        let mut load_times = Vec::new();
+        for (j, &id) in ids.iter().enumerate() {
+            let pages: Vec<PageId> = (0..pages_each)
+                .map(|k| PageId(next_adapter_page + k))
+                .collect();
+            next_adapter_page += pages_each;
+            let plan = StepPlan {
+                step: b.next_step,
+                loads: vec![AdapterLoad {
+                    adapter: id,
+                    rank,
+                    bytes,
+                    pages: PageSpan {
+                        start: 0,
+                        len: pages_each,
+                    },
+                    blocking: true,
+                }],
+                pages,
+                ..StepPlan::default()
+            };
+            b.next_step += 1;
+            let (host_s, _) = b.run(&plan, false)?;
+            if j > 0 && j <= reps.max(3) {
+                load_times.push(host_s);
+            }
+        }
+        if !load_times.is_empty() {
+            host_to_device.push((bytes, Stat::of(load_times)));
+        }
+        // Decode rows (contexts of 16 keep attention out of the way; the phases are apart).
+        for &tokens in &grid.lora_tokens {
+            for &adapters in &grid.lora_adapters {
+                let used = &ids[..adapters.min(tokens) as usize];
+                let (phases, _) = b.measure(reps, |b| b.decode_plan(tokens, 16, used))?;
+                lora_shrink.push((
+                    tokens,
+                    adapters,
+                    rank,
+                    phase_stat(&phases, |p| p.get(Phase::LoraShrink)),
+                ));
+                lora_expand.push((
+                    tokens,
+                    adapters,
+                    rank,
+                    phase_stat(&phases, |p| p.get(Phase::LoraExpand)),
+                ));
+            }
+        }
+        // Prompt segments: the tokens spread evenly over `segments` requests, one adapter each.
+        for &tokens in &grid.lora_prefill_tokens {
+            for &segments in &grid.lora_prefill_segments {
+                let segments = segments.min(tokens);
+                let used = &ids[..segments as usize];
+                let per = tokens / segments;
+                let chunks: Vec<(u32, u32)> = (0..segments)
+                    .map(|k| (per + u32::from(k < tokens % segments), 0))
+                    .collect();
+                let (phases, _) = b.measure(reps, |b| b.prefill_plan(&chunks, used))?;
+                lora_prefill_shrink.push((
+                    tokens,
+                    segments,
+                    rank,
+                    phase_stat(&phases, |p| p.get(Phase::LoraShrink)),
+                ));
+                lora_prefill_expand.push((
+                    tokens,
+                    segments,
+                    rank,
+                    phase_stat(&phases, |p| p.get(Phase::LoraExpand)),
+                ));
+            }
+        }
+    }
+    host_to_device.sort_by_key(|p| p.0);
+    host_to_device.dedup_by_key(|p| p.0);
+    // Grids sorted lexicographically by their axes, as the profile format wants.
+    lora_shrink.sort_by_key(|p| (p.0, p.1, p.2));
+    lora_expand.sort_by_key(|p| (p.0, p.1, p.2));
+    lora_prefill_shrink.sort_by_key(|p| (p.0, p.1, p.2));
+    lora_prefill_expand.sort_by_key(|p| (p.0, p.1, p.2));
+    attention_decode.sort_by_key(|p| (p.0, p.1));
+    attention_prefill.sort_by_key(|p| (p.0, p.1));
+
+    Ok(Calibration {
+        gpu_name: info.name.clone(),
+        gpu_memory_bytes: info.total_memory,
+        driver_version: driver_version(info.driver_version),
+        cuda_version,
+        model: model.clone(),
+        lora_targets: targets,
+        base_gemm,
+        lm_head,
+        attention_prefill,
+        attention_decode,
+        lora_shrink,
+        lora_expand,
+        lora_prefill_shrink,
+        lora_prefill_expand,
+        host_to_device,
+        fixed_overhead,
+        sampling_per_token,
+        decode_steps,
+    })
+}

@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""The simulator's fidelity, measured: each fidelity scenario is served live on the GPU and
+simulated with the calibrated cost model, at fractions of its capacity, and compared.
+
+    python3 scripts/fidelity.py --bin target/release/slora-plan --out out/fidelity \
+        [--profiles DIR] [--only s2-n100,...] [--loads 0.5,0.85,0.95] [--seconds 20]
+
+Per scenario:
+1. capacity: the highest request rate at which a simulation of `--capacity-seconds` of
+   traffic (calibrated costs; `--profiles DIR/h200-<model>.json` when given, else the
+   profiles embedded in the binary) keeps SLO attainment >= the scenario's target and completes
+   >= 90% of the offered requests per second; found by bisection to 2%;
+2. for each load: the scenario at `load x capacity` for `--seconds` of arrivals, run with
+   `slora-plan simulate --compare` (live on the GPU and simulated on the same arrivals);
+3. a table of the errors (signed, simulated vs executed) from each compare.json.
+
+`--simulate-only` replaces step 2's live run by a second simulation (no GPU), to check the
+script anywhere. Writes OUT/summary.md and OUT/summary.json; prints the table.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+TRACE = "AzureLLMInferenceTrace_conv.csv"
+
+COMMON_TAIL = """
+policy:
+  early_abort: true
+  min_time_to_first_token_s: 0.5
+slo:
+  ttft_s: 6.0
+  attainment_target: 0.9
+"""
+
+
+def slora(name, model, ranks, count, popularity="{ law: power, alpha: 1.0 }", extra=""):
+    # The text is a str.format template: literal braces are doubled.
+    popularity = popularity.replace("{", "{{").replace("}", "}}")
+    return {
+        "name": name,
+        "model": model,
+        "yaml": f"""name: {name}
+seed: 7
+model: {model}
+gpu: h200
+{{profile}}adapters:
+  count: {count}
+  ranks: {ranks}
+  popularity: {popularity}
+workload:
+  arrivals: {{{{ process: gamma, rate: {{rate}}, cv: {{cv}} }}}}
+  duration_s: {{seconds}}
+  input: {{{{ dist: uniform, min: 8, max: 512 }}}}
+  output: {{{{ dist: uniform, min: 8, max: 512 }}}}
+""" + (extra or COMMON_TAIL),
+        "cv": 1.0,
+    }
+
+
+def scenarios(trace_dir):
+    s = [
+        slora("s1-n5", "llama-7b", "[8]", 5),
+        slora("s1-n100", "llama-7b", "[8]", 100),
+        slora("s1-n2000", "llama-7b", "[8]", 2000),
+        slora("s2-n5", "llama-7b", "[64, 32, 16, 8]", 5),
+        slora("s2-n100", "llama-7b", "[64, 32, 16, 8]", 100),
+        slora("s2-n2000", "llama-7b", "[64, 32, 16, 8]", 2000),
+        slora("s4-llama13b-n100", "llama-13b", "[64, 32, 16]", 100),
+        slora(
+            "skewed-zipf1.2-n2000",
+            "llama-7b",
+            "[64, 32, 16, 8]",
+            2000,
+            popularity="{ law: zipf, s: 1.2 }",
+            extra="""
+policy:
+  clustering: true
+  max_adapters_per_batch: 64
+slo:
+  ttft_s: 6.0
+  tpot_s: 0.1
+  attainment_target: 0.9
+""",
+        ),
+        slora("gqa-llama3-8b-s2-n100", "llama-3-8b", "[64, 32, 16, 8]", 100),
+    ]
+    bursty = slora(
+        "bursty-cv4-n1000",
+        "llama-7b",
+        "[64, 32, 16, 8]",
+        1000,
+        extra="""
+policy:
+  early_abort: true
+  min_time_to_first_token_s: 0.5
+  newest_first_under_overload: true
+slo:
+  ttft_s: 6.0
+  attainment_target: 0.9
+""",
+    )
+    bursty["cv"] = 4.0
+    s.append(bursty)
+    trace = os.path.join(trace_dir, TRACE) if trace_dir else None
+    if trace and os.path.exists(trace):
+        s.append(
+            {
+                "name": "azure-conv-n500",
+                "model": "llama-7b",
+                "trace": True,
+                "yaml": f"""name: azure-conv-n500
+seed: 3
+model: llama-7b
+gpu: h200
+{{profile}}adapters:
+  count: 500
+  ranks: [8, 16, 32, 64]
+  popularity: {{{{ law: zipf, s: 1.0 }}}}
+workload:
+  trace:
+    path: {os.path.abspath(trace)}
+    time_scale: {{time_scale}}
+    max_prompt_tokens: 4096
+    max_output_tokens: 2048
+  duration_s: {{seconds}}
+policy:
+  chunked_prefill: true
+  max_prefill_tokens: 2048
+slo:
+  ttft_s: 2.0
+  tpot_s: 0.1
+  attainment_target: 0.9
+""",
+            }
+        )
+    return s
+
+
+def render(sc, rate, seconds, profile, base_rate=None):
+    prof = f"gpu_profile: {profile}\n" if profile else ""
+    if sc.get("trace"):
+        # The trace's own rate is base_rate at time_scale 1: stretch time to reach `rate`.
+        return sc["yaml"].format(
+            profile=prof, time_scale=base_rate / rate, seconds=seconds
+        )
+    return sc["yaml"].format(profile=prof, rate=rate, cv=sc["cv"], seconds=seconds)
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.stderr.write(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}\n")
+    return r.returncode
+
+
+def simulate(binary, text, path, out):
+    with open(path, "w") as f:
+        f.write(text)
+    if run([binary, "simulate", path, "--quiet", "--out", out]) != 0:
+        return None
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def meets(m, rate):
+    # The simulator's own verdict: SLO attainment at least the scenario's target (aborted and
+    # rejected requests count as misses).
+    return bool(m["meets_slo"])
+
+
+def capacity(binary, sc, work, profile, seconds):
+    base_rate = None
+    if sc.get("trace"):
+        m = simulate(
+            binary,
+            render(sc, 1.0, seconds, profile, base_rate=1.0),
+            os.path.join(work, "probe.yaml"),
+            os.path.join(work, "probe"),
+        )
+        base_rate = m["throughput"]["offered_requests_per_s"]
+    lo, hi = 0.5, 1.0
+    # Grow hi until it fails, then bisect.
+    while True:
+        m = simulate(
+            binary,
+            render(sc, hi, seconds, profile, base_rate),
+            os.path.join(work, "cap.yaml"),
+            os.path.join(work, "cap"),
+        )
+        if m is None or not meets(m, hi):
+            break
+        lo, hi = hi, hi * 2
+        if hi > 1000:
+            break
+    while hi / lo > 1.02:
+        mid = (lo * hi) ** 0.5
+        m = simulate(
+            binary,
+            render(sc, mid, seconds, profile, base_rate),
+            os.path.join(work, "cap.yaml"),
+            os.path.join(work, "cap"),
+        )
+        if m is not None and meets(m, mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, base_rate
+
+
+ROWS = [
+    ("request_throughput_req_s", "throughput"),
+    ("ttft_p50_s", "TTFT p50"),
+    ("ttft_p90_s", "TTFT p90"),
+    ("tpot_p50_s", "TPOT p50"),
+    ("tpot_p90_s", "TPOT p90"),
+    ("e2e_p50_s", "E2E p50"),
+    ("e2e_p90_s", "E2E p90"),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--profiles", help="folder of fresh h200-<model>.json profiles")
+    ap.add_argument("--traces", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces"))
+    ap.add_argument("--only", help="comma-separated scenario names")
+    ap.add_argument("--loads", default="0.5,0.85,0.95")
+    ap.add_argument("--seconds", type=float, default=20.0, help="seconds of arrivals per live run")
+    ap.add_argument("--capacity-seconds", type=float, default=120.0)
+    ap.add_argument("--simulate-only", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    loads = [float(x) for x in args.loads.split(",")]
+    chosen = scenarios(args.traces)
+    if args.only:
+        names = args.only.split(",")
+        chosen = [s for s in chosen if s["name"] in names]
+    results = []
+    for sc in chosen:
+        work = os.path.join(args.out, sc["name"])
+        os.makedirs(work, exist_ok=True)
+        profile = None
+        if args.profiles:
+            p = os.path.abspath(os.path.join(args.profiles, f"h200-{sc['model']}.json"))
+            profile = p if os.path.exists(p) else None
+        cap, base_rate = capacity(args.bin, sc, work, profile, args.capacity_seconds)
+        print(f"{sc['name']}: capacity {cap:.2f} req/s (simulated, calibrated)", flush=True)
+        for load in loads:
+            rate = load * cap
+            label = f"load{int(round(load * 100))}"
+            path = os.path.join(work, f"{label}.yaml")
+            with open(path, "w") as f:
+                f.write(render(sc, rate, args.seconds, profile, base_rate))
+            out = os.path.join(work, label)
+            if args.simulate_only:
+                code = run([args.bin, "simulate", path, "--quiet", "--out", os.path.join(out, "executed")])
+                code = code or run([args.bin, "simulate", path, "--quiet", "--seed", "99", "--out", os.path.join(out, "simulated")])
+                code = code or run([args.bin, "compare", os.path.join(out, "executed"), os.path.join(out, "simulated"), "--quiet", "--out", os.path.join(out, "compare")])
+            else:
+                code = run([args.bin, "simulate", path, "--compare", "--quiet", "--out", out])
+            row = {"scenario": sc["name"], "load": load, "capacity": cap, "rate": rate, "ok": code == 0}
+            if code == 0:
+                with open(os.path.join(out, "compare", "compare.json")) as f:
+                    cmp = json.load(f)
+                by_key = {r["key"]: r for r in cmp["rows"]}
+                for key, _ in ROWS:
+                    row[key] = by_key[key]["signed_error"]
+                row["executed_req_s"] = by_key["request_throughput_req_s"]["reference"]
+                row["executed_completed"] = by_key["completed"]["reference"]
+                row["executed_aborted"] = by_key["aborted"]["reference"]
+                pa = cmp["per_adapter_ttft_p99"]
+                row["adapter_p99_ttft_max"] = pa.get("max_abs_error")
+                row["adapter_p99_ttft_compared"] = pa.get("compared")
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            # Keep only what is needed to look again (the device returns a limited file count).
+            for sub in ("executed", "simulated"):
+                d = os.path.join(out, sub)
+                for name in os.listdir(d) if os.path.isdir(d) else []:
+                    if name not in ("metrics.json", "requests.csv", "steps.csv"):
+                        p = os.path.join(d, name)
+                        if os.path.isfile(p):
+                            os.remove(p)
+            cdir = os.path.join(out, "compare")
+            for name in os.listdir(cdir) if os.path.isdir(cdir) else []:
+                if name not in ("compare.json", "compare.md", "compare-cdf.png"):
+                    p = os.path.join(cdir, name)
+                    if os.path.isfile(p):
+                        os.remove(p)
+        for tmp in ("cap", "probe"):
+            d = os.path.join(work, tmp)
+            if os.path.isdir(d):
+                for name in os.listdir(d):
+                    p = os.path.join(d, name)
+                    if os.path.isfile(p):
+                        os.remove(p)
+                    elif os.path.isdir(p):
+                        import shutil
+
+                        shutil.rmtree(p)
+                os.rmdir(d)
+    head = "| scenario | load | capacity (req/s) | rate | executed req/s | " + " | ".join(n for _, n in ROWS) + " | per-adapter p99 TTFT max (n) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        if not r["ok"]:
+            lines.append(f"| {r['scenario']} | {r['load']:.2f} | {r['capacity']:.2f} | {r['rate']:.2f} | failed |")
+            continue
+        errs = " | ".join(f"{100 * r[k]:+.1f}%" if r[k] is not None else "n/a" for k, _ in ROWS)
+        pa = r["adapter_p99_ttft_max"]
+        pa_s = f"{100 * pa:.1f}% ({r['adapter_p99_ttft_compared']})" if pa is not None else f"n/a ({r['adapter_p99_ttft_compared']})"
+        lines.append(
+            f"| {r['scenario']} | {r['load']:.2f} | {r['capacity']:.2f} | {r['rate']:.2f} | {r['executed_req_s']:.2f} | {errs} | {pa_s} |"
+        )
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+//! `slora-plan calibrate`: times the GPU executor's own operations (`slora_kernels::calibrate`)
+//! and writes them as a calibration profile for the simulator, with its report (grid sizes and
+//! the leave-one-out accuracy of interpolating it).
+
+#[cfg(feature = "cuda")]
+use slora_sim::cost::{
+    CalibrationProfile, DecodeAttentionPoint, LoraPoint, Measured, PrefillAttentionPoint,
+    TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
+};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct CalibrateArgs {
+    /// Model presets to calibrate (synthetic weights of their shapes).
+    #[arg(long = "model", default_value = "llama-7b")]
+    pub models: Vec<String>,
+    /// Output folder for `<gpu>-<model>.json` and `.md`.
+    #[arg(long, default_value = "profiles")]
+    pub out: PathBuf,
+    /// Timed repetitions per grid point.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // only a GPU build measures and writes
+pub enum CalibrateError {
+    #[error("calibrate: {0}")]
+    BadInput(String),
+    #[error("calibrate: {0}")]
+    Gpu(#[from] slora_kernels::Error),
+    #[error("calibrate: writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("calibrate: the measured profile is not valid: {0}")]
+    Invalid(String),
+}
+
+impl CalibrateError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CalibrateError::BadInput(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn measured(s: &slora_kernels::calibrate::Stat) -> Measured {
+    // A phase too short for the events' resolution reads 0: keep the format's "positive"
+    // rule by flooring at one nanosecond.
+    let floor = |x: f64| x.max(1e-9);
+    Measured {
+        median_s: floor(s.median_s),
+        p10_s: floor(s.p10_s).min(floor(s.median_s)),
+        p90_s: floor(s.p90_s).max(floor(s.median_s)),
+        samples: s.samples.max(1),
+    }
+}
+
+#[cfg(feature = "cuda")]
+/// The catalogue key of a GPU the driver names (`NVIDIA H200` → `h200`), if any.
+fn catalogue_key(name: &str) -> Option<String> {
+    let lower = name.to_lowercase();
+    let mut best: Option<&slora_sim::cost::GpuSpec> = None;
+    for g in slora_sim::cost::gpu_catalogue() {
+        let key = g.key.replace('-', " ");
+        let stem = key.split_whitespace().next().unwrap_or(g.key);
+        if lower.contains(stem) && best.is_none_or(|b| g.key.len() > b.key.len()) {
+            // Prefer the more specific key (`a100-80g` over `a100`) when memory says so.
+            best = Some(g);
+        }
+    }
+    best.map(|g| g.key.to_string())
+}
+
+#[cfg(feature = "cuda")]
+/// Converts a measurement into the simulator's profile format.
+pub fn to_profile(c: &slora_kernels::calibrate::Calibration, date: &str) -> CalibrationProfile {
+    CalibrationProfile {
+        format_version: PROFILE_FORMAT_VERSION,
+        gpu_name: c.gpu_name.clone(),
+        gpu_key: catalogue_key(&c.gpu_name),
+        gpu_memory_bytes: c.gpu_memory_bytes,
+        driver_version: c.driver_version.clone(),
+        cuda_version: c.cuda_version.clone(),
+        date: date.to_string(),
+        model: c.model.clone(),
+        tensor_parallel: 1,
+        lora_targets: c.lora_targets.clone(),
+        base_gemm: c
+            .base_gemm
+            .iter()
+            .map(|(t, s)| TokensPoint {
+                tokens: *t,
+                time: measured(s),
+            })
+            .collect(),
+        lm_head: c
+            .lm_head
+            .iter()
+            .map(|(t, s)| TokensPoint {
+                tokens: *t,
+                time: measured(s),
+            })
+            .collect(),
+        attention_prefill: c
+            .attention_prefill
+            .iter()
+            .map(|(t, x, s)| PrefillAttentionPoint {
+                tokens: *t,
+                context: *x,
+                time: measured(s),
+            })
+            .collect(),
+        attention_decode: c
+            .attention_decode
+            .iter()
+            .map(|(b, x, s)| DecodeAttentionPoint {
+                batch: *b,
+                context: *x,
+                time: measured(s),
+            })
+            .collect(),
+        lora_shrink: c
+            .lora_shrink
+            .iter()
+            .map(|(t, a, r, s)| LoraPoint {
+                tokens: *t,
+                adapters: *a,
+                rank: *r,
+                time: measured(s),
+            })
+            .collect(),
+        lora_expand: c
+            .lora_expand
+            .iter()
+            .map(|(t, a, r, s)| LoraPoint {
+                tokens: *t,
+                adapters: *a,
+                rank: *r,
+                time: measured(s),
+            })
+            .collect(),
+        lora_prefill_shrink: c
+            .lora_prefill_shrink
+            .iter()
+            .map(|(t, a, r, s)| LoraPoint {
+                tokens: *t,
+                adapters: *a,
+                rank: *r,
+                time: measured(s),
+            })
+            .collect(),
+        lora_prefill_expand: c
+            .lora_prefill_expand
+            .iter()
+            .map(|(t, a, r, s)| LoraPoint {
+                tokens: *t,
+                adapters: *a,
+                rank: *r,
+                time: measured(s),
+            })
+            .collect(),
+        host_to_device: c
+            .host_to_device
+            .iter()
+            .map(|(b, s)| TransferPoint {
+                bytes: *b,
+                time: measured(s),
+            })
+            .collect(),
+        fixed_overhead: measured(&c.fixed_overhead),
+        sampling_per_token: measured(&c.sampling_per_token),
+    }
+}
+
+/// Today's date, ISO 8601, from the system clock (UTC).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(feature = "cuda")]
+/// How well the profile's own sum of parts predicts whole decode steps measured beside it.
+fn step_check(
+    c: &slora_kernels::calibrate::Calibration,
+    profile: &CalibrationProfile,
+) -> Result<String, CalibrateError> {
+    let cost = slora_sim::CalibratedCost::new(
+        profile,
+        &c.model,
+        1,
+        &slora_engine::TargetModule::ATTENTION,
+    )
+    .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
+    use slora_sim::CostModel;
+    let mut lines = vec![
+        String::new(),
+        "## Whole decode steps: measured vs the profile's prediction".into(),
+        String::new(),
+        "Host-timed steps as the executor runs them (no events), no adapters; the prediction is `CalibratedCost` on the same shape.".into(),
+        String::new(),
+        "| batch | context | measured (ms) | predicted (ms) | error |".into(),
+        "|---|---|---|---|---|".into(),
+    ];
+    let mut errors = Vec::new();
+    for (batch, context, stat) in &c.decode_steps {
+        let mut hist = slora_engine::ContextHistogram::default();
+        for _ in 0..*batch {
+            hist.add(context + 1);
+        }
+        let shape = slora_sim::BatchShape {
+            decode_requests: *batch,
+            decode_context_tokens: *batch as u64 * (*context as u64 + 1),
+            max_decode_context: context + 1,
+            decode_context_histogram: hist,
+            ..Default::default()
+        };
+        let predicted = cost.step_cost(&shape).total().as_secs_f64();
+        let err = predicted / stat.median_s - 1.0;
+        errors.push(err.abs());
+        lines.push(format!(
+            "| {batch} | {context} | {:.3} | {:.3} | {:+.1}% |",
+            stat.median_s * 1e3,
+            predicted * 1e3,
+            err * 100.0
+        ));
+    }
+    errors.sort_by(|a, b| a.total_cmp(b));
+    if let Some(max) = errors.last() {
+        lines.push(String::new());
+        lines.push(format!(
+            "Median absolute error {:.1}%, largest {:.1}% over {} steps.",
+            errors[errors.len() / 2] * 100.0,
+            max * 100.0,
+            errors.len()
+        ));
+    }
+    Ok(lines.join("\n"))
+}
+
+/// The presets named by `--model`, checked (bad input exits 2 with or without a GPU).
+fn models(args: &CalibrateArgs) -> Result<Vec<slora_engine::ModelSpec>, CalibrateError> {
+    let mut models = Vec::new();
+    for name in &args.models {
+        models.push(slora_engine::ModelSpec::preset(name).map_err(|e| {
+            CalibrateError::BadInput(format!(
+                "--model {name}: {e} (presets: {})",
+                slora_engine::ModelSpec::preset_names()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?);
+    }
+    if args.reps == 0 {
+        return Err(CalibrateError::BadInput("--reps must be at least 1".into()));
+    }
+    Ok(models)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(args: &CalibrateArgs) -> Result<(), CalibrateError> {
+    models(args)?;
+    Err(CalibrateError::Gpu(slora_kernels::Error::CudaNotCompiled))
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(args: &CalibrateArgs) -> Result<(), CalibrateError> {
+    use std::path::Path;
+    let models = models(args)?;
+    std::fs::create_dir_all(&args.out).map_err(|source| CalibrateError::Write {
+        path: args.out.clone(),
+        source,
+    })?;
+    let grid = slora_kernels::calibrate::Grid {
+        reps: args.reps,
+        ..Default::default()
+    };
+    for model in &models {
+        let started = std::time::Instant::now();
+        let progress = |what: &str| eprintln!("calibrate {}: {what}", model.name);
+        let c = slora_kernels::calibrate::calibrate(model, &grid, &progress)?;
+        let profile = to_profile(&c, &today());
+        profile
+            .validate(Path::new("(measured)"))
+            .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
+        let stem = format!(
+            "{}-{}",
+            profile
+                .gpu_key
+                .clone()
+                .unwrap_or_else(|| c.gpu_name.to_lowercase().replace(' ', "-")),
+            model.name
+        );
+        let json = args.out.join(format!("{stem}.json"));
+        let text = serde_json::to_string_pretty(&profile).expect("profiles serialize");
+        std::fs::write(&json, text).map_err(|source| CalibrateError::Write {
+            path: json.clone(),
+            source,
+        })?;
+        let mut report = slora_sim::calibrated::profile_report(&profile);
+        report.push_str(&step_check(&c, &profile)?);
+        report.push_str(&format!(
+            "\n\nMeasured in {:.0} s with `slora-plan calibrate --model {} --reps {}`.\n",
+            started.elapsed().as_secs_f64(),
+            model.name,
+            args.reps
+        ));
+        let md = args.out.join(format!("{stem}.md"));
+        std::fs::write(&md, &report).map_err(|source| CalibrateError::Write {
+            path: md.clone(),
+            source,
+        })?;
+        println!("{report}");
+        println!("wrote {} and {}", json.display(), md.display());
+    }
+    Ok(())
+}

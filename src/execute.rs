@@ -1,0 +1,279 @@
+//! `simulate --execute`: a scenario served live on the GPU by the engine core and the GPU
+//! executor, through the same live driver (`slora_sim::live`) whose plans the conformance test
+//! checks against the simulator's.
+//!
+//! One executor is kept for the whole command and reused by every scenario and sweep point of
+//! the same model, so kernels are compiled and GEMMs tuned once. Before each run it is warmed
+//! up (every kernel compiled, every decode batch-size bucket tuned) outside the timed window.
+//! Weights and adapters are synthetic (seeded), of the scenario's shapes; prompts are seeded
+//! random token ids; outputs run to the scenario's exact lengths (EOS is ignored, as the
+//! simulator assumes).
+
+use slora_sim::{RunResult, RunSetup};
+
+/// Why a live run failed (exit code 1).
+#[derive(Debug, thiserror::Error)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // only a GPU build serves
+pub enum ExecuteError {
+    #[error(transparent)]
+    Gpu(#[from] slora_kernels::Error),
+    #[error("{0}")]
+    Live(#[from] slora_sim::live::LiveError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The GPU side of a command: created on first use, reused across runs.
+#[derive(Default)]
+pub struct LiveServer {
+    #[cfg(feature = "cuda")]
+    gpu: Option<gpu::Loaded>,
+}
+
+impl LiveServer {
+    /// Serves `setup` live. The engine's pool is first capped at what the GPU holds, in
+    /// `setup` itself, so that a simulation of the same setup (for `--compare`) plans with the
+    /// same pool.
+    #[cfg(not(feature = "cuda"))]
+    pub fn execute(
+        &mut self,
+        _setup: &mut RunSetup,
+        _progress: Option<slora_sim::des::Progress<'_>>,
+    ) -> Result<RunResult, ExecuteError> {
+        Err(ExecuteError::Gpu(slora_kernels::Error::CudaNotCompiled))
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn execute(
+        &mut self,
+        setup: &mut RunSetup,
+        progress: Option<slora_sim::des::Progress<'_>>,
+    ) -> Result<RunResult, ExecuteError> {
+        gpu::execute(&mut self.gpu, setup, progress)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::ExecuteError;
+    use slora_engine::{
+        AdapterId, EngineConfig, ExecError, Executor, ModelSpec, Nanos, RequestId, RequestMeta,
+        Scheduler, StepPlan, StepReport, TargetModule,
+    };
+    use slora_kernels::executor::{ExecutorConfig, GpuExecutor, HostAdapter, ModelWeights};
+    use slora_kernels::gpu::Gpu;
+    use slora_sim::live::{serve, Backend, WallClock};
+    use slora_sim::{Provenance, Recorder, RunResult, RunSetup};
+    use std::collections::HashMap;
+
+    /// An executor and what it was built for.
+    pub struct Loaded {
+        exec: GpuExecutor,
+        model: ModelSpec,
+        max_step_tokens: usize,
+        max_rank: u32,
+        pool_pages: u32,
+        gpu_name: String,
+        /// Host rows of synthetic adapters by (rank, targets): every adapter of a shape
+        /// shares them (each load still copies its bytes).
+        templates: HashMap<(u32, Vec<TargetModule>), HostAdapter>,
+        /// Batch sizes already warmed up.
+        warmed_batch: u32,
+    }
+
+    /// Seeded prompt token ids of request `index`.
+    fn prompt(index: usize, len: u32, vocab: u32, seed: u64) -> Vec<u32> {
+        let mut x = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (0..len)
+            .map(|_| {
+                // splitmix64
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                ((z ^ (z >> 31)) % vocab as u64) as u32
+            })
+            .collect()
+    }
+
+    struct GpuBackend<'a> {
+        exec: &'a mut GpuExecutor,
+        vocab: u32,
+        seed: u64,
+    }
+
+    impl Executor for GpuBackend<'_> {
+        fn execute(&mut self, plan: &StepPlan) -> Result<StepReport, ExecError> {
+            self.exec.execute(plan)
+        }
+    }
+
+    impl Backend for GpuBackend<'_> {
+        fn admit(&mut self, index: usize, meta: &RequestMeta) -> Result<(), String> {
+            self.exec
+                .add_request(
+                    meta.id,
+                    prompt(index, meta.prompt_tokens, self.vocab, self.seed),
+                )
+                .map_err(|e| e.to_string())
+        }
+        fn release(&mut self, id: RequestId) {
+            self.exec.remove_request(id);
+        }
+    }
+
+    fn setup_err(e: impl std::fmt::Display) -> ExecuteError {
+        ExecuteError::Setup(e.to_string())
+    }
+
+    /// Registers the scenario's adapters (synthetic, shared host rows per shape).
+    fn register(loaded: &mut Loaded, engine: &EngineConfig) -> Result<(), ExecuteError> {
+        for (i, spec) in engine.adapters.iter().enumerate() {
+            let key = (spec.rank, spec.targets.clone());
+            if !loaded.templates.contains_key(&key) {
+                let template = slora_kernels::weights::synthetic_adapter(
+                    &loaded.model,
+                    spec.rank,
+                    &spec.targets,
+                    2.0 * spec.rank as f32,
+                    spec.rank as u64,
+                );
+                loaded
+                    .exec
+                    .register_adapter(AdapterId(i as u32), &template)?;
+                let host = loaded
+                    .exec
+                    .host_adapter(AdapterId(i as u32))
+                    .map(|h| h.share())
+                    .ok_or_else(|| setup_err("a registered adapter is missing"))?;
+                loaded.templates.insert(key, host);
+            } else {
+                loaded
+                    .exec
+                    .register_shared(AdapterId(i as u32), &loaded.templates[&key]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs small engine-driven batches of every power-of-two size up to the scenario's
+    /// largest (prompts of 8 tokens, 3 outputs, on adapter 0 when there is one): compiles
+    /// every kernel and tunes the GEMMs of each batch-size bucket before the clock starts.
+    fn warm_up(loaded: &mut Loaded, engine: &EngineConfig) -> Result<(), ExecuteError> {
+        let max_batch = engine.scheduler.max_batch_size;
+        if loaded.warmed_batch >= max_batch {
+            return Ok(());
+        }
+        let mut b = 1u32;
+        let mut next_id = u64::MAX / 2;
+        while b <= max_batch {
+            let mut scheduler = Scheduler::new(engine.clone()).map_err(setup_err)?;
+            for k in 0..b {
+                let id = RequestId(next_id);
+                next_id += 1;
+                loaded
+                    .exec
+                    .add_request(id, prompt(k as usize, 8, loaded.model.vocab_size, 1))?;
+                scheduler
+                    .submit(
+                        RequestMeta {
+                            id,
+                            adapter: (!engine.adapters.is_empty()).then_some(AdapterId(0)),
+                            tenant: None,
+                            prompt_tokens: 8,
+                            output_tokens: 3,
+                        },
+                        Nanos::ZERO,
+                    )
+                    .map_err(|r| setup_err(format!("warm-up request rejected: {r:?}")))?;
+            }
+            let mut now = Nanos::ZERO;
+            while let Some(plan) = scheduler.plan_step(now).map_err(setup_err)? {
+                let report = loaded.exec.execute(&plan).map_err(setup_err)?;
+                now = now + report.elapsed;
+                let outcome = scheduler.complete_step(&report, now).map_err(setup_err)?;
+                for f in outcome.finished {
+                    loaded.exec.remove_request(f.request);
+                }
+            }
+            b *= 2;
+        }
+        loaded.warmed_batch = max_batch;
+        loaded.exec.reset();
+        Ok(())
+    }
+
+    pub fn execute(
+        slot: &mut Option<Loaded>,
+        setup: &mut RunSetup,
+        progress: Option<slora_sim::des::Progress<'_>>,
+    ) -> Result<RunResult, ExecuteError> {
+        let model = setup.engine.model.clone();
+        let sched = &setup.engine.scheduler;
+        let max_step_tokens = (sched.max_prefill_tokens + sched.max_batch_size) as usize;
+        let max_rank = setup.ranks.iter().copied().max().unwrap_or(0).max(1);
+        let fits = slot.as_ref().is_some_and(|l| {
+            l.model == model && l.max_step_tokens >= max_step_tokens && l.max_rank >= max_rank
+        });
+        if !fits {
+            // Free the old executor's memory before sizing the new pool.
+            *slot = None;
+            let gpu = Gpu::new(0)?;
+            let gpu_name = gpu.info()?.name;
+            let pool_pages = GpuExecutor::pool_pages_from_free_memory(
+                &gpu,
+                &model,
+                max_step_tokens,
+                max_rank,
+                setup.scenario.memory.utilization,
+            )?;
+            let cfg = ExecutorConfig {
+                model: model.clone(),
+                rms_norm_eps: 1e-5,
+                pool_pages,
+                max_step_tokens,
+                max_rank,
+                record_prompt_logits: false,
+            };
+            let mut exec = GpuExecutor::new(gpu, cfg, ModelWeights::Synthetic { seed: 7 })?;
+            // Live batches change almost every step, so a captured graph would rarely be
+            // replayed; steps run launch by launch, as `calibrate` measures them.
+            exec.set_cuda_graphs(false);
+            *slot = Some(Loaded {
+                exec,
+                model: model.clone(),
+                max_step_tokens,
+                max_rank,
+                pool_pages,
+                gpu_name,
+                templates: HashMap::new(),
+                warmed_batch: 0,
+            });
+        }
+        let loaded = slot.as_mut().expect("set above");
+        setup.engine.pool_pages = setup.engine.pool_pages.min(loaded.pool_pages);
+        loaded.exec.reset();
+        register(loaded, &setup.engine)?;
+        warm_up(loaded, &setup.engine)?;
+        let description = format!(
+            "executed live on {} (synthetic {} weights, seed 7; engine pool {} pages; launch by launch)",
+            loaded.gpu_name, model.name, setup.engine.pool_pages
+        );
+        let recorder = Recorder::with_source(setup, Provenance::Executed, description);
+        let mut backend = GpuBackend {
+            exec: &mut loaded.exec,
+            vocab: model.vocab_size,
+            seed: setup.scenario.seed,
+        };
+        let run = serve(
+            setup,
+            recorder,
+            &mut backend,
+            &mut WallClock::start(),
+            progress,
+            None,
+        )?;
+        loaded.exec.reset();
+        Ok(run)
+    }
+}
