@@ -16,6 +16,11 @@ Per scenario:
 
 `--simulate-only` replaces step 2's live run by a second simulation (no GPU), to check the
 script anywhere. Writes OUT/summary.md and OUT/summary.json; prints the table.
+
+`--resimulate RUNS` re-runs only the simulations (no GPU) of an earlier run folder RUNS
+(OUT of an earlier call: its `<scenario>/loadNN.yaml` and `<scenario>/loadNN/executed/`),
+with this binary's cost model and `--profiles` (default: the profiles embedded in the
+binary), against the same executed runs: how a model change moves the errors.
 """
 
 import argparse
@@ -210,6 +215,53 @@ def capacity(binary, sc, work, profile, seconds):
     return lo, base_rate
 
 
+def resimulate(args):
+    import glob
+    import re
+
+    results = []
+    for yaml_path in sorted(glob.glob(os.path.join(args.resimulate, "*", "load*.yaml"))):
+        scenario = os.path.basename(os.path.dirname(yaml_path))
+        if args.only and scenario not in args.only.split(","):
+            continue
+        label = os.path.basename(yaml_path)[:-5]
+        executed = os.path.join(os.path.dirname(yaml_path), label, "executed")
+        if not os.path.isdir(executed):
+            continue
+        with open(yaml_path) as f:
+            text = f.read()
+        model = re.search(r"^model: (\S+)", text, re.M).group(1)
+        profile = None
+        if args.profiles:
+            profile = os.path.abspath(os.path.join(args.profiles, f"h200-{model}.json"))
+        text = re.sub(r"^gpu_profile: .*\n", f"gpu_profile: {profile}\n" if profile else "", text, flags=re.M)
+        trace = os.path.abspath(os.path.join(args.traces, TRACE))
+        text = re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
+        work = os.path.join(args.out, scenario)
+        os.makedirs(work, exist_ok=True)
+        path = os.path.join(work, f"{label}.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        sim_out = os.path.join(work, label, "simulated")
+        cmp_out = os.path.join(work, label, "compare")
+        code = run([args.bin, "simulate", path, "--quiet", "--out", sim_out])
+        code = code or run([args.bin, "compare", executed, sim_out, "--quiet", "--out", cmp_out])
+        load = int(label[4:]) / 100
+        row = {"scenario": scenario, "load": load, "capacity": float("nan"), "rate": float("nan"), "ok": code == 0}
+        if code == 0:
+            with open(os.path.join(cmp_out, "compare.json")) as f:
+                cmp = json.load(f)
+            by_key = {r["key"]: r for r in cmp["rows"]}
+            for key, _ in ROWS:
+                row[key] = by_key[key]["signed_error"]
+            row["executed_req_s"] = by_key["request_throughput_req_s"]["reference"]
+            pa = cmp["per_adapter_ttft_p99"]
+            row["adapter_p99_ttft_max"] = pa.get("max_abs_error")
+            row["adapter_p99_ttft_compared"] = pa.get("compared")
+        results.append(row)
+    write_summary(args.out, results)
+
+
 ROWS = [
     ("request_throughput_req_s", "throughput"),
     ("ttft_p50_s", "TTFT p50"),
@@ -232,7 +284,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds of arrivals per live run")
     ap.add_argument("--capacity-seconds", type=float, default=120.0)
     ap.add_argument("--simulate-only", action="store_true")
+    ap.add_argument("--resimulate", help="an earlier OUT folder: re-simulate its executed runs")
     args = ap.parse_args()
+    if args.resimulate:
+        return resimulate(args)
     os.makedirs(args.out, exist_ok=True)
     loads = [float(x) for x in args.loads.split(",")]
     chosen = scenarios(args.traces)
@@ -303,6 +358,10 @@ def main():
 
                         shutil.rmtree(p)
                 os.rmdir(d)
+    write_summary(args.out, results)
+
+
+def write_summary(out, results):
     head = "| scenario | load | capacity (req/s) | rate | executed req/s | " + " | ".join(n for _, n in ROWS) + " | per-adapter p99 TTFT max (n) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -316,9 +375,9 @@ def main():
             f"| {r['scenario']} | {r['load']:.2f} | {r['capacity']:.2f} | {r['rate']:.2f} | {r['executed_req_s']:.2f} | {errs} | {pa_s} |"
         )
     table = "\n".join(lines)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
+    with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(table)
 
