@@ -711,6 +711,9 @@ impl CostModel for CalibratedCost {
             adapter_h2d: Nanos::from_secs_f64(adapter_h2d),
             sampling: Nanos::from_secs_f64(sampling),
             fixed_overhead: Nanos::from_secs_f64(fixed),
+            // A profile is measured at its own TP degree: its collectives are inside the
+            // measured phases, not a part of their own.
+            tp_communication: Nanos::ZERO,
         }
     }
 
@@ -1444,6 +1447,9 @@ pub fn fit_efficiency(
         kernels_per_layer: d.kernels_per_layer,
         step_overhead_s: d.step_overhead_s * scale,
         sampling_logit_passes,
+        // A TP 1 profile has no collectives to fit them on.
+        interconnect: d.interconnect,
+        all_reduce_latency_s: d.all_reduce_latency_s,
     };
     eff.validate()?;
     Ok(eff)
@@ -1533,9 +1539,14 @@ impl CostModel for FittedDerived {
 ///    [`same_family`] with the closest parameter count, newest first;
 /// 3. otherwise derived with [`Efficiency::default`].
 ///
+/// Every profile embedded today is TP 1, so at `tensor_parallel > 1` the model is derived
+/// (step 2 or 3): the TP 1 fit carries the kernels' efficiencies, and the derived model adds
+/// the split and the collectives (see [`AnalyticCost`]); its description names the TP degree.
+///
 /// `targets` are the projections the adapters adapt. Errors when the chosen profile cannot be
-/// used (a fit outside the factors' ranges) or the derived model cannot model the request
-/// (TP > 1, weights that do not fit): a broken profile is reported, never silently skipped.
+/// used (a fit outside the factors' ranges) or the derived model cannot model the request (a
+/// TP degree the model cannot be split over, weights that do not fit one GPU's share): a
+/// broken profile is reported, never silently skipped.
 pub fn cost_model_for(
     gpu: &GpuSpec,
     model: &ModelSpec,

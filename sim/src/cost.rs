@@ -4,8 +4,10 @@
 //!
 //! Below it: the GPU catalogue ([`gpu_catalogue`], [`find_gpu`]; every number cites its
 //! datasheet), the derived roofline model [`AnalyticCost`] with its [`Efficiency`] factors
-//! (defaults fitted to the H200 measurements in DESIGN.md, see [`Efficiency`]), the KV pool
-//! size [`kv_pool_pages`], and the calibration profile file format ([`CalibrationProfile`],
+//! (defaults fitted to the H200 measurements in DESIGN.md, see [`Efficiency`]) for one GPU or
+//! a tensor-parallel group of them ([`check_tensor_parallel`]), the KV pool size
+//! [`kv_pool_pages_tp`] (what a page is at TP > 1 is documented there), and the calibration
+//! profile file format ([`CalibrationProfile`],
 //! [`load_profile`]) that `slora-plan calibrate` writes and the calibrated model
 //! ([`crate::calibrated::CalibratedCost`]) reads.
 //!
@@ -132,10 +134,16 @@ pub struct StepCost {
     pub adapter_h2d: Nanos,
     pub sampling: Nanos,
     pub fixed_overhead: Nanos,
+    /// Tensor-parallel collectives on the critical path: the all-reduces of every layer's
+    /// attention and MLP outputs (and the embedding's), and the gather of the LM head's
+    /// logits. Zero at TP 1.
+    #[serde(default)]
+    pub tp_communication: Nanos,
 }
 
 impl StepCost {
-    pub const PARTS: [&'static str; 8] = [
+    /// The parts' names, in the order of [`StepCost::parts`].
+    pub const PARTS: [&'static str; 9] = [
         "base_gemm",
         "attention_prefill",
         "attention_decode",
@@ -144,9 +152,10 @@ impl StepCost {
         "adapter_h2d",
         "sampling",
         "fixed_overhead",
+        "tp_communication",
     ];
 
-    pub fn parts(&self) -> [Nanos; 8] {
+    pub fn parts(&self) -> [Nanos; 9] {
         [
             self.base_gemm,
             self.attention_prefill,
@@ -156,6 +165,7 @@ impl StepCost {
             self.adapter_h2d,
             self.sampling,
             self.fixed_overhead,
+            self.tp_communication,
         ]
     }
 
@@ -203,9 +213,13 @@ pub struct GpuSpec {
     /// Host link (PCIe) bandwidth per direction, bytes/s: half the datasheet's bidirectional
     /// figure, because adapter loads only flow host-to-device.
     pub host_link_bandwidth: f64,
-    /// NVLink bandwidth of one GPU per direction, bytes/s (half the datasheet's total, which
-    /// counts both directions); 0 for GPUs without NVLink. Ring collectives move data one way
-    /// per link, so the per-direction figure is the one a tensor-parallel model needs.
+    /// GPU-to-GPU bandwidth of one GPU per direction, bytes/s, over the link a
+    /// tensor-parallel all-reduce uses: NVLink where the GPU has it (half the datasheet's
+    /// total, which counts both directions), otherwise PCIe peer-to-peer (the per-direction
+    /// PCIe figure). A ring all-reduce sends and receives at once on every GPU, so each
+    /// direction carries its share: the per-direction figure is the one the derived model
+    /// needs ([`AnalyticCost`], `tp_communication`). 0 means unknown: tensor parallelism is
+    /// then refused.
     pub interconnect_bandwidth: f64,
     /// Price of one GPU-hour in USD. An assumption (see `sources`): scenarios override it.
     pub price_per_hour_usd: f64,
@@ -254,7 +268,7 @@ direction).",
         sources: concat!(
             "NVIDIA H100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/h100/), \
 H100 SXM column: 80 GB HBM3, 3.35 TB/s, FP16/BF16 Tensor Core 1,979 TFLOPS with sparsity \
-(dense 989.4), NVLink 900 GB/s, PCIe Gen5 128 GB/s.",
+(dense 989.4), NVLink 900 GB/s (450 per direction), PCIe Gen5 128 GB/s.",
             price_list!(),
             "p5.48xlarge (8x H100) at \
 $55.04/h = $6.88 per GPU-hour."
@@ -272,7 +286,7 @@ $55.04/h = $6.88 per GPU-hour."
         sources: concat!(
             "NVIDIA A100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/a100/), \
 A100 80GB SXM column: 80 GB HBM2e, 2,039 GB/s, FP16/BF16 Tensor Core 312 TFLOPS dense \
-(624 with sparsity), NVLink 600 GB/s, PCIe Gen4 64 GB/s.",
+(624 with sparsity), NVLink 600 GB/s (300 per direction), PCIe Gen4 64 GB/s.",
             price_list!(),
             "p4de.24xlarge (8x A100 80GB) \
 at $27.45/h = $3.43 per GPU-hour."
@@ -290,7 +304,7 @@ at $27.45/h = $3.43 per GPU-hour."
         sources: concat!(
             "NVIDIA A100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/a100/), \
 A100 40GB SXM column: 40 GB HBM2, 1,555 GB/s, FP16/BF16 Tensor Core 312 TFLOPS dense \
-(624 with sparsity), NVLink 600 GB/s, PCIe Gen4 64 GB/s.",
+(624 with sparsity), NVLink 600 GB/s (300 per direction), PCIe Gen4 64 GB/s.",
             price_list!(),
             "p4d.24xlarge (8x A100 40GB) \
 at $21.96/h = $2.75 per GPU-hour."
@@ -303,12 +317,13 @@ at $21.96/h = $2.75 per GPU-hour."
         hbm_bandwidth: 600e9,
         dense_fp16_flops: 70e12,
         host_link_bandwidth: 32e9,
-        interconnect_bandwidth: 0.0,
+        interconnect_bandwidth: 32e9,
         price_per_hour_usd: 1.006,
         sources: concat!(
             "The A10G is an AWS-only variant with no public NVIDIA datasheet. Memory (24 GB \
 GDDR6, 600 GB/s) and PCIe Gen4 64 GB/s from the NVIDIA A10 Tensor Core GPU datasheet \
-(https://www.nvidia.com/en-us/data-center/products/a10-gpu/), which the A10G shares; the dense \
+(https://www.nvidia.com/en-us/data-center/products/a10-gpu/), which the A10G shares (no \
+NVLink: GPU-to-GPU traffic goes over PCIe, 32 GB/s per direction); the dense \
 FP16 tensor rate of 70 TFLOPS (the A10 has 125) is the figure AWS and third-party comparisons \
 give for the A10G (Amazon EC2 G5 page https://aws.amazon.com/ec2/instance-types/g5/; Baseten, \
 'NVIDIA A10 vs A10G for ML model inference').",
@@ -323,12 +338,13 @@ give for the A10G (Amazon EC2 G5 page https://aws.amazon.com/ec2/instance-types/
         hbm_bandwidth: 300e9,
         dense_fp16_flops: 121e12,
         host_link_bandwidth: 32e9,
-        interconnect_bandwidth: 0.0,
+        interconnect_bandwidth: 32e9,
         price_per_hour_usd: 0.8048,
         sources: concat!(
             "NVIDIA L4 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/l4/): \
 24 GB GDDR6, 300 GB/s, FP16/BF16 Tensor Core 242 TFLOPS with sparsity (dense 121), PCIe Gen4 \
-x16 64 GB/s, no NVLink.",
+x16 64 GB/s, no NVLink (GPU-to-GPU traffic goes \
+over PCIe, 32 GB/s per direction).",
             price_list!(),
             "g6.xlarge (1x L4) at $0.8048/h."
         ),
@@ -340,12 +356,13 @@ x16 64 GB/s, no NVLink.",
         hbm_bandwidth: 864e9,
         dense_fp16_flops: 362.05e12,
         host_link_bandwidth: 32e9,
-        interconnect_bandwidth: 0.0,
+        interconnect_bandwidth: 32e9,
         price_per_hour_usd: 1.861,
         sources: concat!(
             "NVIDIA L40S GPU datasheet (https://www.nvidia.com/en-us/data-center/l40s/): 48 GB \
 GDDR6 with ECC, 864 GB/s, FP16/BF16 Tensor Core 362.05 TFLOPS dense (733 with sparsity), PCIe \
-Gen4 x16 64 GB/s, no NVLink.",
+Gen4 x16 64 GB/s, no NVLink (GPU-to-GPU traffic goes \
+over PCIe, 32 GB/s per direction).",
             price_list!(),
             "g6e.xlarge (1x L40S) at $1.861/h."
         ),
@@ -454,20 +471,29 @@ pub enum CostError {
         reason: String,
     },
     #[error(
-        "model `{model}` does not fit on {gpu}: its weights take {:.2} GB but only {:.2} GB are \
-         usable ({:.2} GB x memory utilization {utilization} - {:.2} GB activation reserve)",
+        "model `{model}` does not fit on {gpu}{}: its weights take {:.2} GB{} but only {:.2} GB \
+         are usable{} ({:.2} GB x memory utilization {utilization} - {:.2} GB activation \
+         reserve){}",
+        at_tensor_parallel(*.tensor_parallel),
         *.weight_bytes as f64 / GB,
+        per_gpu_share(*.tensor_parallel),
         usable_bytes(*.memory_bytes, *.utilization, *.reserve_bytes) / GB,
+        if *.tensor_parallel > 1 { " per GPU" } else { "" },
         *.memory_bytes as f64 / GB,
-        *.reserve_bytes as f64 / GB
+        *.reserve_bytes as f64 / GB,
+        more_gpus_hint(*.tensor_parallel)
     )]
     ModelDoesNotFit {
         model: String,
         gpu: String,
+        /// Weight bytes each GPU holds: all of them at TP 1, about 1/TP of them above.
         weight_bytes: u64,
+        /// One GPU's memory.
         memory_bytes: u64,
         utilization: f64,
+        /// Kept on each GPU.
         reserve_bytes: u64,
+        tensor_parallel: u32,
     },
     #[error(
         "model `{model}` on {gpu} leaves {:.3} GB after weights and reserve, less than one KV \
@@ -518,6 +544,34 @@ pub enum CostError {
         /// Each differing field as `field: profile X, wanted Y`.
         mismatches: String,
     },
+}
+
+/// " at tensor_parallel N" for N > 1, for error messages.
+fn at_tensor_parallel(tp: u32) -> String {
+    if tp > 1 {
+        format!(" at tensor_parallel {tp}")
+    } else {
+        String::new()
+    }
+}
+
+/// " per GPU (1/N of them)" for N > 1, for error messages.
+fn per_gpu_share(tp: u32) -> String {
+    if tp > 1 {
+        format!(" per GPU (1/{tp} of them)")
+    } else {
+        String::new()
+    }
+}
+
+/// What to try when weights do not fit, for error messages.
+fn more_gpus_hint(tp: u32) -> String {
+    match TENSOR_PARALLEL_DEGREES.iter().find(|&&d| d > tp) {
+        Some(next) => format!(
+            "; a larger `tensor_parallel` ({next} or more) splits the weights over more GPUs"
+        ),
+        None => "; use a GPU with more memory".to_string(),
+    }
 }
 
 /// `memory * utilization - reserve` in bytes (may be negative when nothing is usable).
@@ -598,6 +652,17 @@ pub struct Efficiency {
     /// `weight_streaming` bandwidth: max, sum of exponentials, the top-p threshold, the draw.
     /// Not measured: 4.
     pub sampling_logit_passes: f64,
+    /// Fraction of the per-direction GPU-to-GPU bandwidth
+    /// ([`GpuSpec::interconnect_bandwidth`]) that tensor-parallel collectives reach (NCCL's
+    /// "bus bandwidth" over the link's peak). Not measured here: 0.8, an estimate for large
+    /// ring all-reduces within one node. Used only when `tensor_parallel > 1`.
+    pub interconnect: f64,
+    /// Seconds each tensor-parallel collective costs beyond moving its bytes: launch, the
+    /// handshake between GPUs and the ring's hops. Not measured here: 10 us, an estimate
+    /// between a one-shot all-reduce over NVLink (a few us) and an NCCL ring on small messages
+    /// (10-20 us); decode steps of small batches are dominated by it. Used only when
+    /// `tensor_parallel > 1`.
+    pub all_reduce_latency_s: f64,
 }
 
 impl Default for Efficiency {
@@ -614,6 +679,8 @@ impl Default for Efficiency {
             kernels_per_layer: 10,
             step_overhead_s: 50e-6,
             sampling_logit_passes: 4.0,
+            interconnect: 0.8,
+            all_reduce_latency_s: 10e-6,
         }
     }
 }
@@ -639,6 +706,7 @@ impl Efficiency {
             ("tensor_core", self.tensor_core),
             ("lora_kernel", self.lora_kernel),
             ("host_link", self.host_link),
+            ("interconnect", self.interconnect),
         ] {
             check(field, v, v > 0.0 && v <= 1.0, FRACTION)?;
         }
@@ -659,6 +727,7 @@ impl Efficiency {
         for (field, v) in [
             ("kernel_launch_s", self.kernel_launch_s),
             ("step_overhead_s", self.step_overhead_s),
+            ("all_reduce_latency_s", self.all_reduce_latency_s),
         ] {
             check(field, v, (0.0..1.0).contains(&v), "seconds in [0, 1)")?;
         }
@@ -673,6 +742,68 @@ impl Efficiency {
         )?;
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor parallelism
+// ---------------------------------------------------------------------------------------------
+
+/// The tensor-parallel degrees the derived model covers: the GPUs of one NVLink (or PCIe) node
+/// that split every layer Megatron-style.
+pub const TENSOR_PARALLEL_DEGREES: [u32; 4] = [1, 2, 4, 8];
+
+/// Checks that `model` can be split over `tensor_parallel` GPUs the way the derived model
+/// assumes (Megatron-style, as vLLM does it): a degree in [`TENSOR_PARALLEL_DEGREES`] that
+/// divides the attention heads, the KV heads and the MLP width, so every GPU holds the same
+/// whole heads and columns. A degree above the KV heads would replicate KV heads on several
+/// GPUs (vLLM does that); it is refused here, because the pool's page geometry assumes each
+/// GPU holds a distinct `1/TP` of every KV row. Errors name the field `tensor_parallel` and
+/// the model field that does not divide.
+pub fn check_tensor_parallel(model: &ModelSpec, tensor_parallel: u32) -> Result<(), CostError> {
+    let tp = tensor_parallel;
+    let bad = |reason: String| CostError::InvalidArgument {
+        field: "tensor_parallel",
+        reason,
+    };
+    if !TENSOR_PARALLEL_DEGREES.contains(&tp) {
+        return Err(bad(format!(
+            "is {tp}; the derived model covers tensor-parallel degrees 1, 2, 4 and 8 (the GPUs \
+             of one node)"
+        )));
+    }
+    if tp > model.num_kv_heads {
+        return Err(bad(format!(
+            "is {tp}, more than the {} KV heads (`num_kv_heads`) of `{}`: GPUs would have to hold \
+             replicated KV heads, which is not modelled; use tensor_parallel <= {}",
+            model.num_kv_heads, model.name, model.num_kv_heads
+        )));
+    }
+    for (field, value) in [
+        ("num_heads", model.num_heads),
+        ("num_kv_heads", model.num_kv_heads),
+        ("intermediate_size", model.intermediate_size),
+    ] {
+        if value % tp != 0 {
+            return Err(bad(format!(
+                "is {tp}, which does not divide the {value} of `{}`'s `{field}`: every GPU must \
+                 hold the same number of whole heads and MLP columns",
+                model.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Weight bytes one GPU holds at `tensor_parallel`: every layer's projections, the embedding
+/// and the LM head split `1/TP` each (vocabulary-parallel embedding and head), the RMSNorm
+/// weights replicated on every GPU.
+pub fn per_gpu_weight_bytes(model: &ModelSpec, tensor_parallel: u32) -> u64 {
+    let tp = tensor_parallel.max(1) as u64;
+    let h = model.hidden_size as u64;
+    let norm_params = model.num_layers as u64 * 2 * h + h;
+    let norm_bytes = norm_params * model.dtype.bytes();
+    let split = model.weight_bytes() - norm_bytes;
+    split.div_ceil(tp) + norm_bytes
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -692,6 +823,16 @@ pub(crate) struct GemmGroup {
 /// head (per sampled token). Shared by [`AnalyticCost`] and the efficiency fit of the
 /// calibrated model, so both use one formula.
 pub(crate) fn gemm_groups(model: &ModelSpec) -> (GemmGroup, GemmGroup) {
+    gemm_groups_tp(model, 1)
+}
+
+/// [`gemm_groups`] for one GPU of `tp` (Megatron-style): q,k,v and gate,up are split by output
+/// columns (each GPU reads the whole input and writes `1/tp` of the output), o and down by
+/// input rows (each reads `1/tp` of the input and writes a whole partial sum, which the
+/// all-reduce then adds), the LM head by vocabulary. Weights and FLOPs are `1/tp` of the
+/// whole; at `tp = 1` the groups are the whole model's.
+pub(crate) fn gemm_groups_tp(model: &ModelSpec, tp: u32) -> (GemmGroup, GemmGroup) {
+    let tp = f64::from(tp.max(1));
     let dtype = model.dtype.bytes() as f64;
     let layers = model.num_layers as f64;
     let hidden = model.hidden_size as f64;
@@ -706,20 +847,20 @@ pub(crate) fn gemm_groups(model: &ModelSpec) -> (GemmGroup, GemmGroup) {
     // the fused GEMM reads its input once.
     let kv_width = model.kv_width() as f64;
     let inter = model.intermediate_size as f64;
-    let io_elems = (hidden + hidden + 2.0 * kv_width)
-        + (hidden + hidden)
-        + (hidden + 2.0 * inter)
-        + (inter + hidden);
+    let io_elems = (hidden + (hidden + 2.0 * kv_width) / tp)
+        + (hidden / tp + hidden)
+        + (hidden + 2.0 * inter / tp)
+        + (inter / tp + hidden);
     (
         GemmGroup {
-            weight_bytes: params * layers * dtype,
+            weight_bytes: params * layers * dtype / tp,
             act_bytes_per_token: io_elems * layers * dtype,
-            flops_per_token: 2.0 * params * layers,
+            flops_per_token: 2.0 * params * layers / tp,
         },
         GemmGroup {
-            weight_bytes: vocab * hidden * dtype,
-            act_bytes_per_token: (hidden + vocab) * dtype,
-            flops_per_token: 2.0 * vocab * hidden,
+            weight_bytes: vocab * hidden * dtype / tp,
+            act_bytes_per_token: (hidden + vocab / tp) * dtype,
+            flops_per_token: 2.0 * vocab * hidden / tp,
         },
     )
 }
@@ -759,6 +900,33 @@ pub(crate) fn lora_elems(model: &ModelSpec, targets: &[TargetModule]) -> (f64, f
 ///   outlasts the rest of the step (they overlap compute on a copy engine).
 /// * `sampling`: `sampling_logit_passes` passes over each sampled token's fp32 logits.
 /// * `fixed_overhead`: `kernels_per_layer * layers * kernel_launch_s + step_overhead_s`.
+/// * `tp_communication`: zero at TP 1 (see below).
+///
+/// # Tensor parallelism
+///
+/// At `tensor_parallel = TP > 1` a replica is `TP` GPUs that split every layer Megatron-style
+/// (as vLLM does), and a step costs what one of them does, since they run in lockstep:
+///
+/// * `base_gemm`: weights and FLOPs `1/TP` per GPU ([`per_gpu_weight_bytes`]); q,k,v and
+///   gate,up split by output columns (each GPU reads the whole input), o and down by input
+///   rows (each GPU writes a whole partial sum); the LM head split by vocabulary.
+/// * attention: each GPU holds `num_kv_heads / TP` KV heads and `num_heads / TP` query heads,
+///   so KV bytes per row and attention FLOPs are `1/TP` ([`check_tensor_parallel`] requires TP
+///   to divide both).
+/// * LoRA: split as S-LoRA's tensor-parallel scheme does, aligned with the base projection:
+///   adapter weights and FLOPs `1/TP` per GPU; activations as the base projection's (whole
+///   input for column-split modules, `1/TP` for row-split ones, and the reverse for outputs).
+///   The collectives of the rank-`r` intermediates (`T * r` elements, at most 64/4096 of the
+///   base all-reduce) are fused into the base model's, as in S-LoRA, and not charged.
+/// * `adapter_h2d`: each GPU copies its `1/TP` of an adapter over its own host link, in
+///   parallel.
+/// * `sampling`: unchanged (one GPU samples from the gathered logits).
+/// * `tp_communication`, with `B = interconnect * interconnect_bandwidth` (per GPU and
+///   direction) and `l = all_reduce_latency_s`: `2 * layers + 1` ring all-reduces (after
+///   every layer's attention output and MLP output, and after the vocabulary-parallel
+///   embedding) of `T * H * dtype` bytes, each taking `l + 2 (TP-1)/TP * T * H * dtype / B`
+///   (a ring moves `2 (TP-1)/TP` of the buffer through every GPU), plus the gather of the
+///   logits to one GPU, `l + (TP-1)/TP * S * vocab * dtype / B`. Nothing overlaps them.
 ///
 /// The step time is non-decreasing in every `BatchShape` field. `step_cost` does a few dozen
 /// floating-point operations and at most four `powf`, allocates nothing.
@@ -766,9 +934,10 @@ pub(crate) fn lora_elems(model: &ModelSpec, targets: &[TargetModule]) -> (f64, f
 pub struct AnalyticCost {
     gpu: GpuSpec,
     model: ModelSpec,
+    tensor_parallel: u32,
     eff: Efficiency,
     targets: Vec<TargetModule>,
-    // Rates and sizes precomputed by `new`, so `step_cost` is arithmetic only.
+    // Rates and sizes precomputed by `new`, so `step_cost` is arithmetic only; all per GPU.
     layers: GemmGroup,
     lm_head: GemmGroup,
     weight_bw: f64,
@@ -776,22 +945,38 @@ pub struct AnalyticCost {
     kv_bw: f64,
     kv_bytes_per_token: f64,
     attention_flops_per_row: f64,
-    /// Sum over adapted modules and layers of the module's input width, and output width.
+    /// Sum over adapted modules and layers of the module's input width, and output width
+    /// (the whole model's).
     lora_in_elems: f64,
     lora_out_elems: f64,
+    /// The share of those one GPU holds as adapter weights (`1/TP`), and the shares of the
+    /// input and output widths it reads or writes as activations (1 at TP 1).
+    lora_weight_share: f64,
+    lora_in_act_share: f64,
+    lora_out_act_share: f64,
     dtype_bytes: f64,
     lora_bw: f64,
     lora_flops: f64,
+    /// Host-to-device bandwidth of the replica: every GPU's link, each carrying its share.
     host_bw: f64,
     sampling_s_per_token: f64,
     fixed_s: f64,
+    /// Tensor-parallel collectives (all zero at TP 1): all-reduces per step, the seconds one
+    /// costs beyond its bytes, and seconds per token of all-reduce and per sampled token of
+    /// the logits gather.
+    all_reduces_per_step: f64,
+    collective_latency_s: f64,
+    all_reduce_s_per_token: f64,
+    gather_s_per_sampled: f64,
     smooth_max: SmoothMax,
 }
 
 impl AnalyticCost {
-    /// A derived cost model for `model` on one `gpu`. `targets` are the projections the
-    /// adapters adapt (pass the union when adapters differ: an upper bound);
-    /// `TargetModule::ATTENTION` is S-LoRA's setting. Only `tensor_parallel = 1` is modelled.
+    /// A derived cost model for `model` on `tensor_parallel` GPUs of kind `gpu` (one replica;
+    /// TP in [`TENSOR_PARALLEL_DEGREES`], checked by [`check_tensor_parallel`]). `targets` are
+    /// the projections the adapters adapt (pass the union when adapters differ: an upper
+    /// bound); `TargetModule::ATTENTION` is S-LoRA's setting. Errors when one GPU's share of
+    /// the weights (see [`per_gpu_weight_bytes`]) does not fit in its memory.
     pub fn new(
         gpu: &GpuSpec,
         model: &ModelSpec,
@@ -802,13 +987,14 @@ impl AnalyticCost {
         gpu.validate()?;
         model.validate()?;
         eff.validate()?;
-        if tensor_parallel != 1 {
+        check_tensor_parallel(model, tensor_parallel)?;
+        if tensor_parallel > 1 && gpu.interconnect_bandwidth <= 0.0 {
             return Err(CostError::InvalidArgument {
                 field: "tensor_parallel",
                 reason: format!(
-                    "is {tensor_parallel}, but the derived cost model covers one GPU per replica \
-                     only (tensor_parallel = 1) for now; multi-GPU modelling arrives with the \
-                     planner"
+                    "is {tensor_parallel}, but {} has no GPU-to-GPU bandwidth \
+                     (`interconnect_bandwidth` is 0), so its all-reduces cannot be priced",
+                    gpu.name
                 ),
             });
         }
@@ -830,42 +1016,85 @@ impl AnalyticCost {
                 reason: format!("lists {m} twice (entry {i})"),
             });
         }
-        if model.weight_bytes() >= gpu.memory_bytes {
+        let weights_per_gpu = per_gpu_weight_bytes(model, tensor_parallel);
+        if weights_per_gpu >= gpu.memory_bytes {
             return Err(CostError::ModelDoesNotFit {
                 model: model.name.clone(),
                 gpu: gpu.name.to_string(),
-                weight_bytes: model.weight_bytes(),
+                weight_bytes: weights_per_gpu,
                 memory_bytes: gpu.memory_bytes,
                 utilization: 1.0,
                 reserve_bytes: 0,
+                tensor_parallel,
             });
         }
 
+        let tp = f64::from(tensor_parallel);
         let dtype = model.dtype.bytes() as f64;
         let layers = model.num_layers as f64;
         let hidden = model.hidden_size as f64;
         let vocab = model.vocab_size as f64;
-        let (layer_gemms, lm_head) = gemm_groups(model);
+        let (layer_gemms, lm_head) = gemm_groups_tp(model, tensor_parallel);
         let (lora_in_elems, lora_out_elems) = lora_elems(model, targets);
+        // Activation widths one GPU's LoRA kernels read (shrink) and write (expand): as its
+        // base projection, column-split (q, k, v, gate, up) or row-split (o, down).
+        let (mut in_act, mut out_act) = (0.0, 0.0);
+        for &m in targets {
+            let (i, o) = model.module_shape(m);
+            let (i, o) = (i as f64, o as f64);
+            match m {
+                TargetModule::O | TargetModule::Down => {
+                    in_act += i / tp;
+                    out_act += o;
+                }
+                _ => {
+                    in_act += i;
+                    out_act += o / tp;
+                }
+            }
+        }
+        let (in_act, out_act) = (in_act * layers, out_act * layers);
         let weight_bw = eff.weight_streaming * gpu.hbm_bandwidth;
+        let link_bw = eff.interconnect * gpu.interconnect_bandwidth;
+        let parallel = tensor_parallel > 1;
         Ok(AnalyticCost {
             layers: layer_gemms,
             lm_head,
             weight_bw,
             tensor_flops: eff.tensor_core * gpu.dense_fp16_flops,
             kv_bw: eff.kv_read * gpu.hbm_bandwidth,
-            kv_bytes_per_token: model.kv_bytes_per_token() as f64,
+            kv_bytes_per_token: model.kv_bytes_per_token() as f64 / tp,
             // QK^T and PV: 2 FLOPs per multiply-add, over num_heads * head_dim = H per layer.
-            attention_flops_per_row: 4.0 * hidden * layers,
+            attention_flops_per_row: 4.0 * hidden * layers / tp,
             lora_in_elems,
             lora_out_elems,
+            lora_weight_share: 1.0 / tp,
+            lora_in_act_share: in_act / lora_in_elems,
+            lora_out_act_share: out_act / lora_out_elems,
             dtype_bytes: dtype,
             lora_bw: eff.lora_kernel * gpu.hbm_bandwidth,
             lora_flops: eff.lora_kernel * gpu.dense_fp16_flops,
-            host_bw: eff.host_link * gpu.host_link_bandwidth,
+            host_bw: eff.host_link * gpu.host_link_bandwidth * tp,
             sampling_s_per_token: eff.sampling_logit_passes * vocab * 4.0 / weight_bw,
             fixed_s: eff.kernels_per_layer as f64 * layers * eff.kernel_launch_s
                 + eff.step_overhead_s,
+            all_reduces_per_step: if parallel { 2.0 * layers + 1.0 } else { 0.0 },
+            collective_latency_s: if parallel {
+                eff.all_reduce_latency_s
+            } else {
+                0.0
+            },
+            all_reduce_s_per_token: if parallel {
+                2.0 * (tp - 1.0) / tp * hidden * dtype / link_bw
+            } else {
+                0.0
+            },
+            gather_s_per_sampled: if parallel {
+                (tp - 1.0) / tp * vocab * dtype / link_bw
+            } else {
+                0.0
+            },
+            tensor_parallel,
             smooth_max: SmoothMax::new(eff.roofline_sharpness),
             gpu: gpu.clone(),
             model: model.clone(),
@@ -888,6 +1117,27 @@ impl AnalyticCost {
 
     pub fn targets(&self) -> &[TargetModule] {
         &self.targets
+    }
+
+    /// GPUs per replica.
+    pub fn tensor_parallel(&self) -> u32 {
+        self.tensor_parallel
+    }
+
+    /// Seconds of tensor-parallel collectives for a step of `tokens` tokens, `sampled` of
+    /// which sample (0 at TP 1, and for a step without tokens).
+    fn communication_seconds(&self, tokens: f64, sampled: f64) -> f64 {
+        if self.all_reduces_per_step == 0.0 || tokens <= 0.0 {
+            return 0.0;
+        }
+        let all_reduces = self.all_reduces_per_step
+            * (self.collective_latency_s + tokens * self.all_reduce_s_per_token);
+        let gather = if sampled > 0.0 {
+            self.collective_latency_s + sampled * self.gather_s_per_sampled
+        } else {
+            0.0
+        };
+        all_reduces + gather
     }
 
     /// Seconds for one GEMM group over `tokens` tokens (0 for no tokens).
@@ -970,15 +1220,24 @@ impl CostModel for AnalyticCost {
         let token_rank = b.lora_token_rank as f64;
         let rank_sum = b.distinct_rank_sum as f64;
         let lora_tokens = b.lora_tokens as f64;
-        let shrink_bytes = (rank_sum + lora_tokens) * self.lora_in_elems * self.dtype_bytes;
+        // Per GPU: `lora_weight_share` of every adapter's A and B, and the activations of
+        // its slice of each projection (all shares are 1 at TP 1).
+        let (w, x, y) = (
+            self.lora_weight_share,
+            self.lora_in_act_share,
+            self.lora_out_act_share,
+        );
+        let shrink_bytes = (rank_sum * w + lora_tokens * x) * self.lora_in_elems * self.dtype_bytes;
         let lora_shrink = (shrink_bytes / self.lora_bw)
-            .max(2.0 * token_rank * self.lora_in_elems / self.lora_flops);
-        let expand_bytes = (rank_sum + 2.0 * lora_tokens) * self.lora_out_elems * self.dtype_bytes;
+            .max(2.0 * token_rank * self.lora_in_elems * w / self.lora_flops);
+        let expand_bytes =
+            (rank_sum * w + 2.0 * lora_tokens * y) * self.lora_out_elems * self.dtype_bytes;
         let lora_expand = (expand_bytes / self.lora_bw)
-            .max(2.0 * token_rank * self.lora_out_elems / self.lora_flops);
+            .max(2.0 * token_rank * self.lora_out_elems * w / self.lora_flops);
 
         let sampling = sampled * self.sampling_s_per_token;
         let fixed = self.fixed_s;
+        let communication = self.communication_seconds(tokens, sampled);
 
         // Blocking copies finish before compute starts; prefetch copies run on the copy engine
         // beside the step and only delay it by what outlasts everything else. The step time is
@@ -989,7 +1248,8 @@ impl CostModel for AnalyticCost {
             + lora_shrink
             + lora_expand
             + sampling
-            + fixed;
+            + fixed
+            + communication;
         let blocking = b.blocking_load_bytes as f64 / self.host_bw;
         let prefetch = b.prefetch_load_bytes as f64 / self.host_bw;
         let adapter_h2d = blocking + (prefetch - rest).max(0.0);
@@ -1003,6 +1263,7 @@ impl CostModel for AnalyticCost {
             adapter_h2d: Nanos::from_secs_f64(adapter_h2d),
             sampling: Nanos::from_secs_f64(sampling),
             fixed_overhead: Nanos::from_secs_f64(fixed),
+            tp_communication: Nanos::from_secs_f64(communication),
         }
     }
 
@@ -1012,19 +1273,48 @@ impl CostModel for AnalyticCost {
 
     fn describe(&self) -> String {
         format!(
-            "derived: {} x {}, TP 1, roofline from datasheet numbers with efficiency factors \
+            "derived: {} x {}, TP {}, roofline from datasheet numbers with efficiency factors \
              (defaults fitted to H200 cuBLAS measurements)",
-            self.gpu.name, self.model.name
+            self.gpu.name, self.model.name, self.tensor_parallel
         )
     }
 }
 
 /// Pages of `model.page_bytes()` that fit in `memory_bytes * memory_utilization - weights -
-/// activation_reserve_bytes`. Errors when the utilization is not in (0, 1], when the weights do
-/// not fit (with the sizes in GB), or when not even one page is left.
+/// activation_reserve_bytes` on one GPU: [`kv_pool_pages_tp`] at `tensor_parallel = 1`.
 pub fn kv_pool_pages(
     gpu: &GpuSpec,
     model: &ModelSpec,
+    memory_utilization: f64,
+    activation_reserve_bytes: u64,
+) -> Result<u32, CostError> {
+    kv_pool_pages_tp(gpu, model, 1, memory_utilization, activation_reserve_bytes)
+}
+
+/// Pages in the pool of one replica of `tensor_parallel` GPUs of kind `gpu`.
+///
+/// # What a page is at TP > 1
+///
+/// The engine's pool is per replica and its geometry does not change with TP: a page index
+/// names one token's K and V rows over all layers (or one row of an adapter's A or B), that is
+/// `model.page_bytes()` bytes of the replica. Each GPU holds its `num_kv_heads / TP` KV heads
+/// of every row (and its `1/TP` slice of adapter rows), so one page index takes
+/// `page_bytes / TP` bytes on every GPU, at the same slot: the GPUs allocate in lockstep and
+/// share one free list, the engine's.
+///
+/// So each GPU has `memory_bytes * memory_utilization - activation_reserve_bytes -
+/// per_gpu_weight_bytes(model, TP)` bytes for pages (the reserve is kept on every GPU; the
+/// weights are split, see [`per_gpu_weight_bytes`]), and the pool has that over
+/// `page_bytes / TP` pages: `TP x memory_bytes` in all hold the weights once and `TP` times
+/// one GPU's pages' worth of KV.
+///
+/// Errors when the utilization is not in (0, 1], when TP is not one the model can be split
+/// over ([`check_tensor_parallel`]), when one GPU's share of the weights does not fit (with
+/// the sizes in GB, per GPU), or when not even one page is left.
+pub fn kv_pool_pages_tp(
+    gpu: &GpuSpec,
+    model: &ModelSpec,
+    tensor_parallel: u32,
     memory_utilization: f64,
     activation_reserve_bytes: u64,
 ) -> Result<u32, CostError> {
@@ -1036,12 +1326,13 @@ pub fn kv_pool_pages(
     }
     gpu.validate()?;
     model.validate()?;
+    check_tensor_parallel(model, tensor_parallel)?;
     let usable = usable_bytes(
         gpu.memory_bytes,
         memory_utilization,
         activation_reserve_bytes,
     );
-    let weights = model.weight_bytes();
+    let weights = per_gpu_weight_bytes(model, tensor_parallel);
     if usable <= weights as f64 {
         return Err(CostError::ModelDoesNotFit {
             model: model.name.clone(),
@@ -1050,15 +1341,17 @@ pub fn kv_pool_pages(
             memory_bytes: gpu.memory_bytes,
             utilization: memory_utilization,
             reserve_bytes: activation_reserve_bytes,
+            tensor_parallel,
         });
     }
     let free = usable - weights as f64;
-    let page = model.page_bytes();
+    // `check_tensor_parallel` made TP divide the KV heads, so a page's share is exact.
+    let page = model.page_bytes() / u64::from(tensor_parallel);
     let pages = (free / page as f64).floor();
     if pages < 1.0 {
         return Err(CostError::NoKvSpace {
             model: model.name.clone(),
-            gpu: gpu.name.to_string(),
+            gpu: format!("{}{}", gpu.name, at_tensor_parallel(tensor_parallel)),
             free_bytes: free,
             page_bytes: page,
         });
@@ -1067,8 +1360,8 @@ pub fn kv_pool_pages(
         return Err(CostError::InvalidArgument {
             field: "memory",
             reason: format!(
-                "gives {pages} KV pages of {page} bytes, more than the pool's page index \
-                 (u32) can name"
+                "gives {pages} KV pages of {page} bytes per GPU, more than the pool's page \
+                 index (u32) can name"
             ),
         });
     }
@@ -1644,9 +1937,10 @@ mod tests {
             field in 0usize..13,
             bump in 1u64..100_000,
             gpu in prop::sample::select(vec!["h200", "a100-40g", "l4"]),
+            tp in prop::sample::select(vec![1u32, 2, 8]),
         ) {
             let model = llama7b();
-            let cost = derived(gpu, &model);
+            let cost = derived_tp(gpu, &model, tp);
             let mut v = [0u64; 13];
             for i in 0..13 {
                 v[i] = base[i] * scale[i];
@@ -1663,12 +1957,14 @@ mod tests {
 
     #[test]
     fn monotone_across_the_gemm_bend_and_zero() {
-        let cost = derived("h200", &llama7b());
-        let mut last = Nanos::ZERO;
-        for batch in 0..2048 {
-            let t = cost.step_cost(&decode_batch(batch, 100)).total();
-            assert!(t >= last, "batch {batch}: {t} < {last}");
-            last = t;
+        for tp in [1, 4] {
+            let cost = derived_tp("h200", &llama7b(), tp);
+            let mut last = Nanos::ZERO;
+            for batch in 0..2048 {
+                let t = cost.step_cost(&decode_batch(batch, 100)).total();
+                assert!(t >= last, "TP {tp} batch {batch}: {t} < {last}");
+                last = t;
+            }
         }
     }
 
@@ -1785,19 +2081,21 @@ mod tests {
     fn constructor_rejects_what_it_cannot_model() {
         let model = llama7b();
         let h200 = find_gpu("h200").unwrap();
-        let err = AnalyticCost::new(
-            h200,
-            &model,
-            2,
-            Efficiency::default(),
-            &TargetModule::ATTENTION,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("tensor_parallel") && err.contains("planner"),
-            "{err}"
-        );
+        for tp in [0, 3, 16] {
+            let err = AnalyticCost::new(
+                h200,
+                &model,
+                tp,
+                Efficiency::default(),
+                &TargetModule::ATTENTION,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("`tensor_parallel` is") && err.contains("1, 2, 4 and 8"),
+                "{err}"
+            );
+        }
         let err = AnalyticCost::new(h200, &model, 1, Efficiency::default(), &[]).unwrap_err();
         assert!(err.to_string().contains("targets"), "{err}");
         let dup = [TargetModule::Q, TargetModule::Q];
@@ -2096,5 +2394,221 @@ mod tests {
             err.contains("cannot read") && err.contains("no-such-profile"),
             "{err}"
         );
+    }
+
+    // --- tensor parallelism ---
+
+    fn derived_tp(gpu_key: &str, model: &ModelSpec, tp: u32) -> AnalyticCost {
+        AnalyticCost::new(
+            find_gpu(gpu_key).unwrap(),
+            model,
+            tp,
+            Efficiency::default(),
+            &TargetModule::ATTENTION,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tensor_parallel_decode_is_faster_but_not_twice_as_fast() {
+        let model = llama7b();
+        let one = derived_tp("h200", &model, 1);
+        let two = derived_tp("h200", &model, 2);
+        for (batch, context) in [(1, 128), (32, 512), (128, 1024)] {
+            let shape = decode_batch(batch, context);
+            let (c1, c2) = (one.step_cost(&shape), two.step_cost(&shape));
+            assert_eq!(c1.tp_communication, Nanos::ZERO);
+            assert!(c2.tp_communication > Nanos::ZERO);
+            let speedup = c1.total().as_secs_f64() / c2.total().as_secs_f64();
+            assert!(
+                speedup > 1.0 && speedup < 2.0,
+                "batch {batch}: TP 2 speedup {speedup:.3}"
+            );
+            // The split parts halve (up to rounding to whole nanoseconds).
+            for (whole, half) in [
+                (c1.attention_decode, c2.attention_decode),
+                (c1.lora_shrink, c2.lora_shrink),
+            ] {
+                assert!(half.0.abs_diff(whole.0 / 2) <= 1, "{whole} vs {half}");
+            }
+            assert!(c2.base_gemm < c1.base_gemm);
+            assert_eq!(c1.fixed_overhead, c2.fixed_overhead);
+            assert_eq!(c1.sampling, c2.sampling);
+        }
+    }
+
+    #[test]
+    fn tensor_parallel_communication_follows_the_ring_formula() {
+        let model = llama7b();
+        let eff = Efficiency::default();
+        for (gpu_key, tp) in [("h200", 2u32), ("h200", 8), ("a100-80g", 4), ("l40s", 2)] {
+            let gpu = find_gpu(gpu_key).unwrap();
+            let cost = derived_tp(gpu_key, &model, tp);
+            let shape = BatchShape {
+                prefill_requests: 1,
+                prefill_tokens: 500,
+                prefill_attention_pairs: 500 * 501 / 2,
+                max_prefill_tokens: 500,
+                ..decode_batch(64, 300)
+            };
+            let (t, s) = (564.0, 65.0);
+            let bw = eff.interconnect * gpu.interconnect_bandwidth;
+            let p = tp as f64;
+            let all_reduce = eff.all_reduce_latency_s + 2.0 * (p - 1.0) / p * t * 4096.0 * 2.0 / bw;
+            let gather = eff.all_reduce_latency_s + (p - 1.0) / p * s * 32000.0 * 2.0 / bw;
+            let want = 65.0 * all_reduce + gather;
+            let got = cost.step_cost(&shape).tp_communication.as_secs_f64();
+            assert!(
+                (got / want - 1.0).abs() < 1e-6,
+                "{gpu_key} TP {tp}: {got} vs {want}"
+            );
+        }
+        // PCIe cards pay far more for the same collectives than NVLink ones.
+        let shape = decode_batch(64, 300);
+        let nvlink = derived_tp("h200", &model, 2)
+            .step_cost(&shape)
+            .tp_communication;
+        let pcie = derived_tp("l40s", &model, 2)
+            .step_cost(&shape)
+            .tp_communication;
+        assert!(pcie > nvlink, "{pcie} vs {nvlink}");
+        // A step without tokens (loads only) has no collectives.
+        let loads = BatchShape {
+            blocking_load_bytes: 1 << 20,
+            ..BatchShape::default()
+        };
+        assert_eq!(
+            derived_tp("h200", &model, 4)
+                .step_cost(&loads)
+                .tp_communication,
+            Nanos::ZERO
+        );
+    }
+
+    #[test]
+    fn tensor_parallel_splits_weights_and_multiplies_kv_pages() {
+        let model = llama7b();
+        let h200 = find_gpu("h200").unwrap();
+        let reserve = 2_000_000_000;
+        let norms = (32 * 2 * 4096 + 4096) * 2;
+        assert_eq!(per_gpu_weight_bytes(&model, 1), model.weight_bytes());
+        assert_eq!(
+            per_gpu_weight_bytes(&model, 4),
+            (model.weight_bytes() - norms).div_ceil(4) + norms
+        );
+        assert_eq!(
+            kv_pool_pages_tp(h200, &model, 1, 0.9, reserve).unwrap(),
+            kv_pool_pages(h200, &model, 0.9, reserve).unwrap()
+        );
+        let mut last = 0;
+        for tp in [1, 2, 4, 8] {
+            let pages = kv_pool_pages_tp(h200, &model, tp, 0.9, reserve).unwrap();
+            // Each GPU keeps `page_bytes / TP` of every page in what its weight share leaves.
+            let free = 0.9 * 141e9 - reserve as f64 - per_gpu_weight_bytes(&model, tp) as f64;
+            let want = (free / (model.page_bytes() / tp as u64) as f64).floor();
+            assert_eq!(pages as f64, want, "TP {tp}");
+            assert!(
+                pages > last * 2 - last.min(1),
+                "TP {tp}: {pages} after {last}"
+            );
+            last = pages;
+        }
+    }
+
+    #[test]
+    fn llama_2_70b_needs_two_80gb_gpus() {
+        let model = ModelSpec::preset("llama-2-70b").unwrap();
+        let h100 = find_gpu("h100").unwrap();
+        let reserve = 2_000_000_000;
+        let err = kv_pool_pages_tp(h100, &model, 1, 0.9, reserve).unwrap_err();
+        assert!(matches!(err, CostError::ModelDoesNotFit { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("does not fit") && text.contains("137.9") && text.contains("2 or more"),
+            "{text}"
+        );
+        let err = AnalyticCost::new(
+            h100,
+            &model,
+            1,
+            Efficiency::default(),
+            &TargetModule::ATTENTION,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("does not fit"), "{err}");
+        for tp in [2, 4, 8] {
+            assert!(kv_pool_pages_tp(h100, &model, tp, 0.9, reserve).unwrap() > 1000);
+            let cost = derived_tp("h100", &model, tp);
+            assert!(
+                cost.describe().contains(&format!("TP {tp}")),
+                "{}",
+                cost.describe()
+            );
+        }
+        // Eight L4s hold it too, two do not; the message gives the per-GPU share.
+        let l4 = find_gpu("l4").unwrap();
+        assert!(kv_pool_pages_tp(l4, &model, 8, 0.9, 1_000_000_000).is_ok());
+        let err = kv_pool_pages_tp(l4, &model, 2, 0.9, 1_000_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("at tensor_parallel 2")
+                && err.contains("68.9")
+                && err.contains("per GPU (1/2 of them)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tensor_parallel_must_split_heads_evenly() {
+        // Llama-2-70B has 8 KV heads: 16 GPUs would replicate them (and 16 is no degree).
+        let gqa = ModelSpec::preset("llama-2-70b").unwrap();
+        let err = check_tensor_parallel(&gqa, 16).unwrap_err().to_string();
+        assert!(err.contains("`tensor_parallel`"), "{err}");
+        // A model with 4 KV heads cannot go to TP 8.
+        let small_kv = ModelSpec {
+            num_kv_heads: 4,
+            name: "gqa-4".into(),
+            ..llama7b()
+        };
+        let err = check_tensor_parallel(&small_kv, 8).unwrap_err().to_string();
+        assert!(
+            err.contains("`tensor_parallel`")
+                && err.contains("`num_kv_heads`")
+                && err.contains("replicated"),
+            "{err}"
+        );
+        assert!(check_tensor_parallel(&small_kv, 4).is_ok());
+        // Llama-30B has 52 heads: 4 divides them, 8 does not.
+        let odd = ModelSpec::preset("llama-30b").unwrap();
+        assert!(check_tensor_parallel(&odd, 4).is_ok());
+        let err = check_tensor_parallel(&odd, 8).unwrap_err().to_string();
+        assert!(
+            err.contains("`tensor_parallel`") && err.contains("`num_heads`") && err.contains("52"),
+            "{err}"
+        );
+        let err = AnalyticCost::new(
+            find_gpu("h200").unwrap(),
+            &odd,
+            8,
+            Efficiency::default(),
+            &TargetModule::ATTENTION,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`num_heads`"), "{err}");
+    }
+
+    #[test]
+    fn tensor_parallel_one_is_the_single_gpu_model() {
+        // TP 1 has no collectives and every shape costs what it did before TP existed: the
+        // shares are exactly 1, so no floating-point result moves.
+        let cost = derived("h200", &llama7b());
+        assert_eq!(cost.tensor_parallel(), 1);
+        assert_eq!(cost.lora_weight_share, 1.0);
+        assert_eq!(cost.lora_in_act_share, 1.0);
+        assert_eq!(cost.lora_out_act_share, 1.0);
+        assert!(cost.describe().contains("TP 1"));
     }
 }

@@ -4,6 +4,7 @@
 pub mod calibrated;
 pub mod cost;
 pub mod des;
+pub mod fleet;
 pub mod live;
 pub mod metrics;
 pub mod recorder;
@@ -13,6 +14,7 @@ pub mod workload;
 pub use calibrated::{cost_model_for, embedded_profiles, CalibratedCost};
 pub use cost::{BatchShape, CostModel, Provenance, StepCost};
 pub use des::{simulate, Event, EventQueue, SimError};
+pub use fleet::{simulate_fleet, FleetResult, FleetSpec, ReplicaSummary, RouterPolicy};
 pub use metrics::{Metrics, RunResult, SweepPoint, SweepResult};
 pub use recorder::Recorder;
 pub use scenario::{LoadedScenario, RunSetup, Scenario, ScenarioError};

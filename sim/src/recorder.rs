@@ -21,7 +21,7 @@ pub struct Recorder {
     last_token: Vec<Nanos>,
     steps: Vec<StepRecord>,
     itl: LogHistogram,
-    breakdown: [u64; 8],
+    breakdown: [u64; crate::cost::StepCost::PARTS.len()],
 }
 
 impl Recorder {
@@ -69,7 +69,7 @@ impl Recorder {
             last_token: vec![Nanos::ZERO; n],
             steps: Vec::new(),
             itl: LogHistogram::default(),
-            breakdown: [0; 8],
+            breakdown: [0; crate::cost::StepCost::PARTS.len()],
         }
     }
 
@@ -155,6 +155,14 @@ impl Recorder {
     }
 
     pub fn finish(self, scheduler: &slora_engine::Scheduler) -> RunResult {
+        self.finish_replicas(&[scheduler])
+    }
+
+    /// [`Recorder::finish`] for a run spread over several engines (a fleet of replicas, each
+    /// fed its share of the requests under their global ids): engine counters (preemptions,
+    /// adapter loads, evictions, bytes) and per-adapter loads and evictions are summed over
+    /// `schedulers`. With one scheduler it is `finish`.
+    pub fn finish_replicas(self, schedulers: &[&slora_engine::Scheduler]) -> RunResult {
         let reqs = &self.requests;
         debug_assert!(self.ended.iter().all(|&e| e), "a request never ended");
         let count = |s: RequestStatus| reqs.iter().filter(|r| r.status == s).count() as u64;
@@ -240,7 +248,14 @@ impl Recorder {
                 .max()
                 .unwrap_or(0),
         };
-        let c = scheduler.counters();
+        let mut c = slora_engine::EngineCounters::default();
+        for s in schedulers {
+            let own = s.counters();
+            c.preemptions += own.preemptions;
+            c.adapter_loads += own.adapter_loads;
+            c.adapter_evictions += own.adapter_evictions;
+            c.adapter_load_bytes += own.adapter_load_bytes;
+        }
         let adapter_traffic = AdapterTraffic {
             loads: c.adapter_loads,
             evictions: c.adapter_evictions,
@@ -271,9 +286,12 @@ impl Recorder {
             .into_iter()
             .enumerate()
             .map(|(a, ttfts)| {
-                let stats = scheduler
-                    .adapters()
-                    .stats(slora_engine::AdapterId(a as u32));
+                let mut stats = slora_engine::AdapterStats::default();
+                for s in schedulers {
+                    let own = s.adapters().stats(slora_engine::AdapterId(a as u32));
+                    stats.loads += own.loads;
+                    stats.evictions += own.evictions;
+                }
                 let s = summarize(ttfts);
                 AdapterMetrics {
                     adapter: a as u32,

@@ -458,16 +458,10 @@ impl Scenario {
                     .into(),
             ));
         }
-        if self.tensor_parallel != 1 {
-            return Err(bad(
-                "tensor_parallel",
-                format!(
-                    "{} is recorded but not modelled yet: only 1 is supported until multi-GPU \
-                     modelling arrives with the planner",
-                    self.tensor_parallel
-                ),
-            ));
-        }
+        cost::check_tensor_parallel(&model, self.tensor_parallel).map_err(|e| match e {
+            CostError::InvalidArgument { reason, .. } => bad("tensor_parallel", reason),
+            other => bad("tensor_parallel", other.to_string()),
+        })?;
         let m = &self.memory;
         if !(m.utilization > 0.0 && m.utilization <= 1.0) {
             return Err(bad(
@@ -660,8 +654,14 @@ impl Scenario {
         };
         let gpu: &'static GpuSpec = cost::find_gpu(&self.gpu).map_err(cost_err)?;
         let reserve = (self.memory.activation_reserve_gb * 1e9) as u64;
-        let pool_pages =
-            cost::kv_pool_pages(gpu, &model, self.memory.utilization, reserve).map_err(cost_err)?;
+        let pool_pages = cost::kv_pool_pages_tp(
+            gpu,
+            &model,
+            self.tensor_parallel,
+            self.memory.utilization,
+            reserve,
+        )
+        .map_err(cost_err)?;
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         let ranks = self.draw_ranks(&mut rng);
         let adapters: Vec<AdapterSpec> = ranks
