@@ -174,7 +174,141 @@ pub fn to_profile(c: &slora_kernels::calibrate::Calibration, date: &str) -> Cali
             .collect(),
         fixed_overhead: measured(&c.fixed_overhead),
         sampling_per_token: measured(&c.sampling_per_token),
+        prefill_step_overhead: None,
+        base_gemm_token_quantum: None,
     }
+}
+
+/// The shape of a whole step of `Calibration::mixed_steps`.
+#[cfg(feature = "cuda")]
+fn mixed_shape(tokens: u32, batch: u32, rank: u32, adapters: u32) -> slora_sim::BatchShape {
+    let context = slora_kernels::calibrate::MIXED_CONTEXT + 1;
+    let mut hist = slora_engine::ContextHistogram::default();
+    for _ in 0..batch {
+        hist.add(context);
+    }
+    let distinct = (batch + 1).min(adapters.max(1));
+    slora_sim::BatchShape {
+        prefill_requests: 1,
+        prefill_tokens: tokens,
+        prefill_attention_pairs: tokens as u64 * (tokens as u64 + 1) / 2,
+        max_prefill_tokens: tokens,
+        decode_requests: batch,
+        decode_context_tokens: batch as u64 * context as u64,
+        max_decode_context: if batch > 0 { context } else { 0 },
+        decode_context_histogram: hist,
+        lora_tokens: tokens + batch,
+        lora_token_rank: (tokens + batch) as u64 * rank as u64,
+        prefill_lora_tokens: tokens,
+        prefill_lora_token_rank: tokens as u64 * rank as u64,
+        prefill_lora_segments: 1,
+        distinct_adapters: distinct,
+        distinct_rank_sum: distinct as u64 * rank as u64,
+        ..Default::default()
+    }
+}
+
+/// Fits `prefill_step_overhead` on the whole steps with a prompt (measured minus the parts'
+/// prediction, median, at least zero) and returns the check table, before and after.
+#[cfg(feature = "cuda")]
+fn fit_prefill_overhead(
+    c: &slora_kernels::calibrate::Calibration,
+    profile: &mut CalibrationProfile,
+    adapters: u32,
+) -> Result<String, CalibrateError> {
+    use slora_sim::CostModel;
+    let predict = |profile: &CalibrationProfile| -> Result<Vec<f64>, CalibrateError> {
+        let cost = slora_sim::CalibratedCost::new(
+            profile,
+            &c.model,
+            1,
+            &slora_engine::TargetModule::ATTENTION,
+        )
+        .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
+        Ok(c.mixed_steps
+            .iter()
+            .map(|(t, b, _)| {
+                cost.step_cost(&mixed_shape(*t, *b, c.mixed_rank, adapters))
+                    .total()
+                    .as_secs_f64()
+            })
+            .collect())
+    };
+    if c.mixed_steps.is_empty() {
+        return Ok(String::new());
+    }
+    // The base GEMMs' token quantum: the one whose parts best predict these whole steps.
+    let mean_error = |pred: &[f64]| -> f64 {
+        c.mixed_steps
+            .iter()
+            .zip(pred)
+            .map(|((_, _, s), p)| (p / s.median_s - 1.0).abs())
+            .sum::<f64>()
+            / pred.len() as f64
+    };
+    let mut quanta = Vec::new();
+    for q in [None, Some(64u32), Some(128), Some(256)] {
+        profile.base_gemm_token_quantum = q;
+        quanta.push((q, mean_error(&predict(profile)?)));
+    }
+    let best = quanta
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|q| q.0)
+        .unwrap_or(None);
+    profile.base_gemm_token_quantum = best;
+    let before = predict(profile)?;
+    let mut residuals: Vec<f64> = c
+        .mixed_steps
+        .iter()
+        .zip(&before)
+        .map(|((_, _, s), p)| s.median_s - p)
+        .collect();
+    residuals.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| residuals[((residuals.len() - 1) as f64 * p).round() as usize].max(1e-9);
+    profile.prefill_step_overhead = Some(Measured {
+        median_s: q(0.5),
+        p10_s: q(0.1).min(q(0.5)),
+        p90_s: q(0.9).max(q(0.5)),
+        samples: residuals.len() as u32,
+    });
+    let after = predict(profile)?;
+    let mut lines = vec![
+        String::new(),
+        String::new(),
+        "## Whole steps with a prompt: measured vs the parts".into(),
+        String::new(),
+        format!(
+            "One prompt (context 0) beside decode rows at context {}, adapters of rank {}; host-timed as the executor runs them. Mean absolute error of the parts by base-GEMM token quantum: {}; chosen: {}. `prefill_step_overhead` = the median of measured − parts = {:.0} µs.",
+            slora_kernels::calibrate::MIXED_CONTEXT + 1,
+            c.mixed_rank,
+            quanta
+                .iter()
+                .map(|(q, e)| format!(
+                    "{} {:.1}%",
+                    q.map_or("none".to_string(), |q| q.to_string()),
+                    e * 100.0
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            best.map_or("none".to_string(), |q| q.to_string()),
+            q(0.5) * 1e6
+        ),
+        String::new(),
+        "| prompt tokens | decode rows | measured (ms) | parts (ms) | error | with the overhead (ms) | error |".into(),
+        "|---|---|---|---|---|---|---|".into(),
+    ];
+    for (((t, b, s), p0), p1) in c.mixed_steps.iter().zip(&before).zip(&after) {
+        lines.push(format!(
+            "| {t} | {b} | {:.3} | {:.3} | {:+.1}% | {:.3} | {:+.1}% |",
+            s.median_s * 1e3,
+            p0 * 1e3,
+            (p0 / s.median_s - 1.0) * 100.0,
+            p1 * 1e3,
+            (p1 / s.median_s - 1.0) * 100.0
+        ));
+    }
+    Ok(lines.join("\n"))
 }
 
 /// Today's date, ISO 8601, from the system clock (UTC).
@@ -298,7 +432,9 @@ pub fn run(args: &CalibrateArgs) -> Result<(), CalibrateError> {
         let started = std::time::Instant::now();
         let progress = |what: &str| eprintln!("calibrate {}: {what}", model.name);
         let c = slora_kernels::calibrate::calibrate(model, &grid, &progress)?;
-        let profile = to_profile(&c, &today());
+        let mut profile = to_profile(&c, &today());
+        let adapters = grid.lora_adapters.iter().copied().max().unwrap_or(1);
+        let mixed = fit_prefill_overhead(&c, &mut profile, adapters)?;
         profile
             .validate(Path::new("(measured)"))
             .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
@@ -318,6 +454,7 @@ pub fn run(args: &CalibrateArgs) -> Result<(), CalibrateError> {
         })?;
         let mut report = slora_sim::calibrated::profile_report(&profile);
         report.push_str(&step_check(&c, &profile)?);
+        report.push_str(&mixed);
         report.push_str(&format!(
             "\n\nMeasured in {:.0} s with `slora-plan calibrate --model {} --reps {}`.\n",
             started.elapsed().as_secs_f64(),

@@ -111,7 +111,27 @@ pub struct Calibration {
     /// Whole decode steps as the executor runs them (host-timed, no events): `(batch,
     /// context, seconds)`, for checking a cost model's sum of parts against real steps.
     pub decode_steps: Vec<(u32, u32, Stat)>,
+    /// Whole steps with a prompt, as a server runs them: one prompt of `prefill` tokens
+    /// (context 0) beside `decode` decode rows at context `MIXED_CONTEXT`, the requests on
+    /// the LoRA grid's adapters of rank `mixed_rank` round robin (`min(decode + 1, adapters)`
+    /// distinct); host-timed, no events.
+    pub mixed_steps: Vec<(u32, u32, Stat)>,
+    pub mixed_rank: u32,
 }
+
+/// Decode context of the decode rows in `Calibration::mixed_steps`.
+pub const MIXED_CONTEXT: u32 = 256;
+/// `(prompt tokens, decode rows)` of the whole steps measured for the mixed-step check.
+pub const MIXED_SHAPES: [(u32, u32); 8] = [
+    (64, 0),
+    (256, 0),
+    (1024, 0),
+    (64, 32),
+    (256, 32),
+    (64, 128),
+    (256, 128),
+    (1024, 128),
+];
 
 /// The NVIDIA driver's version as the kernel module reports it (Linux), else what CUDA says.
 fn driver_version(cuda_driver_api: i32) -> String {
@@ -222,6 +242,28 @@ impl Bench {
                 emits_token: true,
             });
         }
+        plan
+    }
+
+    /// A decode step of `batch` rows with one prompt chunk of `tokens` added (the prompt on
+    /// `adapters[batch]`).
+    fn mixed_plan(&mut self, tokens: u32, batch: u32, adapters: &[AdapterId]) -> StepPlan {
+        let mut plan = self.decode_plan(batch, MIXED_CONTEXT, &adapters[..batch as usize]);
+        let (id, all_tokens, pages) = self.request(0, tokens);
+        self.exec.add_prefilled(id, all_tokens, pages);
+        let start = plan.pages.len() as u32;
+        for _ in 0..tokens {
+            let p = self.kv_page();
+            plan.pages.push(PageId(p as u32));
+        }
+        plan.prefill.push(PrefillWork {
+            request: id,
+            adapter: Some(adapters[batch as usize]),
+            context_start: 0,
+            tokens,
+            pages: PageSpan { start, len: tokens },
+            emits_token: true,
+        });
         plan
     }
 
@@ -509,6 +551,31 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
             }
         }
     }
+    // ---- Whole steps with a prompt: what the sum of the parts misses ----------------------
+    progress("whole steps with a prompt (the check of the parts)");
+    let mixed_rank = if grid.lora_ranks.contains(&32) {
+        32
+    } else {
+        grid.lora_ranks.first().copied().unwrap_or(8)
+    };
+    let rank_index = grid
+        .lora_ranks
+        .iter()
+        .position(|&r| r == mixed_rank)
+        .unwrap_or(0) as u32;
+    let mut mixed_steps = Vec::new();
+    let most = MIXED_SHAPES.iter().map(|s| s.1).max().unwrap_or(0) + 1;
+    if max_adapters >= most.min(max_adapters) {
+        // The LoRA grid's adapters of this rank, round robin.
+        let ids: Vec<AdapterId> = (0..most)
+            .map(|j| AdapterId(rank_index * 100_000 + j % max_adapters))
+            .collect();
+        for &(tokens, batch) in &MIXED_SHAPES {
+            let (_, hosts) = b.measure(reps, |b| b.mixed_plan(tokens, batch, &ids))?;
+            mixed_steps.push((tokens, batch, Stat::of(hosts)));
+        }
+    }
+
     host_to_device.sort_by_key(|p| p.0);
     host_to_device.dedup_by_key(|p| p.0);
     // Grids sorted lexicographically by their axes, as the profile format wants.
@@ -538,5 +605,7 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         fixed_overhead,
         sampling_per_token,
         decode_steps,
+        mixed_steps,
+        mixed_rank,
     })
 }

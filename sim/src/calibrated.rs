@@ -301,6 +301,10 @@ pub struct CalibratedCost {
     lora_prefill: Option<(Grid<3>, Grid<3>)>,
     host_to_device: Grid<1>,
     fixed_s: f64,
+    /// Charged once more per step with prompt tokens (see the profile field).
+    prefill_step_s: f64,
+    /// Token quantum of the base GEMMs above 128 tokens (see the profile field); 1 = none.
+    gemm_quantum: f64,
     sampling_s: f64,
     shrink_scale: f64,
     expand_scale: f64,
@@ -464,6 +468,10 @@ impl CalibratedCost {
                     .map(|p| ([p.bytes], p.time.median_s)),
             ),
             fixed_s: profile.fixed_overhead.median_s,
+            prefill_step_s: profile
+                .prefill_step_overhead
+                .map_or(0.0, |m| m.median_s.max(0.0)),
+            gemm_quantum: profile.base_gemm_token_quantum.unwrap_or(1).max(1) as f64,
             sampling_s: profile.sampling_per_token.median_s,
             shrink_scale: want_in / have_in,
             expand_scale: want_out / have_out,
@@ -666,6 +674,17 @@ impl CalibratedCost {
         )
     }
 
+    /// The token count a base GEMM of `tokens` costs like: below 128 tokens the GEMMs stream
+    /// their weights whatever the count (the grid is dense there); above, cuBLAS's tiles
+    /// round the count up to the profile's quantum.
+    fn gemm_tokens(&self, tokens: f64) -> f64 {
+        if tokens > 128.0 {
+            (tokens / self.gemm_quantum).ceil() * self.gemm_quantum
+        } else {
+            tokens
+        }
+    }
+
     fn copy_seconds(&self, bytes: u64) -> f64 {
         if bytes == 0 {
             0.0
@@ -681,7 +700,7 @@ impl CostModel for CalibratedCost {
         let sampled = b.prefill_requests as f64 + b.decode_requests as f64;
         let mut base = 0.0;
         if tokens > 0.0 {
-            base += self.base_gemm.eval([tokens]);
+            base += self.base_gemm.eval([self.gemm_tokens(tokens)]);
         }
         if sampled > 0.0 {
             base += self.lm_head.eval([sampled]);
@@ -690,7 +709,12 @@ impl CostModel for CalibratedCost {
         let attention_decode = self.attention_decode(b);
         let (lora_shrink, lora_expand) = self.lora(b);
         let sampling = sampled * self.sampling_s;
-        let fixed = self.fixed_s;
+        let fixed = self.fixed_s
+            + if b.prefill_tokens > 0 {
+                self.prefill_step_s
+            } else {
+                0.0
+            };
         let rest = base
             + attention_prefill
             + attention_decode
@@ -1025,6 +1049,16 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
         "| sampling per token | {} |",
         human_measured(&profile.sampling_per_token)
     );
+    if let Some(q) = profile.base_gemm_token_quantum {
+        let _ = writeln!(out, "| base GEMM token quantum (above 128 tokens) | {q} |");
+    }
+    if let Some(m) = &profile.prefill_step_overhead {
+        let _ = writeln!(
+            out,
+            "| extra per step with a prompt | {} |",
+            human_measured(m)
+        );
+    }
 
     let _ = writeln!(
         out,
@@ -1689,6 +1723,8 @@ pub fn profile_from_cost_model(
         lora_targets: lora_targets.to_vec(),
         lora_prefill_shrink: Vec::new(),
         lora_prefill_expand: Vec::new(),
+        prefill_step_overhead: None,
+        base_gemm_token_quantum: None,
         base_gemm: grids
             .tokens
             .iter()

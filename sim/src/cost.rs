@@ -1507,6 +1507,19 @@ pub struct CalibrationProfile {
     pub fixed_overhead: Measured,
     /// Sampling time per sampled token (after `lm_head`'s logits).
     pub sampling_per_token: Measured,
+    /// What a step with prompt tokens costs beyond the sum of its parts: whole steps with a
+    /// prompt (alone and beside decode rows) measured as the executor runs them, minus the
+    /// parts' prediction; the median, never below zero. Charged once per step with prompt
+    /// tokens. Absent in profiles written before it was measured.
+    #[serde(default)]
+    pub prefill_step_overhead: Option<Measured>,
+    /// cuBLAS tiles the token dimension of the base GEMMs: above 128 tokens a step of `t`
+    /// tokens costs about what one of `ceil(t / q) · q` tokens costs, a staircase that
+    /// interpolating between grid points 256 and 512 apart misses by up to 20% (a prompt of
+    /// ~260 tokens beside decode rows). `calibrate` picks `q` among 64, 128 and 256 as the one
+    /// that best predicts its whole steps with a prompt; absent: plain interpolation.
+    #[serde(default)]
+    pub base_gemm_token_quantum: Option<u32>,
 }
 
 /// Reads and checks a calibration profile (JSON). Errors name the path and the field.
@@ -2273,6 +2286,8 @@ mod tests {
             lora_expand: lora,
             lora_prefill_shrink: Vec::new(),
             lora_prefill_expand: Vec::new(),
+            prefill_step_overhead: None,
+            base_gemm_token_quantum: None,
             host_to_device: [1 << 20, 64 << 20]
                 .iter()
                 .map(|&bytes| TransferPoint {

@@ -835,3 +835,25 @@ fn histogram_comes_with_the_plan() {
     }
     assert!(decode_steps > 10, "{decode_steps}");
 }
+
+#[test]
+fn base_gemm_token_quantum_prices_the_tile_staircase() {
+    let mut profile = synthetic_profile(Efficiency::default());
+    let tokens = |t: u32| BatchShape {
+        prefill_tokens: t,
+        ..BatchShape::default()
+    };
+    let plain = calibrated(&profile);
+    profile.base_gemm_token_quantum = Some(256);
+    let tiled = calibrated(&profile);
+    let base = |c: &CalibratedCost, t: u32| secs(c.step_cost(&tokens(t)).base_gemm);
+    // Up to 128 tokens the weights stream whatever the count: no rounding.
+    for t in [1, 64, 128] {
+        assert_eq!(base(&tiled, t), base(&plain, t));
+    }
+    // Above, a count costs what the next multiple of the quantum costs.
+    assert_eq!(base(&tiled, 129), base(&plain, 256));
+    assert_eq!(base(&tiled, 288), base(&plain, 512));
+    assert_eq!(base(&tiled, 512), base(&plain, 512));
+    assert!(base(&tiled, 288) > base(&plain, 288));
+}
