@@ -1,0 +1,85 @@
+//! The GPU commands where there is no GPU (CI): `calibrate` and `simulate --execute` refuse
+//! with a clear message and exit code, bad arguments are bad input (exit 2), and nothing is
+//! written. On a machine with a GPU and a `cuda` build these would run, so the tests skip there.
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_slora-plan"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Whether this machine can run GPU commands (then the refusals below cannot be tested).
+fn gpu_available() -> bool {
+    let doctor = run(&["doctor"]);
+    if doctor.status.success() {
+        eprintln!("skipping: a GPU is present, the GPU commands would run");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn calibrate_with_an_unknown_model_is_bad_input() {
+    let out = std::env::temp_dir().join(format!("slora-cal-{}", std::process::id()));
+    let o = run(&[
+        "calibrate",
+        "--model",
+        "llama-99b",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("llama-99b") && err.contains("llama-7b"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "nothing is written for bad input");
+    let o = run(&["calibrate", "--reps", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--reps"), "{}", stderr(&o));
+}
+
+#[test]
+fn gpu_commands_without_a_gpu_fail_clearly() {
+    if gpu_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("slora-exec-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/default.yaml");
+    for args in [
+        vec!["simulate", scenario, "--execute", "--quiet", "--out"],
+        vec!["simulate", scenario, "--compare", "--quiet", "--out"],
+    ] {
+        let mut args = args.clone();
+        let out = dir.join(args[2].trim_start_matches("--"));
+        args.push(out.to_str().unwrap());
+        let o = run(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        // Either the build has no CUDA, or the machine has no driver or GPU: the message says
+        // which.
+        assert!(
+            err.contains("cuda") || err.contains("CUDA") || err.contains("GPU"),
+            "{args:?}: {err}"
+        );
+        assert!(!out.join("metrics.json").exists(), "no half-written run");
+    }
+    let o = run(&["calibrate", "--out", dir.join("profiles").to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cuda") || err.contains("CUDA") || err.contains("GPU"),
+        "{err}"
+    );
+}
