@@ -91,7 +91,8 @@ fn the_default_scenario_writes_every_output() {
         }
     }
     assert!(m["slo_attainment"].is_number());
-    assert_eq!(m["provenance"], "derived");
+    // The default scenario (Llama-7B on an H200) runs on the embedded H200 profile.
+    assert_eq!(m["provenance"], "calibrated");
     let submitted = m["requests"]["submitted"].as_u64().unwrap();
     let ended = m["requests"]["completed"].as_u64().unwrap()
         + m["requests"]["aborted"].as_u64().unwrap()
@@ -428,7 +429,7 @@ fn compare_two_runs_writes_every_output() {
     // Neither run was executed: the first argument is the reference.
     assert_eq!(c["reference"]["seed"], 1);
     assert_eq!(c["predicted"]["seed"], 2);
-    assert_eq!(c["reference"]["provenance"], "derived");
+    assert_eq!(c["reference"]["provenance"], "calibrated");
     let rows = c["rows"].as_array().unwrap();
     let row = |key: &str| {
         rows.iter()
