@@ -6,6 +6,7 @@
 mod calibrate_cmd;
 mod compare_cmd;
 mod execute;
+mod plan_cmd;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -59,6 +60,9 @@ enum Command {
     /// On a GPU: time the executor's own operations over grids of shapes and write a
     /// calibration profile for the simulator (see docs/FIDELITY.md).
     Calibrate(calibrate_cmd::CalibrateArgs),
+    /// Capacity planning: which GPUs, how many, with which settings meet the scenario's SLO
+    /// at its target rate for the least money, and how far that grows (runs the simulator).
+    Plan(plan_cmd::PlanArgs),
     /// List the model presets and the GPU catalogue with their sizes.
     Catalog,
     /// Compare two runs of one scenario (e.g. simulated vs executed): relative errors of
@@ -90,6 +94,8 @@ enum CliError {
     Gpu(#[from] slora_kernels::Error),
     #[error(transparent)]
     Calibrate(#[from] calibrate_cmd::CalibrateError),
+    #[error(transparent)]
+    Plan(#[from] plan_cmd::PlanCmdError),
     #[error("{scenario}: live run: {source}")]
     Execute {
         scenario: String,
@@ -110,6 +116,7 @@ impl CliError {
             CliError::BadInput(_) => 2,
             CliError::Compare(e) => e.exit_code(),
             CliError::Calibrate(e) => e.exit_code(),
+            CliError::Plan(e) => e.exit_code(),
             CliError::Execute { .. } => 1,
             CliError::Run { .. }
             | CliError::Output { .. }
@@ -140,6 +147,7 @@ fn main() -> ExitCode {
             Mode::from_flags(execute, compare),
         ),
         Command::Calibrate(args) => calibrate_cmd::run(&args).map_err(CliError::from),
+        Command::Plan(args) => plan_cmd::run(&args).map_err(CliError::from),
         Command::Catalog => {
             catalog();
             Ok(())

@@ -7,6 +7,8 @@
 //! - [`compare`] and [`write_comparison`]: two runs of one scenario side by side (a
 //!   simulation against a live execution): `compare.json`, overlaid latency CDFs (PNG + SVG),
 //!   `compare.html` and `compare.md`; [`load_run`] reads a run folder back.
+//! - [`write_plan`]: a capacity plan (`slora-planner`): `plan.json`, three charts (PNG + SVG),
+//!   `plan.html` and `plan.md`.
 //!
 //! Guarantees:
 //! - **Deterministic.** Identical input gives byte-identical JSON, CSV, SVG, HTML and Markdown:
@@ -30,6 +32,7 @@ mod format;
 mod html;
 mod markdown;
 mod page;
+mod plan;
 mod tables;
 
 pub use capacity::{capacity, CapacityPoint};
@@ -39,6 +42,7 @@ pub use compare::{
     MIN_ADAPTER_REQUESTS,
 };
 pub use error::ReportError;
+pub use plan::write_plan;
 
 use page::Page;
 use slora_sim::metrics::{RunResult, SweepResult};

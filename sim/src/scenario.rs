@@ -350,6 +350,10 @@ pub struct Scenario {
     /// `dotted.path: [values...]`: the scenario is run once per combination.
     #[serde(default)]
     pub sweep: BTreeMap<String, Vec<serde_yaml::Value>>,
+    /// The `plan:` section of `slora-plan plan` (its schema and checks are the planner's,
+    /// crate `slora-planner`); kept as raw YAML here so a scenario with one also simulates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<serde_yaml::Value>,
 }
 
 fn default_seed() -> u64 {
