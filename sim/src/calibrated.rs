@@ -1438,7 +1438,9 @@ pub fn fit_efficiency(
     ] {
         for p in points {
             let (tokens, rank) = (p.tokens as f64, p.rank as f64);
-            let bytes = (p.adapters as f64 * rank + activation_passes * tokens) * elems * dtype;
+            // Rows read as the derived model counts them: every token's own (see AnalyticCost).
+            let rows = tokens.max(p.adapters as f64) * rank;
+            let bytes = (rows + activation_passes * tokens) * elems * dtype;
             let ideal = (bytes / bw).max(2.0 * tokens * rank * elems / flops);
             lora.push((p.time.median_s, ideal / p.time.median_s));
         }

@@ -628,9 +628,9 @@ pub struct Efficiency {
     /// is sharper (infinite = the plain roofline). Fitted: 8.
     pub roofline_sharpness: f64,
     /// Fraction of both peak bandwidth and peak tensor rate that the LoRA shrink/expand kernels
-    /// reach. Gather kernels over non-contiguous pages with ranks of 8-64 reach far less than
-    /// cuBLAS (S-LoRA's MBGMM/MBGMV, Punica's SGMV); not measured here: 0.25, a third of the
-    /// cuBLAS weight stream, as a conservative estimate until calibration.
+    /// reach, counting every token's adapter rows as read (our MBGMV/MBGMM do not share rows
+    /// between a batch's tokens). Fitted on the H200 profile of 2026-11-28 (`fit_efficiency`,
+    /// median over the slower half of its LoRA grids): 0.68.
     pub lora_kernel: f64,
     /// Fraction of the per-direction host-link bandwidth that pinned host-to-device copies
     /// reach. Not measured here: 0.8, what `bandwidthTest`-style pinned copies typically reach
@@ -673,7 +673,7 @@ impl Default for Efficiency {
             tensor_core: 0.847,
             gemm_fill_tokens: 118.0,
             roofline_sharpness: 8.0,
-            lora_kernel: 0.25,
+            lora_kernel: 0.68,
             host_link: 0.8,
             kernel_launch_s: 2.0e-6,
             kernels_per_layer: 10,
@@ -893,9 +893,10 @@ pub(crate) fn lora_elems(model: &ModelSpec, targets: &[TargetModule]) -> (f64, f
 /// * `attention_prefill`: `4 * H * layers` FLOPs per attended pair (QK^T and PV, causal) at
 ///   `tensor_core`, or the new KV rows written at `kv_read`, whichever is longer.
 /// * `lora_shrink` / `lora_expand`: `2 * rank` FLOPs per token per input (shrink) or output
-///   (expand) element of each adapted module, against the bytes moved: each distinct adapter's
-///   A (shrink) or B (expand) read once, plus the activations (x read by shrink; y read and
-///   written by expand); both at `lora_kernel`, the longer wins.
+///   (expand) element of each adapted module, against the bytes moved: each token's adapter
+///   rows of A (shrink) or B (expand), as our MBGMV/MBGMM read them (at least every distinct
+///   adapter's once), plus the activations (x read by shrink; y read and written by expand);
+///   both at `lora_kernel`, the longer wins.
 /// * `adapter_h2d`: blocking loads over the host link, plus the part of prefetch copies that
 ///   outlasts the rest of the step (they overlap compute on a copy engine).
 /// * `sampling`: `sampling_logit_passes` passes over each sampled token's fp32 logits.
@@ -1227,11 +1228,17 @@ impl CostModel for AnalyticCost {
             self.lora_in_act_share,
             self.lora_out_act_share,
         );
-        let shrink_bytes = (rank_sum * w + lora_tokens * x) * self.lora_in_elems * self.dtype_bytes;
+        // Our MBGMV and MBGMM read each token's adapter rows: nothing is shared between the
+        // tokens of one adapter (the calibrated H200 profile's LoRA times follow tokens x rank
+        // and are almost flat in the number of distinct adapters). So the rows read are the
+        // tokens' rank sum, and at least the distinct adapters' (each is read once).
+        let rows_read = token_rank.max(rank_sum);
+        let shrink_bytes =
+            (rows_read * w + lora_tokens * x) * self.lora_in_elems * self.dtype_bytes;
         let lora_shrink = (shrink_bytes / self.lora_bw)
             .max(2.0 * token_rank * self.lora_in_elems * w / self.lora_flops);
         let expand_bytes =
-            (rank_sum * w + 2.0 * lora_tokens * y) * self.lora_out_elems * self.dtype_bytes;
+            (rows_read * w + 2.0 * lora_tokens * y) * self.lora_out_elems * self.dtype_bytes;
         let lora_expand = (expand_bytes / self.lora_bw)
             .max(2.0 * token_rank * self.lora_out_elems * w / self.lora_flops);
 
@@ -2161,6 +2168,15 @@ mod tests {
 
         // 32 tokens on 32 distinct rank-16 adapters: 32 x 16 x 2 MiB = 1 GiB of A and B rows,
         // plus the activations (x read by shrink, y read and written by expand) of q,k,v,o.
+        // The same 32 tokens on ONE adapter read as many rows (every token its own).
+        let shared = BatchShape {
+            lora_tokens: 32,
+            lora_token_rank: 32 * 16,
+            distinct_adapters: 1,
+            distinct_rank_sum: 16,
+            ..base.clone()
+        };
+        let one = cost.step_cost(&shared);
         let lora = BatchShape {
             lora_tokens: 32,
             lora_token_rank: 32 * 16,
@@ -2171,10 +2187,14 @@ mod tests {
         let c = cost.step_cost(&lora);
         let lora_ms = (c.lora_shrink + c.lora_expand).as_secs_f64() * 1e3;
         let activations = 3.0 * 32.0 * (4.0 * 4096.0) * 32.0 * 2.0;
-        let expected_ms = (32.0 * 16.0 * 2.0 * 1048576.0 + activations) / (0.25 * 4.8e12) * 1e3;
+        let expected_ms = (32.0 * 16.0 * 2.0 * 1048576.0 + activations) / (0.68 * 4.8e12) * 1e3;
         assert!(
             (lora_ms / expected_ms - 1.0).abs() < 0.01,
             "{lora_ms} vs {expected_ms}"
+        );
+        assert_eq!(
+            one.lora_shrink + one.lora_expand,
+            c.lora_shrink + c.lora_expand
         );
 
         // A prefetch shorter than the step hides behind it; a blocking load does not.

@@ -124,9 +124,10 @@ fn round_robin_balances_request_counts() {
 
 #[test]
 fn adapter_affinity_keeps_adapters_home_and_loads_fewer_copies() {
-    // Four replicas at moderate load (a third of their capacity), 50 adapters of 60
-    // requests each, the default slack.
-    let s = setup(&small_server(100.0, 3000, 50, "{ law: uniform }"));
+    // Four replicas at moderate load (about 40% of their capacity: one replica serves about
+    // 70 req/s of these short requests within the SLO), 50 adapters of 60 requests each, the
+    // default slack.
+    let s = setup(&small_server(120.0, 3000, 50, "{ law: uniform }"));
     let affinity = fleet(&s, 4, RouterPolicy::AdapterAffinity);
     let round_robin = fleet(&s, 4, RouterPolicy::RoundRobin);
     let least = fleet(&s, 4, RouterPolicy::LeastOutstanding);
