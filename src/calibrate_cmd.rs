@@ -76,8 +76,22 @@ fn catalogue_key(name: &str) -> Option<String> {
     best.map(|g| g.key.to_string())
 }
 
+/// A LoRA grid `(tokens, adapters, rank, time)` in the profile format.
 #[cfg(feature = "cuda")]
+fn lora_points(points: &[(u32, u32, u32, slora_kernels::calibrate::Stat)]) -> Vec<LoraPoint> {
+    points
+        .iter()
+        .map(|(tokens, adapters, rank, s)| LoraPoint {
+            tokens: *tokens,
+            adapters: *adapters,
+            rank: *rank,
+            time: measured(s),
+        })
+        .collect()
+}
+
 /// Converts a measurement into the simulator's profile format.
+#[cfg(feature = "cuda")]
 pub fn to_profile(c: &slora_kernels::calibrate::Calibration, date: &str) -> CalibrationProfile {
     CalibrationProfile {
         format_version: PROFILE_FORMAT_VERSION,
@@ -124,46 +138,10 @@ pub fn to_profile(c: &slora_kernels::calibrate::Calibration, date: &str) -> Cali
                 time: measured(s),
             })
             .collect(),
-        lora_shrink: c
-            .lora_shrink
-            .iter()
-            .map(|(t, a, r, s)| LoraPoint {
-                tokens: *t,
-                adapters: *a,
-                rank: *r,
-                time: measured(s),
-            })
-            .collect(),
-        lora_expand: c
-            .lora_expand
-            .iter()
-            .map(|(t, a, r, s)| LoraPoint {
-                tokens: *t,
-                adapters: *a,
-                rank: *r,
-                time: measured(s),
-            })
-            .collect(),
-        lora_prefill_shrink: c
-            .lora_prefill_shrink
-            .iter()
-            .map(|(t, a, r, s)| LoraPoint {
-                tokens: *t,
-                adapters: *a,
-                rank: *r,
-                time: measured(s),
-            })
-            .collect(),
-        lora_prefill_expand: c
-            .lora_prefill_expand
-            .iter()
-            .map(|(t, a, r, s)| LoraPoint {
-                tokens: *t,
-                adapters: *a,
-                rank: *r,
-                time: measured(s),
-            })
-            .collect(),
+        lora_shrink: lora_points(&c.lora_shrink),
+        lora_expand: lora_points(&c.lora_expand),
+        lora_prefill_shrink: lora_points(&c.lora_prefill_shrink),
+        lora_prefill_expand: lora_points(&c.lora_prefill_expand),
         host_to_device: c
             .host_to_device
             .iter()
@@ -318,17 +296,7 @@ pub fn today() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = slora_sim::workload::civil_from_days((secs / 86_400) as i64);
     format!("{y:04}-{m:02}-{d:02}")
 }
 

@@ -43,8 +43,11 @@ pub struct Gpu {
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Phase marks of the step being timed (`calibrate`, `bench-gpu`): `None` when timing is
-    /// off, which is the serving path's state and costs one branch per mark.
+    /// off, the serving path's state.
     phase_marks: Mutex<Option<Vec<(Phase, CudaEvent)>>>,
+    /// Whether `phase_marks` is collecting: read before taking the lock, so a mark costs one
+    /// atomic load while timing is off (a step makes hundreds of marks).
+    timing: std::sync::atomic::AtomicBool,
 }
 
 /// What a stretch of a step's GPU work is, for the calibration profile's components. A mark
@@ -137,6 +140,7 @@ impl Gpu {
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
             phase_marks: Mutex::new(None),
+            timing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -149,10 +153,15 @@ impl Gpu {
     /// stream). Not for captured graphs: events inside a capture are not timed.
     pub fn start_phase_timing(&self) {
         *self.marks() = Some(Vec::new());
+        self.timing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Marks the start of `phase` on the compute stream when timing is on.
     pub fn mark(&self, phase: Phase) -> Result<()> {
+        if !self.timing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut marks = self.marks();
         if let Some(marks) = marks.as_mut() {
             // Consecutive marks of the same phase add nothing but events.
@@ -171,6 +180,8 @@ impl Gpu {
     /// (waits for the stream's work to finish).
     pub fn finish_phase_timing(&self) -> Result<PhaseTimes> {
         self.mark(Phase::End)?;
+        self.timing
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let marks = self.marks().take().unwrap_or_default();
         let mut times = PhaseTimes::default();
         if let Some((_, last)) = marks.last() {

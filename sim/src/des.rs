@@ -11,7 +11,7 @@ use crate::cost::{BatchShape, CostModel, StepCost};
 use crate::metrics::RunResult;
 use crate::recorder::Recorder;
 use crate::scenario::RunSetup;
-use slora_engine::{EngineError, Nanos, RequestId, RequestMeta, Scheduler, StepPlan, StepReport};
+use slora_engine::{EngineError, Nanos, Scheduler, StepPlan, StepReport};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -137,15 +137,7 @@ pub fn simulate_with(
     while let Some((now, event)) = queue.pop() {
         match event {
             Event::Arrival(i) => {
-                let a = &arrivals[i];
-                let meta = RequestMeta {
-                    id: RequestId(i as u64),
-                    adapter: a.adapter.map(slora_engine::AdapterId),
-                    tenant: a.tenant.map(slora_engine::TenantId),
-                    prompt_tokens: a.prompt_tokens,
-                    output_tokens: a.output_tokens,
-                };
-                if let Err(reject) = scheduler.submit(meta, now) {
+                if let Err(reject) = scheduler.submit(arrivals[i].meta(i), now) {
                     recorder.rejected(i, &reject, now);
                 }
                 if let Some(next) = arrivals.get(i + 1) {

@@ -31,10 +31,7 @@ use crate::metrics::RunResult;
 use crate::recorder::Recorder;
 use crate::scenario::RunSetup;
 use serde::{Deserialize, Serialize};
-use slora_engine::{
-    AdapterId, ConfigError, Nanos, RequestId, RequestMeta, Scheduler, StepPlan, StepReport,
-    TenantId,
-};
+use slora_engine::{ConfigError, Nanos, Scheduler, StepPlan, StepReport};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
@@ -362,14 +359,7 @@ pub fn simulate_fleet(
                         *word |= 1 << (id % 64);
                     }
                 }
-                let meta = RequestMeta {
-                    id: RequestId(i as u64),
-                    adapter: a.adapter.map(AdapterId),
-                    tenant: a.tenant.map(TenantId),
-                    prompt_tokens: a.prompt_tokens,
-                    output_tokens: a.output_tokens,
-                };
-                match replica.scheduler.submit(meta, now) {
+                match replica.scheduler.submit(a.meta(i), now) {
                     Ok(()) => {
                         loads.add(r);
                         let o = loads.of(r);

@@ -219,14 +219,8 @@ fn submit_arrived(
     upto: Nanos,
 ) -> Result<(), LiveError> {
     while let Some(a) = setup.arrivals.get(*next).filter(|a| a.time <= upto) {
-        let id = RequestId(*next as u64);
-        let meta = RequestMeta {
-            id,
-            adapter: a.adapter.map(slora_engine::AdapterId),
-            tenant: a.tenant.map(slora_engine::TenantId),
-            prompt_tokens: a.prompt_tokens,
-            output_tokens: a.output_tokens,
-        };
+        let meta = a.meta(*next);
+        let id = meta.id;
         backend.admit(*next, &meta).map_err(LiveError::Exec)?;
         if let Err(reject) = scheduler.submit(meta, a.time) {
             recorder.rejected(*next, &reject, a.time);

@@ -126,6 +126,20 @@ pub struct Arrival {
     pub output_tokens: u32,
 }
 
+impl Arrival {
+    /// What the engine is told when this arrival (the `index`-th of its list) is submitted;
+    /// every driver (simulator, fleet, live) submits it the same way.
+    pub fn meta(&self, index: usize) -> slora_engine::RequestMeta {
+        slora_engine::RequestMeta {
+            id: slora_engine::RequestId(index as u64),
+            adapter: self.adapter.map(slora_engine::AdapterId),
+            tenant: self.tenant.map(slora_engine::TenantId),
+            prompt_tokens: self.prompt_tokens,
+            output_tokens: self.output_tokens,
+        }
+    }
+}
+
 /// The `workload:` section of a scenario.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -976,6 +990,26 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
+/// The inverse of [`days_from_civil`]: the proleptic Gregorian `(year, month, day)` of a day
+/// counted from 1970-01-01 (calibration profiles are dated with it).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097; // [0, 146096]
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153; // March = 0
+    let day = (day_of_year - (153 * month_from_march + 2) / 5 + 1) as u32;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1422,6 +1456,11 @@ mod tests {
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
         assert_eq!(days_from_civil(2023, 11, 16), 19_677);
         assert_eq!(days_from_civil(1600, 2, 29), -135_081);
+        for days in [-135_081, -1, 0, 11_017, 19_677, 20_785, 2_932_896] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(civil_from_days(20_785), (2026, 11, 28));
         assert_eq!(
             days_from_civil(2024, 3, 1) - days_from_civil(2024, 2, 28),
             2,
