@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Simulate scenarios: metrics, charts and a report per scenario (no GPU needed).
+    /// Simulate scenarios: metrics, charts and a report per scenario (no GPU needed); with
+    /// --execute or --compare, serve them live on a GPU.
     Simulate {
         /// Scenario YAML files (see docs/scenarios.md). With none, runs the embedded default
         /// scenario (scenarios/default.yaml).
