@@ -28,6 +28,11 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_pool import parse_gpus, run_jobs  # noqa: E402
 
 TRACE = "AzureLLMInferenceTrace_conv.csv"
 
@@ -154,8 +159,8 @@ def render(sc, rate, seconds, profile, base_rate=None):
     return sc["yaml"].format(profile=prof, rate=rate, cv=sc["cv"], seconds=seconds)
 
 
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def run(cmd, env=None):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.stderr.write(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}\n")
     return r.returncode
@@ -247,17 +252,14 @@ def resimulate(args):
         code = run([args.bin, "simulate", path, "--quiet", "--out", sim_out])
         code = code or run([args.bin, "compare", executed, sim_out, "--quiet", "--out", cmp_out])
         load = int(label[4:]) / 100
-        row = {"scenario": scenario, "load": load, "capacity": float("nan"), "rate": float("nan"), "ok": code == 0}
+        cap = float("nan")
+        saved = os.path.join(args.resimulate, scenario, "capacity.json")
+        if os.path.exists(saved):
+            with open(saved) as f:
+                cap = json.load(f)["capacity_req_s"]
+        row = {"scenario": scenario, "load": load, "capacity": cap, "rate": load * cap, "ok": code == 0}
         if code == 0:
-            with open(os.path.join(cmp_out, "compare.json")) as f:
-                cmp = json.load(f)
-            by_key = {r["key"]: r for r in cmp["rows"]}
-            for key, _ in ROWS:
-                row[key] = by_key[key]["signed_error"]
-            row["executed_req_s"] = by_key["request_throughput_req_s"]["reference"]
-            pa = cmp["per_adapter_ttft_p99"]
-            row["adapter_p99_ttft_max"] = pa.get("max_abs_error")
-            row["adapter_p99_ttft_compared"] = pa.get("compared")
+            row.update(read_compare(os.path.join(cmp_out, "compare.json")))
         results.append(row)
     write_summary(args.out, results)
 
@@ -285,6 +287,9 @@ def main():
     ap.add_argument("--capacity-seconds", type=float, default=120.0)
     ap.add_argument("--simulate-only", action="store_true")
     ap.add_argument("--resimulate", help="an earlier OUT folder: re-simulate its executed runs")
+    ap.add_argument("--gpus", help="GPU indices to run live runs on at once, e.g. 0,1,2,3 (default: one at a time, on the visible GPU)")
+    ap.add_argument("--deadline-s", type=float, help="start no live run that would end later than this many seconds from now")
+    ap.add_argument("--busy-dir", help="while DIR/gpu<N>.busy exists, start nothing on GPU N")
     args = ap.parse_args()
     if args.resimulate:
         return resimulate(args)
@@ -294,8 +299,8 @@ def main():
     if args.only:
         names = args.only.split(",")
         chosen = [s for s in chosen if s["name"] in names]
-    results = []
-    for sc in chosen:
+    # 1. Capacities (simulations only, CPU): every scenario at once.
+    def find_capacity(sc):
         work = os.path.join(args.out, sc["name"])
         os.makedirs(work, exist_ok=True)
         profile = None
@@ -303,62 +308,94 @@ def main():
             p = os.path.abspath(os.path.join(args.profiles, f"h200-{sc['model']}.json"))
             profile = p if os.path.exists(p) else None
         cap, base_rate = capacity(args.bin, sc, work, profile, args.capacity_seconds)
+        with open(os.path.join(work, "capacity.json"), "w") as f:
+            json.dump({"capacity_req_s": cap, "trace_base_rate": base_rate, "profile": profile}, f)
         print(f"{sc['name']}: capacity {cap:.2f} req/s (simulated, calibrated)", flush=True)
-        for load in loads:
-            rate = load * cap
-            label = f"load{int(round(load * 100))}"
-            path = os.path.join(work, f"{label}.yaml")
-            with open(path, "w") as f:
-                f.write(render(sc, rate, args.seconds, profile, base_rate))
-            out = os.path.join(work, label)
-            if args.simulate_only:
-                code = run([args.bin, "simulate", path, "--quiet", "--out", os.path.join(out, "executed")])
-                code = code or run([args.bin, "simulate", path, "--quiet", "--seed", "99", "--out", os.path.join(out, "simulated")])
-                code = code or run([args.bin, "compare", os.path.join(out, "executed"), os.path.join(out, "simulated"), "--quiet", "--out", os.path.join(out, "compare")])
-            else:
-                code = run([args.bin, "simulate", path, "--compare", "--quiet", "--out", out])
-            row = {"scenario": sc["name"], "load": load, "capacity": cap, "rate": rate, "ok": code == 0}
-            if code == 0:
-                with open(os.path.join(out, "compare", "compare.json")) as f:
-                    cmp = json.load(f)
-                by_key = {r["key"]: r for r in cmp["rows"]}
-                for key, _ in ROWS:
-                    row[key] = by_key[key]["signed_error"]
-                row["executed_req_s"] = by_key["request_throughput_req_s"]["reference"]
-                row["executed_completed"] = by_key["completed"]["reference"]
-                row["executed_aborted"] = by_key["aborted"]["reference"]
-                pa = cmp["per_adapter_ttft_p99"]
-                row["adapter_p99_ttft_max"] = pa.get("max_abs_error")
-                row["adapter_p99_ttft_compared"] = pa.get("compared")
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            # Keep only what is needed to look again (the device returns a limited file count).
-            for sub in ("executed", "simulated"):
-                d = os.path.join(out, sub)
-                for name in os.listdir(d) if os.path.isdir(d) else []:
-                    if name not in ("metrics.json", "requests.csv", "steps.csv"):
-                        p = os.path.join(d, name)
-                        if os.path.isfile(p):
-                            os.remove(p)
-            cdir = os.path.join(out, "compare")
-            for name in os.listdir(cdir) if os.path.isdir(cdir) else []:
-                if name not in ("compare.json", "compare.md", "compare-cdf.png"):
-                    p = os.path.join(cdir, name)
-                    if os.path.isfile(p):
-                        os.remove(p)
         for tmp in ("cap", "probe"):
             d = os.path.join(work, tmp)
             if os.path.isdir(d):
-                for name in os.listdir(d):
-                    p = os.path.join(d, name)
-                    if os.path.isfile(p):
-                        os.remove(p)
-                    elif os.path.isdir(p):
-                        import shutil
+                import shutil
 
-                        shutil.rmtree(p)
-                os.rmdir(d)
+                shutil.rmtree(d)
+        return cap, base_rate, profile
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        caps = list(pool.map(find_capacity, chosen))
+
+    # 2. Live runs (or their stand-ins), one per GPU at a time.
+    jobs = []
+    for sc, (cap, base_rate, profile) in zip(chosen, caps):
+        for load in loads:
+            jobs.append((sc["name"], load))
+    by_name = {sc["name"]: (sc, c) for sc, c in zip(chosen, caps)}
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
+
+    def estimate(job):
+        sc, _ = by_name[job[0]]
+        # Arrivals + drain + warm-up; the larger models warm up and drain longer.
+        # The trace's longest outputs (2,048 tokens) drain for up to a minute after arrivals end.
+        drain = 60 if sc.get("trace") else 0
+        return args.seconds * 1.15 + (30 if sc["model"] == "llama-13b" else 18) + drain
+
+    def live(job, env):
+        name, load = job
+        sc, (cap, base_rate, profile) = by_name[name]
+        work = os.path.join(args.out, name)
+        rate = load * cap
+        label = f"load{int(round(load * 100))}"
+        path = os.path.join(work, f"{label}.yaml")
+        with open(path, "w") as f:
+            f.write(render(sc, rate, args.seconds, profile, base_rate))
+        out = os.path.join(work, label)
+        started = time.monotonic()
+        if args.simulate_only:
+            code = run([args.bin, "simulate", path, "--quiet", "--out", os.path.join(out, "executed")], env)
+            code = code or run([args.bin, "simulate", path, "--quiet", "--seed", "99", "--out", os.path.join(out, "simulated")], env)
+            code = code or run([args.bin, "compare", os.path.join(out, "executed"), os.path.join(out, "simulated"), "--quiet", "--out", os.path.join(out, "compare")], env)
+        else:
+            code = run([args.bin, "simulate", path, "--compare", "--quiet", "--out", out], env)
+        row = {"scenario": name, "load": load, "capacity": cap, "rate": rate, "ok": code == 0,
+               "gpu": env.get("CUDA_VISIBLE_DEVICES"), "wall_s": round(time.monotonic() - started, 1)}
+        if code == 0:
+            row.update(read_compare(os.path.join(out, "compare", "compare.json")))
+        print(json.dumps(row), flush=True)
+        prune(out)
+        return row
+
+    rows, skipped = run_jobs(jobs, parse_gpus(args.gpus), live, deadline, estimate, args.busy_dir)
+    results = [r for r in rows if r is not None]
+    for name, load in skipped:
+        print(f"not run (deadline): {name} at {load:.2f}", flush=True)
     write_summary(args.out, results)
+
+
+def read_compare(path):
+    with open(path) as f:
+        cmp = json.load(f)
+    by_key = {r["key"]: r for r in cmp["rows"]}
+    row = {key: by_key[key]["signed_error"] for key, _ in ROWS}
+    row["executed_req_s"] = by_key["request_throughput_req_s"]["reference"]
+    row["executed_completed"] = by_key["completed"]["reference"]
+    row["executed_aborted"] = by_key["aborted"]["reference"]
+    pa = cmp["per_adapter_ttft_p99"]
+    row["adapter_p99_ttft_max"] = pa.get("max_abs_error")
+    row["adapter_p99_ttft_compared"] = pa.get("compared")
+    return row
+
+
+def prune(out):
+    # Keep only what is needed to look again (the device returns a limited file count).
+    keep = {
+        "executed": ("metrics.json", "requests.csv", "steps.csv"),
+        "simulated": ("metrics.json", "requests.csv", "steps.csv"),
+        "compare": ("compare.json", "compare.md", "compare-cdf.png"),
+    }
+    for sub, names in keep.items():
+        d = os.path.join(out, sub)
+        for name in os.listdir(d) if os.path.isdir(d) else []:
+            p = os.path.join(d, name)
+            if name not in names and os.path.isfile(p):
+                os.remove(p)
 
 
 def write_summary(out, results):

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issues 4 and 5 on one host of 4 H200s, in two parts of under ten
+# minutes each (the device tool's limit per command). Live runs use one GPU each, so four run at
+# once; nothing shares a GPU with a live run.
+#
+#   part a: GPU 0: calibrate Llama-13B and Llama-3-8B (their whole-step GEMM quantum), the
+#           reference check (transformers + peft vs our executor) and bench-gpu; GPU 1: the
+#           transformers + peft serving baseline; all four GPUs as they come free: fidelity
+#           runs of the Llama-7B scenarios.
+#   part b: live saturation baselines and ablations on all four GPUs, then the fidelity runs
+#           of the other scenarios (with the profiles of part a where PROFILES holds them).
+#
+#   scripts/gpu_session.sh a|b BIN TRACES OUT [PROFILES]
+# BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
+set -u
+part=$1 bin=$2 traces=$3 out=$4 profiles=${5:-}
+work=/tmp/gpu-session
+busy=$work/busy
+mkdir -p "$out" "$work" "$busy"
+export PYTHONUNBUFFERED=1
+seconds=${SECONDS_OF_ARRIVALS:-60}
+budget=${BUDGET_S:-560}
+start=$(date +%s)
+left() { echo $((budget - ($(date +%s) - start))); }
+
+nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm,power.limit --format=csv >"$out/gpus-$part.csv" 2>&1
+
+half_a=s2-n100,s2-n5,s2-n2000,azure-conv-n500,s1-n5,s1-n100
+half_b=s1-n2000,skewed-zipf1.2-n2000,bursty-cv4-n1000,s4-llama13b-n100,gqa-llama3-8b-s2-n100
+
+if [ "$part" = a ]; then
+    touch "$busy/gpu0.busy" "$busy/gpu1.busy"
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        timeout 150 "$bin" calibrate --model llama-13b --model llama-3-8b --reps 3 --out "$work/fid-a/profiles" >"$out/calibrate.log" 2>&1
+        timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
+        timeout 120 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1
+        timeout 200 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
+        rm -f "$busy/gpu0.busy"
+    ) &
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        timeout 420 python3 scripts/peft_baseline.py --out "$work/peft" --deadline-s 390 >"$out/peft.log" 2>&1
+        rm -f "$busy/gpu1.busy"
+    ) &
+    timeout $(($(left) - 15)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-a" --traces "$traces" \
+        --only "$half_a" --seconds "$seconds" --gpus 0,1,2,3 --busy-dir "$busy" \
+        --deadline-s $(($(left) - 25)) >"$out/fidelity-a.log" 2>&1
+    wait
+    cp -r "$work/peft" "$work/fid-a/peft" 2>/dev/null
+    tar czf "$out/part-a.tgz" -C "$work" fid-a
+else
+    timeout 330 python3 scripts/baselines.py --bin "$bin" --out "$work/baselines" --execute \
+        --seconds "${BASELINE_SECONDS:-45}" --gpus 0,1,2,3 --deadline-s 300 >"$out/baselines.log" 2>&1
+    timeout $(($(left) - 15)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-b" --traces "$traces" \
+        ${profiles:+--profiles "$profiles"} --only "$half_b" --seconds "$seconds" --gpus 0,1,2,3 \
+        --deadline-s $(($(left) - 25)) >"$out/fidelity-b.log" 2>&1
+    tar czf "$out/part-b.tgz" -C "$work" fid-b baselines
+fi
+tail -n 25 "$out"/*.log
+echo "part $part done in $(($(date +%s) - start)) s"
