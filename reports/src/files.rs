@@ -73,7 +73,7 @@ arrival_s,admitted_s,first_token_s,finish_s,ttft_s,tpot_s,e2e_s,queueing_s,statu
 
 pub(crate) const STEP_COLUMNS: &str = "start_s,duration_s,prefill_requests,prefill_tokens,\
 decode_requests,distinct_adapters,kv_pages,adapter_pages,free_pages,waiting,loads,evictions,\
-aborted,preempted";
+aborted,preempted,model_s";
 
 /// One row per request; `None` is an empty cell. Derived latencies use `RequestRecord`'s own
 /// methods so the CSV and the simulator's summaries share one definition.
@@ -114,7 +114,7 @@ pub(crate) fn write_steps_csv(path: &Path, steps: &[StepRecord]) -> Result<PathB
             secs(out, s.start)?;
             out.write_all(b",")?;
             secs(out, s.duration)?;
-            writeln!(
+            write!(
                 out,
                 ",{},{},{},{},{},{},{},{},{},{},{},{}",
                 s.prefill_requests,
@@ -130,6 +130,9 @@ pub(crate) fn write_steps_csv(path: &Path, steps: &[StepRecord]) -> Result<PathB
                 s.aborted,
                 s.preempted
             )?;
+            out.write_all(b",")?;
+            secs(out, s.model)?;
+            out.write_all(b"\n")?;
         }
         Ok(())
     })

@@ -144,7 +144,7 @@ fn a_run_writes_every_file() {
 
     let steps = read(&dir, "steps.csv");
     assert_eq!(steps.lines().count(), run.steps.len() + 1);
-    assert!(steps.lines().all(|l| l.split(',').count() == 14));
+    assert!(steps.lines().all(|l| l.split(',').count() == 15));
 }
 
 #[test]

@@ -171,12 +171,15 @@ pub fn simulate_with(
                 }
                 let shape = BatchShape::from_plan(&plan, &setup.ranks);
                 // A plan that only aborts requests does no GPU work and takes no time.
-                let step_cost = if plan.has_compute() || !plan.loads.is_empty() {
-                    step_time(&plan, &shape)
+                let (step_cost, model) = if plan.has_compute() || !plan.loads.is_empty() {
+                    // The timer is the scenario's cost model except in the conformance test,
+                    // whose executor's times the live driver's records must match.
+                    let cost = step_time(&plan, &shape);
+                    (cost, setup.cost.step_cost(&shape).total())
                 } else {
-                    StepCost::default()
+                    (StepCost::default(), Nanos::ZERO)
                 };
-                recorder.planned(&plan, &step_cost, now);
+                recorder.planned(&plan, &step_cost, model, now);
                 queue.push(now + step_cost.total(), Event::StepDone)?;
                 in_flight = Some((plan, step_cost));
             } else if queue.is_empty() && scheduler.has_work() {

@@ -428,7 +428,7 @@ pub fn simulate_fleet(
             replica.busy = replica.busy + duration;
             replica.batch_time += f64::from(plan.batch_size()) * duration.0 as f64;
             replica.summary.steps += 1;
-            recorder.planned(&plan, &step_cost, now);
+            recorder.planned(&plan, &step_cost, duration, now);
             queue.push(now + duration, FleetEvent::StepDone(r))?;
             replica.in_flight = Some((plan, step_cost));
         }

@@ -12,7 +12,7 @@
 //! [`VirtualClock`] advances by each step's reported duration, and with the same executor the
 //! driver then makes exactly the plans of the discrete-event simulator (the conformance test).
 
-use crate::cost::StepCost;
+use crate::cost::{BatchShape, StepCost};
 use crate::des::{PlanObserver, Progress, SimError};
 use crate::metrics::RunResult;
 use crate::recorder::Recorder;
@@ -166,7 +166,15 @@ pub fn serve(
                     fixed_overhead: end - now,
                     ..StepCost::default()
                 };
-                recorder.planned(&plan, &measured, now);
+                // What the simulator would have charged for this very step: the per-step
+                // check of the cost model (`steps.csv`'s `model_s`).
+                let model = if plan.has_compute() || !plan.loads.is_empty() {
+                    let shape = BatchShape::from_plan(&plan, &setup.ranks);
+                    setup.cost.step_cost(&shape).total()
+                } else {
+                    Nanos::ZERO
+                };
+                recorder.planned(&plan, &measured, model, now);
                 // Requests that arrived while the step ran are submitted before it completes,
                 // as the simulator orders an arrival before a step end at the same instant.
                 submit_arrived(

@@ -77,6 +77,10 @@ pub struct StepRecord {
     pub evictions: u32,
     pub aborted: u32,
     pub preempted: u32,
+    /// The run's cost model's time for this exact step. In a simulation it is the step's
+    /// duration; in an executed run it is the prediction the measured `duration` is checked
+    /// against, step by step (`steps.csv`'s `model_s`).
+    pub model: Nanos,
 }
 
 /// Mean and percentiles of a latency, in seconds.

@@ -84,6 +84,7 @@ impl Recorder {
         &mut self,
         plan: &slora_engine::StepPlan,
         cost: &crate::cost::StepCost,
+        model: Nanos,
         now: Nanos,
     ) {
         for p in &plan.prefill {
@@ -117,6 +118,7 @@ impl Recorder {
             evictions: plan.evictions.len() as u32,
             aborted: plan.aborted.len() as u32,
             preempted: plan.preempted.len() as u32,
+            model,
         });
     }
 

@@ -105,11 +105,20 @@ fn both_drivers(text: &str) {
         simulated
             .steps
             .iter()
-            .map(|s| (s.start, s.duration))
+            .map(|s| (s.start, s.duration, s.model))
             .collect(),
-        live.steps.iter().map(|s| (s.start, s.duration)).collect(),
+        live.steps
+            .iter()
+            .map(|s| (s.start, s.duration, s.model))
+            .collect(),
     );
+    // Equal step records, the cost model's price of each step (`model_s`) included: both
+    // drivers price the same plans with the scenario's cost model.
     assert_eq!(s, l);
+    assert!(
+        live.steps.iter().any(|s| s.model != s.duration),
+        "the fake executor's times should differ from the cost model's, or `model` proves nothing"
+    );
     assert!(
         backend.released.iter().all(|&r| r),
         "a request was never released"

@@ -117,6 +117,7 @@ pub fn run(requests: u64, steps: u64, adapters: u32) -> RunResult {
             evictions: (k % 70 == 0) as u32,
             aborted: 0,
             preempted: 0,
+            model: Nanos(duration),
         });
         // Idle gaps now and then, so the time axis is not just step count.
         t += duration + if k % 500 == 499 { 300_000_000 } else { 0 };
