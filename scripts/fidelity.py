@@ -289,6 +289,7 @@ def main():
     ap.add_argument("--resimulate", help="an earlier OUT folder: re-simulate its executed runs")
     ap.add_argument("--gpus", help="GPU indices to run live runs on at once, e.g. 0,1,2,3 (default: one at a time, on the visible GPU)")
     ap.add_argument("--deadline-s", type=float, help="start no live run that would end later than this many seconds from now")
+    ap.add_argument("--runs", help="only these runs, e.g. s2-n100:0.85,s2-n5:0.95 (instead of --only x --loads)")
     ap.add_argument("--busy-dir", help="while DIR/gpu<N>.busy exists, start nothing on GPU N")
     args = ap.parse_args()
     if args.resimulate:
@@ -296,6 +297,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     loads = [float(x) for x in args.loads.split(",")]
     chosen = scenarios(args.traces)
+    if args.runs:
+        names = {r.split(":")[0] for r in args.runs.split(",")}
+        chosen = [s for s in chosen if s["name"] in names]
+        loads = sorted({float(r.split(":")[1]) for r in args.runs.split(",")})
     if args.only:
         names = args.only.split(",")
         chosen = [s for s in chosen if s["name"] in names]
@@ -326,7 +331,8 @@ def main():
     jobs = []
     for sc, (cap, base_rate, profile) in zip(chosen, caps):
         for load in loads:
-            jobs.append((sc["name"], load))
+            if not args.runs or f"{sc['name']}:{load:g}" in args.runs.split(","):
+                jobs.append((sc["name"], load))
     by_name = {sc["name"]: (sc, c) for sc, c in zip(chosen, caps)}
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
 

@@ -7,10 +7,14 @@
 #           reference check (transformers + peft vs our executor) and bench-gpu; GPU 1: the
 #           transformers + peft serving baseline; GPUs 2 and 3, and 0 once free: fidelity runs
 #           of the Llama-7B scenarios.
-#   part b: live saturation baselines and ablations on all four GPUs, then the fidelity runs
-#           of the other scenarios (with the profiles of part a where PROFILES holds them).
+#   part b: GPU 0: calibrate all three models on this host; the others (and GPU 0 once free):
+#           live saturation baselines and ablations; then all four: the fidelity runs of the
+#           other scenarios, with this host's profiles (or PROFILES).
 #
-#   scripts/gpu_session.sh a|b BIN TRACES OUT [PROFILES]
+#   part c: the remaining fidelity runs, and part a's scenarios again at 85% load, with part
+#           b's profiles if still on its host (else Llama-7B calibrated first).
+#
+#   scripts/gpu_session.sh a|b|c BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
 set -u
 part=$1 bin=$2 traces=$3 out=$4 profiles=${5:-}
@@ -26,7 +30,9 @@ left() { echo $((budget - ($(date +%s) - start))); }
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm,power.limit --format=csv >"$out/gpus-$part.csv" 2>&1
 
 half_a=s2-n100,s2-n5,s2-n2000,azure-conv-n500,s1-n5,s1-n100
-half_b=s1-n2000,skewed-zipf1.2-n2000,bursty-cv4-n1000,s4-llama13b-n100,gqa-llama3-8b-s2-n100
+half_b=s4-llama13b-n100,gqa-llama3-8b-s2-n100,bursty-cv4-n1000
+# part c: the rest, and part a's scenarios again at 85% on the host whose profiles predict them.
+runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-zipf1.2-n2000:0.85,skewed-zipf1.2-n2000:0.95,s2-n100:0.85,s2-n5:0.85,s1-n5:0.85,s2-n2000:0.85,s1-n100:0.85,azure-conv-n500:0.85
 
 if [ "$part" = a ]; then
     touch "$busy/gpu0.busy" "$busy/gpu1.busy"
@@ -51,13 +57,37 @@ if [ "$part" = a ]; then
     wait
     cp -r "$work/peft" "$work/fid-a/peft" 2>/dev/null
     tar czf "$out/part-a.tgz" -C "$work" fid-a
-else
+elif [ "$part" = b ]; then
+    # GPU 0 re-calibrates all three models on this host (dense GEMM token grid) while the
+    # others serve the saturation baselines; the fidelity runs then use those profiles.
+    touch "$busy/gpu0.busy"
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        timeout 240 "$bin" calibrate --model llama-7b --model llama-13b --model llama-3-8b --reps 3 \
+            --out "$work/fid-b/profiles" >"$out/calibrate.log" 2>&1
+        rm -f "$busy/gpu0.busy"
+    ) &
     timeout 330 python3 scripts/baselines.py --bin "$bin" --out "$work/baselines" --execute \
-        --seconds "${BASELINE_SECONDS:-45}" --gpus 0,1,2,3 --deadline-s 300 >"$out/baselines.log" 2>&1
+        --seconds "${BASELINE_SECONDS:-45}" --gpus 1,2,3,0 --busy-dir "$busy" --deadline-s 300 >"$out/baselines.log" 2>&1
+    wait
     timeout $(($(left) - 15)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-b" --traces "$traces" \
-        ${profiles:+--profiles "$profiles"} --only "$half_b" --seconds "$seconds" --gpus 0,1,2,3 \
+        --profiles "${profiles:-$work/fid-b/profiles}" --only "$half_b" --seconds "$seconds" --gpus 0,1,2,3 \
         --deadline-s $(($(left) - 25)) >"$out/fidelity-b.log" 2>&1
     tar czf "$out/part-b.tgz" -C "$work" fid-b baselines
+else
+    # Part c: with part b's profiles when this is still its host, else calibrate Llama-7B here.
+    if [ -z "$profiles" ] && [ -f "$work/fid-b/profiles/h200-llama-7b.json" ]; then
+        profiles=$work/fid-b/profiles
+        echo "part b's host: its profiles" >"$out/calibrate-c.log"
+    elif [ -z "$profiles" ]; then
+        profiles=$work/fid-c/profiles
+        CUDA_VISIBLE_DEVICES=0 timeout 100 "$bin" calibrate --model llama-7b --reps 3 --out "$profiles" >"$out/calibrate-c.log" 2>&1
+    fi
+    timeout $(($(left) - 15)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-c" --traces "$traces" \
+        --profiles "$profiles" --runs "$runs_c" --seconds "$seconds" --gpus 0,1,2,3 \
+        --deadline-s $(($(left) - 25)) >"$out/fidelity-c.log" 2>&1
+    cp -r "$profiles" "$work/fid-c/profiles-used" 2>/dev/null
+    tar czf "$out/part-c.tgz" -C "$work" fid-c
 fi
 tail -n 25 "$out"/*.log
 echo "part $part done in $(($(date +%s) - start)) s"

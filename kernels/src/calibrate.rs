@@ -54,7 +54,10 @@ pub struct Grid {
     pub decode_batches: Vec<u32>,
     /// Context lengths of the decode attention grid.
     pub decode_contexts: Vec<u32>,
-    /// Prefill token counts (above the largest decode batch) for the base GEMMs.
+    /// Prefill token counts for the base GEMMs (beside the decode batch sizes). Dense from
+    /// 192 to 1,024: cuBLAS tiles the token dimension, so the cost is a staircase there, and a
+    /// prompt of a few hundred tokens beside decode rows (the commonest mixed step) falls
+    /// between the power-of-two points; interpolating across a step was off by up to 19%.
     pub prefill_tokens: Vec<u32>,
     /// Prefill attention: chunk tokens × cached context.
     pub prefill_chunk_tokens: Vec<u32>,
@@ -75,7 +78,9 @@ impl Default for Grid {
         Grid {
             decode_batches: vec![1, 8, 32, 64, 128, 256],
             decode_contexts: vec![64, 256, 512, 1024, 2048],
-            prefill_tokens: vec![512, 1024, 2048, 4096, 8192],
+            prefill_tokens: vec![
+                192, 320, 384, 448, 512, 576, 640, 768, 896, 1024, 1536, 2048, 4096, 8192,
+            ],
             prefill_chunk_tokens: vec![16, 32, 64, 128, 256, 512, 1024, 2048],
             prefill_contexts: vec![0, 512, 1536],
             lora_tokens: vec![16, 32, 64, 128, 256],
