@@ -4,8 +4,9 @@ against the cost model's price of that very step (`steps.csv`: `duration_s`, `mo
 
     python3 scripts/step_fidelity.py RUNS_DIR [RUNS_DIR ...] [--out FILE.md]
 
-RUNS_DIR: folders holding `<scenario>/loadNN/executed/steps.csv` (fidelity.py's OUT) or
-`baseline-N/executed/steps.csv` (baselines.py's OUT). Per run and step kind (decode only,
+RUNS_DIR: folders holding `<scenario>/loadNN/executed/steps.csv` (fidelity.py's OUT; or
+`steps.csv.gz`, as committed in docs/fidelity) or `baseline-N/executed/steps.csv`
+(baselines.py's OUT). Per run and step kind (decode only,
 with a prompt, with adapter loads), the median and p10/p90 of model/measured - 1 and the
 share of GPU time: where a scenario's latencies miss, this says which kind of step the model
 gets wrong. Runs recorded before `model_s` existed are skipped.
@@ -14,6 +15,7 @@ gets wrong. Runs recorded before `model_s` existed are skipped.
 import argparse
 import csv
 import glob
+import gzip
 import os
 import statistics
 
@@ -36,7 +38,9 @@ def kind(row):
 
 def runs(dirs):
     for d in dirs:
-        for path in sorted(glob.glob(os.path.join(d, "**", "executed", "steps.csv"), recursive=True)):
+        found = glob.glob(os.path.join(d, "**", "executed", "steps.csv"), recursive=True)
+        found += glob.glob(os.path.join(d, "**", "executed", "steps.csv.gz"), recursive=True)
+        for path in sorted(found):
             rel = os.path.relpath(os.path.dirname(os.path.dirname(path)), d)
             yield rel, path
 
@@ -51,7 +55,7 @@ def main():
         "|---|---|---|---|---|---|---|",
     ]
     for name, path in runs(args.dirs):
-        with open(path) as f:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
             rows = list(csv.DictReader(f))
         if not rows or "model_s" not in rows[0]:
             continue
