@@ -54,8 +54,11 @@ pub struct Grid {
     pub decode_batches: Vec<u32>,
     /// Context lengths of the decode attention grid.
     pub decode_contexts: Vec<u32>,
-    /// Prefill token counts for the base GEMMs (beside the decode batch sizes). Dense from
-    /// 192 to 1,024: cuBLAS tiles the token dimension, so the cost is a staircase there, and a
+    /// Prefill token counts for the base GEMMs, above the largest decode batch (a prefill
+    /// plan's dense phase is not a decode plan's at the same count: at 192 tokens it measured
+    /// 7.0 ms against 6.6 ms for a decode batch of 256). Dense from 320 to 1,024: the
+    /// executor tunes a GEMM algorithm per power-of-two bucket, so the cost is a staircase
+    /// there (384 tokens cost 13.3 ms, 576 cost 13.4 ms, 320 cost 8.3 ms), and a
     /// prompt of a few hundred tokens beside decode rows (the commonest mixed step) falls
     /// between the power-of-two points; interpolating across a step was off by up to 19%.
     pub prefill_tokens: Vec<u32>,
@@ -76,14 +79,18 @@ pub struct Grid {
 impl Default for Grid {
     fn default() -> Grid {
         Grid {
-            decode_batches: vec![1, 8, 32, 64, 128, 256],
+            // Dense, with points just past 64 and 128: GEMM algorithms are tuned per
+            // power-of-two bucket and kernel plans change with the batch, so decode costs jump
+            // just past a power of two (live runs: up to 2 ms at batch 129-160 against a
+            // straight line from 128 to 256).
+            decode_batches: vec![1, 8, 16, 32, 48, 64, 72, 96, 128, 136, 160, 192, 224, 256],
             decode_contexts: vec![64, 256, 512, 1024, 2048],
             prefill_tokens: vec![
-                192, 320, 384, 448, 512, 576, 640, 768, 896, 1024, 1536, 2048, 4096, 8192,
+                320, 384, 448, 512, 576, 640, 768, 896, 1024, 1536, 2048, 4096, 8192,
             ],
             prefill_chunk_tokens: vec![16, 32, 64, 128, 256, 512, 1024, 2048],
             prefill_contexts: vec![0, 512, 1536],
-            lora_tokens: vec![16, 32, 64, 128, 256],
+            lora_tokens: vec![16, 32, 64, 96, 128, 160, 256],
             lora_adapters: vec![1, 4, 16],
             lora_ranks: vec![8, 16, 32, 64],
             lora_prefill_tokens: vec![16, 64, 256, 1024, 4096],
