@@ -106,7 +106,8 @@ pub fn simulate(setup: &RunSetup, progress: Option<Progress<'_>>) -> Result<RunR
     let cost: &dyn CostModel = setup.cost.as_ref();
     let recorder = Recorder::new(setup, cost);
     let mut step_cost = |_: &StepPlan, shape: &BatchShape| cost.step_cost(shape);
-    simulate_with(setup, recorder, &mut step_cost, progress, None)
+    // The timer is the scenario's cost model: a step's price is its duration.
+    drive(setup, recorder, &mut step_cost, false, progress, None)
 }
 
 /// What a step of a simulation takes: the cost model's prediction, or (in the conformance
@@ -121,8 +122,22 @@ pub type PlanObserver<'a> = &'a mut dyn FnMut(&StepPlan);
 /// the live driver does, which submits everything that has arrived before it plans).
 pub fn simulate_with(
     setup: &RunSetup,
+    recorder: Recorder,
+    step_time: StepTimer<'_>,
+    progress: Option<Progress<'_>>,
+    on_plan: Option<PlanObserver<'_>>,
+) -> Result<RunResult, SimError> {
+    drive(setup, recorder, step_time, true, progress, on_plan)
+}
+
+/// The loop of [`simulate_with`]. `price_apart`: the timer is not the scenario's cost model,
+/// so each step is also priced by that model for its record (`StepRecord::model`); otherwise
+/// the duration is the price and the model is not asked twice.
+fn drive(
+    setup: &RunSetup,
     mut recorder: Recorder,
     step_time: StepTimer<'_>,
+    price_apart: bool,
     progress: Option<Progress<'_>>,
     mut on_plan: Option<PlanObserver<'_>>,
 ) -> Result<RunResult, SimError> {
@@ -175,7 +190,12 @@ pub fn simulate_with(
                     // The timer is the scenario's cost model except in the conformance test,
                     // whose executor's times the live driver's records must match.
                     let cost = step_time(&plan, &shape);
-                    (cost, setup.cost.step_cost(&shape).total())
+                    let model = if price_apart {
+                        setup.cost.step_cost(&shape).total()
+                    } else {
+                        cost.total()
+                    };
+                    (cost, model)
                 } else {
                     (StepCost::default(), Nanos::ZERO)
                 };
