@@ -137,3 +137,14 @@ fn conformance_holds_under_overload_with_early_abort_and_vtc() {
         "policy:\n  admission: optimistic\n  early_abort: true\n  order: vtc\n  clustering: true\n  newest_first_under_overload: true\n",
     ));
 }
+
+#[test]
+fn a_simulation_records_each_steps_duration_as_its_price() {
+    // In a plain simulation the cost model is the timer: `model` must equal `duration` for
+    // every step.
+    let setup = setup(&scenario_text(12.0, ""));
+    let run = slora_sim::simulate(&setup, None).unwrap();
+    assert!(run.steps.len() > 100, "too few steps to mean anything");
+    assert!(run.steps.iter().all(|s| s.model == s.duration));
+    assert!(run.steps.iter().any(|s| s.duration > Nanos::ZERO));
+}
