@@ -453,15 +453,7 @@ fn run_scenario(
                 .join(point_label(index, &point.parameters));
             let label = format!("{name} (sweep point {index})");
             let run = run_live(&label, setup, &point_dir, quiet, mode, live)?;
-            points.push(SweepPoint {
-                parameters: point.parameters.clone(),
-                adapters: point.scenario.adapters.count,
-                offered_rate: point
-                    .scenario
-                    .offered_rate()
-                    .unwrap_or(run.metrics.throughput.offered_requests_per_s),
-                metrics: run.metrics,
-            });
+            points.push(sweep_point(point, run.metrics));
         }
         let sweep = SweepResult {
             scenario: name.clone(),
@@ -508,15 +500,7 @@ fn run_scenario(
                 source,
             })?;
             progress.set(done.fetch_add(1, Ordering::Relaxed) + 1);
-            Ok(SweepPoint {
-                parameters: point.parameters.clone(),
-                adapters: point.scenario.adapters.count,
-                offered_rate: point
-                    .scenario
-                    .offered_rate()
-                    .unwrap_or(run.metrics.throughput.offered_requests_per_s),
-                metrics: run.metrics,
-            })
+            Ok(sweep_point(point, run.metrics))
         })
         .collect();
     progress.finish();
@@ -541,6 +525,20 @@ fn run_scenario(
         .map(|p| p.metrics.clone())
         .unwrap_or_default();
     Ok(best)
+}
+
+/// A sweep point's row: its parameters, adapters and offered rate (the scenario's own, else
+/// the run's) beside the run's metrics.
+fn sweep_point(point: &slora_sim::scenario::SweepPointSpec, metrics: Metrics) -> SweepPoint {
+    SweepPoint {
+        parameters: point.parameters.clone(),
+        adapters: point.scenario.adapters.count,
+        offered_rate: point
+            .scenario
+            .offered_rate()
+            .unwrap_or(metrics.throughput.offered_requests_per_s),
+        metrics,
+    }
 }
 
 /// `007-adapters.count=100,workload.arrivals.rate=4`, made safe for a folder name.

@@ -2,18 +2,9 @@
 //! with a clear message and exit code, bad arguments are bad input (exit 2), and nothing is
 //! written. On a machine with a GPU and a `cuda` build these would run, so the tests skip there.
 
-use std::process::{Command, Output};
+mod common;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slora-plan"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{run, stderr};
 
 /// Whether this machine can run GPU commands (then the refusals below cannot be tested).
 fn gpu_available() -> bool {

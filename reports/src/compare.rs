@@ -398,7 +398,7 @@ impl Comparison {
         for w in &self.warnings {
             let _ = writeln!(out, "**Warning:** {w}\n");
         }
-        markdown_table(&mut out, &metrics_table(self));
+        markdown::table_body(&mut out, &metrics_table(self));
         let _ = writeln!(
             out,
             "Per-adapter TTFT p99: {}",
@@ -847,22 +847,6 @@ fn adapter_tables(cmp: &Comparison) -> (Table, Table) {
         }),
     };
     (summary, detail)
-}
-
-/// A plain Markdown table, for the terminal.
-fn markdown_table(out: &mut String, table: &Table) {
-    let cell = |s: &str| s.replace('|', "\\|");
-    let header: Vec<String> = table.header.iter().map(|h| cell(h)).collect();
-    let _ = writeln!(out, "| {} |", header.join(" | "));
-    let rule: Vec<&str> = (0..table.header.len())
-        .map(|i| if i == 0 { "---" } else { "---:" })
-        .collect();
-    let _ = writeln!(out, "| {} |", rule.join(" | "));
-    for row in &table.rows {
-        let cells: Vec<String> = row.iter().map(|c| cell(c)).collect();
-        let _ = writeln!(out, "| {} |", cells.join(" | "));
-    }
-    out.push('\n');
 }
 
 /// TTFT, TPOT and E2E (seconds) of a run's completed requests, TPOT without one-token outputs.

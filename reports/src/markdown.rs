@@ -21,6 +21,14 @@ fn cell(s: &str) -> String {
 
 fn table_md(out: &mut String, table: &Table) {
     let _ = writeln!(out, "### {}\n", text(&table.title));
+    table_body(out, table);
+    if let Some(note) = &table.note {
+        let _ = writeln!(out, "{}\n", text(note));
+    }
+}
+
+/// A table's header, rule and rows (no title or note), then a blank line.
+pub(crate) fn table_body(out: &mut String, table: &Table) {
     let header: Vec<String> = table.header.iter().map(|h| cell(h)).collect();
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let rule: Vec<&str> = (0..table.header.len())
@@ -32,9 +40,6 @@ fn table_md(out: &mut String, table: &Table) {
         let _ = writeln!(out, "| {} |", cells.join(" | "));
     }
     out.push('\n');
-    if let Some(note) = &table.note {
-        let _ = writeln!(out, "{}\n", text(note));
-    }
 }
 
 pub(crate) fn render(page: &Page) -> String {

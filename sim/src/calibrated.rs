@@ -40,8 +40,8 @@
 //! derived model: 0.05 µs), against the engine's 2.4-4.6 µs per iteration.
 
 use crate::cost::{
-    find_gpu, gemm_groups, lora_elems, AnalyticCost, BatchShape, CalibrationProfile, CostError,
-    CostModel, Efficiency, GpuSpec, Measured, Provenance, SmoothMax, StepCost,
+    check_targets, find_gpu, gemm_groups, lora_elems, AnalyticCost, BatchShape, CalibrationProfile,
+    CostError, CostModel, Efficiency, GpuSpec, Measured, Provenance, SmoothMax, StepCost,
 };
 use serde::Serialize;
 use slora_engine::plan::ContextHistogram;
@@ -344,28 +344,6 @@ fn shape_mismatches(profile: &ModelSpec, wanted: &ModelSpec) -> Vec<String> {
 /// `GPU, model, date` of a profile, for messages.
 fn profile_label(p: &CalibrationProfile) -> String {
     format!("{} x {}, {}", p.gpu_name, p.model.name, p.date)
-}
-
-fn check_targets(targets: &[TargetModule]) -> Result<(), CostError> {
-    if targets.is_empty() {
-        return Err(CostError::InvalidArgument {
-            field: "targets",
-            reason: "must name at least one adapted projection (S-LoRA adapts q_proj, k_proj, \
-                     v_proj, o_proj)"
-                .into(),
-        });
-    }
-    if let Some((i, m)) = targets
-        .iter()
-        .enumerate()
-        .find(|(i, m)| targets[..*i].contains(m))
-    {
-        return Err(CostError::InvalidArgument {
-            field: "targets",
-            reason: format!("lists {m} twice (entry {i})"),
-        });
-    }
-    Ok(())
 }
 
 fn join_targets(targets: &[TargetModule]) -> String {
