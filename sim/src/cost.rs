@@ -878,6 +878,29 @@ pub(crate) fn lora_elems(model: &ModelSpec, targets: &[TargetModule]) -> (f64, f
     (lora_in * layers, lora_out * layers)
 }
 
+/// The adapted projections of a cost model: at least one, none twice (both cost models).
+pub(crate) fn check_targets(targets: &[TargetModule]) -> Result<(), CostError> {
+    if targets.is_empty() {
+        return Err(CostError::InvalidArgument {
+            field: "targets",
+            reason: "must name at least one adapted projection (S-LoRA adapts q_proj, k_proj, \
+                     v_proj, o_proj)"
+                .into(),
+        });
+    }
+    if let Some((i, m)) = targets
+        .iter()
+        .enumerate()
+        .find(|(i, m)| targets[..*i].contains(m))
+    {
+        return Err(CostError::InvalidArgument {
+            field: "targets",
+            reason: format!("lists {m} twice (entry {i})"),
+        });
+    }
+    Ok(())
+}
+
 /// Roofline step costs from a GPU's datasheet numbers and [`Efficiency`] factors, for GPUs we
 /// cannot measure. Labelled [`Provenance::Derived`].
 ///
@@ -929,29 +952,6 @@ pub(crate) fn lora_elems(model: &ModelSpec, targets: &[TargetModule]) -> (f64, f
 ///   (a ring moves `2 (TP-1)/TP` of the buffer through every GPU), plus the gather of the
 ///   logits to one GPU, `l + (TP-1)/TP * S * vocab * dtype / B`. Nothing overlaps them.
 ///
-/// The adapted projections of a cost model: at least one, none twice (both cost models).
-pub(crate) fn check_targets(targets: &[TargetModule]) -> Result<(), CostError> {
-    if targets.is_empty() {
-        return Err(CostError::InvalidArgument {
-            field: "targets",
-            reason: "must name at least one adapted projection (S-LoRA adapts q_proj, k_proj, \
-                     v_proj, o_proj)"
-                .into(),
-        });
-    }
-    if let Some((i, m)) = targets
-        .iter()
-        .enumerate()
-        .find(|(i, m)| targets[..*i].contains(m))
-    {
-        return Err(CostError::InvalidArgument {
-            field: "targets",
-            reason: format!("lists {m} twice (entry {i})"),
-        });
-    }
-    Ok(())
-}
-
 /// The step time is non-decreasing in every `BatchShape` field. `step_cost` does a few dozen
 /// floating-point operations and at most four `powf`, allocates nothing.
 #[derive(Clone, Debug)]
