@@ -990,7 +990,7 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
-/// The inverse of [`days_from_civil`]: the proleptic Gregorian `(year, month, day)` of a day
+/// The inverse of `days_from_civil`: the proleptic Gregorian `(year, month, day)` of a day
 /// counted from 1970-01-01 (calibration profiles are dated with it).
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
