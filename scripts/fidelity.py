@@ -17,6 +17,11 @@ Per scenario:
 `--simulate-only` replaces step 2's live run by a second simulation (no GPU), to check the
 script anywhere. Writes OUT/summary.md and OUT/summary.json; prints the table.
 
+`--rerun RUNS` serves the live runs of an earlier run folder RUNS again (its
+`<scenario>/loadNN.yaml`: the same arrivals at the same rates, the same capacity.json) on
+this GPU, without simulating: OUT then holds fresh executed runs for `--resimulate OUT` with
+profiles measured beside them (live runs and calibration on one host).
+
 `--resimulate RUNS` re-runs only the simulations (no GPU) of an earlier run folder RUNS
 (OUT of an earlier call: its `<scenario>/loadNN.yaml` and `<scenario>/loadNN/executed/`),
 with this binary's cost model and `--profiles` (default: the profiles embedded in the
@@ -220,6 +225,64 @@ def capacity(binary, sc, work, profile, seconds):
     return lo, base_rate
 
 
+def rerun_text(args, yaml_path):
+    """An earlier run's scenario with this machine's trace path and no pinned profile."""
+    import re
+
+    with open(yaml_path) as f:
+        text = f.read()
+    text = re.sub(r"^gpu_profile: .*\n", "", text, flags=re.M)
+    trace = os.path.abspath(os.path.join(args.traces, TRACE))
+    return re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
+
+
+def rerun(args):
+    import glob
+    import shutil
+
+    jobs = []
+    for yaml_path in sorted(glob.glob(os.path.join(args.rerun, "*", "load*.yaml"))):
+        scenario = os.path.basename(os.path.dirname(yaml_path))
+        label = os.path.basename(yaml_path)[:-5]
+        wanted = f"{scenario}:{int(label[4:]) / 100:g}"
+        if args.runs and wanted not in args.runs.split(","):
+            continue
+        if args.only and scenario not in args.only.split(","):
+            continue
+        jobs.append((scenario, label, yaml_path))
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
+
+    def estimate(job):
+        scenario = job[0]
+        drain = 60 if scenario.startswith("azure") else 0
+        return args.seconds * 1.15 + (30 if "13b" in scenario else 18) + drain
+
+    def live(job, env):
+        scenario, label, yaml_path = job
+        work = os.path.join(args.out, scenario)
+        os.makedirs(work, exist_ok=True)
+        saved = os.path.join(os.path.dirname(yaml_path), "capacity.json")
+        if os.path.exists(saved):
+            shutil.copy(saved, os.path.join(work, "capacity.json"))
+        path = os.path.join(work, f"{label}.yaml")
+        with open(path, "w") as f:
+            f.write(rerun_text(args, yaml_path))
+        out = os.path.join(work, label)
+        started = time.monotonic()
+        code = run([args.bin, "simulate", path, "--execute", "--quiet", "--out", os.path.join(out, "executed")], env)
+        prune(out)
+        row = {"scenario": scenario, "run": label, "ok": code == 0, "gpu": env.get("CUDA_VISIBLE_DEVICES"),
+               "wall_s": round(time.monotonic() - started, 1)}
+        print(json.dumps(row), flush=True)
+        return row
+
+    rows, skipped = run_jobs(jobs, parse_gpus(args.gpus), live, deadline, estimate, args.busy_dir)
+    for job in skipped:
+        print(f"not run (deadline): {job[0]} {job[1]}", flush=True)
+    done = [r for r in rows if r is not None]
+    print(f"{sum(r['ok'] for r in done)} of {len(jobs)} runs served", flush=True)
+
+
 def resimulate(args):
     import glob
     import re
@@ -239,7 +302,9 @@ def resimulate(args):
         profile = None
         if args.profiles:
             profile = os.path.abspath(os.path.join(args.profiles, f"h200-{model}.json"))
-        text = re.sub(r"^gpu_profile: .*\n", f"gpu_profile: {profile}\n" if profile else "", text, flags=re.M)
+        text = re.sub(r"^gpu_profile: .*\n", "", text, flags=re.M)
+        if profile:
+            text = re.sub(r"^(gpu: .*\n)", f"\\1gpu_profile: {profile}\n", text, count=1, flags=re.M)
         trace = os.path.abspath(os.path.join(args.traces, TRACE))
         text = re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
         work = os.path.join(args.out, scenario)
@@ -290,10 +355,13 @@ def main():
     ap.add_argument("--gpus", help="GPU indices to run live runs on at once, e.g. 0,1,2,3 (default: one at a time, on the visible GPU)")
     ap.add_argument("--deadline-s", type=float, help="start no live run that would end later than this many seconds from now")
     ap.add_argument("--runs", help="only these runs, e.g. s2-n100:0.85,s2-n5:0.95 (instead of --only x --loads)")
+    ap.add_argument("--rerun", help="an earlier OUT folder: serve its live runs again (no simulation)")
     ap.add_argument("--busy-dir", help="while DIR/gpu<N>.busy exists, start nothing on GPU N")
     args = ap.parse_args()
     if args.resimulate:
         return resimulate(args)
+    if args.rerun:
+        return rerun(args)
     os.makedirs(args.out, exist_ok=True)
     loads = [float(x) for x in args.loads.split(",")]
     chosen = scenarios(args.traces)

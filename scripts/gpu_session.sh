@@ -14,7 +14,14 @@
 #   part c: the remaining fidelity runs, and part a's scenarios again at 85% load, with part
 #           b's profiles if still on its host (else Llama-7B calibrated first).
 #
-#   scripts/gpu_session.sh a|b|c BIN TRACES OUT [PROFILES]
+#   part d: GPUs 0-2 calibrate Llama-7B, Llama-13B and Llama-3-8B (one each, saving the raw
+#           measurements); GPU 3, and the others once free: the live runs of
+#           docs/fidelity/runs-3/host-2 served again (same arrivals), so the profiles and the
+#           live runs come from one host. `fidelity.py --resimulate` then compares them (no GPU).
+#   part e: the rest of part d's live runs; GPU 3 first serves the transformers + peft baseline
+#           at batch 64 (the size not measured before).
+#
+#   scripts/gpu_session.sh a|b|c|d|e BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
 set -u
 part=$1 bin=$2 traces=$3 out=$4 profiles=${5:-}
@@ -34,7 +41,49 @@ half_b=s4-llama13b-n100,gqa-llama3-8b-s2-n100,bursty-cv4-n1000
 # part c: the rest, and part a's scenarios again at 85% on the host whose profiles predict them.
 runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-zipf1.2-n2000:0.85,skewed-zipf1.2-n2000:0.95,s2-n100:0.85,s2-n5:0.85,s1-n5:0.85,s2-n2000:0.85,s1-n100:0.85,azure-conv-n500:0.85
 
-if [ "$part" = a ]; then
+rerun_from=${RERUN_FROM:-docs/fidelity/runs-3/host-2}
+
+if [ "$part" = d ]; then
+    for g in 0 1 2; do touch "$busy/gpu$g.busy"; done
+    models=(llama-7b llama-13b llama-3-8b)
+    for g in 0 1 2; do
+        (
+            export CUDA_VISIBLE_DEVICES=$g
+            timeout 400 "$bin" calibrate --model "${models[$g]}" --reps "${REPS:-5}" \
+                --out "$work/fid-d/profiles" >"$out/calibrate-${models[$g]}.log" 2>&1
+            rm -f "$busy/gpu$g.busy"
+        ) &
+    done
+    timeout $(($(left) - 15)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-d" --traces "$traces" \
+        --rerun "$rerun_from" --seconds "$seconds" --gpus 3,0,1,2 --busy-dir "$busy" \
+        --deadline-s $(($(left) - 25)) >"$out/rerun-d.log" 2>&1
+    wait
+    tar czf "$out/part-d.tgz" -C "$work" fid-d
+elif [ "$part" = e ]; then
+    # Only the runs part d did not serve.
+    todo=$(cd "$rerun_from" && for y in */load*.yaml; do
+        s=${y%%/*} l=${y##*/load}; l=${l%.yaml}
+        [ -f "$work/fid-d/$s/load$l/executed/metrics.json" ] || printf '%s:%s,' "$s" "$(python3 -c "print(f'{$l/100:g}')")"
+    done)
+    echo "part e runs: $todo" >"$out/rerun-e.log"
+    if [ "${PEFT:-1}" = 1 ]; then
+        touch "$busy/gpu3.busy"
+        (
+            export CUDA_VISIBLE_DEVICES=3
+            timeout $(($(left) - 20)) python3 scripts/peft_baseline.py --out "$work/peft-e" --batch-sizes 64 \
+                --per-batch-size-s 450 --deadline-s $(($(left) - 60)) --hard-deadline-s $(($(left) - 30)) >"$out/peft.log" 2>&1
+            rm -f "$busy/gpu3.busy"
+        ) &
+    fi
+    if [ -n "$todo" ]; then
+        timeout $(($(left) - 15)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-d" --traces "$traces" \
+            --rerun "$rerun_from" --runs "${todo%,}" --seconds "$seconds" --gpus 0,1,2,3 --busy-dir "$busy" \
+            --deadline-s $(($(left) - 40)) >>"$out/rerun-e.log" 2>&1
+    fi
+    wait
+    cp -r "$work/peft-e" "$work/fid-d/peft-e" 2>/dev/null
+    tar czf "$out/part-e.tgz" -C "$work" fid-d
+elif [ "$part" = a ]; then
     touch "$busy/gpu0.busy" "$busy/gpu1.busy"
     (
         export CUDA_VISIBLE_DEVICES=0

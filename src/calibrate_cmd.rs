@@ -1,29 +1,55 @@
 //! `slora-plan calibrate`: times the GPU executor's own operations (`slora_kernels::calibrate`)
-//! and writes them as a calibration profile for the simulator, with its report (grid sizes and
-//! the leave-one-out accuracy of interpolating it).
+//! and writes them as a calibration profile for the simulator, with its report (grid sizes,
+//! the leave-one-out accuracy of interpolating it, and the fit against whole steps).
+//!
+//! The measurement itself (`<gpu>-<model>.raw.json`) is saved beside the profile, and
+//! `--refit` derives the profile again from it without a GPU: the fitting below is plain
+//! arithmetic on measured numbers.
+//!
+//! # From measurements to a profile
+//!
+//! The grids are GPU times of each phase between CUDA events. Events take launch slots and
+//! serialise the phases, so a sum of event-timed phases overstates a step by a few percent
+//! (more where a phase is a few microseconds per layer). Three fits against whole steps, timed
+//! on the host as the executor runs them without events, take that out:
+//!
+//! 1. **LoRA**: every point of the LoRA grids is scaled so that shrink + expand equal what
+//!    adapters add to the whole step (the step with adapters minus the same step without),
+//!    keeping the phases' split between shrink and expand.
+//! 2. **Decode residual**: whole decode steps (no adapters) over the decode grid, measured
+//!    minus predicted, by batch size (median over contexts): `decode_step_residual`.
+//! 3. **Prompt residual**: whole steps with one prompt beside 0, 32 and 128 decode rows with
+//!    adapters, first choosing the base GEMMs' token quantum that predicts them best, then
+//!    measured minus predicted (with 1 and 2 applied) by prompt size: `prefill_step_residual`.
 
-#[cfg(feature = "cuda")]
+use slora_kernels::measurement::{Calibration, Stat, MIXED_CONTEXT};
 use slora_sim::cost::{
     CalibrationProfile, DecodeAttentionPoint, LoraPoint, Measured, PrefillAttentionPoint,
-    TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
+    ResidualPoint, TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
 };
-use std::path::PathBuf;
+use slora_sim::CostModel;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct CalibrateArgs {
     /// Model presets to calibrate (synthetic weights of their shapes).
     #[arg(long = "model", default_value = "llama-7b")]
     pub models: Vec<String>,
-    /// Output folder for `<gpu>-<model>.json` and `.md`.
+    /// Output folder for `<gpu>-<model>.json`, `.md` and `.raw.json` (the measurements).
     #[arg(long, default_value = "profiles")]
     pub out: PathBuf,
     /// Timed repetitions per grid point.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Measure nothing: derive the profiles again from these saved measurements
+    /// (`<gpu>-<model>.raw.json` of an earlier run). Needs no GPU.
+    #[arg(long, num_args = 1.., conflicts_with = "models")]
+    pub refit: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // only a GPU build measures and writes
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // only a GPU build measures
 pub enum CalibrateError {
     #[error("calibrate: {0}")]
     BadInput(String),
@@ -34,6 +60,8 @@ pub enum CalibrateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("calibrate: reading {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
     #[error("calibrate: the measured profile is not valid: {0}")]
     Invalid(String),
 }
@@ -41,14 +69,13 @@ pub enum CalibrateError {
 impl CalibrateError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            CalibrateError::BadInput(_) => 2,
+            CalibrateError::BadInput(_) | CalibrateError::Read { .. } => 2,
             _ => 1,
         }
     }
 }
 
-#[cfg(feature = "cuda")]
-fn measured(s: &slora_kernels::calibrate::Stat) -> Measured {
+fn measured(s: &Stat) -> Measured {
     // A phase too short for the events' resolution reads 0: keep the format's "positive"
     // rule by flooring at one nanosecond.
     let floor = |x: f64| x.max(1e-9);
@@ -60,7 +87,6 @@ fn measured(s: &slora_kernels::calibrate::Stat) -> Measured {
     }
 }
 
-#[cfg(feature = "cuda")]
 /// The catalogue key of a GPU the driver names (`NVIDIA H200` → `h200`), if any.
 fn catalogue_key(name: &str) -> Option<String> {
     let lower = name.to_lowercase();
@@ -76,50 +102,97 @@ fn catalogue_key(name: &str) -> Option<String> {
     best.map(|g| g.key.to_string())
 }
 
-/// A LoRA grid `(tokens, adapters, rank, time)` in the profile format.
-#[cfg(feature = "cuda")]
-fn lora_points(points: &[(u32, u32, u32, slora_kernels::calibrate::Stat)]) -> Vec<LoraPoint> {
+/// A LoRA grid `(tokens, adapters, rank, time)` in the profile format, each time multiplied
+/// by its point's factor.
+fn lora_points(points: &[(u32, u32, u32, Stat)], factor: &[f64]) -> Vec<LoraPoint> {
     points
         .iter()
-        .map(|(tokens, adapters, rank, s)| LoraPoint {
+        .zip(factor)
+        .map(|((tokens, adapters, rank, s), k)| LoraPoint {
             tokens: *tokens,
             adapters: *adapters,
             rank: *rank,
-            time: measured(s),
+            time: measured(&Stat {
+                median_s: s.median_s * k,
+                p10_s: s.p10_s * k,
+                p90_s: s.p90_s * k,
+                samples: s.samples,
+            }),
         })
         .collect()
 }
 
-/// Converts a measurement into the simulator's profile format.
-#[cfg(feature = "cuda")]
-pub fn to_profile(c: &slora_kernels::calibrate::Calibration, date: &str) -> CalibrationProfile {
-    CalibrationProfile {
+/// Whole-step factors of one LoRA grid: per point, (step with adapters − step without) /
+/// (shrink + expand), or 1 where the whole steps were not measured (older measurements).
+/// Bounded to `[0.05, 2]`: the difference of two noisy step times must not zero a part or
+/// blow it up.
+fn lora_factors(
+    shrink: &[(u32, u32, u32, Stat)],
+    expand: &[(u32, u32, u32, Stat)],
+    with: &[(u32, u32, u32, Stat)],
+    without: impl Fn(u32, u32) -> Option<f64>,
+) -> Vec<f64> {
+    shrink
+        .iter()
+        .zip(expand)
+        .map(|(s, e)| {
+            let whole = with
+                .iter()
+                .find(|w| (w.0, w.1, w.2) == (s.0, s.1, s.2))
+                .map(|w| w.3.median_s);
+            let phases = s.3.median_s + e.3.median_s;
+            match (whole, without(s.0, s.1)) {
+                (Some(w), Some(base)) if phases > 0.0 => ((w - base) / phases).clamp(0.05, 2.0),
+                _ => 1.0,
+            }
+        })
+        .collect()
+}
+
+/// The raw measurement as a profile, LoRA scaled to whole steps (fit 1 of the module
+/// documentation), without the residuals.
+fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
+    let tokens = |points: &[(u32, Stat)]| {
+        points
+            .iter()
+            .map(|(t, s)| TokensPoint {
+                tokens: *t,
+                time: measured(s),
+            })
+            .collect()
+    };
+    let decode_base = |t: u32, _| {
+        c.lora_base_steps
+            .iter()
+            .find(|b| b.0 == t)
+            .map(|b| b.1.median_s)
+    };
+    let prefill_base = |t: u32, s: u32| {
+        c.lora_prefill_base_steps
+            .iter()
+            .find(|b| (b.0, b.1) == (t, s))
+            .map(|b| b.2.median_s)
+    };
+    let decode = lora_factors(&c.lora_shrink, &c.lora_expand, &c.lora_steps, decode_base);
+    let prefill = lora_factors(
+        &c.lora_prefill_shrink,
+        &c.lora_prefill_expand,
+        &c.lora_prefill_steps,
+        prefill_base,
+    );
+    let profile = CalibrationProfile {
         format_version: PROFILE_FORMAT_VERSION,
         gpu_name: c.gpu_name.clone(),
         gpu_key: catalogue_key(&c.gpu_name),
         gpu_memory_bytes: c.gpu_memory_bytes,
         driver_version: c.driver_version.clone(),
         cuda_version: c.cuda_version.clone(),
-        date: date.to_string(),
+        date: c.date.clone(),
         model: c.model.clone(),
         tensor_parallel: 1,
         lora_targets: c.lora_targets.clone(),
-        base_gemm: c
-            .base_gemm
-            .iter()
-            .map(|(t, s)| TokensPoint {
-                tokens: *t,
-                time: measured(s),
-            })
-            .collect(),
-        lm_head: c
-            .lm_head
-            .iter()
-            .map(|(t, s)| TokensPoint {
-                tokens: *t,
-                time: measured(s),
-            })
-            .collect(),
+        base_gemm: tokens(&c.base_gemm),
+        lm_head: tokens(&c.lm_head),
         attention_prefill: c
             .attention_prefill
             .iter()
@@ -138,10 +211,10 @@ pub fn to_profile(c: &slora_kernels::calibrate::Calibration, date: &str) -> Cali
                 time: measured(s),
             })
             .collect(),
-        lora_shrink: lora_points(&c.lora_shrink),
-        lora_expand: lora_points(&c.lora_expand),
-        lora_prefill_shrink: lora_points(&c.lora_prefill_shrink),
-        lora_prefill_expand: lora_points(&c.lora_prefill_expand),
+        lora_shrink: lora_points(&c.lora_shrink, &decode),
+        lora_expand: lora_points(&c.lora_expand, &decode),
+        lora_prefill_shrink: lora_points(&c.lora_prefill_shrink, &prefill),
+        lora_prefill_expand: lora_points(&c.lora_prefill_expand, &prefill),
         host_to_device: c
             .host_to_device
             .iter()
@@ -154,13 +227,90 @@ pub fn to_profile(c: &slora_kernels::calibrate::Calibration, date: &str) -> Cali
         sampling_per_token: measured(&c.sampling_per_token),
         prefill_step_overhead: None,
         base_gemm_token_quantum: None,
+        decode_step_residual: Vec::new(),
+        prefill_step_residual: Vec::new(),
+    };
+    let fit = LoraFit {
+        decode: c
+            .lora_shrink
+            .iter()
+            .map(|p| (p.0, p.2))
+            .zip(decode)
+            .collect(),
+        prefill: c
+            .lora_prefill_shrink
+            .iter()
+            .map(|p| (p.0, p.2))
+            .zip(prefill)
+            .collect(),
+    };
+    (profile, fit)
+}
+
+/// The LoRA factors of [`to_profile`], by `(tokens, rank)` of each point, for the report.
+struct LoraFit {
+    decode: Vec<((u32, u32), f64)>,
+    prefill: Vec<((u32, u32), f64)>,
+}
+
+impl LoraFit {
+    fn report(&self) -> String {
+        let mut lines = vec![
+            String::new(),
+            String::new(),
+            "## LoRA: event-timed phases against whole steps".into(),
+            String::new(),
+            "Each LoRA point is scaled by (the whole step with adapters − the same step without) / (shrink + expand timed between events). The factor's median per rank over the grid's adapter counts and token counts:".into(),
+            String::new(),
+        ];
+        for (what, points) in [
+            ("decode rows (MBGMV)", &self.decode),
+            ("prompt segments (MBGMM)", &self.prefill),
+        ] {
+            let mut by_rank: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+            for ((_, rank), k) in points.iter() {
+                by_rank.entry(*rank).or_default().push(*k);
+            }
+            if by_rank.is_empty() {
+                continue;
+            }
+            let cells: Vec<String> = by_rank
+                .into_iter()
+                .map(|(rank, mut v)| {
+                    v.sort_by(|a, b| a.total_cmp(b));
+                    format!(
+                        "rank {rank}: {:.2} ({:.2}–{:.2})",
+                        v[v.len() / 2],
+                        v[0],
+                        v[v.len() - 1]
+                    )
+                })
+                .collect();
+            lines.push(format!("- {what}: {}", cells.join("; ")));
+        }
+        lines.join("\n")
+    }
+}
+
+/// The shape of one of `Calibration::decode_steps`: `batch` requests reading `context` cached
+/// rows and the new one.
+fn decode_shape(batch: u32, context: u32) -> slora_sim::BatchShape {
+    let mut hist = slora_engine::ContextHistogram::default();
+    for _ in 0..batch {
+        hist.add(context + 1);
+    }
+    slora_sim::BatchShape {
+        decode_requests: batch,
+        decode_context_tokens: batch as u64 * (context as u64 + 1),
+        max_decode_context: context + 1,
+        decode_context_histogram: hist,
+        ..Default::default()
     }
 }
 
 /// The shape of a whole step of `Calibration::mixed_steps`.
-#[cfg(feature = "cuda")]
 fn mixed_shape(tokens: u32, batch: u32, rank: u32, adapters: u32) -> slora_sim::BatchShape {
-    let context = slora_kernels::calibrate::MIXED_CONTEXT + 1;
+    let context = MIXED_CONTEXT + 1;
     let mut hist = slora_engine::ContextHistogram::default();
     for _ in 0..batch {
         hist.add(context);
@@ -186,107 +336,199 @@ fn mixed_shape(tokens: u32, batch: u32, rank: u32, adapters: u32) -> slora_sim::
     }
 }
 
-/// Fits `prefill_step_overhead` on the whole steps with a prompt (measured minus the parts'
-/// prediction, median, at least zero) and returns the check table, before and after.
-#[cfg(feature = "cuda")]
-fn fit_prefill_overhead(
-    c: &slora_kernels::calibrate::Calibration,
-    profile: &mut CalibrationProfile,
-    adapters: u32,
-) -> Result<String, CalibrateError> {
-    use slora_sim::CostModel;
-    let predict = |profile: &CalibrationProfile| -> Result<Vec<f64>, CalibrateError> {
-        let cost = slora_sim::CalibratedCost::new(
-            profile,
-            &c.model,
-            1,
-            &slora_engine::TargetModule::ATTENTION,
-        )
-        .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
-        Ok(c.mixed_steps
-            .iter()
-            .map(|(t, b, _)| {
-                cost.step_cost(&mixed_shape(*t, *b, c.mixed_rank, adapters))
-                    .total()
-                    .as_secs_f64()
-            })
-            .collect())
-    };
-    if c.mixed_steps.is_empty() {
-        return Ok(String::new());
+/// What `profile` predicts for each shape, seconds.
+fn predict(
+    c: &Calibration,
+    profile: &CalibrationProfile,
+    shapes: &[slora_sim::BatchShape],
+) -> Result<Vec<f64>, CalibrateError> {
+    let cost = slora_sim::CalibratedCost::new(
+        profile,
+        &c.model,
+        1,
+        &slora_engine::TargetModule::ATTENTION,
+    )
+    .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
+    Ok(shapes
+        .iter()
+        .map(|s| cost.step_cost(s).total().as_secs_f64())
+        .collect())
+}
+
+/// Residual points from `(size, measured − predicted)` pairs: per size, the median, the
+/// smallest and the largest.
+fn residuals(pairs: impl Iterator<Item = (u32, f64)>) -> Vec<ResidualPoint> {
+    let mut by_size: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+    for (size, r) in pairs {
+        by_size.entry(size).or_default().push(r);
     }
-    // The base GEMMs' token quantum: the one whose parts best predict these whole steps.
+    by_size
+        .into_iter()
+        .map(|(tokens, mut v)| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            // The median of an even count: the mean of the middle two.
+            let n = v.len();
+            let median = if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                0.5 * (v[n / 2 - 1] + v[n / 2])
+            };
+            ResidualPoint {
+                tokens,
+                median_s: median,
+                min_s: v[0],
+                max_s: v[n - 1],
+            }
+        })
+        .collect()
+}
+
+/// A table of whole steps, measured against the prediction before and after a fit, and the
+/// median absolute error of both.
+fn check_table(
+    title: &str,
+    about: &str,
+    header: [&str; 2],
+    rows: &[(u32, u32, f64)],
+    before: &[f64],
+    after: &[f64],
+) -> String {
+    let mut lines = vec![
+        String::new(),
+        String::new(),
+        format!("## {title}"),
+        String::new(),
+        about.to_string(),
+        String::new(),
+        format!(
+            "| {} | {} | measured (ms) | parts (ms) | error | fitted (ms) | error |",
+            header[0], header[1]
+        ),
+        "|---|---|---|---|---|---|---|".into(),
+    ];
+    let mut errors = [Vec::new(), Vec::new()];
+    for (((a, b, m), p0), p1) in rows.iter().zip(before).zip(after) {
+        let (e0, e1) = (p0 / m - 1.0, p1 / m - 1.0);
+        errors[0].push(e0.abs());
+        errors[1].push(e1.abs());
+        lines.push(format!(
+            "| {a} | {b} | {:.3} | {:.3} | {:+.1}% | {:.3} | {:+.1}% |",
+            m * 1e3,
+            p0 * 1e3,
+            e0 * 100.0,
+            p1 * 1e3,
+            e1 * 100.0
+        ));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0) * 100.0
+    };
+    let (m0, m1) = (median(&mut errors[0]), median(&mut errors[1]));
+    lines.push(String::new());
+    lines.push(format!(
+        "Median absolute error over {} steps: {m0:.1}% from the parts, {m1:.1}% fitted.",
+        rows.len()
+    ));
+    lines.join("\n")
+}
+
+/// Fits 2 and 3 of the module documentation into `profile`; returns their report sections.
+fn fit_residuals(
+    c: &Calibration,
+    profile: &mut CalibrationProfile,
+) -> Result<String, CalibrateError> {
+    let mut report = String::new();
+    // 2. Decode steps.
+    let decode_rows: Vec<(u32, u32, f64)> = c
+        .decode_steps
+        .iter()
+        .map(|(b, x, s)| (*b, *x, s.median_s))
+        .collect();
+    if !decode_rows.is_empty() {
+        let shapes: Vec<_> = decode_rows.iter().map(|r| decode_shape(r.0, r.1)).collect();
+        let before = predict(c, profile, &shapes)?;
+        profile.decode_step_residual =
+            residuals(decode_rows.iter().zip(&before).map(|(r, p)| (r.0, r.2 - p)));
+        let after = predict(c, profile, &shapes)?;
+        report.push_str(&check_table(
+            "Whole decode steps: measured vs the parts",
+            "Host-timed steps as the executor runs them (no events, no adapters). `decode_step_residual` = measured − parts per batch size, the median over contexts (in-sample: this is the fit, not a test of it).",
+            ["batch", "context"],
+            &decode_rows,
+            &before,
+            &after,
+        ));
+    }
+    // 3. Steps with a prompt.
+    if c.mixed_steps.is_empty() {
+        return Ok(report);
+    }
+    let rows: Vec<(u32, u32, f64)> = c
+        .mixed_steps
+        .iter()
+        .map(|(t, b, s)| (*t, *b, s.median_s))
+        .collect();
+    let shapes: Vec<_> = rows
+        .iter()
+        .map(|r| mixed_shape(r.0, r.1, c.mixed_rank, c.mixed_adapters))
+        .collect();
     let mean_error = |pred: &[f64]| -> f64 {
-        c.mixed_steps
-            .iter()
+        rows.iter()
             .zip(pred)
-            .map(|((_, _, s), p)| (p / s.median_s - 1.0).abs())
+            .map(|(r, p)| (p / r.2 - 1.0).abs())
             .sum::<f64>()
             / pred.len() as f64
     };
+    // The base GEMMs' token quantum: the one whose parts best predict these whole steps.
     let mut quanta = Vec::new();
     for q in [None, Some(64u32), Some(128), Some(256)] {
         profile.base_gemm_token_quantum = q;
-        quanta.push((q, mean_error(&predict(profile)?)));
+        quanta.push((q, mean_error(&predict(c, profile, &shapes)?)));
     }
     let best = quanta
         .iter()
         .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|q| q.0)
-        .unwrap_or(None);
+        .and_then(|q| q.0);
     profile.base_gemm_token_quantum = best;
-    let before = predict(profile)?;
-    let mut residuals: Vec<f64> = c
-        .mixed_steps
-        .iter()
-        .zip(&before)
-        .map(|((_, _, s), p)| s.median_s - p)
-        .collect();
-    residuals.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| residuals[((residuals.len() - 1) as f64 * p).round() as usize].max(1e-9);
-    profile.prefill_step_overhead = Some(Measured {
-        median_s: q(0.5),
-        p10_s: q(0.1).min(q(0.5)),
-        p90_s: q(0.9).max(q(0.5)),
-        samples: residuals.len() as u32,
-    });
-    let after = predict(profile)?;
-    let mut lines = vec![
-        String::new(),
-        String::new(),
-        "## Whole steps with a prompt: measured vs the parts".into(),
-        String::new(),
-        format!(
-            "One prompt (context 0) beside decode rows at context {}, adapters of rank {}; host-timed as the executor runs them. Mean absolute error of the parts by base-GEMM token quantum: {}; chosen: {}. `prefill_step_overhead` = the median of measured − parts = {:.0} µs.",
-            slora_kernels::calibrate::MIXED_CONTEXT + 1,
+    let before = predict(c, profile, &shapes)?;
+    profile.prefill_step_residual =
+        residuals(rows.iter().zip(&before).map(|(r, p)| (r.0, r.2 - p)));
+    let after = predict(c, profile, &shapes)?;
+    let name = |q: Option<u32>| q.map_or("none".to_string(), |q| q.to_string());
+    report.push_str(&check_table(
+        "Whole steps with a prompt: measured vs the parts",
+        &format!(
+            "One prompt (context 0) beside decode rows at context {}, adapters of rank {} ({} distinct at most); host-timed as the executor runs them. Mean absolute error of the parts by base-GEMM token quantum: {}; chosen: {}. `prefill_step_residual` = measured − parts (with the decode residual) per prompt size, the median over the decode rows beside it (in-sample).",
+            MIXED_CONTEXT + 1,
             c.mixed_rank,
+            c.mixed_adapters,
             quanta
                 .iter()
-                .map(|(q, e)| format!(
-                    "{} {:.1}%",
-                    q.map_or("none".to_string(), |q| q.to_string()),
-                    e * 100.0
-                ))
+                .map(|(q, e)| format!("{} {:.1}%", name(*q), e * 100.0))
                 .collect::<Vec<_>>()
                 .join(", "),
-            best.map_or("none".to_string(), |q| q.to_string()),
-            q(0.5) * 1e6
+            name(best),
         ),
-        String::new(),
-        "| prompt tokens | decode rows | measured (ms) | parts (ms) | error | with the overhead (ms) | error |".into(),
-        "|---|---|---|---|---|---|---|".into(),
-    ];
-    for (((t, b, s), p0), p1) in c.mixed_steps.iter().zip(&before).zip(&after) {
-        lines.push(format!(
-            "| {t} | {b} | {:.3} | {:.3} | {:+.1}% | {:.3} | {:+.1}% |",
-            s.median_s * 1e3,
-            p0 * 1e3,
-            (p0 / s.median_s - 1.0) * 100.0,
-            p1 * 1e3,
-            (p1 / s.median_s - 1.0) * 100.0
-        ));
-    }
-    Ok(lines.join("\n"))
+        ["prompt tokens", "decode rows"],
+        &rows,
+        &before,
+        &after,
+    ));
+    Ok(report)
+}
+
+/// The profile of a measurement and its report (Markdown).
+pub fn derive(c: &Calibration) -> Result<(CalibrationProfile, String), CalibrateError> {
+    let (mut profile, lora) = to_profile(c);
+    let fits = fit_residuals(c, &mut profile)?;
+    profile
+        .validate(Path::new("(measured)"))
+        .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
+    let mut report = slora_sim::calibrated::profile_report(&profile);
+    report.push_str(&lora.report());
+    report.push_str(&fits);
+    Ok((profile, report))
 }
 
 /// Today's date, ISO 8601, from the system clock (UTC).
@@ -298,65 +540,6 @@ pub fn today() -> String {
         .unwrap_or(0);
     let (y, m, d) = slora_sim::workload::civil_from_days((secs / 86_400) as i64);
     format!("{y:04}-{m:02}-{d:02}")
-}
-
-#[cfg(feature = "cuda")]
-/// How well the profile's own sum of parts predicts whole decode steps measured beside it.
-fn step_check(
-    c: &slora_kernels::calibrate::Calibration,
-    profile: &CalibrationProfile,
-) -> Result<String, CalibrateError> {
-    let cost = slora_sim::CalibratedCost::new(
-        profile,
-        &c.model,
-        1,
-        &slora_engine::TargetModule::ATTENTION,
-    )
-    .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
-    use slora_sim::CostModel;
-    let mut lines = vec![
-        String::new(),
-        "## Whole decode steps: measured vs the profile's prediction".into(),
-        String::new(),
-        "Host-timed steps as the executor runs them (no events), no adapters; the prediction is `CalibratedCost` on the same shape.".into(),
-        String::new(),
-        "| batch | context | measured (ms) | predicted (ms) | error |".into(),
-        "|---|---|---|---|---|".into(),
-    ];
-    let mut errors = Vec::new();
-    for (batch, context, stat) in &c.decode_steps {
-        let mut hist = slora_engine::ContextHistogram::default();
-        for _ in 0..*batch {
-            hist.add(context + 1);
-        }
-        let shape = slora_sim::BatchShape {
-            decode_requests: *batch,
-            decode_context_tokens: *batch as u64 * (*context as u64 + 1),
-            max_decode_context: context + 1,
-            decode_context_histogram: hist,
-            ..Default::default()
-        };
-        let predicted = cost.step_cost(&shape).total().as_secs_f64();
-        let err = predicted / stat.median_s - 1.0;
-        errors.push(err.abs());
-        lines.push(format!(
-            "| {batch} | {context} | {:.3} | {:.3} | {:+.1}% |",
-            stat.median_s * 1e3,
-            predicted * 1e3,
-            err * 100.0
-        ));
-    }
-    errors.sort_by(|a, b| a.total_cmp(b));
-    if let Some(max) = errors.last() {
-        lines.push(String::new());
-        lines.push(format!(
-            "Median absolute error {:.1}%, largest {:.1}% over {} steps.",
-            errors[errors.len() / 2] * 100.0,
-            max * 100.0,
-            errors.len()
-        ));
-    }
-    Ok(lines.join("\n"))
 }
 
 /// The presets named by `--model`, checked (bad input exits 2 with or without a GPU).
@@ -378,20 +561,98 @@ fn models(args: &CalibrateArgs) -> Result<Vec<slora_engine::ModelSpec>, Calibrat
     Ok(models)
 }
 
+/// Reads a saved measurement; errors name the file and what is wrong with it.
+fn read_raw(path: &Path) -> Result<Calibration, CalibrateError> {
+    let bad = |reason: String| CalibrateError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let c: Calibration = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    c.model.validate().map_err(|e| bad(format!("model: {e}")))?;
+    if c.date.is_empty() {
+        return Err(bad("date: missing (the measurement's date)".into()));
+    }
+    Ok(c)
+}
+
+/// Writes `<stem>.json`, `.md` and `.raw.json` for one measurement into `out`; returns the
+/// report.
+fn write(c: &Calibration, out: &Path, footer: &str) -> Result<String, CalibrateError> {
+    let (profile, mut report) = derive(c)?;
+    report.push_str(footer);
+    let stem = format!(
+        "{}-{}",
+        profile
+            .gpu_key
+            .clone()
+            .unwrap_or_else(|| c.gpu_name.to_lowercase().replace(' ', "-")),
+        c.model.name
+    );
+    std::fs::create_dir_all(out).map_err(|source| CalibrateError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let files = [
+        (
+            out.join(format!("{stem}.json")),
+            serde_json::to_string_pretty(&profile).expect("profiles serialize"),
+        ),
+        (out.join(format!("{stem}.md")), report.clone()),
+        (
+            out.join(format!("{stem}.raw.json")),
+            serde_json::to_string(c).expect("measurements serialize"),
+        ),
+    ];
+    for (path, text) in &files {
+        // A refit may read and write the same raw file: same content, written last.
+        std::fs::write(path, text).map_err(|source| CalibrateError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    report.push_str(&format!(
+        "\nwrote {}, {} and {}\n",
+        files[0].0.display(),
+        files[1].0.display(),
+        files[2].0.display()
+    ));
+    Ok(report)
+}
+
+/// `--refit`: every file is read and checked before anything is written.
+fn refit(args: &CalibrateArgs) -> Result<(), CalibrateError> {
+    let measurements = args
+        .refit
+        .iter()
+        .map(|p| read_raw(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (c, path) in measurements.iter().zip(&args.refit) {
+        let footer = format!(
+            "\n\nDerived with `slora-plan calibrate --refit {}` from the measurement of {}.\n",
+            path.display(),
+            c.date
+        );
+        println!("{}", write(c, &args.out, &footer)?);
+    }
+    Ok(())
+}
+
 #[cfg(not(feature = "cuda"))]
 pub fn run(args: &CalibrateArgs) -> Result<(), CalibrateError> {
+    if !args.refit.is_empty() {
+        return refit(args);
+    }
     models(args)?;
     Err(CalibrateError::Gpu(slora_kernels::Error::CudaNotCompiled))
 }
 
 #[cfg(feature = "cuda")]
 pub fn run(args: &CalibrateArgs) -> Result<(), CalibrateError> {
-    use std::path::Path;
+    if !args.refit.is_empty() {
+        return refit(args);
+    }
     let models = models(args)?;
-    std::fs::create_dir_all(&args.out).map_err(|source| CalibrateError::Write {
-        path: args.out.clone(),
-        source,
-    })?;
     let grid = slora_kernels::calibrate::Grid {
         reps: args.reps,
         ..Default::default()
@@ -399,43 +660,236 @@ pub fn run(args: &CalibrateArgs) -> Result<(), CalibrateError> {
     for model in &models {
         let started = std::time::Instant::now();
         let progress = |what: &str| eprintln!("calibrate {}: {what}", model.name);
-        let c = slora_kernels::calibrate::calibrate(model, &grid, &progress)?;
-        let mut profile = to_profile(&c, &today());
-        let adapters = grid.lora_adapters.iter().copied().max().unwrap_or(1);
-        let mixed = fit_prefill_overhead(&c, &mut profile, adapters)?;
-        profile
-            .validate(Path::new("(measured)"))
-            .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
-        let stem = format!(
-            "{}-{}",
-            profile
-                .gpu_key
-                .clone()
-                .unwrap_or_else(|| c.gpu_name.to_lowercase().replace(' ', "-")),
-            model.name
-        );
-        let json = args.out.join(format!("{stem}.json"));
-        let text = serde_json::to_string_pretty(&profile).expect("profiles serialize");
-        std::fs::write(&json, text).map_err(|source| CalibrateError::Write {
-            path: json.clone(),
-            source,
-        })?;
-        let mut report = slora_sim::calibrated::profile_report(&profile);
-        report.push_str(&step_check(&c, &profile)?);
-        report.push_str(&mixed);
-        report.push_str(&format!(
+        let mut c = slora_kernels::calibrate::calibrate(model, &grid, &progress)?;
+        c.date = today();
+        let footer = format!(
             "\n\nMeasured in {:.0} s with `slora-plan calibrate --model {} --reps {}`.\n",
             started.elapsed().as_secs_f64(),
             model.name,
             args.reps
-        ));
-        let md = args.out.join(format!("{stem}.md"));
-        std::fs::write(&md, &report).map_err(|source| CalibrateError::Write {
-            path: md.clone(),
-            source,
-        })?;
-        println!("{report}");
-        println!("wrote {} and {}", json.display(), md.display());
+        );
+        println!("{}", write(&c, &args.out, &footer)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(s: f64) -> Stat {
+        Stat {
+            median_s: s,
+            p10_s: s * 0.98,
+            p90_s: s * 1.03,
+            samples: 5,
+        }
+    }
+
+    /// A measurement with affine kernel times and no whole steps yet.
+    fn measurement() -> Calibration {
+        let tokens = [1u32, 8, 32, 64, 128, 256, 512, 1024, 2048];
+        let lora = |per_token: f64| {
+            let mut v = Vec::new();
+            for t in [16u32, 64, 256] {
+                for a in [1u32, 4, 16] {
+                    for r in [8u32, 64] {
+                        let s = 1e-4 + per_token * t as f64 * r as f64 + 1e-6 * a as f64;
+                        v.push((t, a, r, stat(s)));
+                    }
+                }
+            }
+            v
+        };
+        let lora_prefill = |per_token: f64| {
+            let mut v = Vec::new();
+            for t in [16u32, 256, 1024] {
+                for a in [1u32, 4, 16] {
+                    for r in [8u32, 64] {
+                        let s = 2e-4 + per_token * t as f64 * r as f64 + 1e-6 * a as f64;
+                        v.push((t, a, r, stat(s)));
+                    }
+                }
+            }
+            v
+        };
+        let mut attention_prefill = Vec::new();
+        for t in [16u32, 64, 256, 1024, 2048] {
+            for x in [0u32, 512] {
+                let pairs = t as f64 * x as f64 + (t * (t + 1) / 2) as f64;
+                attention_prefill.push((t, x, stat(1e-4 + 1e-10 * pairs)));
+            }
+        }
+        let mut attention_decode = Vec::new();
+        for b in [1u32, 8, 32, 128, 256] {
+            for x in [64u32, 512, 2048] {
+                attention_decode.push((b, x, stat(5e-5 + 1e-9 * b as f64 * x as f64)));
+            }
+        }
+        Calibration {
+            date: "2026-11-28".into(),
+            gpu_name: "NVIDIA H200".into(),
+            gpu_memory_bytes: 150_000_000_000,
+            driver_version: "580.1".into(),
+            cuda_version: "13.0".into(),
+            model: slora_engine::ModelSpec::preset("llama-7b").unwrap(),
+            lora_targets: slora_engine::TargetModule::ATTENTION.to_vec(),
+            base_gemm: tokens
+                .iter()
+                .map(|&t| (t, stat(4e-3 + 1e-5 * t as f64)))
+                .collect(),
+            lm_head: tokens
+                .iter()
+                .map(|&t| (t, stat(2e-4 + 1e-7 * t as f64)))
+                .collect(),
+            attention_prefill,
+            attention_decode,
+            lora_shrink: lora(2e-8),
+            lora_expand: lora(3e-8),
+            lora_prefill_shrink: lora_prefill(1e-8),
+            lora_prefill_expand: lora_prefill(1e-8),
+            host_to_device: vec![(1_000_000, stat(1e-4)), (100_000_000, stat(5e-3))],
+            fixed_overhead: stat(1e-9),
+            sampling_per_token: stat(1e-7),
+            decode_steps: Vec::new(),
+            mixed_steps: Vec::new(),
+            mixed_rank: 64,
+            mixed_adapters: 16,
+            lora_steps: Vec::new(),
+            lora_base_steps: Vec::new(),
+            lora_prefill_steps: Vec::new(),
+            lora_prefill_base_steps: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn lora_is_scaled_to_what_adapters_add_to_whole_steps() {
+        let mut c = measurement();
+        // The adapters add 60% of the event-timed phases to a step of 7 ms (decode rows), and
+        // 150% for prompt segments; one point's whole steps are missing.
+        for (s, e) in c.lora_shrink.iter().zip(&c.lora_expand) {
+            let base = 7e-3;
+            c.lora_steps.push((
+                s.0,
+                s.1,
+                s.2,
+                stat(base + 0.6 * (s.3.median_s + e.3.median_s)),
+            ));
+        }
+        c.lora_steps.pop();
+        for t in [16u32, 64, 256] {
+            c.lora_base_steps.push((t, stat(7e-3)));
+        }
+        for (s, e) in c.lora_prefill_shrink.iter().zip(&c.lora_prefill_expand) {
+            let base = 1e-2 + 1e-6 * s.0 as f64 + 1e-5 * s.1 as f64;
+            c.lora_prefill_steps.push((
+                s.0,
+                s.1,
+                s.2,
+                stat(base + 1.5 * (s.3.median_s + e.3.median_s)),
+            ));
+            if s.2 == 8 {
+                c.lora_prefill_base_steps.push((s.0, s.1, stat(base)));
+            }
+        }
+        let (p, fit) = to_profile(&c);
+        let last = p.lora_shrink.len() - 1;
+        for (i, (have, raw)) in p.lora_shrink.iter().zip(&c.lora_shrink).enumerate() {
+            let k = if i == last { 1.0 } else { 0.6 };
+            assert!(
+                (have.time.median_s / raw.3.median_s - k).abs() < 1e-9,
+                "point {i}"
+            );
+        }
+        for (have, raw) in p.lora_prefill_expand.iter().zip(&c.lora_prefill_expand) {
+            assert!((have.time.median_s / raw.3.median_s - 1.5).abs() < 1e-9);
+            assert!((have.time.p90_s / raw.3.p90_s - 1.5).abs() < 1e-9);
+        }
+        let report = fit.report();
+        assert!(report.contains("rank 8: 0.60"), "{report}");
+        assert!(report.contains("rank 64: 1.50"), "{report}");
+    }
+
+    #[test]
+    fn residuals_fit_whole_steps_of_either_sign() {
+        for offset in [3e-4, -4e-4] {
+            let mut c = measurement();
+            let (bare, _) = to_profile(&c);
+            // Decode steps cost the parts plus an offset growing with the batch; steps with a
+            // prompt cost the parts plus `offset` more per 1,000 prompt tokens.
+            let mut decode = Vec::new();
+            for b in [1u32, 8, 32, 128, 256] {
+                for x in [64u32, 512, 2048] {
+                    decode.push((b, x));
+                }
+            }
+            let shapes: Vec<_> = decode.iter().map(|&(b, x)| decode_shape(b, x)).collect();
+            let parts = predict(&c, &bare, &shapes).unwrap();
+            let decode_extra = |b: u32| offset * (1.0 + b as f64 / 256.0);
+            c.decode_steps = decode
+                .iter()
+                .zip(&parts)
+                .map(|(&(b, x), p)| (b, x, stat(p + decode_extra(b))))
+                .collect();
+            let mixed: Vec<(u32, u32)> = [64u32, 256, 1024]
+                .iter()
+                .flat_map(|&t| [0u32, 32, 128].map(|b| (t, b)))
+                .collect();
+            let shapes: Vec<_> = mixed
+                .iter()
+                .map(|&(t, b)| mixed_shape(t, b, c.mixed_rank, c.mixed_adapters))
+                .collect();
+            let parts = predict(&c, &bare, &shapes).unwrap();
+            c.mixed_steps = mixed
+                .iter()
+                .zip(&parts)
+                .map(|(&(t, b), p)| (t, b, stat(p + decode_extra(b) + offset * t as f64 / 1e3)))
+                .collect();
+
+            let (profile, report) = derive(&c).unwrap();
+            assert_eq!(profile.decode_step_residual.len(), 5);
+            for r in &profile.decode_step_residual {
+                assert!((r.median_s - decode_extra(r.tokens)).abs() < 2e-6, "{r:?}");
+            }
+            for r in &profile.prefill_step_residual {
+                let want = offset * r.tokens as f64 / 1e3;
+                assert!((r.median_s - want).abs() < 2e-6, "{offset}: {r:?}");
+            }
+            // Fitted, the model predicts every whole step it was fitted on.
+            let check =
+                |steps: &[(u32, u32, Stat)], shape: &dyn Fn(u32, u32) -> slora_sim::BatchShape| {
+                    let shapes: Vec<_> = steps.iter().map(|s| shape(s.0, s.1)).collect();
+                    for (s, p) in steps.iter().zip(predict(&c, &profile, &shapes).unwrap()) {
+                        assert!(
+                            (p / s.2.median_s - 1.0).abs() < 1e-3,
+                            "{offset}: {s:?} → {p}"
+                        );
+                    }
+                };
+            check(&c.decode_steps, &decode_shape);
+            check(&c.mixed_steps, &|t, b| mixed_shape(t, b, 64, 16));
+            assert!(report.contains("0.0% fitted"), "{report}");
+        }
+    }
+
+    #[test]
+    fn a_saved_measurement_reads_back_and_bad_ones_are_named() {
+        let dir = std::env::temp_dir().join(format!("slora-raw-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = measurement();
+        let report = write(&c, &dir, "").unwrap();
+        let raw = dir.join("h200-llama-7b.raw.json");
+        assert!(report.contains("h200-llama-7b.json"), "{report}");
+        assert_eq!(read_raw(&raw).unwrap(), c);
+        std::fs::write(&raw, "{\"date\": 3}").unwrap();
+        let err = read_raw(&raw).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("h200-llama-7b.raw.json"), "{err}");
+        let mut undated = c.clone();
+        undated.date.clear();
+        std::fs::write(&raw, serde_json::to_string(&undated).unwrap()).unwrap();
+        let err = read_raw(&raw).unwrap_err().to_string();
+        assert!(err.contains("date"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

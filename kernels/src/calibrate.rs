@@ -25,27 +25,7 @@ use slora_engine::{
 };
 use std::time::Instant;
 
-/// Robust statistics of one point (seconds).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Stat {
-    pub median_s: f64,
-    pub p10_s: f64,
-    pub p90_s: f64,
-    pub samples: u32,
-}
-
-impl Stat {
-    fn of(mut v: Vec<f64>) -> Stat {
-        v.sort_by(|a, b| a.total_cmp(b));
-        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-        Stat {
-            median_s: q(0.5),
-            p10_s: q(0.1),
-            p90_s: q(0.9),
-            samples: v.len() as u32,
-        }
-    }
-}
+pub use crate::measurement::{Calibration, Stat, MIXED_CONTEXT, MIXED_SHAPES};
 
 /// The axes measured. Multi-axis grids are complete (every combination).
 #[derive(Clone, Debug)]
@@ -99,51 +79,6 @@ impl Default for Grid {
         }
     }
 }
-
-/// Everything `calibrate` measured for one model on one GPU.
-#[derive(Clone, Debug)]
-pub struct Calibration {
-    pub gpu_name: String,
-    pub gpu_memory_bytes: u64,
-    pub driver_version: String,
-    pub cuda_version: String,
-    pub model: ModelSpec,
-    pub lora_targets: Vec<TargetModule>,
-    pub base_gemm: Vec<(u32, Stat)>,
-    pub lm_head: Vec<(u32, Stat)>,
-    pub attention_prefill: Vec<(u32, u32, Stat)>,
-    pub attention_decode: Vec<(u32, u32, Stat)>,
-    pub lora_shrink: Vec<(u32, u32, u32, Stat)>,
-    pub lora_expand: Vec<(u32, u32, u32, Stat)>,
-    pub lora_prefill_shrink: Vec<(u32, u32, u32, Stat)>,
-    pub lora_prefill_expand: Vec<(u32, u32, u32, Stat)>,
-    pub host_to_device: Vec<(u64, Stat)>,
-    pub fixed_overhead: Stat,
-    pub sampling_per_token: Stat,
-    /// Whole decode steps as the executor runs them (host-timed, no events): `(batch,
-    /// context, seconds)`, for checking a cost model's sum of parts against real steps.
-    pub decode_steps: Vec<(u32, u32, Stat)>,
-    /// Whole steps with a prompt, as a server runs them: one prompt of `prefill` tokens
-    /// (context 0) beside `decode` decode rows at context `MIXED_CONTEXT`, the requests on
-    /// the LoRA grid's adapters of rank `mixed_rank` round robin (`min(decode + 1, adapters)`
-    /// distinct); host-timed, no events.
-    pub mixed_steps: Vec<(u32, u32, Stat)>,
-    pub mixed_rank: u32,
-}
-
-/// Decode context of the decode rows in `Calibration::mixed_steps`.
-pub const MIXED_CONTEXT: u32 = 256;
-/// `(prompt tokens, decode rows)` of the whole steps measured for the mixed-step check.
-pub const MIXED_SHAPES: [(u32, u32); 8] = [
-    (64, 0),
-    (256, 0),
-    (1024, 0),
-    (64, 32),
-    (256, 32),
-    (64, 128),
-    (256, 128),
-    (1024, 128),
-];
 
 /// The NVIDIA driver's version as the kernel module reports it (Linux), else what CUDA says.
 fn driver_version(cuda_driver_api: i32) -> String {
@@ -467,6 +402,10 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     let mut lora_expand = Vec::new();
     let mut lora_prefill_shrink = Vec::new();
     let mut lora_prefill_expand = Vec::new();
+    let mut lora_steps = Vec::new();
+    let mut lora_base_steps = Vec::new();
+    let mut lora_prefill_steps = Vec::new();
+    let mut lora_prefill_base_steps = Vec::new();
     let mut next_adapter_page = b.kv_pages;
     for (ri, &rank) in grid.lora_ranks.iter().enumerate() {
         let template = synthetic_adapter(model, rank, &targets, 2.0 * rank as f32, rank as u64);
@@ -521,9 +460,14 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         }
         // Decode rows (contexts of 16 keep attention out of the way; the phases are apart).
         for &tokens in &grid.lora_tokens {
+            if ri == 0 {
+                let (_, hosts) = b.measure(reps, |b| b.decode_plan(tokens, 16, &[]))?;
+                lora_base_steps.push((tokens, Stat::of(hosts)));
+            }
             for &adapters in &grid.lora_adapters {
                 let used = &ids[..adapters.min(tokens) as usize];
-                let (phases, _) = b.measure(reps, |b| b.decode_plan(tokens, 16, used))?;
+                let (phases, hosts) = b.measure(reps, |b| b.decode_plan(tokens, 16, used))?;
+                lora_steps.push((tokens, adapters, rank, Stat::of(hosts)));
                 lora_shrink.push((
                     tokens,
                     adapters,
@@ -547,7 +491,12 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
                 let chunks: Vec<(u32, u32)> = (0..segments)
                     .map(|k| (per + u32::from(k < tokens % segments), 0))
                     .collect();
-                let (phases, _) = b.measure(reps, |b| b.prefill_plan(&chunks, used))?;
+                if ri == 0 {
+                    let (_, hosts) = b.measure(reps, |b| b.prefill_plan(&chunks, &[]))?;
+                    lora_prefill_base_steps.push((tokens, segments, Stat::of(hosts)));
+                }
+                let (phases, hosts) = b.measure(reps, |b| b.prefill_plan(&chunks, used))?;
+                lora_prefill_steps.push((tokens, segments, rank, Stat::of(hosts)));
                 lora_prefill_shrink.push((
                     tokens,
                     segments,
@@ -595,10 +544,13 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     lora_expand.sort_by_key(|p| (p.0, p.1, p.2));
     lora_prefill_shrink.sort_by_key(|p| (p.0, p.1, p.2));
     lora_prefill_expand.sort_by_key(|p| (p.0, p.1, p.2));
+    lora_steps.sort_by_key(|p| (p.0, p.1, p.2));
+    lora_prefill_steps.sort_by_key(|p| (p.0, p.1, p.2));
     attention_decode.sort_by_key(|p| (p.0, p.1));
     attention_prefill.sort_by_key(|p| (p.0, p.1));
 
     Ok(Calibration {
+        date: String::new(),
         gpu_name: info.name.clone(),
         gpu_memory_bytes: info.total_memory,
         driver_version: driver_version(info.driver_version),
@@ -619,5 +571,10 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         decode_steps,
         mixed_steps,
         mixed_rank,
+        mixed_adapters: max_adapters,
+        lora_steps,
+        lora_base_steps,
+        lora_prefill_steps,
+        lora_prefill_base_steps,
     })
 }

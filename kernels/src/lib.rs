@@ -17,6 +17,7 @@ pub mod executor;
 pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod measurement;
 pub mod ops;
 pub mod packing;
 pub mod reference_model;

@@ -857,3 +857,77 @@ fn base_gemm_token_quantum_prices_the_tile_staircase() {
     assert_eq!(base(&tiled, 512), base(&plain, 512));
     assert!(base(&tiled, 288) > base(&plain, 288));
 }
+
+#[test]
+fn whole_step_residuals_are_charged_by_size_with_either_sign() {
+    use slora_sim::cost::ResidualPoint;
+    let point = |tokens, median_s: f64| ResidualPoint {
+        tokens,
+        median_s,
+        min_s: median_s - 1e-5,
+        max_s: median_s + 1e-5,
+    };
+    let mut profile = synthetic_profile(Efficiency::default());
+    let plain = calibrated(&profile);
+    profile.decode_step_residual = vec![point(8, 2e-4), point(64, -3e-4)];
+    profile.prefill_step_residual = vec![point(256, 1e-4)];
+    let fitted = calibrated(&profile);
+    let total = |c: &CalibratedCost, b: &BatchShape| secs(c.step_cost(b).total());
+    // Positive: charged as fixed overhead, the parts unchanged; flat below the first point.
+    for rows in [vec![100u32; 4], vec![100; 8]] {
+        let b = decode(&rows);
+        let (p, f) = (plain.step_cost(&b), fitted.step_cost(&b));
+        assert_eq!(p.attention_decode, f.attention_decode);
+        assert!((secs(f.fixed_overhead) - secs(p.fixed_overhead) - 2e-4).abs() < 1e-8);
+    }
+    // Between points: linear (36 rows: halfway, -0.5e-4 net); negative shrinks every part
+    // alike and the total by the residual.
+    let b = decode(&[300; 36]);
+    let (p, f) = (plain.step_cost(&b), fitted.step_cost(&b));
+    assert!((total(&fitted, &b) - total(&plain, &b) + 0.5e-4).abs() < 1e-8);
+    let ratio = secs(f.base_gemm) / secs(p.base_gemm);
+    assert!(ratio < 1.0);
+    assert!((secs(f.attention_decode) / secs(p.attention_decode) - ratio).abs() < 1e-6);
+    // Beyond the last point: flat.
+    let b = decode(&[300; 200]);
+    assert!((total(&fitted, &b) - total(&plain, &b) + 3e-4).abs() < 1e-8);
+    // A prompt adds its own residual at its token count, on top of the decode rows'.
+    let mut b = decode(&[300; 8]);
+    b.prefill_requests = 1;
+    b.prefill_tokens = 512;
+    b.max_prefill_tokens = 512;
+    b.prefill_attention_pairs = 512 * 513 / 2;
+    assert!((total(&fitted, &b) - total(&plain, &b) - 3e-4).abs() < 1e-8);
+    // No residual is charged to an empty step.
+    let empty = BatchShape::default();
+    assert_eq!(total(&fitted, &empty), total(&plain, &empty));
+}
+
+#[test]
+fn bad_residuals_are_named() {
+    use slora_sim::cost::ResidualPoint;
+    let point = |tokens, median_s: f64| ResidualPoint {
+        tokens,
+        median_s,
+        min_s: median_s,
+        max_s: median_s,
+    };
+    let mut profile = synthetic_profile(Efficiency::default());
+    profile.decode_step_residual = vec![point(64, 1e-4), point(8, 1e-4)];
+    let err = CalibratedCost::new(&profile, &llama7b(), 1, &TargetModule::ATTENTION)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("decode_step_residual[1].tokens") && err.contains("8 after 64"),
+        "{err}"
+    );
+    profile.decode_step_residual = vec![point(8, 1e-4)];
+    profile.prefill_step_residual = vec![point(256, 0.5)];
+    let err = CalibratedCost::new(&profile, &llama7b(), 1, &TargetModule::ATTENTION)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("prefill_step_residual[0].median_s") && err.contains("0.5"),
+        "{err}"
+    );
+}

@@ -1,0 +1,113 @@
+//! What `slora-plan calibrate` measured, as plain data: no CUDA needed to read, write or fit
+//! it. `calibrate` (behind the `cuda` feature) fills a [`Calibration`] on the GPU; the binary
+//! saves it beside the profile it derives, so a profile can be derived again from the same
+//! measurements (`slora-plan calibrate --refit`) when the fitting changes, without a GPU.
+
+use serde::{Deserialize, Serialize};
+use slora_engine::{ModelSpec, TargetModule};
+
+/// Robust statistics of one point (seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stat {
+    pub median_s: f64,
+    pub p10_s: f64,
+    pub p90_s: f64,
+    pub samples: u32,
+}
+
+impl Stat {
+    /// The median and the 10th and 90th percentiles (nearest rank) of `v`; `v` is not empty.
+    pub fn of(mut v: Vec<f64>) -> Stat {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        Stat {
+            median_s: q(0.5),
+            p10_s: q(0.1),
+            p90_s: q(0.9),
+            samples: v.len() as u32,
+        }
+    }
+}
+
+/// Everything `calibrate` measured for one model on one GPU.
+///
+/// Phase grids (`base_gemm` ... `lora_prefill_expand`) are GPU times between CUDA events
+/// recorded around each phase of real steps; the `*_steps` fields are whole steps timed on the
+/// host as the executor runs them, without events. Events cost launch slots and split the
+/// work into serialised pieces, so where a phase is a few microseconds per layer (LoRA at small
+/// batches) the event-timed sum overstates what the phase adds to a step; the whole steps are
+/// what a profile is fitted against.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Date of the measurement, ISO 8601 (filled by the caller, which has a clock).
+    #[serde(default)]
+    pub date: String,
+    pub gpu_name: String,
+    pub gpu_memory_bytes: u64,
+    pub driver_version: String,
+    pub cuda_version: String,
+    pub model: ModelSpec,
+    pub lora_targets: Vec<TargetModule>,
+    pub base_gemm: Vec<(u32, Stat)>,
+    pub lm_head: Vec<(u32, Stat)>,
+    pub attention_prefill: Vec<(u32, u32, Stat)>,
+    pub attention_decode: Vec<(u32, u32, Stat)>,
+    pub lora_shrink: Vec<(u32, u32, u32, Stat)>,
+    pub lora_expand: Vec<(u32, u32, u32, Stat)>,
+    pub lora_prefill_shrink: Vec<(u32, u32, u32, Stat)>,
+    pub lora_prefill_expand: Vec<(u32, u32, u32, Stat)>,
+    pub host_to_device: Vec<(u64, Stat)>,
+    pub fixed_overhead: Stat,
+    pub sampling_per_token: Stat,
+    /// Whole decode steps as the executor runs them (host-timed, no events): `(batch,
+    /// context, seconds)`, for checking a cost model's sum of parts against real steps.
+    pub decode_steps: Vec<(u32, u32, Stat)>,
+    /// Whole steps with a prompt, as a server runs them: one prompt of `prefill` tokens
+    /// (context 0) beside `decode` decode rows at context `MIXED_CONTEXT`, the requests on
+    /// the LoRA grid's adapters of rank `mixed_rank` round robin (`min(decode + 1, adapters)`
+    /// distinct); host-timed, no events.
+    pub mixed_steps: Vec<(u32, u32, Stat)>,
+    pub mixed_rank: u32,
+    /// Distinct adapters the mixed steps' requests take round robin.
+    pub mixed_adapters: u32,
+    /// The LoRA decode grid's steps, whole and host-timed: `(tokens, adapters, rank, seconds)`
+    /// at the points of `lora_shrink`, and `lora_base_steps` the same steps without adapters
+    /// `(tokens, seconds)`: their difference is what the adapters add to a step.
+    #[serde(default)]
+    pub lora_steps: Vec<(u32, u32, u32, Stat)>,
+    #[serde(default)]
+    pub lora_base_steps: Vec<(u32, Stat)>,
+    /// The same for prompt segments: `(tokens, segments, rank, seconds)` at the points of
+    /// `lora_prefill_shrink`, and without adapters `(tokens, segments, seconds)`.
+    #[serde(default)]
+    pub lora_prefill_steps: Vec<(u32, u32, u32, Stat)>,
+    #[serde(default)]
+    pub lora_prefill_base_steps: Vec<(u32, u32, Stat)>,
+}
+
+/// Decode context of the decode rows in `Calibration::mixed_steps`.
+pub const MIXED_CONTEXT: u32 = 256;
+/// `(prompt tokens, decode rows)` of the whole steps measured for the mixed-step fit: every
+/// prompt size alone and beside 32 and 128 decode rows.
+pub const MIXED_SHAPES: [(u32, u32); 18] = [
+    (32, 0),
+    (32, 32),
+    (32, 128),
+    (128, 0),
+    (128, 32),
+    (128, 128),
+    (256, 0),
+    (256, 32),
+    (256, 128),
+    (512, 0),
+    (512, 32),
+    (512, 128),
+    (1024, 0),
+    (1024, 32),
+    (1024, 128),
+    (2048, 0),
+    (2048, 32),
+    (2048, 128),
+];
