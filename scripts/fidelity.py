@@ -250,6 +250,10 @@ def rerun(args):
         if args.only and scenario not in args.only.split(","):
             continue
         jobs.append((scenario, label, yaml_path))
+    if args.runs:
+        # In the order asked (the pool starts them longest-estimated first, ties in order).
+        order = args.runs.split(",")
+        jobs.sort(key=lambda j: order.index(f"{j[0]}:{int(j[1][4:]) / 100:g}"))
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
 
     def estimate(job):

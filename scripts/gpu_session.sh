@@ -21,7 +21,11 @@
 #   part e: the rest of part d's live runs; GPU 3 first serves the transformers + peft baseline
 #           at batch 64 (the size not measured before).
 #
-#   scripts/gpu_session.sh a|b|c|d|e BIN TRACES OUT [PROFILES]
+#   part f: after an executor change: GPU 0 runs the reference check and bench-gpu; GPUs 1-3
+#           calibrate the three models; then all four serve part d's live runs again, in the
+#           order of F_RUNS (85% and 95% loads first), until the budget ends.
+#
+#   scripts/gpu_session.sh a|b|c|d|e|f BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
 set -u
 part=$1 bin=$2 traces=$3 out=$4 profiles=${5:-}
@@ -43,7 +47,30 @@ runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-
 
 rerun_from=${RERUN_FROM:-docs/fidelity/runs-3/host-2}
 
-if [ "$part" = d ]; then
+if [ "$part" = f ]; then
+    for g in 0 1 2 3; do touch "$busy/gpu$g.busy"; done
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
+        timeout 120 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1
+        timeout 200 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
+        rm -f "$busy/gpu0.busy"
+    ) &
+    models=(x llama-7b llama-13b llama-3-8b)
+    for g in 1 2 3; do
+        (
+            export CUDA_VISIBLE_DEVICES=$g
+            timeout 300 "$bin" calibrate --model "${models[$g]}" --reps "${REPS:-5}" \
+                --out "$work/fid-f/profiles" >"$out/calibrate-${models[$g]}.log" 2>&1
+            rm -f "$busy/gpu$g.busy"
+        ) &
+    done
+    timeout $(($(left) - 15)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-f" --traces "$traces" \
+        --rerun "$rerun_from" --runs "$F_RUNS" --seconds "$seconds" --gpus 1,2,3,0 --busy-dir "$busy" \
+        --deadline-s $(($(left) - 25)) >"$out/rerun-f.log" 2>&1
+    wait
+    tar czf "$out/part-f.tgz" -C "$work" fid-f
+elif [ "$part" = d ]; then
     for g in 0 1 2; do touch "$busy/gpu$g.busy"; done
     models=(llama-7b llama-13b llama-3-8b)
     for g in 0 1 2; do

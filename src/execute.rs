@@ -156,17 +156,22 @@ mod gpu {
         Ok(())
     }
 
-    /// Runs small engine-driven batches of every power-of-two size up to the scenario's
+    /// Runs small engine-driven batches of every GEMM bucket's top size up to the scenario's
     /// largest (prompts of 8 tokens, 3 outputs, on adapter 0 when there is one): compiles
-    /// every kernel and tunes the GEMMs of each batch-size bucket before the clock starts.
+    /// every kernel and tunes the GEMMs of each token bucket a decode batch or a prompt of
+    /// up to 8 × that size falls in, before the clock starts (a tuning met while serving
+    /// stalls that step by tens of milliseconds).
     fn warm_up(loaded: &mut Loaded, engine: &EngineConfig) -> Result<(), ExecuteError> {
         let max_batch = engine.scheduler.max_batch_size;
         if loaded.warmed_batch >= max_batch {
             return Ok(());
         }
-        let mut b = 1u32;
         let mut next_id = u64::MAX / 2;
-        while b <= max_batch {
+        let mut sizes: Vec<u32> = (1..=max_batch)
+            .map(|b| slora_kernels::gemm::bucket_top(b as usize) as u32)
+            .collect();
+        sizes.dedup();
+        for b in sizes {
             let mut scheduler = Scheduler::new(engine.clone()).map_err(setup_err)?;
             for k in 0..b {
                 let id = RequestId(next_id);
@@ -196,7 +201,6 @@ mod gpu {
                     loaded.exec.remove_request(f.request);
                 }
             }
-            b *= 2;
         }
         loaded.warmed_batch = max_batch;
         loaded.exec.reset();

@@ -4,12 +4,13 @@
 //! Decode steps multiply a few dozen token rows by weight matrices of tens of megabytes: the
 //! GEMM is a weight stream, and how well it is spread over the SMs (tile shape, split-K)
 //! decides the bandwidth. cuBLAS's heuristic picks one algorithm per shape without running
-//! it. Here the first shape met in each power-of-two bucket of token counts (up to
-//! `TUNE_MAX_TOKENS`) runs cuBLASLt's top `CANDIDATES` algorithms, and split-K variants of the
-//! top three, on the real operands (into a scratch output, after flushing the L2) and keeps
-//! the fastest for the bucket. A shape first met while the stream is being captured into a
-//! CUDA graph cannot be timed: it takes the heuristic's first choice for that call only (the
-//! executor runs a decode shape eagerly once before it captures it).
+//! it. Here token counts (up to `TUNE_MAX_TOKENS`) fall in buckets (`bucket_top`); the first
+//! time a bucket is met, cuBLASLt's top `CANDIDATES` algorithms for the bucket's top size, and
+//! split-K variants of the top three, are timed on the real weights (into a scratch output,
+//! after flushing the L2), and the fastest serves every size of the bucket. A shape first met
+//! while the stream is being captured into a CUDA graph cannot be timed: it takes the
+//! heuristic's first choice for that call only (the executor runs a decode shape eagerly once
+//! before it captures it).
 
 use crate::error::{Error, Result};
 use crate::gpu::{driver_err, Gpu};
@@ -57,9 +58,9 @@ struct Plan {
     provisional: bool,
 }
 
-/// Shapes share a tuned algorithm by power-of-two bucket of the token count: the first size
-/// met in a bucket is timed, the others reuse its choice (when it runs their shape), so a
-/// server meets at most ten tunings per weight shape instead of one per batch size.
+/// Shapes share a tuned algorithm by bucket of the token count (`t` is the bucket's top,
+/// where it is timed; the others reuse its choice when it runs their shape), so a server meets
+/// at most 25 tunings per weight shape instead of one per batch size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Bucket {
     t: usize,
@@ -220,7 +221,7 @@ impl LtGemm {
                     s != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
                 })
                 .unwrap_or(true);
-            let plan = self.plan(gpu, shape, xp, wp, capturing)?;
+            let plan = self.plan(gpu, shape, wp, capturing)?;
             if plan.provisional {
                 // Use it for this call only; the next eager call tunes the shape.
                 return self.launch(gpu, &plan, shape, xp, wp, yp);
@@ -263,24 +264,41 @@ impl LtGemm {
         )))
     }
 
-    /// Descriptors for `shape` and its algorithm: its bucket's tuned algorithm, timed now
-    /// when the bucket has none yet (not possible while `capturing`), or the heuristic's
-    /// first choice for shapes too large to tune.
-    fn plan(&self, gpu: &Gpu, shape: Shape, x: u64, w: u64, capturing: bool) -> Result<Plan> {
+    /// Descriptors for `shape` and its algorithm: its bucket's tuned algorithm (tuned now
+    /// when the bucket has none yet, which is not possible while `capturing`), or the
+    /// heuristic's first choice for shapes too large to tune or that the bucket's algorithm
+    /// cannot run.
+    fn plan(&self, gpu: &Gpu, shape: Shape, w: u64, capturing: bool) -> Result<Plan> {
         let bucket = (self.tune && shape.t <= TUNE_MAX_TOKENS).then(|| Bucket {
-            t: shape.t.next_power_of_two(),
+            t: bucket_top(shape.t),
             inp: shape.inp,
             out: shape.out,
             accumulate: shape.accumulate,
         });
-        let known = bucket.and_then(|b| {
+        let mut known = bucket.and_then(|b| {
             self.tuned
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&b)
                 .copied()
         });
-        let tune = bucket.is_some() && known.is_none() && !capturing;
+        if let (Some(b), None, false) = (bucket, known, capturing) {
+            known = self.tune_bucket(gpu, b, w)?;
+        }
+        let mut plan = self.describe(shape)?;
+        plan.provisional = bucket.is_some() && known.is_none() && capturing;
+        let candidates = self.candidates(&plan, shape, false)?;
+        plan.algo = candidates[0];
+        if let Some(known) = known {
+            if self.runs(&plan, &known.algo) {
+                plan.algo = known.algo;
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The matmul and layout descriptors of `shape` (algorithm not yet set).
+    fn describe(&self, shape: Shape) -> Result<Plan> {
         let ctx = || {
             format!(
                 "planning linear {}->{} over {} tokens",
@@ -295,6 +313,14 @@ impl LtGemm {
             sys::cudaDataType_t::CUDA_R_32F,
         )
         .map_err(blas_err(ctx()))?;
+        let mut plan = Plan {
+            desc,
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            provisional: false,
+        };
         let trans = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
         // SAFETY: `desc` was just created; the attribute is a cublasOperation_t.
         unsafe {
@@ -307,9 +333,27 @@ impl LtGemm {
         }
         .map_err(blas_err(ctx()))?;
         let (inp, out, t) = (shape.inp as u64, shape.out as u64, shape.t as u64);
-        let a = lt::create_matrix_layout(f16_t, inp, out, inp as i64).map_err(blas_err(ctx()))?;
-        let b = lt::create_matrix_layout(f16_t, inp, t, inp as i64).map_err(blas_err(ctx()))?;
-        let c = lt::create_matrix_layout(f16_t, out, t, out as i64).map_err(blas_err(ctx()))?;
+        // Each layout is owned by `plan` as soon as it exists, so an error frees the others.
+        plan.a = lt::create_matrix_layout(f16_t, inp, out, inp as i64).map_err(blas_err(ctx()))?;
+        plan.b = lt::create_matrix_layout(f16_t, inp, t, inp as i64).map_err(blas_err(ctx()))?;
+        plan.c = lt::create_matrix_layout(f16_t, out, t, out as i64).map_err(blas_err(ctx()))?;
+        Ok(plan)
+    }
+
+    /// cuBLASLt's ranked algorithms for `plan`'s shape, best guess first; with `split`, also
+    /// split-K variants of the top three (for tuning).
+    fn candidates(
+        &self,
+        plan: &Plan,
+        shape: Shape,
+        split: bool,
+    ) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
+        let ctx = || {
+            format!(
+                "choosing an algorithm for linear {}->{} over {} tokens",
+                shape.inp, shape.out, shape.t
+            )
+        };
         let pref = lt::create_matmul_pref().map_err(blas_err(ctx()))?;
         let ws = WORKSPACE_BYTES as u64;
         let mut heuristics: Vec<sys::cublasLtMatmulHeuristicResult_t> =
@@ -327,11 +371,11 @@ impl LtGemm {
             .and_then(|()| {
                 sys::cublasLtMatmulAlgoGetHeuristic(
                     self.handle,
-                    desc,
-                    a,
-                    b,
-                    c,
-                    c,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.c,
+                    plan.c,
                     pref,
                     CANDIDATES as i32,
                     heuristics.as_mut_ptr(),
@@ -345,21 +389,13 @@ impl LtGemm {
             heuristics.set_len(found.max(0) as usize);
             let _ = lt::destroy_matmul_pref(pref);
         }
-        let mut plan = Plan {
-            desc,
-            a,
-            b,
-            c,
-            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
-            provisional: bucket.is_some() && known.is_none() && capturing,
-        };
         status.map_err(blas_err(ctx()))?;
         let mut candidates: Vec<_> = heuristics
             .iter()
             .filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
             .map(|h| h.algo)
             .collect();
-        if tune {
+        if split {
             // Few output tiles (4,096 outputs at a decode batch) leave SMs idle; splitting the
             // reduction dimension gives every SM a share of the weight stream. The heuristic
             // rarely offers it for these shapes, so the top algorithms are also tried split.
@@ -368,71 +404,92 @@ impl LtGemm {
                 for split in SPLIT_K {
                     let mut algo = base;
                     // SAFETY: `algo` is a valid algorithm value; the attribute is a u32, and
-                    // the check below rejects a configuration these descriptors cannot run.
-                    let ok = unsafe {
-                        let mut check =
-                            MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed();
+                    // `runs` rejects a configuration these descriptors cannot run.
+                    let set = unsafe {
                         sys::cublasLtMatmulAlgoConfigSetAttribute(
                             &mut algo,
                             sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
                             (&split) as *const u32 as *const c_void,
                             std::mem::size_of::<u32>(),
                         ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-                            && sys::cublasLtMatmulAlgoCheck(
-                                self.handle,
-                                desc,
-                                a,
-                                b,
-                                c,
-                                c,
-                                &algo,
-                                check.as_mut_ptr(),
-                            ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-                            && check.assume_init().workspaceSize <= WORKSPACE_BYTES
                     };
-                    if ok {
+                    if set && self.runs(plan, &algo) {
                         candidates.push(algo);
                     }
                 }
             }
         }
-        let Some(&first) = candidates.first() else {
+        if candidates.is_empty() {
             return Err(Error::Blas {
                 context: ctx(),
                 message: "cuBLASLt offers no algorithm for this shape".into(),
             });
+        }
+        Ok(candidates)
+    }
+
+    /// Whether `algo` can run `plan`'s shape within the workspace.
+    fn runs(&self, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t) -> bool {
+        // SAFETY: all descriptors are live; `check` is written by cuBLASLt.
+        unsafe {
+            let mut check = MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed();
+            sys::cublasLtMatmulAlgoCheck(
+                self.handle,
+                plan.desc,
+                plan.a,
+                plan.b,
+                plan.c,
+                plan.c,
+                algo,
+                check.as_mut_ptr(),
+            ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && check.assume_init().workspaceSize <= WORKSPACE_BYTES
+        }
+    }
+
+    /// Times the candidates of `bucket` at its top size (`bucket.t` tokens) and records the
+    /// fastest. Every size of a bucket then runs the algorithm chosen at its top, whatever
+    /// size the server happened to meet first: a step's cost depends on its shape only, not
+    /// on the history of the process (which the simulator cannot know). The input rows are
+    /// the first rows of the weight `w` itself (real fp16 values; `out >= t` for every layer
+    /// of the presets), else zeros. `None` when there is a single candidate or none ran.
+    fn tune_bucket(&self, gpu: &Gpu, bucket: Bucket, w: u64) -> Result<Option<Tuned>> {
+        let shape = Shape {
+            t: bucket.t,
+            inp: bucket.inp,
+            out: bucket.out,
+            accumulate: bucket.accumulate,
         };
-        plan.algo = first;
-        if let Some(known) = known {
-            // SAFETY: all descriptors are live; `check` is written by cuBLASLt.
-            let runs_here = unsafe {
-                let mut check = MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed();
-                sys::cublasLtMatmulAlgoCheck(
-                    self.handle,
-                    plan.desc,
-                    plan.a,
-                    plan.b,
-                    plan.c,
-                    plan.c,
-                    &known.algo,
-                    check.as_mut_ptr(),
-                ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-                    && check.assume_init().workspaceSize <= WORKSPACE_BYTES
-            };
-            if runs_here {
-                plan.algo = known.algo;
+        let mut plan = self.describe(shape)?;
+        let candidates = self.candidates(&plan, shape, true)?;
+        if candidates.len() == 1 {
+            return Ok(None);
+        }
+        let mut x = gpu
+            .stream
+            .alloc_zeros::<f16>(shape.t * shape.inp)
+            .map_err(driver_err("allocating GEMM tuning input"))?;
+        if shape.out >= shape.t {
+            let (xp, _gx) = x.device_ptr_mut(&gpu.stream);
+            // SAFETY: `w` holds out × inp ≥ t × inp fp16 values; `x` holds t × inp; both on
+            // this device, copied in stream order.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    xp,
+                    w,
+                    shape.t * shape.inp * std::mem::size_of::<f16>(),
+                    gpu.stream.cu_stream(),
+                )
             }
-            return Ok(plan);
+            .map_err(driver_err("copying GEMM tuning input"))?;
         }
-        if !tune || candidates.len() == 1 {
-            return Ok(plan);
-        }
-        // Time every candidate into a scratch output: the caller's y stays as it was.
+        // Time every candidate into a scratch output.
         let scratch = gpu
             .stream
             .alloc_zeros::<f16>(shape.t * shape.out)
             .map_err(driver_err("allocating GEMM tuning scratch"))?;
-        let (sp, _g) = scratch.device_ptr(&gpu.stream);
+        let (xp, _gx) = x.device_ptr(&gpu.stream);
+        let (sp, _gs) = scratch.device_ptr(&gpu.stream);
         // Decode GEMMs read their weights from HBM (a step streams gigabytes through the
         // 60 MB L2); overwriting a buffer larger than the L2 before each timed run keeps a
         // 32 MB weight matrix from being timed out of the cache.
@@ -441,13 +498,13 @@ impl LtGemm {
             .alloc_zeros::<u8>(L2_FLUSH_BYTES)
             .map_err(driver_err("allocating the L2 flush buffer"))?;
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let mut best = (f64::INFINITY, first);
+        let mut best = (f64::INFINITY, candidates[0]);
         let mut heuristic_ms = f64::NAN;
         for (i, algo) in candidates.iter().enumerate() {
             plan.algo = *algo;
             // A candidate the heuristic offered can still refuse these pointers' alignment:
             // skip it rather than fail the step.
-            if self.launch(gpu, &plan, shape, x, w, sp).is_err() {
+            if self.launch(gpu, &plan, shape, xp, w, sp).is_err() {
                 continue;
             }
             let mut times = Vec::with_capacity(TUNING_REPS);
@@ -459,7 +516,7 @@ impl LtGemm {
                     .stream
                     .record_event(flags)
                     .map_err(driver_err("event"))?;
-                self.launch(gpu, &plan, shape, x, w, sp)?;
+                self.launch(gpu, &plan, shape, xp, w, sp)?;
                 let end = gpu
                     .stream
                     .record_event(flags)
@@ -476,18 +533,67 @@ impl LtGemm {
                 best = (ms, *algo);
             }
         }
-        plan.algo = best.1;
-        if let (Some(b), true) = (bucket, best.0.is_finite()) {
-            self.tuned.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                b,
-                Tuned {
-                    algo: best.1,
-                    timed_at: shape.t,
-                    heuristic_ms,
-                    chosen_ms: best.0,
-                },
-            );
+        if !best.0.is_finite() {
+            return Ok(None);
         }
-        Ok(plan)
+        let tuned = Tuned {
+            algo: best.1,
+            timed_at: shape.t,
+            heuristic_ms,
+            chosen_ms: best.0,
+        };
+        self.tuned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bucket, tuned);
+        Ok(Some(tuned))
+    }
+}
+
+/// The top of the token bucket `t` falls in: powers of two up to 16, then four buckets per
+/// octave (17..=20, 21..=24, ..., 449..=512). A GEMM's best algorithm changes with the token
+/// count; one algorithm per power-of-two octave, tuned at the first size met, cost up to 20%
+/// below the octave's top (the algorithm for 72 tokens run at 128), and which size came first
+/// depended on the traffic.
+pub fn bucket_top(t: usize) -> usize {
+    let octave = t.next_power_of_two();
+    if octave <= 16 {
+        return octave;
+    }
+    let step = octave / 8;
+    t.div_ceil(step) * step
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_top;
+
+    #[test]
+    fn buckets_are_powers_of_two_then_eighth_octaves() {
+        for (t, top) in [
+            (1, 1),
+            (3, 4),
+            (16, 16),
+            (17, 20),
+            (20, 20),
+            (21, 24),
+            (33, 40),
+            (64, 64),
+            (65, 80),
+            (72, 80),
+            (128, 128),
+            (129, 160),
+            (136, 160),
+            (255, 256),
+            (257, 320),
+            (384, 384),
+            (385, 448),
+            (512, 512),
+        ] {
+            assert_eq!(bucket_top(t), top, "{t}");
+        }
+        let tops: std::collections::BTreeSet<usize> = (1..=512).map(bucket_top).collect();
+        assert_eq!(tops.len(), 25);
+        assert!((1..=512).all(|t| bucket_top(t) >= t));
     }
 }
