@@ -48,7 +48,7 @@ runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-
 rerun_from=${RERUN_FROM:-docs/fidelity/runs-3/host-2}
 
 if [ "$part" = f ]; then
-    for g in 0 1 2 3; do touch "$busy/gpu$g.busy"; done
+    touch "$busy/gpu0.busy" "$busy/gpu1.busy"
     (
         export CUDA_VISIBLE_DEVICES=0
         timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
@@ -56,17 +56,24 @@ if [ "$part" = f ]; then
         timeout 200 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
         rm -f "$busy/gpu0.busy"
     ) &
-    models=(x llama-7b llama-13b llama-3-8b)
-    for g in 1 2 3; do
+    # GPUS=2: GPU 1 calibrates the three models one after the other.
+    if [ "${GPUS:-4}" = 2 ]; then plan=("1:llama-7b llama-3-8b llama-13b"); pool=1,0
+    else plan=("1:llama-7b" "2:llama-13b" "3:llama-3-8b"); pool=1,2,3,0; fi
+    rm -f "$busy"/gpu[2-3].busy
+    [ "${GPUS:-4}" = 2 ] || touch "$busy/gpu2.busy" "$busy/gpu3.busy"
+    for job in "${plan[@]}"; do
+        g=${job%%:*}
         (
             export CUDA_VISIBLE_DEVICES=$g
-            timeout 300 "$bin" calibrate --model "${models[$g]}" --reps "${REPS:-5}" \
-                --out "$work/fid-f/profiles" >"$out/calibrate-${models[$g]}.log" 2>&1
+            for m in ${job#*:}; do
+                timeout 300 "$bin" calibrate --model "$m" --reps "${REPS:-5}" \
+                    --out "$work/fid-f/profiles" >"$out/calibrate-$m.log" 2>&1
+            done
             rm -f "$busy/gpu$g.busy"
         ) &
     done
     timeout $(($(left) - 15)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-f" --traces "$traces" \
-        --rerun "$rerun_from" --runs "$F_RUNS" --seconds "$seconds" --gpus 1,2,3,0 --busy-dir "$busy" \
+        --rerun "$rerun_from" --runs "$F_RUNS" --seconds "$seconds" --gpus $pool --busy-dir "$busy" \
         --deadline-s $(($(left) - 25)) >"$out/rerun-f.log" 2>&1
     wait
     tar czf "$out/part-f.tgz" -C "$work" fid-f

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{run, stderr};
+use common::{assert_clean_failure, run, stderr, tmp};
 
 /// Whether this machine can run GPU commands (then the refusals below cannot be tested).
 fn gpu_available() -> bool {
@@ -72,5 +72,72 @@ fn gpu_commands_without_a_gpu_fail_clearly() {
     assert!(
         err.contains("cuda") || err.contains("CUDA") || err.contains("GPU"),
         "{err}"
+    );
+}
+
+/// A measurement saved by `calibrate` on the H200 (with the profile it gave there).
+const MEASURED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/docs/fidelity/runs-4/host-3/profiles/h200-llama-7b"
+);
+
+#[test]
+fn refit_derives_the_same_profile_from_a_saved_measurement_without_a_gpu() {
+    let out = tmp("refit");
+    let raw = format!("{MEASURED}.raw.json");
+    let o = run(&["calibrate", "--refit", &raw, "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let derived = std::fs::read(out.join("h200-llama-7b.json")).unwrap();
+    let measured = std::fs::read(format!("{MEASURED}.json")).unwrap();
+    assert!(
+        derived == measured,
+        "the refit profile differs from the one measured"
+    );
+    let report = std::fs::read_to_string(out.join("h200-llama-7b.md")).unwrap();
+    for section in [
+        "LoRA: event-timed phases",
+        "Whole decode steps",
+        "Whole steps with a prompt",
+    ] {
+        assert!(
+            report.contains(section),
+            "{section} missing from the report"
+        );
+    }
+    assert!(
+        report.contains("--refit"),
+        "the report says how it was made"
+    );
+}
+
+#[test]
+fn refit_of_a_missing_or_broken_measurement_is_bad_input() {
+    let out = tmp("refit-bad");
+    let missing = out.join("nope.raw.json");
+    let o = run(&[
+        "calibrate",
+        "--refit",
+        missing.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 2, &["nope.raw.json"]);
+    // Truncated: the file and serde's position are named, nothing is written.
+    let raw = std::fs::read_to_string(format!("{MEASURED}.raw.json")).unwrap();
+    let broken = out.join("broken.raw.json");
+    std::fs::write(&broken, &raw[..raw.len() / 2]).unwrap();
+    let good = format!("{MEASURED}.raw.json");
+    let o = run(&[
+        "calibrate",
+        "--refit",
+        &good,
+        broken.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 2, &["broken.raw.json", "line 1"]);
+    assert!(
+        !out.join("h200-llama-7b.json").exists(),
+        "nothing written when one file is bad"
     );
 }
