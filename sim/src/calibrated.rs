@@ -229,11 +229,6 @@ impl PrefillGrid {
 ///   measured for that size), plus what `host_to_device(prefetch bytes)` lasts beyond the rest
 ///   of the step: prefetches overlap compute on the copy engine, as in [`AnalyticCost`].
 /// * `sampling`: `S × sampling_per_token`; `fixed_overhead`: the profile's, once per step.
-/// * The whole-step residuals: `decode_step_residual` at the step's decode rows, plus
-///   `prefill_step_residual` at its prompt tokens when it has any (each interpolated linearly
-///   and held flat beyond its ends). A positive sum is charged in `fixed_overhead`; a negative
-///   one (the event-timed parts overstate the step) scales every compute part above by
-///   `(parts + residual) / parts`, at least a tenth, so the breakdown keeps its proportions.
 ///
 /// # Decode attention
 ///
@@ -313,36 +308,6 @@ pub struct CalibratedCost {
     sampling_s: f64,
     shrink_scale: f64,
     expand_scale: f64,
-    /// `(tokens, median seconds)` of the profile's whole-step residuals.
-    decode_residual: Vec<(f64, f64)>,
-    prefill_residual: Vec<(f64, f64)>,
-}
-
-/// A residual list at `x`: linear between its points, flat beyond its ends, zero when empty.
-fn residual_at(points: &[(f64, f64)], x: f64) -> f64 {
-    match points {
-        [] => 0.0,
-        [(_, only)] => *only,
-        _ => {
-            let (first, last) = (points[0], points[points.len() - 1]);
-            if x <= first.0 {
-                return first.1;
-            }
-            if x >= last.0 {
-                return last.1;
-            }
-            let hi = points.partition_point(|p| p.0 <= x).min(points.len() - 1);
-            let (a, b) = (points[hi - 1], points[hi]);
-            a.1 + (x - a.0) / (b.0 - a.0) * (b.1 - a.1)
-        }
-    }
-}
-
-fn residual_points(points: &[crate::cost::ResidualPoint]) -> Vec<(f64, f64)> {
-    points
-        .iter()
-        .map(|p| (p.tokens as f64, p.median_s))
-        .collect()
 }
 
 /// Fields of two model shapes that change kernel times, as `field: profile X, wanted Y`. The
@@ -488,8 +453,6 @@ impl CalibratedCost {
             sampling_s: profile.sampling_per_token.median_s,
             shrink_scale: want_in / have_in,
             expand_scale: want_out / have_out,
-            decode_residual: residual_points(&profile.decode_step_residual),
-            prefill_residual: residual_points(&profile.prefill_step_residual),
         })
     }
 
@@ -724,35 +687,12 @@ impl CostModel for CalibratedCost {
         let attention_decode = self.attention_decode(b);
         let (lora_shrink, lora_expand) = self.lora(b);
         let sampling = sampled * self.sampling_s;
-        let mut fixed = self.fixed_s;
-        let mut residual = 0.0;
-        if tokens > 0.0 {
-            residual += residual_at(&self.decode_residual, b.decode_requests as f64);
-        }
-        if b.prefill_tokens > 0 {
-            fixed += self.prefill_step_s;
-            residual += residual_at(&self.prefill_residual, b.prefill_tokens as f64);
-        }
-        let mut parts = [
-            base,
-            attention_prefill,
-            attention_decode,
-            lora_shrink,
-            lora_expand,
-            sampling,
-        ];
-        let compute: f64 = parts.iter().sum();
-        if residual >= 0.0 {
-            fixed += residual;
-        } else if compute > 0.0 {
-            // The event-timed parts overstate the step: shrink them alike (never below a
-            // tenth of themselves: a residual is a correction of a few percent).
-            let scale = ((compute + residual) / compute).max(0.1);
-            for part in &mut parts {
-                *part *= scale;
-            }
-        }
-        let [base, attention_prefill, attention_decode, lora_shrink, lora_expand, sampling] = parts;
+        let fixed = self.fixed_s
+            + if b.prefill_tokens > 0 {
+                self.prefill_step_s
+            } else {
+                0.0
+            };
         let rest = base
             + attention_prefill
             + attention_decode
@@ -1096,27 +1036,6 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
             "| extra per step with a prompt | {} |",
             human_measured(m)
         );
-    }
-    for (what, unit, points) in [
-        (
-            "whole-step residual, decode",
-            "decode rows",
-            &profile.decode_step_residual,
-        ),
-        (
-            "whole-step residual, with a prompt",
-            "prompt tokens",
-            &profile.prefill_step_residual,
-        ),
-    ] {
-        if points.is_empty() {
-            continue;
-        }
-        let cells: Vec<String> = points
-            .iter()
-            .map(|p| format!("{}: {:+.0} µs", p.tokens, p.median_s * 1e6))
-            .collect();
-        let _ = writeln!(out, "| {what} (by {unit}) | {} |", cells.join(", "));
     }
 
     let _ = writeln!(
@@ -1786,8 +1705,6 @@ pub fn profile_from_cost_model(
         lora_prefill_expand: Vec::new(),
         prefill_step_overhead: None,
         base_gemm_token_quantum: None,
-        decode_step_residual: Vec::new(),
-        prefill_step_residual: Vec::new(),
         base_gemm: grids
             .tokens
             .iter()

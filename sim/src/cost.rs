@@ -1533,36 +1533,6 @@ pub struct CalibrationProfile {
     /// that best predicts its whole steps with a prompt; absent: plain interpolation.
     #[serde(default)]
     pub base_gemm_token_quantum: Option<u32>,
-    /// The whole-step residual of decode steps (no prompt, no adapters) by decode rows,
-    /// sorted (see [`ResidualPoint`]): the median over the decode grid's contexts. Charged on
-    /// every step at its decode rows, interpolated linearly and held flat beyond the ends.
-    /// Empty in profiles written before it was measured: then nothing is charged.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub decode_step_residual: Vec<ResidualPoint>,
-    /// The whole-step residual of steps with a prompt (`Calibration::mixed_steps`: a prompt
-    /// beside decode rows, with adapters) by prompt tokens, left after `decode_step_residual`:
-    /// the median over the decode rows measured beside each prompt size. Charged on steps with
-    /// prompt tokens at their count, as above. Replaces `prefill_step_overhead` (which cannot
-    /// be negative) in profiles that have it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub prefill_step_residual: Vec<ResidualPoint>,
-}
-
-/// What whole steps cost beyond the sum of the profile's parts, at one size: measured
-/// (host-timed as the executor runs them, no events) minus `CalibratedCost`'s prediction for
-/// the same shape. Signed: the parts are timed between CUDA events, which take launch slots
-/// and serialise the phases, so at some sizes the parts add up to more than the step.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResidualPoint {
-    /// The size the residual is charged at: decode rows (`decode_step_residual`) or prompt
-    /// tokens (`prefill_step_residual`).
-    pub tokens: u32,
-    /// The median over the steps measured at this size, seconds (may be negative).
-    pub median_s: f64,
-    /// The smallest and largest over those steps, seconds.
-    pub min_s: f64,
-    pub max_s: f64,
 }
 
 /// Reads and checks a calibration profile (JSON). Errors name the path and the field.
@@ -1728,12 +1698,6 @@ impl CalibrationProfile {
             self.host_to_device.iter().map(|p| ([p.bytes], &p.time)),
         )?;
         check_measured(origin_bad, "fixed_overhead".into(), &self.fixed_overhead)?;
-        for (name, points) in [
-            ("decode_step_residual", &self.decode_step_residual),
-            ("prefill_step_residual", &self.prefill_step_residual),
-        ] {
-            check_residuals(origin_bad, name, points)?;
-        }
         check_measured(
             origin_bad,
             "sampling_per_token".into(),
@@ -1741,55 +1705,6 @@ impl CalibrationProfile {
         )?;
         Ok(())
     }
-}
-
-/// A residual list: sorted by `tokens` without repeats, `tokens >= 1`, finite, smaller than
-/// a tenth of a second (a correction, not a cost), `min_s <= median_s <= max_s`.
-fn check_residuals<F>(bad: &F, name: &str, points: &[ResidualPoint]) -> Result<(), CostError>
-where
-    F: Fn(String, String) -> CostError,
-{
-    for (i, p) in points.iter().enumerate() {
-        let field = format!("{name}[{i}]");
-        if p.tokens == 0 {
-            return Err(bad(
-                format!("{field}.tokens"),
-                "must be at least 1, got 0".into(),
-            ));
-        }
-        if i > 0 && p.tokens <= points[i - 1].tokens {
-            return Err(bad(
-                format!("{field}.tokens"),
-                format!(
-                    "is {} after {}: points must be sorted by tokens without repeats",
-                    p.tokens,
-                    points[i - 1].tokens
-                ),
-            ));
-        }
-        for (what, v) in [
-            ("median_s", p.median_s),
-            ("min_s", p.min_s),
-            ("max_s", p.max_s),
-        ] {
-            if !(v.is_finite() && v.abs() < 0.1) {
-                return Err(bad(
-                    format!("{field}.{what}"),
-                    format!("must be a finite number of seconds below 0.1 in size, got {v}"),
-                ));
-            }
-        }
-        if !(p.min_s <= p.median_s && p.median_s <= p.max_s) {
-            return Err(bad(
-                field,
-                format!(
-                    "must satisfy min_s <= median_s <= max_s, got {} / {} / {}",
-                    p.min_s, p.median_s, p.max_s
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// `YYYY-MM-DD`, optionally followed by `T...` or ` ...` (a time).
@@ -2399,8 +2314,6 @@ mod tests {
             lora_prefill_expand: Vec::new(),
             prefill_step_overhead: None,
             base_gemm_token_quantum: None,
-            decode_step_residual: Vec::new(),
-            prefill_step_residual: Vec::new(),
             host_to_device: [1 << 20, 64 << 20]
                 .iter()
                 .map(|&bytes| TransferPoint {
