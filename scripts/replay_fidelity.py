@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""A cost model checked step by step on earlier live runs, without a GPU.
+
+    cargo build --release -p slora-sim --example replay_steps
+    python3 scripts/replay_fidelity.py RUNS_DIR [--profiles DIR] [--traces DIR]
+
+`step_fidelity.py` reads the price each step got from the cost model of the binary that
+served it. This one prices the same steps with the current build and `--profiles DIR`
+(default: the embedded profiles): `sim/examples/replay_steps` replays each run's arrivals
+through the simulator with every step taking the time it took live, so it makes the run's
+plans again and prints each step's full shape and the model's parts. Prints, over all runs
+and per run, the median of model/measured - 1 (signed and absolute), and by kind of step:
+decode-only steps by batch size, steps with a prompt by prompt tokens.
+
+RUNS_DIR: fidelity.py's OUT (`<scenario>/loadNN.yaml` and `loadNN/executed/steps.csv[.gz]`).
+"""
+
+import argparse
+import csv
+import glob
+import gzip
+import io
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+TRACE = "AzureLLMInferenceTrace_conv.csv"
+BATCHES = [(1, 8), (8, 32), (32, 64), (64, 96), (96, 128), (128, 160), (160, 200), (200, 257)]
+PROMPTS = [(1, 64), (64, 256), (256, 512), (512, 1024), (1024, 2048), (2048, 1 << 20)]
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def replay(args, yaml_path, steps_path, work):
+    with open(yaml_path) as f:
+        text = f.read()
+    model = re.search(r"^model: (\S+)", text, re.M).group(1)
+    text = re.sub(r"^gpu_profile: .*\n", "", text, flags=re.M)
+    if args.profiles:
+        profile = os.path.abspath(os.path.join(args.profiles, f"h200-{model}.json"))
+        text = re.sub(r"^(gpu: .*\n)", f"\\1gpu_profile: {profile}\n", text, count=1, flags=re.M)
+    trace = os.path.abspath(os.path.join(args.traces, TRACE))
+    text = re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
+    scenario = os.path.join(work, "scenario.yaml")
+    with open(scenario, "w") as f:
+        f.write(text)
+    steps = os.path.join(work, "steps.csv")
+    opener = gzip.open if steps_path.endswith(".gz") else open
+    with opener(steps_path, "rt") as src, open(steps, "w") as dst:
+        dst.write(src.read())
+    r = subprocess.run([args.replay, scenario, steps], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.stderr.write(f"{yaml_path}: replay failed: {r.stderr}\n")
+        return None
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    parts = [k for k in rows[0] if k.endswith("_s") and k not in ("measured_s", "span_s")]
+    out = []
+    for row in rows:
+        measured = float(row["measured_s"])
+        if measured <= 0:
+            continue
+        model_s = sum(float(row[k]) for k in parts)
+        out.append((model_s / measured - 1, model_s - measured, int(row["prefill_tokens"]), int(row["decode_requests"])))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs")
+    ap.add_argument("--profiles", help="folder of h200-<model>.json (default: the embedded profiles)")
+    ap.add_argument("--traces", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces"))
+    ap.add_argument("--replay", default="target/release/examples/replay_steps")
+    ap.add_argument("--work", default="/tmp/replay_fidelity")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    everything = []
+    print("| run | steps | median error | median abs error | decode-only | with a prompt |")
+    print("|---|---|---|---|---|---|")
+    for yaml_path in sorted(glob.glob(os.path.join(args.runs, "*", "load*.yaml"))):
+        label = os.path.basename(yaml_path)[:-5]
+        executed = os.path.join(os.path.dirname(yaml_path), label, "executed")
+        steps = [p for p in (os.path.join(executed, "steps.csv"), os.path.join(executed, "steps.csv.gz")) if os.path.exists(p)]
+        if not steps:
+            continue
+        got = replay(args, yaml_path, steps[0], args.work)
+        if not got:
+            continue
+        everything.extend(got)
+        e = [g[0] for g in got]
+        dec = [g[0] for g in got if g[2] == 0]
+        pre = [g[0] for g in got if g[2] > 0]
+        name = f"{os.path.basename(os.path.dirname(yaml_path))} {label}"
+        print(f"| {name} | {len(got)} | {100 * median(e):+.1f}% | {100 * median([abs(x) for x in e]):.1f}% | {100 * median(dec):+.1f}% | {100 * median(pre):+.1f}% |")
+    if not everything:
+        sys.exit("no replayable runs")
+    e = [g[0] for g in everything]
+    print(f"\nAll {len(e)} steps: median error {100 * median(e):+.2f}%, median absolute error {100 * median([abs(x) for x in e]):.2f}%.\n")
+    print("| steps | count | median error | median difference (ms) |")
+    print("|---|---|---|---|")
+    for lo, hi in BATCHES:
+        sel = [g for g in everything if g[2] == 0 and lo <= g[3] < hi]
+        if sel:
+            print(f"| decode only, batch {lo}-{hi - 1} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} |")
+    for lo, hi in PROMPTS:
+        sel = [g for g in everything if lo <= g[2] < hi]
+        if sel:
+            top = f"{hi - 1}" if hi < 1 << 20 else "+"
+            print(f"| prompt tokens {lo}-{top} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
