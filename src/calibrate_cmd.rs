@@ -693,24 +693,13 @@ mod tests {
     /// A measurement with affine kernel times and no whole steps yet.
     fn measurement() -> Calibration {
         let tokens = [1u32, 8, 32, 64, 128, 256, 512, 1024, 2048];
-        let lora = |per_token: f64| {
+        // A LoRA grid: a launch cost, FLOPs per token·rank, a little per adapter.
+        let lora = |tokens: [u32; 3], launch: f64, per_token: f64| {
             let mut v = Vec::new();
-            for t in [16u32, 64, 256] {
+            for t in tokens {
                 for a in [1u32, 4, 16] {
                     for r in [8u32, 64] {
-                        let s = 1e-4 + per_token * t as f64 * r as f64 + 1e-6 * a as f64;
-                        v.push((t, a, r, stat(s)));
-                    }
-                }
-            }
-            v
-        };
-        let lora_prefill = |per_token: f64| {
-            let mut v = Vec::new();
-            for t in [16u32, 256, 1024] {
-                for a in [1u32, 4, 16] {
-                    for r in [8u32, 64] {
-                        let s = 2e-4 + per_token * t as f64 * r as f64 + 1e-6 * a as f64;
+                        let s = launch + per_token * t as f64 * r as f64 + 1e-6 * a as f64;
                         v.push((t, a, r, stat(s)));
                     }
                 }
@@ -748,10 +737,10 @@ mod tests {
                 .collect(),
             attention_prefill,
             attention_decode,
-            lora_shrink: lora(2e-8),
-            lora_expand: lora(3e-8),
-            lora_prefill_shrink: lora_prefill(1e-8),
-            lora_prefill_expand: lora_prefill(1e-8),
+            lora_shrink: lora([16, 64, 256], 1e-4, 2e-8),
+            lora_expand: lora([16, 64, 256], 1e-4, 3e-8),
+            lora_prefill_shrink: lora([16, 256, 1024], 2e-4, 1e-8),
+            lora_prefill_expand: lora([16, 256, 1024], 2e-4, 1e-8),
             host_to_device: vec![(1_000_000, stat(1e-4)), (100_000_000, stat(5e-3))],
             fixed_overhead: stat(1e-9),
             sampling_per_token: stat(1e-7),
