@@ -8,7 +8,9 @@
 //! outside the phases (building and uploading the step's tables, launch gaps, the final
 //! synchronisation and read-back) is the host-timed step without events minus the sum of its
 //! phases. Adapter loads are timed as the executor does them: pinned host → staging on the
-//! copy stream, scatter into pool pages, until the copy's event completes.
+//! copy stream, scatter into pool pages, until the copy's event completes. Every LoRA point's
+//! step is also timed whole, with its adapters and without (host-timed, no events): what the
+//! adapters add to a step, which the event-timed phases overstate (see `measurement`).
 //!
 //! The KV pages of a point are laid out by a multiplicative permutation of the pool, so
 //! neighbouring requests read distant pages, as a long-running server's do; a grid point

@@ -36,8 +36,9 @@ impl Stat {
 /// recorded around each phase of real steps; the `*_steps` fields are whole steps timed on the
 /// host as the executor runs them, without events. Events cost launch slots and split the
 /// work into serialised pieces, so where a phase is a few microseconds per layer (LoRA at small
-/// batches) the event-timed sum overstates what the phase adds to a step; the whole steps are
-/// what a profile is fitted against.
+/// batches) the event-timed sum overstates what the phase adds to a step: the LoRA grids are
+/// scaled to the whole steps with and without adapters, and the other whole steps check the
+/// sum of the parts (`slora-plan calibrate`'s report).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Calibration {
