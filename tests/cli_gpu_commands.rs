@@ -141,3 +141,36 @@ fn refit_of_a_missing_or_broken_measurement_is_bad_input() {
         "nothing written when one file is bad"
     );
 }
+
+#[test]
+fn the_embedded_profiles_are_their_measurements_refit() {
+    // `sim/profiles/README.md` says where the embedded H200 profiles come from: these
+    // measurements, refit (Llama-7B with the token quantum its live steps chose).
+    let root = env!("CARGO_MANIFEST_DIR");
+    let raw =
+        |model: &str| format!("{root}/docs/fidelity/runs-4/host-4/profiles/h200-{model}.raw.json");
+    let out = tmp("embedded");
+    for (model, extra) in [
+        ("llama-7b", vec!["--gemm-token-quantum", "64"]),
+        ("llama-13b", vec![]),
+        ("llama-3-8b", vec![]),
+    ] {
+        let raw = raw(model);
+        let mut args = vec![
+            "calibrate",
+            "--refit",
+            raw.as_str(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let derived = std::fs::read(out.join(format!("h200-{model}.json"))).unwrap();
+        let embedded = std::fs::read(format!("{root}/sim/profiles/h200-{model}.json")).unwrap();
+        assert!(
+            derived == embedded,
+            "{model}: the embedded profile is not its measurement refit"
+        );
+    }
+}
