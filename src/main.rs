@@ -59,7 +59,8 @@ enum Command {
         compare: bool,
     },
     /// On a GPU: time the executor's own operations over grids of shapes and write a
-    /// calibration profile for the simulator (see docs/FIDELITY.md).
+    /// calibration profile for the simulator (see docs/FIDELITY.md); with `--refit`, derive
+    /// profiles again from saved measurements, without a GPU.
     Calibrate(calibrate_cmd::CalibrateArgs),
     /// Capacity planning: which GPUs, how many, with which settings meet the scenario's SLO
     /// at its target rate for the least money, and how far that grows (runs the simulator).
