@@ -225,14 +225,19 @@ def capacity(binary, sc, work, profile, seconds):
     return lo, base_rate
 
 
-def rerun_text(args, yaml_path):
-    """An earlier run's scenario with this machine's trace path and no pinned profile."""
+def retarget(yaml_path, traces, profiles=None):
+    """An earlier run's scenario file for this machine: the trace at `traces`, and the profile
+    of its model from the folder `profiles` (or none pinned: the binary's embedded one)."""
     import re
 
     with open(yaml_path) as f:
         text = f.read()
     text = re.sub(r"^gpu_profile: .*\n", "", text, flags=re.M)
-    trace = os.path.abspath(os.path.join(args.traces, TRACE))
+    if profiles:
+        model = re.search(r"^model: (\S+)", text, re.M).group(1)
+        profile = os.path.abspath(os.path.join(profiles, f"h200-{model}.json"))
+        text = re.sub(r"^(gpu: .*\n)", f"\\1gpu_profile: {profile}\n", text, count=1, flags=re.M)
+    trace = os.path.abspath(os.path.join(traces, TRACE))
     return re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
 
 
@@ -270,7 +275,7 @@ def rerun(args):
             shutil.copy(saved, os.path.join(work, "capacity.json"))
         path = os.path.join(work, f"{label}.yaml")
         with open(path, "w") as f:
-            f.write(rerun_text(args, yaml_path))
+            f.write(retarget(yaml_path, args.traces))
         out = os.path.join(work, label)
         started = time.monotonic()
         code = run([args.bin, "simulate", path, "--execute", "--quiet", "--out", os.path.join(out, "executed")], env)
@@ -289,7 +294,6 @@ def rerun(args):
 
 def resimulate(args):
     import glob
-    import re
 
     results = []
     for yaml_path in sorted(glob.glob(os.path.join(args.resimulate, "*", "load*.yaml"))):
@@ -300,17 +304,7 @@ def resimulate(args):
         executed = os.path.join(os.path.dirname(yaml_path), label, "executed")
         if not os.path.isdir(executed):
             continue
-        with open(yaml_path) as f:
-            text = f.read()
-        model = re.search(r"^model: (\S+)", text, re.M).group(1)
-        profile = None
-        if args.profiles:
-            profile = os.path.abspath(os.path.join(args.profiles, f"h200-{model}.json"))
-        text = re.sub(r"^gpu_profile: .*\n", "", text, flags=re.M)
-        if profile:
-            text = re.sub(r"^(gpu: .*\n)", f"\\1gpu_profile: {profile}\n", text, count=1, flags=re.M)
-        trace = os.path.abspath(os.path.join(args.traces, TRACE))
-        text = re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
+        text = retarget(yaml_path, args.traces, args.profiles)
         work = os.path.join(args.out, scenario)
         os.makedirs(work, exist_ok=True)
         path = os.path.join(work, f"{label}.yaml")

@@ -21,12 +21,13 @@ import glob
 import gzip
 import io
 import os
-import re
 import statistics
 import subprocess
 import sys
 
-TRACE = "AzureLLMInferenceTrace_conv.csv"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fidelity import retarget  # noqa: E402
+
 BATCHES = [(1, 8), (8, 32), (32, 64), (64, 96), (96, 128), (128, 160), (160, 200), (200, 257)]
 PROMPTS = [(1, 64), (64, 256), (256, 512), (512, 1024), (1024, 2048), (2048, 1 << 20)]
 
@@ -36,15 +37,7 @@ def median(xs):
 
 
 def replay(args, yaml_path, steps_path, work):
-    with open(yaml_path) as f:
-        text = f.read()
-    model = re.search(r"^model: (\S+)", text, re.M).group(1)
-    text = re.sub(r"^gpu_profile: .*\n", "", text, flags=re.M)
-    if args.profiles:
-        profile = os.path.abspath(os.path.join(args.profiles, f"h200-{model}.json"))
-        text = re.sub(r"^(gpu: .*\n)", f"\\1gpu_profile: {profile}\n", text, count=1, flags=re.M)
-    trace = os.path.abspath(os.path.join(args.traces, TRACE))
-    text = re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
+    text = retarget(yaml_path, args.traces, args.profiles)
     scenario = os.path.join(work, "scenario.yaml")
     with open(scenario, "w") as f:
         f.write(text)
