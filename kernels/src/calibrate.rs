@@ -255,6 +255,15 @@ fn phase_stat(phases: &[PhaseTimes], pick: impl Fn(&PhaseTimes) -> f64) -> Stat 
     Stat::of(phases.iter().map(|p| pick(p) * 1e-3).collect())
 }
 
+/// One LoRA grid point: its `(tokens, adapters or segments, rank)` and the median of `phase`.
+fn lora_point(
+    (tokens, adapters, rank): (u32, u32, u32),
+    phases: &[PhaseTimes],
+    phase: Phase,
+) -> (u32, u32, u32, Stat) {
+    (tokens, adapters, rank, phase_stat(phases, |p| p.get(phase)))
+}
+
 /// Measures `model` (synthetic weights) on GPU 0 over `grid`. `progress` gets a line per
 /// grid being measured.
 pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Result<Calibration> {
@@ -469,19 +478,10 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
             for &adapters in &grid.lora_adapters {
                 let used = &ids[..adapters.min(tokens) as usize];
                 let (phases, hosts) = b.measure(reps, |b| b.decode_plan(tokens, 16, used))?;
+                let key = (tokens, adapters, rank);
                 lora_steps.push((tokens, adapters, rank, Stat::of(hosts)));
-                lora_shrink.push((
-                    tokens,
-                    adapters,
-                    rank,
-                    phase_stat(&phases, |p| p.get(Phase::LoraShrink)),
-                ));
-                lora_expand.push((
-                    tokens,
-                    adapters,
-                    rank,
-                    phase_stat(&phases, |p| p.get(Phase::LoraExpand)),
-                ));
+                lora_shrink.push(lora_point(key, &phases, Phase::LoraShrink));
+                lora_expand.push(lora_point(key, &phases, Phase::LoraExpand));
             }
         }
         // Prompt segments: the tokens spread evenly over `segments` requests, one adapter each.
@@ -498,19 +498,10 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
                     lora_prefill_base_steps.push((tokens, segments, Stat::of(hosts)));
                 }
                 let (phases, hosts) = b.measure(reps, |b| b.prefill_plan(&chunks, used))?;
+                let key = (tokens, segments, rank);
                 lora_prefill_steps.push((tokens, segments, rank, Stat::of(hosts)));
-                lora_prefill_shrink.push((
-                    tokens,
-                    segments,
-                    rank,
-                    phase_stat(&phases, |p| p.get(Phase::LoraShrink)),
-                ));
-                lora_prefill_expand.push((
-                    tokens,
-                    segments,
-                    rank,
-                    phase_stat(&phases, |p| p.get(Phase::LoraExpand)),
-                ));
+                lora_prefill_shrink.push(lora_point(key, &phases, Phase::LoraShrink));
+                lora_prefill_expand.push(lora_point(key, &phases, Phase::LoraExpand));
             }
         }
     }
