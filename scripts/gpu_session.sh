@@ -25,7 +25,12 @@
 #           calibrate the three models; then all four serve part d's live runs again, in the
 #           order of F_RUNS (85% and 95% loads first), until the budget ends.
 #
-#   scripts/gpu_session.sh a|b|c|d|e|f BIN TRACES OUT [PROFILES]
+#   part g: one GPU, after the change that runs the decode rows' LoRA beside the base GEMMs:
+#           the kernel checks, the reference check (LoRA beside the GEMMs and in line),
+#           bench-gpu (both ways in the same run), then Llama-7B calibrated with the new
+#           executor while the budget lasts.
+#
+#   scripts/gpu_session.sh a|b|c|d|e|f|g BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
 set -u
 part=$1 bin=$2 traces=$3 out=$4 profiles=${5:-}
@@ -47,7 +52,22 @@ runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-
 
 rerun_from=${RERUN_FROM:-docs/fidelity/runs-3/host-2}
 
-if [ "$part" = f ]; then
+if [ "$part" = g ]; then
+    timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1
+    timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
+    timeout 150 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1
+    timeout 280 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
+    if [ "$(left)" -gt 120 ]; then
+        timeout $(($(left) - 15)) "$bin" calibrate --model llama-7b --reps "${REPS:-4}" \
+            --out "$work/profiles" >"$out/calibrate-llama-7b.log" 2>&1
+    fi
+    tar czf "$out/part-g.tgz" -C "$work" profiles 2>/dev/null
+    grep -E "FAIL|pass|greedy|max" "$out/reference.log" | tail -n 30
+    grep -E "^\| (1|32|64|128|256) \|" "$out/bench-gpu.log" | head -n 20
+    tail -n 5 "$out"/calibrate-llama-7b.log 2>/dev/null
+    echo "part $part done in $(($(date +%s) - start)) s"
+    exit 0
+elif [ "$part" = f ]; then
     touch "$busy/gpu0.busy" "$busy/gpu1.busy"
     (
         export CUDA_VISIBLE_DEVICES=0

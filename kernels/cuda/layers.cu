@@ -123,21 +123,35 @@ extern "C" __global__ void rms_norm(const half_t* __restrict__ x, const half_t* 
 // out[t] = rms_norm(residual[t]) * w. One block per row; grid.x = tokens.
 // Each thread re-reads in pass two exactly the residual elements it wrote in pass one, so no
 // synchronisation is needed between the write and the read.
+//
+// When delta is not null, rows t >= delta_row0 first take x[t] = f16(x[t] + delta[t - delta_row0]):
+// the o projection's LoRA delta of the decode rows, computed on a second stream while the o
+// GEMM runs, added where peft adds it (to the projection's output, before the residual).
 extern "C" __global__ void add_rms_norm(half_t* __restrict__ residual, const half_t* __restrict__ x,
                                         const half_t* __restrict__ w, half_t* __restrict__ out,
-                                        int hidden, float eps) {
+                                        int hidden, float eps, const half_t* __restrict__ delta,
+                                        int delta_row0) {
     const long long row = blockIdx.x;
     half_t* rr = residual + row * hidden;
     const half_t* xr = x + row * hidden;
     half_t* outr = out + row * hidden;
+    const half_t* dr = delta != nullptr && row >= delta_row0
+                           ? delta + (row - delta_row0) * hidden
+                           : nullptr;
     const bool vec = (hidden & 7) == 0 && aligned16(residual) && aligned16(x) && aligned16(w) &&
-                     aligned16(out);
+                     aligned16(out) && (dr == nullptr || aligned16(dr));
     float ss = 0.0f;
     if (vec) {
         for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
             half_t rs[8], xs[8];
             load8(rr + i, rs);
             load8(xr + i, xs);
+            if (dr != nullptr) {
+                half_t ds[8];
+                load8(dr + i, ds);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) xs[k] = f2h(h2f(xs[k]) + h2f(ds[k]));
+            }
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
                 rs[k] = f2h(h2f(rs[k]) + h2f(xs[k]));
@@ -148,7 +162,8 @@ extern "C" __global__ void add_rms_norm(half_t* __restrict__ residual, const hal
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-            const half_t s = f2h(h2f(rr[i]) + h2f(xr[i]));
+            const half_t xi = dr != nullptr ? f2h(h2f(xr[i]) + h2f(dr[i])) : xr[i];
+            const half_t s = f2h(h2f(rr[i]) + h2f(xi));
             rr[i] = s;
             const float f = h2f(s);
             ss += f * f;
@@ -289,22 +304,44 @@ extern "C" __global__ void add(half_t* __restrict__ x, const half_t* __restrict_
 // qkv [T, qw + 2 kvw] (one fused q/k/v GEMM's output: q columns, then k, then v) -> q [T, qw],
 // k [T, kvw], v [T, kvw]. grid = (tokens, ceil((qw + 2 kvw) / LAYERS_CHUNK)), block = 256.
 // With every width a multiple of 8 a 16-byte chunk never straddles two outputs.
+//
+// When dq is not null, rows r >= delta_row0 also get the decode rows' LoRA deltas added:
+// q[r] = qkv[r, q cols] + dq[r - delta_row0] (dk, dv alike), rounded to fp16 once, as the `add`
+// kernel rounds. The deltas are computed on a second stream while the q/k/v GEMM runs (see
+// GpuExecutor::forward), so adding them here costs no launch of its own.
 extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __restrict__ q,
                                      half_t* __restrict__ k, half_t* __restrict__ v, int qw,
-                                     int kvw) {
+                                     int kvw, const half_t* __restrict__ dq,
+                                     const half_t* __restrict__ dk,
+                                     const half_t* __restrict__ dv, int delta_row0) {
     const long long row = blockIdx.x;
     const int total = qw + 2 * kvw;
     const half_t* src = qkv + row * total;
     const int begin = blockIdx.y * LAYERS_CHUNK;
+    const bool with_delta = dq != nullptr && row >= delta_row0;
+    const long long drow = row - delta_row0;
     const bool vec = (qw & 7) == 0 && (kvw & 7) == 0 && aligned16(qkv) && aligned16(q) &&
-                     aligned16(k) && aligned16(v);
+                     aligned16(k) && aligned16(v) &&
+                     (dq == nullptr || (aligned16(dq) && aligned16(dk) && aligned16(dv)));
     if (vec) {
         const int j = begin + threadIdx.x * 8;
         if (j < total) {
             half_t* dst = j < qw ? q + row * qw + j
                         : j < qw + kvw ? k + row * kvw + (j - qw)
                                        : v + row * kvw + (j - qw - kvw);
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src + j);
+            if (with_delta) {
+                const half_t* d = j < qw ? dq + drow * qw + j
+                                : j < qw + kvw ? dk + drow * kvw + (j - qw)
+                                               : dv + drow * kvw + (j - qw - kvw);
+                half_t xs[8], ds[8];
+                load8(src + j, xs);
+                load8(d, ds);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) xs[e] = f2h(h2f(xs[e]) + h2f(ds[e]));
+                store8(dst, xs);
+            } else {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src + j);
+            }
         }
     } else {
         const int end = min(total, begin + LAYERS_CHUNK);
@@ -312,7 +349,14 @@ extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __r
             half_t* dst = j < qw ? q + row * qw + j
                         : j < qw + kvw ? k + row * kvw + (j - qw)
                                        : v + row * kvw + (j - qw - kvw);
-            *dst = src[j];
+            if (with_delta) {
+                const half_t* d = j < qw ? dq + drow * qw + j
+                                : j < qw + kvw ? dk + drow * kvw + (j - qw)
+                                               : dv + drow * kvw + (j - qw - kvw);
+                *dst = f2h(h2f(src[j]) + h2f(*d));
+            } else {
+                *dst = src[j];
+            }
         }
     }
 }

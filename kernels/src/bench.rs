@@ -263,8 +263,8 @@ mod imp {
         let mut lines = vec![
             String::new(),
             "Decode step, synthetic Llama-7B, context 512, engine-driven (host-timed, uploads and sync included):".into(),
-            "| batch | with adapters (ms) | without (ms) | adapter overhead | Zipf(1) adapters (ms) | Zipf overhead | distinct (Zipf) | with adapters, no CUDA graph (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
-            "|---|---|---|---|---|---|---|---|---|---|---|".into(),
+            "| batch | with adapters (ms) | without (ms) | adapter overhead | LoRA in line, same run (ms) | its overhead | Zipf(1) adapters (ms) | Zipf overhead | distinct (Zipf) | with adapters, no CUDA graph (ms) | no graph, LoRA in line (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         let mut phase_lines = vec![
             String::new(),
@@ -291,17 +291,20 @@ mod imp {
         };
         let mut next_id = 0u64;
         for batch in [1usize, 32, 64, 128, 256] {
-            let mut times = [0.0f64; 5];
+            let mut times = [0.0f64; 7];
             let mut adapter_bytes = 0f64;
             let mut zipf_distinct = 0u32;
             let mut phases: Vec<PhaseTimes> = Vec::new();
-            // (adapters: 0 none, 1 distinct, 2 Zipf; CUDA graphs; phase timing)
-            for (k, (adapters, graphs, timing)) in [
-                (1u8, true, false),
-                (0, true, false),
-                (2, true, false),
-                (1, false, false),
-                (1, false, true),
+            // (adapters: 0 none, 1 distinct, 2 Zipf; CUDA graphs; phase timing; the decode
+            // rows' LoRA on its own stream beside the base GEMMs, or in line after them)
+            for (k, (adapters, graphs, timing, overlap)) in [
+                (1u8, true, false, true),
+                (0, true, false, true),
+                (2, true, false, true),
+                (1, false, false, true),
+                (1, false, true, false),
+                (1, true, false, false),
+                (1, false, false, false),
             ]
             .into_iter()
             .enumerate()
@@ -309,6 +312,7 @@ mod imp {
                 exec.reset();
                 exec.set_cuda_graphs(graphs);
                 exec.set_phase_timing(timing);
+                exec.set_lora_overlap(overlap);
                 let mut engine = Scheduler::new(EngineConfig {
                     model: model.clone(),
                     adapters: specs.clone(),
@@ -397,13 +401,16 @@ mod imp {
             let bytes = weight_bytes + kv_bytes + adapter_bytes;
             let bw = bytes / (times[0] * 1e-3);
             lines.push(format!(
-                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {zipf_distinct} | {:.2} | {:.2} | {:.0} | {:.0}% |",
+                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {zipf_distinct} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0}% |",
                 times[0],
                 times[1],
                 100.0 * (times[0] / times[1] - 1.0),
+                times[5],
+                100.0 * (times[5] / times[1] - 1.0),
                 times[2],
                 100.0 * (times[2] / times[1] - 1.0),
                 times[3],
+                times[6],
                 bytes / 1e9,
                 bw / 1e9,
                 100.0 * bw / copy_bw
@@ -448,6 +455,7 @@ mod imp {
             ));
         }
         exec.set_cuda_graphs(true);
+        exec.set_lora_overlap(true);
         // Prefill of 4,096 tokens: 8 requests x 512 tokens, 8 distinct adapters, one step.
         let mut prefill_ms = Vec::new();
         for rep in 0..5 {

@@ -156,105 +156,119 @@ mod imp {
                 max_prefill_tokens: (max_prompt as u32).max(64),
                 ..SchedulerConfig::default()
             };
-            let mut engine = Scheduler::new(EngineConfig {
-                model: model.clone(),
-                adapters: adapters.iter().map(|a| a.spec()).collect(),
-                pool_pages,
-                pool_layout: PoolLayout::Unified,
-                scheduler: sched,
-            })
-            .map_err(|e| Error::Plan {
-                step: 0,
-                reason: e.to_string(),
-            })?;
-            let gpu = Gpu::new(0)?;
-            let mut exec = GpuExecutor::new(
-                gpu,
-                ExecutorConfig {
+            // Twice: the decode rows' LoRA on its own stream beside the base GEMMs (how the
+            // executor serves) and in line after them (the baseline), each against the
+            // reference.
+            for overlap in [true, false] {
+                let mut engine = Scheduler::new(EngineConfig {
                     model: model.clone(),
-                    rms_norm_eps: extras.rms_norm_eps,
+                    adapters: adapters.iter().map(|a| a.spec()).collect(),
                     pool_pages,
-                    max_step_tokens: max_prompt + config.requests.len() + 8,
-                    max_rank: adapters.iter().map(|a| a.rank).max().unwrap_or(1),
-                    record_prompt_logits: true,
-                },
-                ModelWeights::Host(&weights),
-            )?;
-            for (i, a) in adapters.iter().enumerate() {
-                exec.register_adapter(AdapterId(i as u32), a)?;
-            }
-            for (i, req) in config.requests.iter().enumerate() {
-                let id = RequestId(i as u64);
-                exec.add_request(id, req.prompt.clone())?;
-                let meta = RequestMeta {
-                    id,
-                    adapter: req.adapter.map(|a| AdapterId(a as u32)),
-                    tenant: None,
-                    prompt_tokens: req.prompt.len() as u32,
-                    output_tokens: req.greedy.len().max(1) as u32,
-                };
-                engine.submit(meta, Nanos::ZERO).map_err(|e| Error::Plan {
+                    pool_layout: PoolLayout::Unified,
+                    scheduler: sched.clone(),
+                })
+                .map_err(|e| Error::Plan {
                     step: 0,
                     reason: e.to_string(),
                 })?;
-            }
-            // Drive the engine to completion, keeping every logit row the executor recorded.
-            let mut logits: HashMap<(RequestId, u32), Vec<f32>> = HashMap::new();
-            let mut now = Nanos::ZERO;
-            let mut finished_tokens: HashMap<RequestId, Vec<u32>> = HashMap::new();
-            while let Some(plan) = engine.plan_step(now).map_err(|e| Error::Plan {
-                step: 0,
-                reason: e.to_string(),
-            })? {
-                let report = exec.execute(&plan).map_err(|e| Error::Plan {
-                    step: plan.step,
-                    reason: e.to_string(),
-                })?;
-                for (id, pos, row) in exec.last_logits.drain(..) {
-                    logits.insert((id, pos), row);
+                let gpu = Gpu::new(0)?;
+                let mut exec = GpuExecutor::new(
+                    gpu,
+                    ExecutorConfig {
+                        model: model.clone(),
+                        rms_norm_eps: extras.rms_norm_eps,
+                        pool_pages,
+                        max_step_tokens: max_prompt + config.requests.len() + 8,
+                        max_rank: adapters.iter().map(|a| a.rank).max().unwrap_or(1),
+                        record_prompt_logits: true,
+                    },
+                    ModelWeights::Host(&weights),
+                )?;
+                exec.set_lora_overlap(overlap);
+                for (i, a) in adapters.iter().enumerate() {
+                    exec.register_adapter(AdapterId(i as u32), a)?;
                 }
-                now = now + report.elapsed;
-                let outcome = engine
-                    .complete_step(&report, now)
-                    .map_err(|e| Error::Plan {
+                for (i, req) in config.requests.iter().enumerate() {
+                    let id = RequestId(i as u64);
+                    exec.add_request(id, req.prompt.clone())?;
+                    let meta = RequestMeta {
+                        id,
+                        adapter: req.adapter.map(|a| AdapterId(a as u32)),
+                        tenant: None,
+                        prompt_tokens: req.prompt.len() as u32,
+                        output_tokens: req.greedy.len().max(1) as u32,
+                    };
+                    engine.submit(meta, Nanos::ZERO).map_err(|e| Error::Plan {
+                        step: 0,
+                        reason: e.to_string(),
+                    })?;
+                }
+                // Drive the engine to completion, keeping every logit row the executor recorded.
+                let mut logits: HashMap<(RequestId, u32), Vec<f32>> = HashMap::new();
+                let mut now = Nanos::ZERO;
+                let mut finished_tokens: HashMap<RequestId, Vec<u32>> = HashMap::new();
+                while let Some(plan) = engine.plan_step(now).map_err(|e| Error::Plan {
+                    step: 0,
+                    reason: e.to_string(),
+                })? {
+                    let report = exec.execute(&plan).map_err(|e| Error::Plan {
                         step: plan.step,
                         reason: e.to_string(),
                     })?;
-                for f in outcome.finished {
-                    if let Some(t) = exec.remove_request(f.request) {
-                        finished_tokens.insert(f.request, t);
+                    for (id, pos, row) in exec.last_logits.drain(..) {
+                        logits.insert((id, pos), row);
+                    }
+                    now = now + report.elapsed;
+                    let outcome = engine
+                        .complete_step(&report, now)
+                        .map_err(|e| Error::Plan {
+                            step: plan.step,
+                            reason: e.to_string(),
+                        })?;
+                    for f in outcome.finished {
+                        if let Some(t) = exec.remove_request(f.request) {
+                            finished_tokens.insert(f.request, t);
+                        }
                     }
                 }
-            }
-            let mut check = ConfigCheck {
-                name: config.name.clone(),
-                prompt: LogitStats::default(),
-                decode: LogitStats::default(),
-                greedy: Vec::new(),
-            };
-            for (i, req) in config.requests.iter().enumerate() {
-                let id = RequestId(i as u64);
-                let p = req.prompt.len();
-                for (pos, want) in req.prompt_logits.iter().enumerate() {
-                    let got = logits
-                        .get(&(id, pos as u32))
-                        .map(|v| v.as_slice())
-                        .unwrap_or(&[]);
-                    check.prompt.add_row(got, want);
-                }
-                let tokens = finished_tokens.get(&id).cloned().unwrap_or_default();
-                let ours: Vec<u32> = tokens.get(p..).map(|t| t.to_vec()).unwrap_or_default();
-                let g = GreedyCheck::compare(&ours, &req.greedy, &req.decode_logits);
-                // Decode logits are comparable while our tokens follow the reference's.
-                for k in 1..=g.matched.min(req.decode_logits.len().saturating_sub(1)) {
-                    let pos = (p - 1 + k) as u32;
-                    if let Some(got) = logits.get(&(id, pos)) {
-                        check.decode.add_row(got, &req.decode_logits[k]);
+                let mut check = ConfigCheck {
+                    name: format!(
+                        "{} (LoRA {})",
+                        config.name,
+                        if overlap {
+                            "beside the GEMMs"
+                        } else {
+                            "in line"
+                        }
+                    ),
+                    prompt: LogitStats::default(),
+                    decode: LogitStats::default(),
+                    greedy: Vec::new(),
+                };
+                for (i, req) in config.requests.iter().enumerate() {
+                    let id = RequestId(i as u64);
+                    let p = req.prompt.len();
+                    for (pos, want) in req.prompt_logits.iter().enumerate() {
+                        let got = logits
+                            .get(&(id, pos as u32))
+                            .map(|v| v.as_slice())
+                            .unwrap_or(&[]);
+                        check.prompt.add_row(got, want);
                     }
+                    let tokens = finished_tokens.get(&id).cloned().unwrap_or_default();
+                    let ours: Vec<u32> = tokens.get(p..).map(|t| t.to_vec()).unwrap_or_default();
+                    let g = GreedyCheck::compare(&ours, &req.greedy, &req.decode_logits);
+                    // Decode logits are comparable while our tokens follow the reference's.
+                    for k in 1..=g.matched.min(req.decode_logits.len().saturating_sub(1)) {
+                        let pos = (p - 1 + k) as u32;
+                        if let Some(got) = logits.get(&(id, pos)) {
+                            check.decode.add_row(got, &req.decode_logits[k]);
+                        }
+                    }
+                    check.greedy.push(g);
                 }
-                check.greedy.push(g);
+                out.push((check, exec.graph_replays));
             }
-            out.push((check, exec.graph_replays));
         }
         Ok(out)
     }

@@ -21,7 +21,7 @@ use crate::gpu::{driver_err, Gpu, Phase, PhaseTimes};
 use crate::ops::{attention, layers, lora, sampling};
 use crate::packing;
 use crate::weights::PeftAdapter;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaView, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, PinnedHostSlice};
 use half::f16;
 use slora_engine::{
     AdapterId, ExecError, Executor, ModelSpec, RequestId, StepPlan, StepReport, TargetModule,
@@ -102,6 +102,15 @@ struct Buffers {
     gate_up: CudaSlice<f16>,
     mlp: CudaSlice<f16>,
     lora_scratch: CudaSlice<f32>,
+    /// The decode rows' LoRA deltas of q, k, v and o, computed on the LoRA stream while the
+    /// base GEMMs run, and added by `split_qkv` and `add_rms_norm` (see `forward`).
+    lora_dq: CudaSlice<f16>,
+    lora_dk: CudaSlice<f16>,
+    lora_dv: CudaSlice<f16>,
+    lora_do: CudaSlice<f16>,
+    /// The LoRA stream's own `v` scratch: the prefill rows' LoRA uses `lora_scratch` on the
+    /// compute stream at the same time.
+    lora_side_scratch: CudaSlice<f32>,
     sample_rows: CudaSlice<f16>,
     logits16: CudaSlice<f16>,
     logits32: CudaSlice<f32>,
@@ -146,6 +155,10 @@ pub struct GpuExecutor {
     phase_timing: bool,
     /// Per-phase GPU times of the last step run with phase timing on.
     pub last_phase_times: Option<PhaseTimes>,
+    /// Whether the decode rows' LoRA runs on the LoRA stream beside the base GEMMs (the
+    /// default) or in line on the compute stream (always so while phase timing is on, so
+    /// that each phase's events bracket its own kernels).
+    lora_overlap: bool,
 }
 
 /// What a captured decode graph depends on: every kernel argument (sizes and addresses of
@@ -156,6 +169,7 @@ struct GraphKey {
     adapter_pages: usize,
     lora: Vec<(u8, bool)>,
     partitions: usize,
+    overlap_lora: bool,
     kv_offset: usize,
     generation: u64,
 }
@@ -211,10 +225,12 @@ impl GpuExecutor {
             model.vocab_size as u64,
         );
         let t = max_step_tokens.max(1) as u64;
-        // hidden, residual, normed, qkv, q, k, v, attention, gate_up, mlp, sampled rows (fp16),
-        // LoRA scratch and f32 logits, plus fp16 logits: what `new` allocates (q, k and v
-        // counted at the MHA width, an upper bound for GQA).
-        let activations = t * (10 * h + 3 * i + h) * 2 + 3 * t * max_rank as u64 * 4 + t * v * 6;
+        // hidden, residual, normed, qkv, q, k, v, attention, gate_up, mlp, sampled rows, the
+        // LoRA deltas of q, k, v and o (fp16), both LoRA scratches and f32 logits, plus fp16
+        // logits: what `new` allocates (q, k and v counted at the MHA width, an upper bound
+        // for GQA).
+        let activations =
+            t * (14 * h + 3 * i + h) * 2 + 2 * 3 * t * max_rank as u64 * 4 + t * v * 6;
         let fixed = DeviceWeights::bytes(model) + activations;
         let usable = (free as f64 * fraction) as u64;
         if usable <= fixed {
@@ -275,6 +291,15 @@ impl GpuExecutor {
                 3 * t * cfg.max_rank.max(1) as usize,
                 "LoRA scratch",
             )?,
+            lora_dq: device::alloc(&gpu, t * qw, "LoRA delta of q")?,
+            lora_dk: device::alloc(&gpu, t * kvw, "LoRA delta of k")?,
+            lora_dv: device::alloc(&gpu, t * kvw, "LoRA delta of v")?,
+            lora_do: device::alloc(&gpu, t * h, "LoRA delta of o")?,
+            lora_side_scratch: device::alloc(
+                &gpu,
+                3 * t * cfg.max_rank.max(1) as usize,
+                "LoRA scratch of the LoRA stream",
+            )?,
             sample_rows: device::alloc(&gpu, t * h, "sampled rows")?,
             logits16: device::alloc(&gpu, t * v, "logits")?,
             logits32: device::alloc(&gpu, t * v, "logits (f32)")?,
@@ -307,6 +332,7 @@ impl GpuExecutor {
             last_logits: Vec::new(),
             phase_timing: false,
             last_phase_times: None,
+            lora_overlap: true,
         })
     }
 
@@ -320,6 +346,14 @@ impl GpuExecutor {
     /// Runs decode-only steps as CUDA graphs (the default) or launch by launch.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.graphs_enabled = on;
+        self.graph = None;
+    }
+
+    /// Runs the decode rows' LoRA on a second stream, concurrently with the base GEMMs that
+    /// read the same input (the default), or in line after them (the baseline `bench-gpu`
+    /// compares against).
+    pub fn set_lora_overlap(&mut self, on: bool) {
+        self.lora_overlap = on;
         self.graph = None;
     }
 
@@ -770,6 +804,14 @@ impl GpuExecutor {
                 .map_err(driver_err("uploading the step's LoRA scales"))?;
         }
         let any_lora = !adapter_pages.is_empty();
+        // The decode rows' LoRA goes on the LoRA stream when some decode row has an adapter:
+        // its shrink and expand then overlap the q/k/v and o GEMMs, which read the same input
+        // and at decode batch sizes leave bandwidth and SMs idle (launch gaps, tails, too few
+        // output tiles). Phase timing needs every kernel in line on the compute stream.
+        let overlap_lora = any_lora
+            && self.lora_overlap
+            && !self.phase_timing
+            && dec_adapter.iter().any(Option::is_some);
         let ti = &self.tables_i32;
         let tf = &self.tables_f32;
         let d_tokens = ti.slice(r_tokens);
@@ -858,6 +900,7 @@ impl GpuExecutor {
                         k
                     },
                     partitions: decode_plan.as_ref().map_or(0, |p| p.partitions),
+                    overlap_lora,
                     kv_offset: r_kv_start,
                     generation: self.buffer_generation,
                 });
@@ -947,6 +990,35 @@ impl GpuExecutor {
                             rows,
                             h,
                             eps,
+                            None,
+                        )?;
+                    }
+                    let (p_rows, n_rows) = (prefill_rows, decode_rows);
+                    if overlap_lora {
+                        // The decode rows' q/k/v deltas, beside the q/k/v GEMM (both read
+                        // `normed`); split_qkv adds them after the join.
+                        g.fork_lora()?;
+                        let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
+                        let s = &g.lora_stream;
+                        let mut dq = b.lora_dq.slice_mut(..n_rows * qw);
+                        let mut dk = b.lora_dk.slice_mut(..n_rows * kvw);
+                        let mut dv = b.lora_dv.slice_mut(..n_rows * kvw);
+                        for (what, d) in [("q", &mut dq), ("k", &mut dk), ("v", &mut dv)] {
+                            s.memset_zeros(d)
+                                .map_err(driver_err(format!("zeroing the LoRA delta of {what}")))?;
+                        }
+                        lora_qkv_decode(
+                            &ctx,
+                            s,
+                            h,
+                            [
+                                (TargetModule::Q, qw),
+                                (TargetModule::K, kvw),
+                                (TargetModule::V, kvw),
+                            ],
+                            &b.normed,
+                            [dq, dk, dv],
+                            &mut b.lora_side_scratch,
                         )?;
                     }
                     device::linear(
@@ -959,6 +1031,15 @@ impl GpuExecutor {
                         qw + 2 * kvw,
                         false,
                     )?;
+                    let qkv_delta = overlap_lora.then(|| layers::QkvDelta {
+                        first_row: p_rows,
+                        dq: b.lora_dq.slice(..n_rows * qw),
+                        dk: b.lora_dk.slice(..n_rows * kvw),
+                        dv: b.lora_dv.slice(..n_rows * kvw),
+                    });
+                    if overlap_lora {
+                        g.join_lora()?;
+                    }
                     layers::split_qkv(
                         g,
                         &b.qkv.slice(..rows * (qw + 2 * kvw)),
@@ -970,6 +1051,7 @@ impl GpuExecutor {
                         rows,
                         qw,
                         kvw,
+                        qkv_delta.as_ref(),
                     )?;
                     if any_lora {
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
@@ -991,18 +1073,25 @@ impl GpuExecutor {
                                 false,
                             )?;
                         }
-                        lora_qkv_decode(
-                            &ctx,
-                            h,
-                            [
-                                (TargetModule::Q, qw),
-                                (TargetModule::K, kvw),
-                                (TargetModule::V, kvw),
-                            ],
-                            &b.normed,
-                            [&mut b.q, &mut b.k, &mut b.v],
-                            &mut b.lora_scratch,
-                        )?;
+                        if !overlap_lora {
+                            lora_qkv_decode(
+                                &ctx,
+                                &g.stream,
+                                h,
+                                [
+                                    (TargetModule::Q, qw),
+                                    (TargetModule::K, kvw),
+                                    (TargetModule::V, kvw),
+                                ],
+                                &b.normed,
+                                [
+                                    b.q.slice_mut(p_rows * qw..(p_rows + n_rows) * qw),
+                                    b.k.slice_mut(p_rows * kvw..(p_rows + n_rows) * kvw),
+                                    b.v.slice_mut(p_rows * kvw..(p_rows + n_rows) * kvw),
+                                ],
+                                &mut b.lora_scratch,
+                            )?;
+                        }
                     }
                     g.mark(Phase::Dense)?;
                     layers::rope(
@@ -1056,6 +1145,26 @@ impl GpuExecutor {
                         )?;
                     }
                     g.mark(Phase::Dense)?;
+                    if overlap_lora {
+                        // The decode rows' o delta, beside the o GEMM (both read `attn`);
+                        // add_rms_norm adds it to the GEMM's output after the join.
+                        g.fork_lora()?;
+                        let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
+                        let mut d_o = b.lora_do.slice_mut(..n_rows * h);
+                        g.lora_stream
+                            .memset_zeros(&mut d_o)
+                            .map_err(driver_err("zeroing the LoRA delta of o"))?;
+                        lora_decode_on(
+                            &ctx,
+                            &g.lora_stream,
+                            TargetModule::O,
+                            qw,
+                            h,
+                            &b.attn.slice(p_rows * qw..(p_rows + n_rows) * qw),
+                            &mut d_o,
+                            &mut b.lora_side_scratch,
+                        )?;
+                    }
                     device::linear(
                         g,
                         &b.attn.slice(..rows * qw),
@@ -1076,8 +1185,15 @@ impl GpuExecutor {
                             &b.attn,
                             &mut b.hidden,
                             &mut b.lora_scratch,
-                            true,
+                            !overlap_lora,
                         )?;
+                    }
+                    let o_delta = overlap_lora.then(|| layers::RowDelta {
+                        first_row: p_rows,
+                        delta: b.lora_do.slice(..n_rows * h),
+                    });
+                    if overlap_lora {
+                        g.join_lora()?;
                     }
                     // MLP block: residual += attention output; normed = rms_norm(residual).
                     g.mark(Phase::Dense)?;
@@ -1090,6 +1206,7 @@ impl GpuExecutor {
                         rows,
                         h,
                         eps,
+                        o_delta.as_ref(),
                     )?;
                     device::linear(
                         g,
@@ -1130,6 +1247,7 @@ impl GpuExecutor {
                     rows,
                     h,
                     eps,
+                    None,
                 )?;
                 device::gather_rows(
                     g,
@@ -1307,33 +1425,67 @@ fn lora_apply(
         }
     }
     if n > 0 && decode {
-        if let Some(t) = c.tables.get(&(module, true)) {
-            lora::lora_decode(
-                c.g,
-                &x.slice(p * in_w..(p + n) * in_w),
-                &layer.k_pool,
-                &layer.v_pool,
-                &c.pages.slice(..),
-                &t.offset.slice(..),
-                &t.rank.slice(..),
-                &t.scale.slice(..),
-                &mut scratch.slice_mut(..n * c.max_rank),
-                &mut y.slice_mut(p * out_w..(p + n) * out_w),
-                shape,
-            )?;
-        }
+        lora_decode_on(
+            layer,
+            &c.g.stream,
+            module,
+            in_w,
+            out_w,
+            &x.slice(p * in_w..(p + n) * in_w),
+            &mut y.slice_mut(p * out_w..(p + n) * out_w),
+            scratch,
+        )?;
     }
     Ok(())
 }
 
+/// Adds the decode rows' LoRA delta of `module` to `y [decode rows, out_w]` (MBGMV on
+/// `stream`; `x [decode rows, in_w]`). Nothing when the step has no decode tables.
+#[allow(clippy::too_many_arguments)] // one module on one stream: its shapes, input, output, scratch
+fn lora_decode_on(
+    layer: &LoraLayer<'_>,
+    stream: &CudaStream,
+    module: TargetModule,
+    in_w: usize,
+    out_w: usize,
+    x: &CudaView<'_, f16>,
+    y: &mut CudaViewMut<'_, f16>,
+    scratch: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let c = layer.step;
+    let n = c.decode_rows;
+    let Some(t) = c.tables.get(&(module, true)) else {
+        return Ok(());
+    };
+    let shape = lora::LoraShape::new(in_w, out_w, c.page_w, c.max_rank, c.pool_pages);
+    lora::lora_decode_with(
+        c.g,
+        stream,
+        x,
+        &layer.k_pool,
+        &layer.v_pool,
+        &c.pages.slice(..),
+        &t.offset.slice(..),
+        &t.rank.slice(..),
+        &t.scale.slice(..),
+        &mut scratch.slice_mut(..n * c.max_rank),
+        y,
+        shape,
+        lora::DecodePath::Split,
+    )
+}
+
 /// The decode rows' LoRA deltas of up to three modules sharing the input `x` (q, k, v): one
-/// fused shrink launch and one fused expand launch instead of three of each.
+/// fused shrink launch and one fused expand launch on `stream` instead of three of each, added
+/// to `ys` (each `[decode rows, out]`).
+#[allow(clippy::too_many_arguments)] // three modules on one stream: shapes, input, outputs, scratch
 fn lora_qkv_decode(
     layer: &LoraLayer<'_>,
+    stream: &CudaStream,
     in_w: usize,
     modules: [(TargetModule, usize); 3],
     x: &CudaSlice<f16>,
-    ys: [&mut CudaSlice<f16>; 3],
+    ys: [CudaViewMut<'_, f16>; 3],
     scratch: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let c = layer.step;
@@ -1349,7 +1501,7 @@ fn lora_qkv_decode(
                 rank: t.rank.slice(..),
                 scale: t.scale.slice(..),
                 out_features: out_w,
-                y: y.slice_mut(p * out_w..(p + n) * out_w),
+                y,
             });
         }
     }
@@ -1365,6 +1517,7 @@ fn lora_qkv_decode(
     let count = outs.len();
     lora::lora_decode_multi(
         c.g,
+        stream,
         &x.slice(p * in_w..(p + n) * in_w),
         &layer.k_pool,
         &layer.v_pool,

@@ -37,6 +37,13 @@ pub struct Gpu {
     /// pages, overlapping compute. Ordered against `stream` with explicit events only (see
     /// `GpuExecutor::load_adapters`).
     pub copy_stream: Arc<CudaStream>,
+    /// The decode rows' LoRA kernels, run beside the base GEMMs of the same layer: forked from
+    /// and joined back to `stream` with [`Gpu::fork_lora`] and [`Gpu::join_lora`] (see
+    /// `GpuExecutor::forward`).
+    pub lora_stream: Arc<CudaStream>,
+    /// Reused for every fork and join, so a step records events instead of creating them.
+    fork_event: CudaEvent,
+    join_event: CudaEvent,
     pub blas: CudaBlas,
     /// The base model's linear layers (cuBLASLt, algorithm tuned per shape).
     pub gemm: crate::gemm::LtGemm,
@@ -126,6 +133,15 @@ impl Gpu {
         let copy_stream = ctx
             .new_stream()
             .map_err(driver_err("creating the copy stream"))?;
+        let lora_stream = ctx
+            .new_stream()
+            .map_err(driver_err("creating the LoRA stream"))?;
+        let fork_event = ctx
+            .new_event(None)
+            .map_err(driver_err("creating the LoRA fork event"))?;
+        let join_event = ctx
+            .new_event(None)
+            .map_err(driver_err("creating the LoRA join event"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Blas {
             context: "creating the cuBLAS handle".into(),
             message: e.to_string(),
@@ -136,6 +152,9 @@ impl Gpu {
             gemm,
             stream,
             copy_stream,
+            lora_stream,
+            fork_event,
+            join_event,
             blas,
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
@@ -196,6 +215,28 @@ impl Gpu {
             *times.ms.entry(pair[0].0).or_insert(0.0) += ms;
         }
         Ok(times)
+    }
+
+    /// `lora_stream` waits for the work queued on `stream` so far (its inputs are ready). Inside
+    /// a graph capture of `stream` this pulls `lora_stream` into the capture as a branch.
+    pub fn fork_lora(&self) -> Result<()> {
+        self.fork_event
+            .record(&self.stream)
+            .map_err(driver_err("recording the LoRA fork event"))?;
+        self.lora_stream
+            .wait(&self.fork_event)
+            .map_err(driver_err("forking the LoRA stream"))
+    }
+
+    /// `stream` waits for the work queued on `lora_stream` so far (its outputs are ready);
+    /// every fork is joined before a capture ends.
+    pub fn join_lora(&self) -> Result<()> {
+        self.join_event
+            .record(&self.lora_stream)
+            .map_err(driver_err("recording the LoRA join event"))?;
+        self.stream
+            .wait(&self.join_event)
+            .map_err(driver_err("joining the LoRA stream"))
     }
 
     pub fn arch(&self) -> &str {

@@ -239,8 +239,18 @@ pub fn rms_norm_plan(
     Ok(plan)
 }
 
+/// Plan of `add_rms_norm`: the row plan and the first row that gets a delta added.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AddRmsNormPlan {
+    pub rows: RowPlan,
+    /// `tokens` when there is no delta.
+    pub delta_row0: i32,
+}
+
 /// `add_rms_norm`: `residual [tokens, hidden]` (updated in place), `x [tokens, hidden]`,
-/// `weight [hidden]`, `out [tokens, hidden]`.
+/// `weight [hidden]`, `out [tokens, hidden]`; with `delta = Some((first_row, len))`, rows
+/// `first_row..tokens` of `x` get `delta [tokens - first_row, hidden]` added first.
+#[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_plan(
     tokens: usize,
     hidden: usize,
@@ -249,14 +259,31 @@ pub fn add_rms_norm_plan(
     x_len: usize,
     weight_len: usize,
     out_len: usize,
-) -> Result<RowPlan> {
+    delta: Option<(usize, usize)>,
+) -> Result<AddRmsNormPlan> {
     const K: &str = "add_rms_norm";
     let plan = row_plan(K, tokens, hidden, eps)?;
     check_len(K, "residual", residual_len, tokens * hidden)?;
     check_len(K, "x", x_len, tokens * hidden)?;
     check_len(K, "weight", weight_len, hidden)?;
     check_len(K, "out", out_len, tokens * hidden)?;
-    Ok(plan)
+    let delta_row0 = match delta {
+        None => tokens,
+        Some((first_row, len)) => {
+            if first_row > tokens {
+                return Err(launch_error(
+                    K,
+                    format!("the delta starts at row {first_row}, past the {tokens} rows"),
+                ));
+            }
+            check_len(K, "delta", len, (tokens - first_row) * hidden)?;
+            first_row
+        }
+    };
+    Ok(AddRmsNormPlan {
+        rows: plan,
+        delta_row0: to_i32(K, "delta row", delta_row0)?,
+    })
 }
 
 /// `rope`: one block per token; a thread per (head, i < head_dim/2) pair, up to 512.
@@ -343,16 +370,21 @@ pub fn silu_mul_plan(
 pub struct SplitQkvPlan {
     pub q_width: i32,
     pub kv_width: i32,
+    /// First row that gets the LoRA deltas added (`tokens` when there are none).
+    pub delta_row0: i32,
     pub launch: Launch,
 }
 
 /// `split_qkv`: `qkv [tokens, q_width + 2 × kv_width]` → `q [tokens, q_width]`,
-/// `k` and `v [tokens, kv_width]`.
+/// `k` and `v [tokens, kv_width]`; with `delta = Some((first_row, [dq, dk, dv] lengths))`,
+/// rows `first_row..tokens` also get `dq [tokens - first_row, q_width]` (and `dk`, `dv` of
+/// `kv_width`) added.
 pub fn split_qkv_plan(
     tokens: usize,
     q_width: usize,
     kv_width: usize,
     lens: [usize; 4],
+    delta: Option<(usize, [usize; 3])>,
 ) -> Result<SplitQkvPlan> {
     const K: &str = "split_qkv";
     positive(K, "q_width", q_width)?;
@@ -363,9 +395,26 @@ pub fn split_qkv_plan(
     check_len(K, "q", lens[1], tokens * q_width)?;
     check_len(K, "k", lens[2], tokens * kv_width)?;
     check_len(K, "v", lens[3], tokens * kv_width)?;
+    let delta_row0 = match delta {
+        None => tokens,
+        Some((first_row, [dq, dk, dv])) => {
+            if first_row > tokens {
+                return Err(launch_error(
+                    K,
+                    format!("the deltas start at row {first_row}, past the {tokens} rows"),
+                ));
+            }
+            let rows = tokens - first_row;
+            check_len(K, "dq", dq, rows * q_width)?;
+            check_len(K, "dk", dk, rows * kv_width)?;
+            check_len(K, "dv", dv, rows * kv_width)?;
+            first_row
+        }
+    };
     Ok(SplitQkvPlan {
         q_width: to_i32(K, "q_width", q_width)?,
         kv_width: to_i32(K, "kv_width", kv_width)?,
+        delta_row0: to_i32(K, "delta row", delta_row0)?,
         launch: Launch {
             grid: (tokens as u32, chunks(K, total)?, 1),
             block: CHUNK_THREADS,
@@ -444,6 +493,22 @@ pub fn add_rms_norm_ref(
     rms_norm_ref(residual, weight, hidden, eps)
 }
 
+/// [`add_rms_norm_ref`] with `delta` added to the rows of `x` from `first_row` on first
+/// (`x = f16(x + delta)`, then as without).
+pub fn add_rms_norm_delta_ref(
+    residual: &mut [f16],
+    x: &[f16],
+    weight: &[f16],
+    hidden: usize,
+    eps: f32,
+    first_row: usize,
+    delta: &[f16],
+) -> Vec<f16> {
+    let mut x = x.to_vec();
+    add_ref(&mut x[first_row * hidden..], delta);
+    add_rms_norm_ref(residual, &x, weight, hidden, eps)
+}
+
 /// `x = f16(x + y)` elementwise.
 pub fn add_ref(x: &mut [f16], y: &[f16]) {
     assert_eq!(x.len(), y.len());
@@ -492,6 +557,28 @@ pub fn split_qkv_ref(
         q.extend_from_slice(&row[..q_width]);
         k.extend_from_slice(&row[q_width..q_width + kv_width]);
         v.extend_from_slice(&row[q_width + kv_width..]);
+    }
+    (q, k, v)
+}
+
+/// `split_qkv` with deltas on the host: rows `first_row..` of q, k and v get `dq`, `dk`,
+/// `dv` added (one fp16 rounding, as `add` rounds).
+pub fn split_qkv_add_ref(
+    qkv: &[f16],
+    q_width: usize,
+    kv_width: usize,
+    first_row: usize,
+    [dq, dk, dv]: [&[f16]; 3],
+) -> (Vec<f16>, Vec<f16>, Vec<f16>) {
+    let (mut q, mut k, mut v) = split_qkv_ref(qkv, q_width, kv_width);
+    for (out, delta, width) in [
+        (&mut q, dq, q_width),
+        (&mut k, dk, kv_width),
+        (&mut v, dv, kv_width),
+    ] {
+        for (x, d) in out[first_row * width..].iter_mut().zip(delta) {
+            *x = f16::from_f32(x.to_f32() + d.to_f32());
+        }
     }
     (q, k, v)
 }
@@ -585,7 +672,8 @@ pub fn rms_norm(
     Ok(())
 }
 
-/// `residual += x` (fp16) in place, then `out = rms_norm(residual) * weight`.
+/// `residual += x` (fp16) in place, then `out = rms_norm(residual) * weight`; with a
+/// `delta`, rows `delta.first_row..` of `x` get it added first (see [`RowDelta`]).
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm(
@@ -597,6 +685,7 @@ pub fn add_rms_norm(
     tokens: usize,
     hidden: usize,
     eps: f32,
+    delta: Option<&RowDelta<'_>>,
 ) -> Result<()> {
     let plan = add_rms_norm_plan(
         tokens,
@@ -606,25 +695,42 @@ pub fn add_rms_norm(
         x.len(),
         weight.len(),
         out.len(),
+        delta.map(|d| (d.first_row, d.delta.len())),
     )?;
-    if plan.launch.is_empty() {
+    if plan.rows.launch.is_empty() {
         return Ok(());
     }
     let f = gpu.function(SOURCE, "add_rms_norm")?;
     let mut builder = gpu.stream.launch_builder(&f);
+    let null: u64 = 0;
     builder
         .arg(residual)
         .arg(x)
         .arg(weight)
         .arg(out)
-        .arg(&plan.hidden)
-        .arg(&plan.eps);
+        .arg(&plan.rows.hidden)
+        .arg(&plan.rows.eps);
+    match delta {
+        Some(d) => builder.arg(&d.delta),
+        None => builder.arg(&null),
+    };
+    builder.arg(&plan.delta_row0);
     // SAFETY: the argument list matches `add_rms_norm(half_t*, const half_t*, const half_t*,
-    // half_t*, int, float)`; the plan checked every length against tokens × hidden (weight:
-    // hidden) and grid.x = tokens. The two mutable views are distinct borrows: no aliasing.
-    unsafe { builder.launch(plan.launch.config()) }
+    // half_t*, int, float, const half_t*, int)` (a null delta when there is none, which the
+    // kernel then never reads); the plan checked every length against tokens × hidden
+    // (weight: hidden; the delta: the rows from `delta_row0` on) and grid.x = tokens. The two
+    // mutable views are distinct borrows: no aliasing.
+    unsafe { builder.launch(plan.rows.launch.config()) }
         .map_err(driver_err("launching add_rms_norm"))?;
     Ok(())
+}
+
+/// A delta that [`add_rms_norm`] adds to rows `first_row..tokens` of its `x`:
+/// `delta [tokens - first_row, hidden]`.
+#[cfg(feature = "cuda")]
+pub struct RowDelta<'a> {
+    pub first_row: usize,
+    pub delta: CudaView<'a, f16>,
 }
 
 /// Rotary embedding in place on `q` and `k` at `positions [tokens]`.
@@ -688,18 +794,21 @@ pub fn split_qkv(
     tokens: usize,
     q_width: usize,
     kv_width: usize,
+    delta: Option<&QkvDelta<'_>>,
 ) -> Result<()> {
     let plan = split_qkv_plan(
         tokens,
         q_width,
         kv_width,
         [qkv.len(), q.len(), k.len(), v.len()],
+        delta.map(|d| (d.first_row, [d.dq.len(), d.dk.len(), d.dv.len()])),
     )?;
     if plan.launch.is_empty() {
         return Ok(());
     }
     let f = gpu.function(SOURCE, "split_qkv")?;
     let mut builder = gpu.stream.launch_builder(&f);
+    let null: u64 = 0;
     builder
         .arg(qkv)
         .arg(q)
@@ -707,10 +816,27 @@ pub fn split_qkv(
         .arg(v)
         .arg(&plan.q_width)
         .arg(&plan.kv_width);
+    match delta {
+        Some(d) => builder.arg(&d.dq).arg(&d.dk).arg(&d.dv),
+        None => builder.arg(&null).arg(&null).arg(&null),
+    };
+    builder.arg(&plan.delta_row0);
     // SAFETY: the argument list matches `split_qkv(const half_t*, half_t*, half_t*, half_t*,
-    // int, int)`; the plan checked every length against tokens and the widths.
+    // int, int, const half_t*, const half_t*, const half_t*, int)` (null delta pointers when
+    // there are none, which the kernel then never reads); the plan checked every length
+    // against tokens and the widths, the deltas' against the rows from `delta_row0` on.
     unsafe { builder.launch(plan.launch.config()) }.map_err(driver_err("launching split_qkv"))?;
     Ok(())
+}
+
+/// The decode rows' LoRA deltas that [`split_qkv`] adds to q, k and v: rows
+/// `first_row..tokens` get `dq [tokens - first_row, q_width]`, `dk` and `dv` (`kv_width`).
+#[cfg(feature = "cuda")]
+pub struct QkvDelta<'a> {
+    pub first_row: usize,
+    pub dq: CudaView<'a, f16>,
+    pub dk: CudaView<'a, f16>,
+    pub dv: CudaView<'a, f16>,
 }
 
 /// `x[i] += y[i]` (fp16) for `i < n`.
@@ -992,6 +1118,7 @@ fn check_case(
             t,
             h,
             eps,
+            None,
         )?;
         let got_residual = download(gpu, &d_residual.slice(off..))?;
         let got = download(gpu, &d_out.slice(off..))?;
@@ -1001,6 +1128,37 @@ fn check_case(
             &residual,
         ));
         results.push(compare_f16(name("add_rms_norm (out)"), &got, &want));
+
+        // With a delta on the rows from `first_row` on (a step's decode rows).
+        let first_row = t / 2;
+        let delta = rng.f16s((t - first_row) * h, -1.0, 1.0);
+        let mut residual = rng.f16s(t * h, -4.0, 4.0);
+        let mut d_residual = upload_at(gpu, &residual, off)?;
+        let want = add_rms_norm_delta_ref(&mut residual, &x, &weight, h, eps, first_row, &delta);
+        let d_delta = upload_at(gpu, &delta, off)?;
+        let mut d_out = upload_at(gpu, &poison(t * h), off)?;
+        add_rms_norm(
+            gpu,
+            &mut d_residual.slice_mut(off..),
+            &d_x.slice(off..),
+            &d_weight.slice(off..),
+            &mut d_out.slice_mut(off..),
+            t,
+            h,
+            eps,
+            Some(&RowDelta {
+                first_row,
+                delta: d_delta.slice(off..),
+            }),
+        )?;
+        let got_residual = download(gpu, &d_residual.slice(off..))?;
+        let got = download(gpu, &d_out.slice(off..))?;
+        results.push(compare_f16(
+            name("add_rms_norm + delta (residual)"),
+            &got_residual,
+            &residual,
+        ));
+        results.push(compare_f16(name("add_rms_norm + delta (out)"), &got, &want));
     }
 
     // rope: positions up to 8192, q and k in place.
@@ -1049,6 +1207,7 @@ fn check_case(
             t,
             qw,
             kvw,
+            None,
         )?;
         for (what, d, want) in [
             ("q", &d_q, &want_q),
@@ -1058,6 +1217,56 @@ fn check_case(
             let got = download(gpu, &d.slice(off..))?;
             results.push(compare_f16(
                 name(&format!("split_qkv ({what})")),
+                &got,
+                want,
+            ));
+        }
+
+        // With the decode rows' LoRA deltas added to the rows from `first_row` on (the rows
+        // before it, a step's prefill rows, must come out as plain copies).
+        let first_row = t / 2;
+        let rows = t - first_row;
+        let (dq, dk, dv) = (
+            rng.f16s(rows * qw, -1.0, 1.0),
+            rng.f16s(rows * kvw, -1.0, 1.0),
+            rng.f16s(rows * kvw, -1.0, 1.0),
+        );
+        let (want_q, want_k, want_v) = split_qkv_add_ref(&qkv, qw, kvw, first_row, [&dq, &dk, &dv]);
+        let (d_dq, d_dk, d_dv) = (
+            upload_at(gpu, &dq, off)?,
+            upload_at(gpu, &dk, off)?,
+            upload_at(gpu, &dv, off)?,
+        );
+        let mut d_q = upload_at(gpu, &poison(t * qw), off)?;
+        let mut d_k = upload_at(gpu, &poison(t * kvw), off)?;
+        let mut d_v = upload_at(gpu, &poison(t * kvw), off)?;
+        let delta = QkvDelta {
+            first_row,
+            dq: d_dq.slice(off..),
+            dk: d_dk.slice(off..),
+            dv: d_dv.slice(off..),
+        };
+        split_qkv(
+            gpu,
+            &d_qkv.slice(off..),
+            [
+                &mut d_q.slice_mut(off..),
+                &mut d_k.slice_mut(off..),
+                &mut d_v.slice_mut(off..),
+            ],
+            t,
+            qw,
+            kvw,
+            Some(&delta),
+        )?;
+        for (what, d, want) in [
+            ("q", &d_q, &want_q),
+            ("k", &d_k, &want_k),
+            ("v", &d_v, &want_v),
+        ] {
+            let got = download(gpu, &d.slice(off..))?;
+            results.push(compare_f16(
+                name(&format!("split_qkv + LoRA deltas ({what})")),
                 &got,
                 want,
             ));
@@ -1143,7 +1352,9 @@ mod tests {
         assert_eq!(plan.launch.grid, (300, 1, 1));
         assert_eq!(plan.launch.block, 512);
         assert_eq!(plan.hidden, 4096);
-        let plan = add_rms_norm_plan(7, 5120, 1e-6, 7 * 5120, 7 * 5120, 5120, 7 * 5120).unwrap();
+        let plan = add_rms_norm_plan(7, 5120, 1e-6, 7 * 5120, 7 * 5120, 5120, 7 * 5120, None)
+            .unwrap()
+            .rows;
         assert_eq!(plan.launch.grid, (7, 1, 1));
         assert_eq!(plan.launch.block, 640);
         // Zero tokens: a valid, empty launch.
@@ -1170,8 +1381,18 @@ mod tests {
             usize::MAX
         ))
         .contains("32-bit"));
-        assert!(e(add_rms_norm_plan(2, 8, 1e-5, 15, 16, 8, 16)).contains("`residual`"));
-        assert!(e(add_rms_norm_plan(2, 8, 1e-5, 16, 15, 8, 16)).contains("`x`"));
+        let e_add = |r: Result<AddRmsNormPlan>| r.unwrap_err().to_string();
+        assert!(e_add(add_rms_norm_plan(2, 8, 1e-5, 15, 16, 8, 16, None)).contains("`residual`"));
+        assert!(e_add(add_rms_norm_plan(2, 8, 1e-5, 16, 15, 8, 16, None)).contains("`x`"));
+        assert!(
+            e_add(add_rms_norm_plan(2, 8, 1e-5, 16, 16, 8, 16, Some((1, 7)))).contains("`delta`")
+        );
+        assert!(
+            e_add(add_rms_norm_plan(2, 8, 1e-5, 16, 16, 8, 16, Some((3, 0))))
+                .contains("past the 2 rows")
+        );
+        let p = add_rms_norm_plan(2, 8, 1e-5, 16, 16, 8, 16, Some((1, 8))).unwrap();
+        assert_eq!(p.delta_row0, 1);
     }
 
     #[test]
@@ -1194,17 +1415,50 @@ mod tests {
     fn chunked_plans_reject_bad_shapes() {
         let e = |r: Result<ElementwisePlan>| r.unwrap_err().to_string();
         assert!(e(silu_mul_plan(2, 8, 31, 16)).contains("`gate_up`"));
-        let p = split_qkv_plan(3, 4096, 1024, [3 * 6144, 3 * 4096, 3 * 1024, 3 * 1024]).unwrap();
+        let p = split_qkv_plan(
+            3,
+            4096,
+            1024,
+            [3 * 6144, 3 * 4096, 3 * 1024, 3 * 1024],
+            None,
+        )
+        .unwrap();
         assert_eq!(p.launch.grid, (3, 3, 1));
+        assert_eq!(p.delta_row0, 3, "no deltas: no row gets one");
+        let p = split_qkv_plan(
+            3,
+            4096,
+            1024,
+            [3 * 6144, 3 * 4096, 3 * 1024, 3 * 1024],
+            Some((1, [2 * 4096, 2 * 1024, 2 * 1024])),
+        )
+        .unwrap();
+        assert_eq!(p.delta_row0, 1);
         let e_split = |r: Result<SplitQkvPlan>| r.unwrap_err().to_string();
         assert!(e_split(split_qkv_plan(
             3,
             4096,
             1024,
-            [3 * 6144, 3 * 4096, 3 * 1023, 3 * 1024]
+            [3 * 6144, 3 * 4096, 3 * 1023, 3 * 1024],
+            None
         ))
         .contains("`k`"));
-        assert!(e_split(split_qkv_plan(3, 0, 1024, [0, 0, 0, 0])).contains("positive"));
+        assert!(e_split(split_qkv_plan(3, 0, 1024, [0, 0, 0, 0], None)).contains("positive"));
+        // Deltas of the decode rows: each sized to the rows from its first on, which must
+        // exist.
+        let lens = [3 * 6144, 3 * 4096, 3 * 1024, 3 * 1024];
+        assert!(e_split(split_qkv_plan(
+            3,
+            4096,
+            1024,
+            lens,
+            Some((1, [2 * 4096, 1024, 2 * 1024]))
+        ))
+        .contains("`dk`"));
+        assert!(
+            e_split(split_qkv_plan(3, 4096, 1024, lens, Some((4, [0, 0, 0]))))
+                .contains("past the 3 rows")
+        );
         assert!(e(silu_mul_plan(2, 8, 32, 15)).contains("`out`"));
         assert!(e(silu_mul_plan(2, 0, 32, 16)).contains("positive"));
         assert!(e(silu_mul_plan(1 << 16, 1 << 15, usize::MAX, usize::MAX)).contains("32-bit"));
@@ -1311,6 +1565,32 @@ mod tests {
     }
 
     #[test]
+    fn add_rms_norm_delta_ref_adds_the_delta_to_x_from_the_first_row_on() {
+        let mut rng = TestRng::new(4);
+        let (tokens, hidden, eps, first_row) = (4, 64, 1e-6f32, 1);
+        let residual0 = rng.f16s(tokens * hidden, -4.0, 4.0);
+        let x = rng.f16s(tokens * hidden, -2.0, 2.0);
+        let w = rng.f16s(hidden, 0.5, 1.5);
+        let delta = rng.f16s((tokens - first_row) * hidden, -1.0, 1.0);
+        let mut with = residual0.clone();
+        let out = add_rms_norm_delta_ref(&mut with, &x, &w, hidden, eps, first_row, &delta);
+        // The same as adding `x + delta` (rounded once) without a delta.
+        let mut x_plus = x.clone();
+        for (a, d) in x_plus[first_row * hidden..].iter_mut().zip(&delta) {
+            *a = f16::from_f32(a.to_f32() + d.to_f32());
+        }
+        let mut plain = residual0.clone();
+        let want = add_rms_norm_ref(&mut plain, &x_plus, &w, hidden, eps);
+        assert_eq!(with, plain);
+        assert_eq!(out, want);
+        // Row 0 is untouched by the delta.
+        let mut row0 = residual0[..hidden].to_vec();
+        add_rms_norm_ref(&mut row0, &x[..hidden], &w, hidden, eps);
+        assert_eq!(&with[..hidden], &row0[..]);
+        assert_ne!(&with[hidden..], &residual0[hidden..]);
+    }
+
+    #[test]
     fn add_rms_norm_ref_adds_then_normalises() {
         let mut rng = TestRng::new(3);
         let (tokens, hidden, eps) = (4, 1000, 1e-6f32);
@@ -1374,6 +1654,18 @@ mod tests {
         };
         check(&q0, &q, shape.num_heads);
         check(&k0, &k, shape.num_kv_heads);
+    }
+
+    #[test]
+    fn split_qkv_add_ref_adds_the_deltas_from_the_first_row_on() {
+        let qkv: Vec<f16> = (0..2 * 8).map(|i| f16::from_f32(i as f32)).collect();
+        let h = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+        let (dq, dk, dv) = (h(&[0.5, 0.5, 0.5, 0.5]), h(&[-1.0, 1.0]), h(&[2.0, 0.25]));
+        let (q, k, v) = split_qkv_add_ref(&qkv, 4, 2, 1, [&dq, &dk, &dv]);
+        let f = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        assert_eq!(f(&q), [0.0, 1.0, 2.0, 3.0, 8.5, 9.5, 10.5, 11.5]);
+        assert_eq!(f(&k), [4.0, 5.0, 11.0, 14.0]);
+        assert_eq!(f(&v), [6.0, 7.0, 16.0, 15.25]);
     }
 
     #[test]

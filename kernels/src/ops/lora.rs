@@ -1399,7 +1399,7 @@ pub use launch::{
 mod launch {
     use super::*;
     use crate::gpu::{driver_err, Gpu};
-    use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
     use half::f16;
 
     fn config(dims: &LaunchDims) -> LaunchConfig {
@@ -1492,6 +1492,7 @@ mod launch {
     ) -> Result<()> {
         lora_decode_with(
             gpu,
+            &gpu.stream,
             x,
             k_pool_layer,
             v_pool_layer,
@@ -1506,11 +1507,13 @@ mod launch {
         )
     }
 
-    /// [`lora_decode`] on a chosen path; [`DecodePath::Fused`] on a device older than sm_90
-    /// is a launch error.
+    /// [`lora_decode`] on a chosen stream and path; [`DecodePath::Fused`] on a device older
+    /// than sm_90 is a launch error. The caller orders `stream` against the work that writes
+    /// `x` and reads `y` (e.g. [`Gpu::fork_lora`] / [`Gpu::join_lora`]).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_decode_with(
         gpu: &Gpu,
+        stream: &CudaStream,
         x: &CudaView<f16>,
         k_pool_layer: &CudaView<f16>,
         v_pool_layer: &CudaView<f16>,
@@ -1561,7 +1564,7 @@ mod launch {
             }
             gpu.mark(crate::gpu::Phase::LoraShrink)?;
             let fused = gpu.function(SOURCE, "lora_mbgmv_fused")?;
-            let mut b = gpu.stream.launch_builder(&fused);
+            let mut b = stream.launch_builder(&fused);
             b.arg(x)
                 .arg(k_pool_layer)
                 .arg(v_pool_layer)
@@ -1594,7 +1597,7 @@ mod launch {
         gpu.mark(crate::gpu::Phase::LoraShrink)?;
 
         let shrink = gpu.function(SOURCE, "lora_mbgmv_shrink")?;
-        let mut b = gpu.stream.launch_builder(&shrink);
+        let mut b = stream.launch_builder(&shrink);
         b.arg(x)
             .arg(k_pool_layer)
             .arg(adapter_pages)
@@ -1621,7 +1624,7 @@ mod launch {
 
         let expand = gpu.function(SOURCE, "lora_mbgmv_expand")?;
         let v_read = v_scratch.as_view();
-        let mut b = gpu.stream.launch_builder(&expand);
+        let mut b = stream.launch_builder(&expand);
         b.arg(&v_read)
             .arg(v_pool_layer)
             .arg(adapter_pages)
@@ -1662,7 +1665,7 @@ mod launch {
 
     /// Multi-module MBGMV: [`lora_decode`] for 1..=3 modules that share `x`, the pool layer
     /// and `adapter_pages`, e.g. q, k and v of a layer, in one `lora_mbgmv_shrink_multi` and
-    /// one `lora_mbgmv_expand_multi` launch on `gpu.stream` instead of two launches per
+    /// one `lora_mbgmv_expand_multi` launch on `stream` instead of two launches per
     /// module. Each module brings its own tables (the executor's per-module `offset`, `rank`,
     /// `scale` as they are: an adapter that does not target a module has -1 there). Same math
     /// and numerics per module `m`: `v_m[b, i] = x[b] · A_{b,m}[i]` (f32) for
@@ -1679,6 +1682,7 @@ mod launch {
     #[allow(clippy::too_many_arguments)]
     pub fn lora_decode_multi(
         gpu: &Gpu,
+        stream: &CudaStream,
         x: &CudaView<f16>,
         k_pool_layer: &CudaView<f16>,
         v_pool_layer: &CudaView<f16>,
@@ -1771,7 +1775,7 @@ mod launch {
         gpu.mark(crate::gpu::Phase::LoraShrink)?;
 
         let shrink = gpu.function(SOURCE, "lora_mbgmv_shrink_multi")?;
-        let mut b = gpu.stream.launch_builder(&shrink);
+        let mut b = stream.launch_builder(&shrink);
         b.arg(x).arg(k_pool_layer).arg(adapter_pages);
         for slot in 0..DECODE_MULTI_MAX_MODULES {
             match offsets.get(slot) {
@@ -1810,7 +1814,7 @@ mod launch {
 
         let expand = gpu.function(SOURCE, "lora_mbgmv_expand_multi")?;
         let v_read = v_scratch.as_view();
-        let mut b = gpu.stream.launch_builder(&expand);
+        let mut b = stream.launch_builder(&expand);
         b.arg(&v_read).arg(v_pool_layer).arg(adapter_pages);
         for slot in 0..DECODE_MULTI_MAX_MODULES {
             match offsets.get(slot) {
@@ -2112,6 +2116,7 @@ mod launch {
                 let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
                 lora_decode_with(
                     gpu,
+                    &gpu.stream,
                     &x_d.as_view(),
                     &k_pool.as_view(),
                     &v_pool.as_view(),
@@ -2317,8 +2322,12 @@ mod launch {
                         y: y_m.as_view_mut(),
                     })
                     .collect();
+                // On the LoRA stream, forked and joined as the executor runs it, so the check
+                // also covers that ordering (the inputs were written on the compute stream).
+                gpu.fork_lora()?;
                 lora_decode_multi(
                     gpu,
+                    &gpu.lora_stream,
                     &x_d.as_view(),
                     &k_pool.as_view(),
                     &v_pool.as_view(),
@@ -2327,6 +2336,7 @@ mod launch {
                     &mut v_d.as_view_mut(),
                     shape,
                 )?;
+                gpu.join_lora()?;
             }
             let v_got = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
             let tag = format!("in={inf} outs={outs:?} W={w}");
