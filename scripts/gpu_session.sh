@@ -30,7 +30,14 @@
 #           bench-gpu (both ways in the same run), then Llama-7B calibrated with the new
 #           executor while the budget lasts.
 #
-#   scripts/gpu_session.sh a|b|c|d|e|f|g BIN TRACES OUT [PROFILES]
+#   part h: one GPU, after the LoRA deltas became f32 (so both LoRA paths give the same bits):
+#           the kernel checks and the reference check (stop if either fails), bench-gpu,
+#           the three models calibrated with this executor, then the live runs of H_RUNS
+#           (runs-3/host-2's scenario files, same arrivals) while the budget lasts.
+#   part i: one GPU: the live runs of I_RUNS, likewise; then, while the budget lasts, the live
+#           saturation baselines named in I_BASELINES (scripts/baselines.py --execute).
+#
+#   scripts/gpu_session.sh a|b|c|d|e|f|g|h|i BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
 set -u
 part=$1 bin=$2 traces=$3 out=$4 profiles=${5:-}
@@ -52,7 +59,40 @@ runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-
 
 rerun_from=${RERUN_FROM:-docs/fidelity/runs-3/host-2}
 
-if [ "$part" = g ]; then
+if [ "$part" = h ] || [ "$part" = i ]; then
+    if [ "$part" = h ]; then
+        timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1 || { tail -n 40 "$out/doctor.log"; echo "kernel checks failed: stopping"; exit 1; }
+        timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
+        timeout 150 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1 ||
+            { grep -E "FAIL|pass|greedy|identical" "$out/reference.log" | tail -n 30; echo "reference check failed: stopping"; exit 1; }
+        timeout 280 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
+        for m in llama-7b llama-13b llama-3-8b; do
+            timeout 240 "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
+                --out "$work/profiles" >>"$out/calibrate.log" 2>&1
+        done
+        runs=${H_RUNS:-}
+    else
+        runs=${I_RUNS:-}
+    fi
+    if [ -n "$runs" ] && [ "$(left)" -gt 100 ]; then
+        timeout $(($(left) - 10)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-$part" --traces "$traces" \
+            --rerun "$rerun_from" --runs "$runs" --seconds "$seconds" \
+            --deadline-s $(($(left) - 20)) >"$out/rerun-$part.log" 2>&1
+    fi
+    if [ "$part" = i ] && [ -n "${I_BASELINES:-}" ] && [ "$(left)" -gt 90 ]; then
+        timeout $(($(left) - 10)) python3 scripts/baselines.py --bin "$bin" --out "$work/baselines-i" --execute \
+            --seconds "${BASELINE_SECONDS:-45}" --only "$I_BASELINES" --deadline-s $(($(left) - 20)) >"$out/baselines-i.log" 2>&1
+    fi
+    tar czf "$out/part-$part.tgz" -C "$work" $(cd "$work" && ls -d profiles fid-$part baselines-i 2>/dev/null)
+    if [ "$part" = h ]; then
+        grep -E "FAIL|pass|greedy|identical" "$out/reference.log" | tail -n 30
+        grep -E "^\| (1|32|64|128|256) \|" "$out/bench-gpu.log" | sed -n 6,10p
+        grep -E "^Measured in" "$out/calibrate.log"
+    fi
+    tail -n 12 "$out"/rerun-$part.log "$out"/baselines-i.log 2>/dev/null
+    echo "part $part done in $(($(date +%s) - start)) s"
+    exit 0
+elif [ "$part" = g ]; then
     timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1
     timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
     timeout 150 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1

@@ -200,14 +200,26 @@ fn doctor(reference: Option<&Path>) -> Result<(), CliError> {
     }
     if let Some(dir) = reference {
         println!("\nexecutor vs transformers + peft ({}):", dir.display());
-        for (check, replays) in slora_kernels::doctor::reference_check(dir)? {
+        for run in slora_kernels::doctor::reference_check(dir)? {
+            let check = &run.check;
             println!("{check}");
-            println!("  ({replays} decode steps replayed a captured CUDA graph)");
+            println!(
+                "  ({} decode steps replayed a captured CUDA graph)",
+                run.graph_replays
+            );
             match check.verdict(1e-2) {
                 Ok(()) => println!("  -> pass"),
                 Err(why) => {
                     failed += 1;
                     println!("  -> FAIL: {why}");
+                }
+            }
+            if let Some((differing, rows)) = run.differing_from_overlap {
+                if differing == 0 {
+                    println!("  -> logits bit-identical to the run with the LoRA beside the GEMMs ({rows} rows)");
+                } else {
+                    failed += 1;
+                    println!("  -> FAIL: {differing} of {rows} logit rows differ from the run with the LoRA beside the GEMMs");
                 }
             }
         }

@@ -124,18 +124,19 @@ extern "C" __global__ void rms_norm(const half_t* __restrict__ x, const half_t* 
 // Each thread re-reads in pass two exactly the residual elements it wrote in pass one, so no
 // synchronisation is needed between the write and the read.
 //
-// When delta is not null, rows t >= delta_row0 first take x[t] = f16(x[t] + delta[t - delta_row0]):
-// the o projection's LoRA delta of the decode rows, computed on a second stream while the o
-// GEMM runs, added where peft adds it (to the projection's output, before the residual).
+// When delta (f32) is not null, rows t >= delta_row0 first take
+// x[t] = f16(x[t] + delta[t - delta_row0]): the o projection's LoRA delta of the decode rows,
+// computed on a second stream while the o GEMM runs, added where the in-line expand adds it
+// (to the projection's output, before the residual) with the same operations, so the same bits.
 extern "C" __global__ void add_rms_norm(half_t* __restrict__ residual, const half_t* __restrict__ x,
                                         const half_t* __restrict__ w, half_t* __restrict__ out,
-                                        int hidden, float eps, const half_t* __restrict__ delta,
+                                        int hidden, float eps, const float* __restrict__ delta,
                                         int delta_row0) {
     const long long row = blockIdx.x;
     half_t* rr = residual + row * hidden;
     const half_t* xr = x + row * hidden;
     half_t* outr = out + row * hidden;
-    const half_t* dr = delta != nullptr && row >= delta_row0
+    const float* dr = delta != nullptr && row >= delta_row0
                            ? delta + (row - delta_row0) * hidden
                            : nullptr;
     const bool vec = (hidden & 7) == 0 && aligned16(residual) && aligned16(x) && aligned16(w) &&
@@ -147,10 +148,11 @@ extern "C" __global__ void add_rms_norm(half_t* __restrict__ residual, const hal
             load8(rr + i, rs);
             load8(xr + i, xs);
             if (dr != nullptr) {
-                half_t ds[8];
-                load8(dr + i, ds);
+                const float4 d0 = reinterpret_cast<const float4*>(dr + i)[0];
+                const float4 d1 = reinterpret_cast<const float4*>(dr + i)[1];
+                const float ds[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
 #pragma unroll
-                for (int k = 0; k < 8; ++k) xs[k] = f2h(h2f(xs[k]) + h2f(ds[k]));
+                for (int k = 0; k < 8; ++k) xs[k] = f2h(__fadd_rn(h2f(xs[k]), ds[k]));
             }
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
@@ -162,7 +164,7 @@ extern "C" __global__ void add_rms_norm(half_t* __restrict__ residual, const hal
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-            const half_t xi = dr != nullptr ? f2h(h2f(xr[i]) + h2f(dr[i])) : xr[i];
+            const half_t xi = dr != nullptr ? f2h(__fadd_rn(h2f(xr[i]), dr[i])) : xr[i];
             const half_t s = f2h(h2f(rr[i]) + h2f(xi));
             rr[i] = s;
             const float f = h2f(s);
@@ -305,15 +307,16 @@ extern "C" __global__ void add(half_t* __restrict__ x, const half_t* __restrict_
 // k [T, kvw], v [T, kvw]. grid = (tokens, ceil((qw + 2 kvw) / LAYERS_CHUNK)), block = 256.
 // With every width a multiple of 8 a 16-byte chunk never straddles two outputs.
 //
-// When dq is not null, rows r >= delta_row0 also get the decode rows' LoRA deltas added:
-// q[r] = qkv[r, q cols] + dq[r - delta_row0] (dk, dv alike), rounded to fp16 once, as the `add`
-// kernel rounds. The deltas are computed on a second stream while the q/k/v GEMM runs (see
-// GpuExecutor::forward), so adding them here costs no launch of its own.
+// When dq is not null, rows r >= delta_row0 also get the decode rows' LoRA deltas (f32) added:
+// q[r] = f16(qkv[r, q cols] + dq[r - delta_row0]) (dk, dv alike): the very operations, so the
+// very bits, of the LoRA expand adding in place (lora_out_store in lora.cu). The deltas are
+// computed on a second stream while the q/k/v GEMM runs (see GpuExecutor::forward), so adding
+// them here costs no launch of its own.
 extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __restrict__ q,
                                      half_t* __restrict__ k, half_t* __restrict__ v, int qw,
-                                     int kvw, const half_t* __restrict__ dq,
-                                     const half_t* __restrict__ dk,
-                                     const half_t* __restrict__ dv, int delta_row0) {
+                                     int kvw, const float* __restrict__ dq,
+                                     const float* __restrict__ dk,
+                                     const float* __restrict__ dv, int delta_row0) {
     const long long row = blockIdx.x;
     const int total = qw + 2 * kvw;
     const half_t* src = qkv + row * total;
@@ -330,14 +333,16 @@ extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __r
                         : j < qw + kvw ? k + row * kvw + (j - qw)
                                        : v + row * kvw + (j - qw - kvw);
             if (with_delta) {
-                const half_t* d = j < qw ? dq + drow * qw + j
-                                : j < qw + kvw ? dk + drow * kvw + (j - qw)
-                                               : dv + drow * kvw + (j - qw - kvw);
-                half_t xs[8], ds[8];
+                const float* d = j < qw ? dq + drow * qw + j
+                               : j < qw + kvw ? dk + drow * kvw + (j - qw)
+                                              : dv + drow * kvw + (j - qw - kvw);
+                half_t xs[8];
                 load8(src + j, xs);
-                load8(d, ds);
+                const float4 d0 = reinterpret_cast<const float4*>(d)[0];
+                const float4 d1 = reinterpret_cast<const float4*>(d)[1];
+                const float ds[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
 #pragma unroll
-                for (int e = 0; e < 8; ++e) xs[e] = f2h(h2f(xs[e]) + h2f(ds[e]));
+                for (int e = 0; e < 8; ++e) xs[e] = f2h(__fadd_rn(h2f(xs[e]), ds[e]));
                 store8(dst, xs);
             } else {
                 *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src + j);
@@ -350,10 +355,10 @@ extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __r
                         : j < qw + kvw ? k + row * kvw + (j - qw)
                                        : v + row * kvw + (j - qw - kvw);
             if (with_delta) {
-                const half_t* d = j < qw ? dq + drow * qw + j
-                                : j < qw + kvw ? dk + drow * kvw + (j - qw)
-                                               : dv + drow * kvw + (j - qw - kvw);
-                *dst = f2h(h2f(src[j]) + h2f(*d));
+                const float* d = j < qw ? dq + drow * qw + j
+                               : j < qw + kvw ? dk + drow * kvw + (j - qw)
+                                              : dv + drow * kvw + (j - qw - kvw);
+                *dst = f2h(__fadd_rn(h2f(src[j]), *d));
             } else {
                 *dst = src[j];
             }

@@ -228,8 +228,22 @@ lora_mbgmv_shrink_block(const half_t* __restrict__ x,            // [n, in]
     }
 }
 
+// Where the expand adds its result: y += scale * t, in place. Into fp16 y (the in-line path),
+// rounded once; into an f32 delta (zeroed before, added later by split_qkv / add_rms_norm with
+// the same two operations), unrounded. The multiply and the add are not fused, so the two paths
+// give the same bits: f2h(y + (scale * t)) either way.
+__device__ __forceinline__ float lora_out_load(const half_t* p) { return h2f(*p); }
+__device__ __forceinline__ float lora_out_load(const float* p) { return *p; }
+__device__ __forceinline__ void lora_out_store(half_t* p, float old, float add) {
+    *p = f2h(__fadd_rn(old, add));
+}
+__device__ __forceinline__ void lora_out_store(float* p, float old, float add) {
+    *p = __fadd_rn(old, add);
+}
+
 // Expand body: outputs [tile0, tile0 + DE_TILE) of request b; block DE_THREADS, no dynamic
-// shared memory.
+// shared memory. OutT: half_t (y in place) or float (an f32 delta).
+template <typename OutT>
 __device__ __forceinline__ void
 lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank], from the shrink
                         const half_t* __restrict__ v_pool,       // [num_pages, W], V side
@@ -237,7 +251,7 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
                         const int* __restrict__ page_offset,
                         const int* __restrict__ rank,
                         const float* __restrict__ scale,         // [n]
-                        half_t* __restrict__ y,                  // [n, out], added to in place
+                        OutT* __restrict__ y,                    // [n, out], added to in place
                         int b, int tile0,
                         int n, int out_features, int max_rank, int slots, int page_width,
                         int num_pages, int num_adapter_pages) {
@@ -245,12 +259,12 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
 
     if (b >= n) return;
     // y is read before the tables so that its latency overlaps theirs.
-    half_t* yb = y + b * out_features;
-    half_t y_old[DE_OUT_PER_THREAD];
+    OutT* yb = y + b * out_features;
+    float y_old[DE_OUT_PER_THREAD];
 #pragma unroll
     for (int k = 0; k < DE_OUT_PER_THREAD; ++k) {
         const int o = tile0 + threadIdx.x + k * DE_THREADS;
-        y_old[k] = o < out_features ? yb[o] : (half_t)0;
+        y_old[k] = o < out_features ? lora_out_load(yb + o) : 0.f;
     }
     int po = 0;
     const int r = lora_entry(page_offset, rank, b, max_rank, slots, num_adapter_pages, &po);
@@ -310,7 +324,7 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
             float t = 0.f;
 #pragma unroll
             for (int w = 0; w < DE_WARPS; ++w) t += s_red[w][ol];
-            yb[tile0 + ol] = f2h(h2f(y_old[k]) + sc * t);
+            lora_out_store(yb + tile0 + ol, y_old[k], __fmul_rn(sc, t));
         }
     }
 }
@@ -335,6 +349,21 @@ lora_mbgmv_shrink(const half_t* __restrict__ x,            // [n, in]
 }
 
 // grid.x = n * ceil(out / DE_TILE), block DE_THREADS, no dynamic shared memory.
+template <typename OutT>
+__device__ __forceinline__ void
+lora_mbgmv_expand_grid(const float* __restrict__ v, const half_t* __restrict__ v_pool,
+                       const int* __restrict__ adapter_pages, const int* __restrict__ page_offset,
+                       const int* __restrict__ rank, const float* __restrict__ scale,
+                       OutT* __restrict__ y, int n, int out_features, int max_rank, int slots,
+                       int page_width, int num_pages, int num_adapter_pages) {
+    const int tiles = (out_features + DE_TILE - 1) / DE_TILE;
+    const int b = blockIdx.x / tiles;
+    const int tile0 = (blockIdx.x - b * tiles) * DE_TILE;
+    lora_mbgmv_expand_block(v, v_pool, adapter_pages, page_offset, rank, scale, y, b, tile0, n,
+                            out_features, max_rank, slots, page_width, num_pages,
+                            num_adapter_pages);
+}
+
 extern "C" __global__ void __launch_bounds__(DE_THREADS)
 lora_mbgmv_expand(const float* __restrict__ v,             // [n, max_rank], from the shrink
                   const half_t* __restrict__ v_pool,       // [num_pages, W], V side of the layer
@@ -345,12 +374,21 @@ lora_mbgmv_expand(const float* __restrict__ v,             // [n, max_rank], fro
                   half_t* __restrict__ y,                  // [n, out], added to in place
                   int n, int out_features, int max_rank, int slots, int page_width,
                   int num_pages, int num_adapter_pages) {
-    const int tiles = (out_features + DE_TILE - 1) / DE_TILE;
-    const int b = blockIdx.x / tiles;
-    const int tile0 = (blockIdx.x - b * tiles) * DE_TILE;
-    lora_mbgmv_expand_block(v, v_pool, adapter_pages, page_offset, rank, scale, y, b, tile0, n,
-                            out_features, max_rank, slots, page_width, num_pages,
-                            num_adapter_pages);
+    lora_mbgmv_expand_grid(v, v_pool, adapter_pages, page_offset, rank, scale, y, n,
+                           out_features, max_rank, slots, page_width, num_pages,
+                           num_adapter_pages);
+}
+
+// The same into an f32 delta y [n, out] (added to in place, unrounded).
+extern "C" __global__ void __launch_bounds__(DE_THREADS)
+lora_mbgmv_expand_f32(const float* __restrict__ v, const half_t* __restrict__ v_pool,
+                      const int* __restrict__ adapter_pages, const int* __restrict__ page_offset,
+                      const int* __restrict__ rank, const float* __restrict__ scale,
+                      float* __restrict__ y, int n, int out_features, int max_rank, int slots,
+                      int page_width, int num_pages, int num_adapter_pages) {
+    lora_mbgmv_expand_grid(v, v_pool, adapter_pages, page_offset, rank, scale, y, n,
+                           out_features, max_rank, slots, page_width, num_pages,
+                           num_adapter_pages);
 }
 
 // Multi-module MBGMV: up to LORA_MAX_MODULES modules that share x (so `in`), the adapter page
@@ -395,8 +433,9 @@ lora_mbgmv_shrink_multi(const half_t* __restrict__ x,          // [n, in]
 // (0 otherwise), block DE_THREADS, no dynamic shared memory. Block b * tiles + t computes
 // request b: tiles t < tiles0 are module 0's, the next tiles1 module 1's, the rest module 2's,
 // so no block is launched for tiles past a narrower module's out.
-extern "C" __global__ void __launch_bounds__(DE_THREADS)
-lora_mbgmv_expand_multi(const float* __restrict__ v,           // [count, n, max_rank]
+template <typename OutT>
+__device__ __forceinline__ void
+lora_mbgmv_expand_multi_grid(const float* __restrict__ v,           // [count, n, max_rank]
                         const half_t* __restrict__ v_pool,     // [num_pages, W], V side
                         const int* __restrict__ adapter_pages,
                         const int* __restrict__ po0,           // [n] each
@@ -408,9 +447,9 @@ lora_mbgmv_expand_multi(const float* __restrict__ v,           // [count, n, max
                         const float* __restrict__ sc0,         // [n] each
                         const float* __restrict__ sc1,
                         const float* __restrict__ sc2,
-                        half_t* __restrict__ y0,               // [n, out0], added to in place
-                        half_t* __restrict__ y1,               // [n, out1]
-                        half_t* __restrict__ y2,               // [n, out2]
+                        OutT* __restrict__ y0,                 // [n, out0], added to in place
+                        OutT* __restrict__ y1,                 // [n, out1]
+                        OutT* __restrict__ y2,                 // [n, out2]
                         int n, int out0, int out1, int out2, int max_rank, int slots0,
                         int slots1, int slots2, int page_width, int num_pages,
                         int num_adapter_pages, int count) {
@@ -433,12 +472,38 @@ lora_mbgmv_expand_multi(const float* __restrict__ v,           // [count, n, max
     const int* page_offset = m == 0 ? po0 : (m == 1 ? po1 : po2);
     const int* rank = m == 0 ? rk0 : (m == 1 ? rk1 : rk2);
     const float* scale = m == 0 ? sc0 : (m == 1 ? sc1 : sc2);
-    half_t* y = m == 0 ? y0 : (m == 1 ? y1 : y2);
+    OutT* y = m == 0 ? y0 : (m == 1 ? y1 : y2);
     const int out_features = m == 0 ? out0 : (m == 1 ? out1 : out2);
     const int slots = m == 0 ? slots0 : (m == 1 ? slots1 : slots2);
     lora_mbgmv_expand_block(v + m * n * max_rank, v_pool, adapter_pages, page_offset, rank,
                             scale, y, b, t * DE_TILE, n, out_features, max_rank, slots,
                             page_width, num_pages, num_adapter_pages);
+}
+
+
+#define LORA_EXPAND_MULTI_PARAMS(OutT)                                                           \
+    const float* __restrict__ v, const half_t* __restrict__ v_pool,                              \
+        const int* __restrict__ adapter_pages, const int* __restrict__ po0,                      \
+        const int* __restrict__ po1, const int* __restrict__ po2, const int* __restrict__ rk0,   \
+        const int* __restrict__ rk1, const int* __restrict__ rk2, const float* __restrict__ sc0, \
+        const float* __restrict__ sc1, const float* __restrict__ sc2, OutT* __restrict__ y0,     \
+        OutT* __restrict__ y1, OutT* __restrict__ y2, int n, int out0, int out1, int out2,       \
+        int max_rank, int slots0, int slots1, int slots2, int page_width, int num_pages,         \
+        int num_adapter_pages, int count
+#define LORA_EXPAND_MULTI_ARGS                                                                   \
+    v, v_pool, adapter_pages, po0, po1, po2, rk0, rk1, rk2, sc0, sc1, sc2, y0, y1, y2, n, out0,  \
+        out1, out2, max_rank, slots0, slots1, slots2, page_width, num_pages, num_adapter_pages,  \
+        count
+
+extern "C" __global__ void __launch_bounds__(DE_THREADS)
+lora_mbgmv_expand_multi(LORA_EXPAND_MULTI_PARAMS(half_t)) {
+    lora_mbgmv_expand_multi_grid(LORA_EXPAND_MULTI_ARGS);
+}
+
+// The same into f32 deltas y0..y2 (added to in place, unrounded): the executor's LoRA stream.
+extern "C" __global__ void __launch_bounds__(DE_THREADS)
+lora_mbgmv_expand_multi_f32(LORA_EXPAND_MULTI_PARAMS(float)) {
+    lora_mbgmv_expand_multi_grid(LORA_EXPAND_MULTI_ARGS);
 }
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
@@ -611,7 +676,7 @@ lora_mbgmv_fused(const half_t* __restrict__ x,             // [n, in]
 #pragma unroll
             for (int w = 0; w < DF_WARPS; ++w) sum += s_red[w][threadIdx.x];
             half_t* yp = y + b * out_features + o;
-            *yp = f2h(h2f(*yp) + sc * sum);
+            *yp = f2h(__fadd_rn(h2f(*yp), __fmul_rn(sc, sum)));
         }
         __syncthreads();  // s_red is reused by the next tile
     }

@@ -31,9 +31,21 @@ pub fn kernel_checks() -> Result<Vec<CheckRow>> {
 
 /// Runs each configuration of a reference folder through the engine and the GPU executor
 /// (prefill of the mixed batch, then greedy decoding) and compares with transformers + peft.
-/// Each configuration's comparison, and how many of its decode steps replayed a CUDA graph.
-pub fn reference_check(dir: &Path) -> Result<Vec<(ConfigCheck, u64)>> {
+/// Each configuration runs twice: with the decode rows' LoRA beside the base GEMMs (how the
+/// executor serves) and in line after them.
+pub fn reference_check(dir: &Path) -> Result<Vec<ReferenceRun>> {
     imp::reference_check(dir)
+}
+
+/// One run of a reference configuration through the executor.
+pub struct ReferenceRun {
+    /// The comparison with transformers + peft.
+    pub check: ConfigCheck,
+    /// How many of its decode steps replayed a captured CUDA graph.
+    pub graph_replays: u64,
+    /// For the in-line run: how many logit rows differ in any bit from the run with the LoRA
+    /// beside the GEMMs, out of how many (the two must compute the same bits).
+    pub differing_from_overlap: Option<(usize, usize)>,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -47,7 +59,7 @@ mod imp {
     pub fn kernel_checks() -> Result<Vec<CheckRow>> {
         Err(Error::CudaNotCompiled)
     }
-    pub fn reference_check(_dir: &Path) -> Result<Vec<(ConfigCheck, u64)>> {
+    pub fn reference_check(_dir: &Path) -> Result<Vec<ReferenceRun>> {
         Err(Error::CudaNotCompiled)
     }
 }
@@ -140,7 +152,7 @@ mod imp {
         Ok(rows)
     }
 
-    pub fn reference_check(dir: &Path) -> Result<Vec<(ConfigCheck, u64)>> {
+    pub fn reference_check(dir: &Path) -> Result<Vec<ReferenceRun>> {
         let suite = read_reference_suite(dir)?;
         let mut out = Vec::new();
         for config in &suite.configs {
@@ -159,6 +171,7 @@ mod imp {
             // Twice: the decode rows' LoRA on its own stream beside the base GEMMs (how the
             // executor serves) and in line after them (the baseline), each against the
             // reference.
+            let mut overlap_logits: HashMap<(RequestId, u32), Vec<f32>> = HashMap::new();
             for overlap in [true, false] {
                 let mut engine = Scheduler::new(EngineConfig {
                     model: model.clone(),
@@ -267,7 +280,31 @@ mod imp {
                     }
                     check.greedy.push(g);
                 }
-                out.push((check, exec.graph_replays));
+                let differing_from_overlap = if overlap {
+                    overlap_logits = logits;
+                    None
+                } else {
+                    let differing = logits
+                        .iter()
+                        .filter(|(k, row)| {
+                            overlap_logits.get(k).is_none_or(|o| {
+                                o.len() != row.len()
+                                    || o.iter()
+                                        .zip(row.iter())
+                                        .any(|(a, b)| a.to_bits() != b.to_bits())
+                            })
+                        })
+                        .count();
+                    Some((
+                        differing + overlap_logits.len().saturating_sub(logits.len()),
+                        logits.len(),
+                    ))
+                };
+                out.push(ReferenceRun {
+                    check,
+                    graph_replays: exec.graph_replays,
+                    differing_from_overlap,
+                });
             }
         }
         Ok(out)

@@ -103,11 +103,12 @@ struct Buffers {
     mlp: CudaSlice<f16>,
     lora_scratch: CudaSlice<f32>,
     /// The decode rows' LoRA deltas of q, k, v and o, computed on the LoRA stream while the
-    /// base GEMMs run, and added by `split_qkv` and `add_rms_norm` (see `forward`).
-    lora_dq: CudaSlice<f16>,
-    lora_dk: CudaSlice<f16>,
-    lora_dv: CudaSlice<f16>,
-    lora_do: CudaSlice<f16>,
+    /// base GEMMs run, and added by `split_qkv` and `add_rms_norm` (see `forward`). f32, so
+    /// that adding them later rounds exactly as the in-line expand does.
+    lora_dq: CudaSlice<f32>,
+    lora_dk: CudaSlice<f32>,
+    lora_dv: CudaSlice<f32>,
+    lora_do: CudaSlice<f32>,
     /// The LoRA stream's own `v` scratch: the prefill rows' LoRA uses `lora_scratch` on the
     /// compute stream at the same time.
     lora_side_scratch: CudaSlice<f32>,
@@ -225,12 +226,14 @@ impl GpuExecutor {
             model.vocab_size as u64,
         );
         let t = max_step_tokens.max(1) as u64;
-        // hidden, residual, normed, qkv, q, k, v, attention, gate_up, mlp, sampled rows, the
-        // LoRA deltas of q, k, v and o (fp16), both LoRA scratches and f32 logits, plus fp16
+        // hidden, residual, normed, qkv, q, k, v, attention, gate_up, mlp, sampled rows (fp16),
+        // the LoRA deltas of q, k, v and o, both LoRA scratches and f32 logits, plus fp16
         // logits: what `new` allocates (q, k and v counted at the MHA width, an upper bound
         // for GQA).
-        let activations =
-            t * (14 * h + 3 * i + h) * 2 + 2 * 3 * t * max_rank as u64 * 4 + t * v * 6;
+        let activations = t * (10 * h + 3 * i + h) * 2
+            + t * 4 * h * 4
+            + 2 * 3 * t * max_rank as u64 * 4
+            + t * v * 6;
         let fixed = DeviceWeights::bytes(model) + activations;
         let usable = (free as f64 * fraction) as u64;
         if usable <= fixed {
@@ -1439,17 +1442,18 @@ fn lora_apply(
     Ok(())
 }
 
-/// Adds the decode rows' LoRA delta of `module` to `y [decode rows, out_w]` (MBGMV on
-/// `stream`; `x [decode rows, in_w]`). Nothing when the step has no decode tables.
+/// Adds the decode rows' LoRA delta of `module` to `y [decode rows, out_w]` (fp16 in place,
+/// or an f32 delta; MBGMV on `stream`; `x [decode rows, in_w]`). Nothing when the step has no
+/// decode tables.
 #[allow(clippy::too_many_arguments)] // one module on one stream: its shapes, input, output, scratch
-fn lora_decode_on(
+fn lora_decode_on<Y: lora::LoraOut>(
     layer: &LoraLayer<'_>,
     stream: &CudaStream,
     module: TargetModule,
     in_w: usize,
     out_w: usize,
     x: &CudaView<'_, f16>,
-    y: &mut CudaViewMut<'_, f16>,
+    y: &mut CudaViewMut<'_, Y>,
     scratch: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let c = layer.step;
@@ -1479,13 +1483,13 @@ fn lora_decode_on(
 /// fused shrink launch and one fused expand launch on `stream` instead of three of each, added
 /// to `ys` (each `[decode rows, out]`).
 #[allow(clippy::too_many_arguments)] // three modules on one stream: shapes, input, outputs, scratch
-fn lora_qkv_decode(
+fn lora_qkv_decode<Y: lora::LoraOut>(
     layer: &LoraLayer<'_>,
     stream: &CudaStream,
     in_w: usize,
     modules: [(TargetModule, usize); 3],
     x: &CudaSlice<f16>,
-    ys: [CudaViewMut<'_, f16>; 3],
+    ys: [CudaViewMut<'_, Y>; 3],
     scratch: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let c = layer.step;

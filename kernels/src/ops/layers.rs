@@ -493,8 +493,8 @@ pub fn add_rms_norm_ref(
     rms_norm_ref(residual, weight, hidden, eps)
 }
 
-/// [`add_rms_norm_ref`] with `delta` added to the rows of `x` from `first_row` on first
-/// (`x = f16(x + delta)`, then as without).
+/// [`add_rms_norm_ref`] with the f32 `delta` added to the rows of `x` from `first_row` on
+/// first (`x = f16(x + delta)`, then as without).
 pub fn add_rms_norm_delta_ref(
     residual: &mut [f16],
     x: &[f16],
@@ -502,10 +502,12 @@ pub fn add_rms_norm_delta_ref(
     hidden: usize,
     eps: f32,
     first_row: usize,
-    delta: &[f16],
+    delta: &[f32],
 ) -> Vec<f16> {
     let mut x = x.to_vec();
-    add_ref(&mut x[first_row * hidden..], delta);
+    for (a, d) in x[first_row * hidden..].iter_mut().zip(delta) {
+        *a = f16::from_f32(a.to_f32() + d);
+    }
     add_rms_norm_ref(residual, &x, weight, hidden, eps)
 }
 
@@ -561,14 +563,14 @@ pub fn split_qkv_ref(
     (q, k, v)
 }
 
-/// `split_qkv` with deltas on the host: rows `first_row..` of q, k and v get `dq`, `dk`,
-/// `dv` added (one fp16 rounding, as `add` rounds).
+/// `split_qkv` with f32 deltas on the host: rows `first_row..` of q, k and v get `dq`, `dk`,
+/// `dv` added in f32, then rounded to fp16 once.
 pub fn split_qkv_add_ref(
     qkv: &[f16],
     q_width: usize,
     kv_width: usize,
     first_row: usize,
-    [dq, dk, dv]: [&[f16]; 3],
+    [dq, dk, dv]: [&[f32]; 3],
 ) -> (Vec<f16>, Vec<f16>, Vec<f16>) {
     let (mut q, mut k, mut v) = split_qkv_ref(qkv, q_width, kv_width);
     for (out, delta, width) in [
@@ -577,7 +579,7 @@ pub fn split_qkv_add_ref(
         (&mut v, dv, kv_width),
     ] {
         for (x, d) in out[first_row * width..].iter_mut().zip(delta) {
-            *x = f16::from_f32(x.to_f32() + d.to_f32());
+            *x = f16::from_f32(x.to_f32() + d);
         }
     }
     (q, k, v)
@@ -725,12 +727,12 @@ pub fn add_rms_norm(
     Ok(())
 }
 
-/// A delta that [`add_rms_norm`] adds to rows `first_row..tokens` of its `x`:
+/// A delta (f32, unrounded) that [`add_rms_norm`] adds to rows `first_row..tokens` of its `x`:
 /// `delta [tokens - first_row, hidden]`.
 #[cfg(feature = "cuda")]
 pub struct RowDelta<'a> {
     pub first_row: usize,
-    pub delta: CudaView<'a, f16>,
+    pub delta: CudaView<'a, f32>,
 }
 
 /// Rotary embedding in place on `q` and `k` at `positions [tokens]`.
@@ -829,14 +831,14 @@ pub fn split_qkv(
     Ok(())
 }
 
-/// The decode rows' LoRA deltas that [`split_qkv`] adds to q, k and v: rows
+/// The decode rows' LoRA deltas (f32, unrounded) that [`split_qkv`] adds to q, k and v: rows
 /// `first_row..tokens` get `dq [tokens - first_row, q_width]`, `dk` and `dv` (`kv_width`).
 #[cfg(feature = "cuda")]
 pub struct QkvDelta<'a> {
     pub first_row: usize,
-    pub dq: CudaView<'a, f16>,
-    pub dk: CudaView<'a, f16>,
-    pub dv: CudaView<'a, f16>,
+    pub dq: CudaView<'a, f32>,
+    pub dk: CudaView<'a, f32>,
+    pub dv: CudaView<'a, f32>,
 }
 
 /// `x[i] += y[i]` (fp16) for `i < n`.
@@ -1131,7 +1133,11 @@ fn check_case(
 
         // With a delta on the rows from `first_row` on (a step's decode rows).
         let first_row = t / 2;
-        let delta = rng.f16s((t - first_row) * h, -1.0, 1.0);
+        let delta: Vec<f32> = rng
+            .f16s((t - first_row) * h, -1.0, 1.0)
+            .iter()
+            .map(|x| x.to_f32() * 1.000_3)
+            .collect();
         let mut residual = rng.f16s(t * h, -4.0, 4.0);
         let mut d_residual = upload_at(gpu, &residual, off)?;
         let want = add_rms_norm_delta_ref(&mut residual, &x, &weight, h, eps, first_row, &delta);
@@ -1226,10 +1232,14 @@ fn check_case(
         // before it, a step's prefill rows, must come out as plain copies).
         let first_row = t / 2;
         let rows = t - first_row;
+        let f32s = |v: Vec<f16>| -> Vec<f32> {
+            // Not fp16 values: the deltas are unrounded f32.
+            v.iter().map(|x| x.to_f32() * 1.000_3).collect()
+        };
         let (dq, dk, dv) = (
-            rng.f16s(rows * qw, -1.0, 1.0),
-            rng.f16s(rows * kvw, -1.0, 1.0),
-            rng.f16s(rows * kvw, -1.0, 1.0),
+            f32s(rng.f16s(rows * qw, -1.0, 1.0)),
+            f32s(rng.f16s(rows * kvw, -1.0, 1.0)),
+            f32s(rng.f16s(rows * kvw, -1.0, 1.0)),
         );
         let (want_q, want_k, want_v) = split_qkv_add_ref(&qkv, qw, kvw, first_row, [&dq, &dk, &dv]);
         let (d_dq, d_dk, d_dv) = (
@@ -1571,13 +1581,17 @@ mod tests {
         let residual0 = rng.f16s(tokens * hidden, -4.0, 4.0);
         let x = rng.f16s(tokens * hidden, -2.0, 2.0);
         let w = rng.f16s(hidden, 0.5, 1.5);
-        let delta = rng.f16s((tokens - first_row) * hidden, -1.0, 1.0);
+        let delta: Vec<f32> = rng
+            .f16s((tokens - first_row) * hidden, -1.0, 1.0)
+            .iter()
+            .map(|x| x.to_f32() * 1.000_3)
+            .collect();
         let mut with = residual0.clone();
         let out = add_rms_norm_delta_ref(&mut with, &x, &w, hidden, eps, first_row, &delta);
         // The same as adding `x + delta` (rounded once) without a delta.
         let mut x_plus = x.clone();
         for (a, d) in x_plus[first_row * hidden..].iter_mut().zip(&delta) {
-            *a = f16::from_f32(a.to_f32() + d.to_f32());
+            *a = f16::from_f32(a.to_f32() + d);
         }
         let mut plain = residual0.clone();
         let want = add_rms_norm_ref(&mut plain, &x_plus, &w, hidden, eps);
@@ -1659,8 +1673,7 @@ mod tests {
     #[test]
     fn split_qkv_add_ref_adds_the_deltas_from_the_first_row_on() {
         let qkv: Vec<f16> = (0..2 * 8).map(|i| f16::from_f32(i as f32)).collect();
-        let h = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
-        let (dq, dk, dv) = (h(&[0.5, 0.5, 0.5, 0.5]), h(&[-1.0, 1.0]), h(&[2.0, 0.25]));
+        let (dq, dk, dv) = ([0.5f32, 0.5, 0.5, 0.5], [-1.0f32, 1.0], [2.0f32, 0.25]);
         let (q, k, v) = split_qkv_add_ref(&qkv, 4, 2, 1, [&dq, &dk, &dv]);
         let f = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
         assert_eq!(f(&q), [0.0, 1.0, 2.0, 3.0, 8.5, 9.5, 10.5, 11.5]);

@@ -1392,15 +1392,42 @@ const MULTI_CHECK_RANKS: [usize; 4] = [8, 10, 64, 36];
 
 #[cfg(feature = "cuda")]
 pub use launch::{
-    check_on_gpu, lora_decode, lora_decode_multi, lora_decode_with, lora_prefill, ModuleOut,
+    check_on_gpu, lora_decode, lora_decode_multi, lora_decode_with, lora_prefill, LoraOut,
+    ModuleOut,
 };
 
 #[cfg(feature = "cuda")]
 mod launch {
     use super::*;
     use crate::gpu::{driver_err, Gpu};
-    use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{
+        CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use half::f16;
+
+    /// What a decode expand adds its result into: fp16 `y` in place (the in-line path, rounded
+    /// once) or an f32 delta, zeroed before and added later by `split_qkv` / `add_rms_norm`
+    /// with the same two operations, so that both paths give the same bits.
+    pub trait LoraOut: DeviceRepr {
+        /// The single-module expand kernel for this output type.
+        const EXPAND: &'static str;
+        /// The multi-module expand kernel for this output type.
+        const EXPAND_MULTI: &'static str;
+        /// Whether the fused cluster kernel (which writes fp16 only) can serve it.
+        const FUSED: bool;
+    }
+
+    impl LoraOut for f16 {
+        const EXPAND: &'static str = "lora_mbgmv_expand";
+        const EXPAND_MULTI: &'static str = "lora_mbgmv_expand_multi";
+        const FUSED: bool = true;
+    }
+
+    impl LoraOut for f32 {
+        const EXPAND: &'static str = "lora_mbgmv_expand_f32";
+        const EXPAND_MULTI: &'static str = "lora_mbgmv_expand_multi_f32";
+        const FUSED: bool = false;
+    }
 
     fn config(dims: &LaunchDims) -> LaunchConfig {
         LaunchConfig {
@@ -1422,7 +1449,7 @@ mod launch {
     /// and a misaligned view faults with `CUDA_ERROR_MISALIGNED_ADDRESS`, never reads or writes
     /// out of bounds).
     #[allow(clippy::too_many_arguments)]
-    fn check_device_buffers(
+    fn check_device_buffers<Y>(
         kernel: &'static str,
         shape: &LoraShape,
         rows: usize,
@@ -1430,7 +1457,7 @@ mod launch {
         bufs: (&CudaView<f16>, &CudaView<f16>, &CudaView<f16>),
         tables: (&CudaView<i32>, &CudaView<f32>),
         v_scratch: &CudaViewMut<f32>,
-        y: &CudaViewMut<f16>,
+        y: &CudaViewMut<Y>,
     ) -> Result<()> {
         let (x, k_pool, v_pool) = bufs;
         let (rank, scale) = tables;
@@ -1511,7 +1538,7 @@ mod launch {
     /// than sm_90 is a launch error. The caller orders `stream` against the work that writes
     /// `x` and reads `y` (e.g. [`Gpu::fork_lora`] / [`Gpu::join_lora`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn lora_decode_with(
+    pub fn lora_decode_with<Y: LoraOut>(
         gpu: &Gpu,
         stream: &CudaStream,
         x: &CudaView<f16>,
@@ -1522,7 +1549,7 @@ mod launch {
         rank: &CudaView<i32>,
         scale: &CudaView<f32>,
         v_scratch: &mut CudaViewMut<f32>,
-        y: &mut CudaViewMut<f16>,
+        y: &mut CudaViewMut<Y>,
         shape: LoraShape,
         path: DecodePath,
     ) -> Result<()> {
@@ -1552,6 +1579,12 @@ mod launch {
         let adapter_pages_i = i32_of(KERNEL, "adapter pages", adapter_pages.len())?;
 
         if path == DecodePath::Fused {
+            if !Y::FUSED {
+                return Err(Error::Launch {
+                    kernel: KERNEL,
+                    reason: "the fused decode writes fp16 outputs only; an f32 delta takes the split path".into(),
+                });
+            }
             let (major, minor) = compute_capability(gpu);
             if !path.is_supported(major, minor) {
                 return Err(Error::Launch {
@@ -1622,7 +1655,7 @@ mod launch {
 
         gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
-        let expand = gpu.function(SOURCE, "lora_mbgmv_expand")?;
+        let expand = gpu.function(SOURCE, Y::EXPAND)?;
         let v_read = v_scratch.as_view();
         let mut b = stream.launch_builder(&expand);
         b.arg(&v_read)
@@ -1643,12 +1676,12 @@ mod launch {
         // checked, table entries guarded in the kernel; it reads `v_scratch` rows written by
         // the shrink (same stream, so ordered) and read-modify-writes `y[n, out]` in bounds.
         unsafe { b.launch(config(&plan.expand)) }
-            .map_err(driver_err("launching lora_mbgmv_expand"))?;
+            .map_err(driver_err(format!("launching {}", Y::EXPAND)))?;
         Ok(())
     }
 
     /// One module of [`lora_decode_multi`]: its own rows of the adapters and its output.
-    pub struct ModuleOut<'a> {
+    pub struct ModuleOut<'a, Y = f16> {
         /// `[n]`: where this module's rows start in `adapter_pages`, per request; `-1` where
         /// the request has no adapter or its adapter does not target this module (that row of
         /// `y` is left as it is).
@@ -1659,8 +1692,8 @@ mod launch {
         pub scale: CudaView<'a, f32>,
         /// `out` of the module.
         pub out_features: usize,
-        /// `[n, out]` exactly, added to in place; 16-byte aligned.
-        pub y: CudaViewMut<'a, f16>,
+        /// `[n, out]` exactly, added to in place (fp16, or an f32 delta); 16-byte aligned.
+        pub y: CudaViewMut<'a, Y>,
     }
 
     /// Multi-module MBGMV: [`lora_decode`] for 1..=3 modules that share `x`, the pool layer
@@ -1680,14 +1713,14 @@ mod launch {
     /// the host with [`validate_tables`] and that shape before uploading. Alignment as for
     /// [`lora_decode`].
     #[allow(clippy::too_many_arguments)]
-    pub fn lora_decode_multi(
+    pub fn lora_decode_multi<Y: LoraOut>(
         gpu: &Gpu,
         stream: &CudaStream,
         x: &CudaView<f16>,
         k_pool_layer: &CudaView<f16>,
         v_pool_layer: &CudaView<f16>,
         adapter_pages: &CudaView<i32>,
-        modules: &mut [ModuleOut<'_>],
+        modules: &mut [ModuleOut<'_, Y>],
         v_scratch: &mut CudaViewMut<f32>,
         shape: LoraMultiShape,
     ) -> Result<()> {
@@ -1764,7 +1797,7 @@ mod launch {
         let mut offsets: Vec<&CudaView<i32>> = Vec::with_capacity(modules.len());
         let mut ranks: Vec<&CudaView<i32>> = Vec::with_capacity(modules.len());
         let mut scales: Vec<&CudaView<f32>> = Vec::with_capacity(modules.len());
-        let mut ys: Vec<&mut CudaViewMut<f16>> = Vec::with_capacity(modules.len());
+        let mut ys: Vec<&mut CudaViewMut<Y>> = Vec::with_capacity(modules.len());
         for module in modules.iter_mut() {
             offsets.push(&module.page_offset);
             ranks.push(&module.rank);
@@ -1812,7 +1845,7 @@ mod launch {
 
         gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
-        let expand = gpu.function(SOURCE, "lora_mbgmv_expand_multi")?;
+        let expand = gpu.function(SOURCE, Y::EXPAND_MULTI)?;
         let v_read = v_scratch.as_view();
         let mut b = stream.launch_builder(&expand);
         b.arg(&v_read).arg(v_pool_layer).arg(adapter_pages);
@@ -1859,7 +1892,7 @@ mod launch {
         // (same stream, so ordered) and read-modify-writes each module's `y[n, out_m]` in
         // bounds.
         unsafe { b.launch(config(&plan.expand)) }
-            .map_err(driver_err("launching lora_mbgmv_expand_multi"))?;
+            .map_err(driver_err(format!("launching {}", Y::EXPAND_MULTI)))?;
         Ok(())
     }
 
@@ -2340,6 +2373,7 @@ mod launch {
             }
             let v_got = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
             let tag = format!("in={inf} outs={outs:?} W={w}");
+            let mut y_in_place: Vec<Vec<f16>> = Vec::with_capacity(count);
             let mr = shape.max_rank;
             for m in 0..count {
                 let y_got = gpu.stream.clone_dtoh(&y_d[m]).map_err(copy("y back"))?;
@@ -2366,6 +2400,69 @@ mod launch {
                     outs[m],
                     &touched,
                 ));
+                y_in_place.push(y_got);
+            }
+
+            // The same into zeroed f32 deltas (the executor's LoRA stream): adding each delta
+            // to y0 the way split_qkv and add_rms_norm do must give the in-place result's very
+            // bits.
+            let mut deltas_d = Vec::new();
+            for &out in outs {
+                deltas_d.push(
+                    gpu.stream
+                        .clone_htod(&vec![0f32; n * out])
+                        .map_err(copy("delta"))?,
+                );
+            }
+            {
+                let mut modules: Vec<ModuleOut<'_, f32>> = tables_d
+                    .iter()
+                    .zip(deltas_d.iter_mut())
+                    .zip(outs)
+                    .map(|(((po, rank, scale), d_m), &out)| ModuleOut {
+                        page_offset: po.as_view(),
+                        rank: rank.as_view(),
+                        scale: scale.as_view(),
+                        out_features: out,
+                        y: d_m.as_view_mut(),
+                    })
+                    .collect();
+                gpu.fork_lora()?;
+                lora_decode_multi(
+                    gpu,
+                    &gpu.lora_stream,
+                    &x_d.as_view(),
+                    &k_pool.as_view(),
+                    &v_pool.as_view(),
+                    &pages.as_view(),
+                    &mut modules,
+                    &mut v_d.as_view_mut(),
+                    shape,
+                )?;
+                gpu.join_lora()?;
+            }
+            for m in 0..count {
+                let delta = gpu
+                    .stream
+                    .clone_dtoh(&deltas_d[m])
+                    .map_err(copy("delta back"))?;
+                let mut differing = 0usize;
+                let mut max_abs = 0f64;
+                for ((&before, &d), &in_place) in y0[m].iter().zip(&delta).zip(&y_in_place[m]) {
+                    let added = f16::from_f32(before.to_f32() + d);
+                    if added.to_bits() != in_place.to_bits() {
+                        differing += 1;
+                        max_abs = max_abs.max((added.to_f64() - in_place.to_f64()).abs());
+                    }
+                }
+                results.push(CheckResult {
+                    kernel: format!(
+                        "lora_mbgmv_expand_multi_f32 module {m}: y0 + delta == in place, bit for bit ({tag}; {differing} differ)"
+                    ),
+                    max_abs_err: max_abs,
+                    rel_err: differing as f64 / delta.len().max(1) as f64,
+                    passed: differing == 0,
+                });
             }
         }
         Ok(results)
