@@ -162,6 +162,13 @@ pub struct GpuExecutor {
     lora_overlap: bool,
 }
 
+/// Most decode rows for which the decode rows' LoRA runs beside the base GEMMs. Two H200 runs
+/// of `bench-gpu` (docs/fidelity/runs-5, BENCHMARKS.md) measured the overlap 2–7% faster at
+/// batches 1 and 32, in a graph and launch by launch, and within ±2% either way at 64–256 (the
+/// GEMMs' blocks then hold the SMs, so the LoRA kernels only fill their tails): above this the
+/// LoRA runs in line.
+const LORA_OVERLAP_MAX_DECODE_ROWS: usize = 48;
+
 /// What a captured decode graph depends on: every kernel argument (sizes and addresses of
 /// the step tables and scratch buffers) is a function of these.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -353,8 +360,9 @@ impl GpuExecutor {
     }
 
     /// Runs the decode rows' LoRA on a second stream, concurrently with the base GEMMs that
-    /// read the same input (the default), or in line after them (the baseline `bench-gpu`
-    /// compares against).
+    /// read the same input (the default, for steps of at most
+    /// `LORA_OVERLAP_MAX_DECODE_ROWS` decode rows), or always in line after them (the baseline
+    /// `bench-gpu` compares against).
     pub fn set_lora_overlap(&mut self, on: bool) {
         self.lora_overlap = on;
         self.graph = None;
@@ -814,6 +822,7 @@ impl GpuExecutor {
         let overlap_lora = any_lora
             && self.lora_overlap
             && !self.phase_timing
+            && decode_rows <= LORA_OVERLAP_MAX_DECODE_ROWS
             && dec_adapter.iter().any(Option::is_some);
         let ti = &self.tables_i32;
         let tf = &self.tables_f32;
