@@ -262,7 +262,7 @@ mod imp {
             - (model.vocab_size as f64 * model.hidden_size as f64 * 2.0);
         let mut lines = vec![
             String::new(),
-            "Decode step, synthetic Llama-7B, context 512, engine-driven (host-timed, uploads and sync included); \"with adapters\" is the executor's default, the decode rows' LoRA beside the base GEMMs up to 48 decode rows and in line above:".into(),
+            format!("Decode step, synthetic Llama-7B, context 512, engine-driven (host-timed, uploads and sync included); \"with adapters\" is the executor's default, the decode rows' LoRA beside the base GEMMs up to {} decode rows and in line above:", crate::executor::LORA_OVERLAP_MAX_DECODE_ROWS),
             "| batch | with adapters (ms) | without (ms) | adapter overhead | LoRA in line, same run (ms) | its overhead | Zipf(1) adapters (ms) | Zipf overhead | distinct (Zipf) | with adapters, no CUDA graph (ms) | no graph, LoRA in line (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];

@@ -167,7 +167,7 @@ pub struct GpuExecutor {
 /// batches 1 and 32, in a graph and launch by launch, and within ±2% either way at 64–256 (the
 /// GEMMs' blocks then hold the SMs, so the LoRA kernels only fill their tails): above this the
 /// LoRA runs in line.
-const LORA_OVERLAP_MAX_DECODE_ROWS: usize = 48;
+pub const LORA_OVERLAP_MAX_DECODE_ROWS: usize = 48;
 
 /// What a captured decode graph depends on: every kernel argument (sizes and addresses of
 /// the step tables and scratch buffers) is a function of these.
