@@ -690,8 +690,10 @@ lora_mbgmv_fused(const half_t* __restrict__ x,             // [n, in]
 // PS_THREADS. Token tiles are walked with a grid stride, so grid.x (from the longest segment)
 // is only a degree of parallelism, never a bound on the tokens computed. The reduction over
 // `in` is split into chunks of `k_chunk` (blockIdx.y / rank tiles picks one): a prompt of a
-// few hundred tokens is otherwise only a dozen blocks, each streaming all of `in`. Partial
-// sums are added into `v` with atomics, so `v` must be zeroed first (the launcher does).
+// few hundred tokens is otherwise only a dozen blocks, each streaming all of `in`. Chunk c's
+// partial sums are stored (not added: no atomics, so a run's bits never depend on the order
+// blocks finish) to part[c, token, rank]; with one chunk `part` is v itself, else
+// lora_mbgmm_reduce sums the chunks in order into v.
 extern "C" __global__ void __launch_bounds__(PS_THREADS)
 lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
                   const half_t* __restrict__ k_pool,
@@ -699,7 +701,7 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
                   const int* __restrict__ seg_start,       // [num_segments + 1]
                   const int* __restrict__ page_offset,     // [num_segments]
                   const int* __restrict__ rank,            // [num_segments]
-                  float* __restrict__ v,                   // [num_tokens, max_rank]
+                  float* __restrict__ part,                // [k_splits, num_tokens, max_rank]
                   int num_segments, int num_tokens, int in_features, int max_rank, int slots,
                   int page_width, int num_pages, int num_adapter_pages, int k_chunk) {
     // +1 column: thread tr reads row tr + 16g at one k, so rows must fall in distinct banks.
@@ -713,7 +715,8 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
     const int rank_tiles = (max_rank + PS_TR - 1) / PS_TR;
     const int rank0 = (blockIdx.y % rank_tiles) * PS_TR;
     if (rank0 >= r) return;
-    const int k_begin = (blockIdx.y / rank_tiles) * k_chunk;
+    const int split = blockIdx.y / rank_tiles;
+    const int k_begin = split * k_chunk;
     const int k_end = min(in_features, k_begin + k_chunk);
     if (k_begin >= k_end) return;
     const int start = seg_start[seg];
@@ -721,6 +724,8 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
     if (start < 0 || end > num_tokens || end <= start) return;
     const int len = end - start;
     const int rows = min(PS_TR, r - rank0);  // rank rows of this tile that exist
+    // (split + 1) * num_tokens * max_rank <= (k_splits + 1) * ..., which the plan checked fits.
+    float* __restrict__ v = part + split * num_tokens * max_rank;
     const int groups = (rows + 15) / 16;     // 16-row groups computed; later ones are skipped
 
     const int tr = threadIdx.x & 15;
@@ -791,7 +796,7 @@ lora_mbgmm_shrink(const half_t* __restrict__ x,            // [num_tokens, in]
 #pragma unroll
             for (int g = 0; g < 4; ++g) {
                 const int i = tr + 16 * g;
-                if (i < rows) atomicAdd(&v[(t0 + t) * max_rank + rank0 + i], acc[q][g]);
+                if (i < rows) v[(t0 + t) * max_rank + rank0 + i] = acc[q][g];
             }
         }
     }
@@ -896,3 +901,292 @@ lora_mbgmm_expand(const float* __restrict__ v,             // [num_tokens, max_r
         }
     }
 }
+
+// v[e] = sum over chunks c < k_splits of part[c * count + e], in the order of c, for the
+// count = num_tokens * max_rank entries of v: the split-K shrinks' partial sums, added the same
+// way every run. Entries no shrink wrote (rank rows past a segment's rank, tokens without an
+// adapter) come out as whatever the scratch held; no expand reads them. grid ceil(count / 256),
+// block 256.
+extern "C" __global__ void __launch_bounds__(256)
+lora_mbgmm_reduce(const float* __restrict__ part, float* __restrict__ v, int count,
+                  int k_splits) {
+    const int e = blockIdx.x * 256 + threadIdx.x;
+    if (e >= count) return;
+    float sum = part[e];
+    for (int c = 1; c < k_splits; ++c) sum += part[c * count + e];  // c * count < k_splits * count: checked
+    v[e] = sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MBGMM on tensor cores (sm_80+): the same two products as above with mma.sync m16n8k16 (fp16
+// inputs, f32 accumulation). The SIMT kernels above are bound by their shared-memory loads (one
+// per two FMAs) at about 8 TFLOP/s; these stage the same tiles and feed them to tensor cores.
+// Warp w of a block computes 16 tokens (rows 16w..16w+15 of the block's token tile); n-tiles of
+// 8 rank rows (shrink) past the segment's rank are not computed.
+//
+// Fragment layouts of mma.m16n8k16 (PTX ISA), g = lane / 4, q = lane % 4, each register two
+// fp16 (lower k in the low half): a0 = A[g][2q..], a1 = A[g+8][2q..], a2 = A[g][2q+8..],
+// a3 = A[g+8][2q+8..]; b0 = B[2q..][g], b1 = B[2q+8..][g]; c0, c1 = C[g][2q, 2q+1],
+// c2, c3 = C[g+8][2q, 2q+1].
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+
+#define TS_TM 64                 // tokens per shrink tile (4 warps x 16)
+#define TS_TR 64                 // rank rows per shrink tile (8 n-tiles)
+#define TS_TK 64                 // inputs per shared-memory stage
+#define TS_THREADS 128
+#define TS_LD (TS_TK + 8)        // row stride in halves: 144 bytes, so the fragment loads of a
+                                 // warp (8 rows x 4 words) hit 32 distinct banks
+#define TS_CHUNKS (TS_TM * (TS_TK / LORA_VEC) / TS_THREADS)  // 16-byte loads per thread per stage
+
+#define TE_TM 64                 // tokens per expand tile
+#define TE_TN 64                 // outputs per expand tile (8 n-tiles)
+#define TE_TK 64                 // rank rows staged at a time
+#define TE_THREADS 128
+#define TE_LDB (TE_TN + 8)
+#define TE_LDV (TE_TK + 8)
+
+static_assert(TS_TM == TS_TR, "x and A tiles are staged by the same loop");
+static_assert(TS_CHUNKS * TS_THREADS == TS_TM * (TS_TK / LORA_VEC), "stages split evenly");
+static_assert(TE_THREADS / 32 * 16 == TE_TM && TS_THREADS / 32 * 16 == TS_TM, "16 tokens a warp");
+
+__device__ __forceinline__ void lora_mma16816(float c[4], const unsigned int a[4],
+                                              const unsigned int b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ unsigned int lora_ld_s32(const half_t* p) {
+    return *reinterpret_cast<const unsigned int*>(p);
+}
+
+// Shrink: grid, split-K chunks and outputs as lora_mbgmm_shrink (token tiles of TS_TM, rank
+// tiles of TS_TR), block TS_THREADS, no dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(TS_THREADS)
+lora_mbgmm_shrink_tc(const half_t* __restrict__ x,            // [num_tokens, in]
+                     const half_t* __restrict__ k_pool,
+                     const int* __restrict__ adapter_pages,
+                     const int* __restrict__ seg_start,       // [num_segments + 1]
+                     const int* __restrict__ page_offset,     // [num_segments]
+                     const int* __restrict__ rank,            // [num_segments]
+                     float* __restrict__ part,                // [k_splits, num_tokens, max_rank]
+                     int num_segments, int num_tokens, int in_features, int max_rank,
+                     int slots, int page_width, int num_pages, int num_adapter_pages,
+                     int k_chunk) {
+    __shared__ __align__(16) half_t s_x[TS_TM * TS_LD];
+    __shared__ __align__(16) half_t s_a[TS_TR * TS_LD];
+
+    const int seg = blockIdx.z;
+    if (seg >= num_segments) return;
+    int po = 0;
+    const int r = lora_entry(page_offset, rank, seg, max_rank, slots, num_adapter_pages, &po);
+    const int rank_tiles = (max_rank + TS_TR - 1) / TS_TR;
+    const int rank0 = (blockIdx.y % rank_tiles) * TS_TR;
+    if (rank0 >= r) return;
+    const int split = blockIdx.y / rank_tiles;
+    const int k_begin = split * k_chunk;
+    const int k_end = min(in_features, k_begin + k_chunk);
+    if (k_begin >= k_end) return;
+    const int start = seg_start[seg];
+    const int end = seg_start[seg + 1];
+    if (start < 0 || end > num_tokens || end <= start) return;
+    const int len = end - start;
+    const int rows = min(TS_TR, r - rank0);
+    const int ntiles = (rows + 7) / 8;  // block-uniform: n-tiles holding rank rows < r
+    float* __restrict__ v = part + split * num_tokens * max_rank;
+
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int q = lane & 3;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    for (int tile = blockIdx.x; tile * TS_TM < len; tile += gridDim.x) {
+        const int t0 = start + tile * TS_TM;
+        const int tcount = min(TS_TM, end - t0);
+
+        // One stage = TS_CHUNKS 16-byte chunks of x and of A per thread; the next stage's are
+        // loaded into registers while the tensor cores work on this one.
+        uint4 rx[TS_CHUNKS], ra[TS_CHUNKS];
+        auto load_stage = [&](int k0) {
+#pragma unroll
+            for (int u = 0; u < TS_CHUNKS; ++u) {
+                const int c = threadIdx.x + u * TS_THREADS;
+                const int row = c >> 3;
+                const int j = k0 + (c & 7) * LORA_VEC;
+                rx[u] = zero;
+                ra[u] = zero;
+                if (j < k_end) {
+                    if (row < tcount) rx[u] = lora_ld16(x + (t0 + row) * in_features + j);
+                    if (row < rows) {
+                        const int s = j / page_width;
+                        const int p = lora_page(adapter_pages, po + (rank0 + row) * slots + s, num_pages);
+                        if (p >= 0) ra[u] = lora_ld16(k_pool + p * page_width + (j - s * page_width));
+                    }
+                }
+            }
+        };
+
+        float acc[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+
+        load_stage(k_begin);
+        for (int k0 = k_begin; k0 < k_end; k0 += TS_TK) {
+            __syncthreads();  // the previous stage's fragments have been read
+#pragma unroll
+            for (int u = 0; u < TS_CHUNKS; ++u) {
+                const int c = threadIdx.x + u * TS_THREADS;
+                const int off = (c >> 3) * TS_LD + (c & 7) * LORA_VEC;
+                *reinterpret_cast<uint4*>(&s_x[off]) = rx[u];
+                *reinterpret_cast<uint4*>(&s_a[off]) = ra[u];
+            }
+            __syncthreads();
+            if (k0 + TS_TK < k_end) load_stage(k0 + TS_TK);
+            const half_t* xw = s_x + warp * 16 * TS_LD;
+#pragma unroll
+            for (int kk = 0; kk < TS_TK; kk += 16) {
+                unsigned int a[4];
+                a[0] = lora_ld_s32(xw + g * TS_LD + kk + 2 * q);
+                a[1] = lora_ld_s32(xw + (g + 8) * TS_LD + kk + 2 * q);
+                a[2] = lora_ld_s32(xw + g * TS_LD + kk + 2 * q + 8);
+                a[3] = lora_ld_s32(xw + (g + 8) * TS_LD + kk + 2 * q + 8);
+#pragma unroll
+                for (int n = 0; n < 8; ++n) {
+                    if (n < ntiles) {
+                        // B[k][i] = A[i][k]: column i of B is row i of A, contiguous in k.
+                        const half_t* an = s_a + (n * 8 + g) * TS_LD + kk + 2 * q;
+                        const unsigned int b[2] = {lora_ld_s32(an), lora_ld_s32(an + 8)};
+                        lora_mma16816(acc[n], a, b);
+                    }
+                }
+            }
+        }
+
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            const int i = n * 8 + 2 * q;  // rank row within the tile of c0 / c2
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int t = warp * 16 + g + 8 * h;
+                if (n >= ntiles || t >= tcount) continue;
+                float* vt = v + (t0 + t) * max_rank + rank0;
+                if (i < rows) vt[i] = acc[n][2 * h];
+                if (i + 1 < rows) vt[i + 1] = acc[n][2 * h + 1];
+            }
+        }
+    }
+}
+
+// Expand: grid (token-tile workers, ceil(out / TE_TN), segments), block TE_THREADS, no dynamic
+// shared memory. v is rounded to fp16 for the tensor cores (as transformers + peft compute the
+// whole product in fp16); the sum is scaled and added to y with the same two operations as the
+// MBGMV expand.
+extern "C" __global__ void __launch_bounds__(TE_THREADS)
+lora_mbgmm_expand_tc(const float* __restrict__ v,             // [num_tokens, max_rank]
+                     const half_t* __restrict__ v_pool,
+                     const int* __restrict__ adapter_pages,
+                     const int* __restrict__ seg_start,
+                     const int* __restrict__ page_offset,
+                     const int* __restrict__ rank,
+                     const float* __restrict__ scale,         // [num_segments]
+                     half_t* __restrict__ y,                  // [num_tokens, out], added to
+                     int num_segments, int num_tokens, int out_features, int max_rank,
+                     int slots, int page_width, int num_pages, int num_adapter_pages) {
+    __shared__ __align__(16) half_t s_b[TE_TK * TE_LDB];  // [rank row][output]
+    __shared__ __align__(16) half_t s_v[TE_TM * TE_LDV];  // [token][rank row]
+
+    const int seg = blockIdx.z;
+    if (seg >= num_segments) return;
+    int po = 0;
+    const int r = lora_entry(page_offset, rank, seg, max_rank, slots, num_adapter_pages, &po);
+    if (r == 0) return;
+    const int n0 = blockIdx.y * TE_TN;
+    if (n0 >= out_features) return;
+    const int start = seg_start[seg];
+    const int end = seg_start[seg + 1];
+    if (start < 0 || end > num_tokens || end <= start) return;
+    const int len = end - start;
+    const float sc = scale[seg];
+
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int q = lane & 3;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    for (int tile = blockIdx.x; tile * TE_TM < len; tile += gridDim.x) {
+        const int t0 = start + tile * TE_TM;
+        const int tcount = min(TE_TM, end - t0);
+        float acc[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+
+        for (int k0 = 0; k0 < r; k0 += TE_TK) {
+            const int kr = min(TE_TK, r - k0);  // rank rows of this stage; the rest are zeros
+            __syncthreads();  // the previous stage's fragments have been read
+            for (int c = threadIdx.x; c < TE_TK * (TE_TN / LORA_VEC); c += TE_THREADS) {
+                const int row = c >> 3;
+                const int oc = (c & 7) * LORA_VEC;
+                const int o = n0 + oc;
+                uint4 d = zero;
+                if (row < kr && o < out_features) {
+                    const int s = o / page_width;
+                    const int p = lora_page(adapter_pages, po + (k0 + row) * slots + s, num_pages);
+                    if (p >= 0) d = lora_ld16(v_pool + p * page_width + (o - s * page_width));
+                }
+                *reinterpret_cast<uint4*>(&s_b[row * TE_LDB + oc]) = d;
+            }
+            for (int c = threadIdx.x; c < TE_TM * TE_TK; c += TE_THREADS) {
+                const int tt = c / TE_TK;
+                const int kk = c - tt * TE_TK;
+                const float e = (tt < tcount && kk < kr) ? v[(t0 + tt) * max_rank + k0 + kk] : 0.f;
+                s_v[tt * TE_LDV + kk] = f2h(e);
+            }
+            __syncthreads();
+            const half_t* vw = s_v + warp * 16 * TE_LDV;
+            const int ksteps = (kr + 15) / 16;
+            for (int ks = 0; ks < ksteps; ++ks) {
+                const int kk = ks * 16;
+                unsigned int a[4];
+                a[0] = lora_ld_s32(vw + g * TE_LDV + kk + 2 * q);
+                a[1] = lora_ld_s32(vw + (g + 8) * TE_LDV + kk + 2 * q);
+                a[2] = lora_ld_s32(vw + g * TE_LDV + kk + 2 * q + 8);
+                a[3] = lora_ld_s32(vw + (g + 8) * TE_LDV + kk + 2 * q + 8);
+                const half_t* b0 = s_b + (kk + 2 * q) * TE_LDB + g;
+#pragma unroll
+                for (int n = 0; n < 8; ++n) {
+                    // B[k][o] = B^T row k, column o: two rows per register, so two 16-bit loads.
+                    const half_t* bn = b0 + n * 8;
+                    const unsigned int b[2] = {
+                        (unsigned int)bn[0] | ((unsigned int)bn[TE_LDB] << 16),
+                        (unsigned int)bn[8 * TE_LDB] | ((unsigned int)bn[9 * TE_LDB] << 16)};
+                    lora_mma16816(acc[n], a, b);
+                }
+            }
+        }
+
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            const int o = n0 + n * 8 + 2 * q;  // out % 8 == 0: o and o + 1 exist together
+            if (o >= out_features) continue;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int t = warp * 16 + g + 8 * h;
+                if (t >= tcount) continue;
+                unsigned int* yp = reinterpret_cast<unsigned int*>(y + (t0 + t) * out_features + o);
+                const unsigned int yy = *yp;
+                const unsigned int lo = f2h(__fadd_rn(lora_lo(yy), __fmul_rn(sc, acc[n][2 * h])));
+                const unsigned int hi = f2h(__fadd_rn(lora_hi(yy), __fmul_rn(sc, acc[n][2 * h + 1])));
+                *yp = lo | (hi << 16);
+            }
+        }
+    }
+}
+#endif  // __CUDA_ARCH__ >= 800

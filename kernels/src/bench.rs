@@ -456,69 +456,55 @@ mod imp {
         }
         exec.set_cuda_graphs(true);
         exec.set_lora_overlap(true);
-        // Prefill of 4,096 tokens: 8 requests x 512 tokens, 8 distinct adapters, one step.
+        // Prefill steps: the prompt rows' LoRA on tensor cores (the default) and on the SIMT
+        // baseline, and the same prompts without adapters, measured in the same run.
+        lines.push(String::new());
+        lines.push("Prefill steps (one step each, host-timed; adapters resident before the timed step; distinct adapters of ranks 8-64 cycling per request):".into());
+        lines.push("| prompts x tokens | without adapters (ms) | LoRA on tensor cores (ms) | its overhead | LoRA SIMT, same run (ms) | its overhead |".into());
+        lines.push("|---|---|---|---|---|---|".into());
         let mut prefill_ms = Vec::new();
-        for rep in 0..5 {
-            exec.reset();
-            let mut engine = Scheduler::new(EngineConfig {
-                model: model.clone(),
-                adapters: specs.clone(),
-                pool_pages,
-                pool_layout: PoolLayout::Unified,
-                scheduler: SchedulerConfig {
-                    max_prefill_tokens: 4096,
-                    ..SchedulerConfig::default()
-                },
-            })
-            .map_err(|e| crate::Error::Plan {
-                step: 0,
-                reason: e.to_string(),
-            })?;
-            for b in 0..8u32 {
-                let id = RequestId(next_id);
-                next_id += 1;
-                exec.add_request(
-                    id,
-                    (0..512u32)
-                        .map(|t| (t * 31 + b * 17 + rep) % 32000)
-                        .collect(),
-                )?;
-                engine
-                    .submit(
-                        RequestMeta {
-                            id,
-                            adapter: Some(AdapterId(b * 5)),
-                            tenant: None,
-                            prompt_tokens: 512,
-                            output_tokens: 1,
-                        },
-                        Nanos::ZERO,
-                    )
-                    .map_err(|e| crate::Error::Plan {
-                        step: 0,
-                        reason: e.to_string(),
-                    })?;
+        for (requests, tokens) in [(1u32, 256u32), (1, 1024), (8, 512)] {
+            let mut row = [0.0f64; 3];
+            for (k, (adapters, path)) in [
+                (false, lora::PrefillPath::TensorCore),
+                (true, lora::PrefillPath::TensorCore),
+                (true, lora::PrefillPath::Simt),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                exec.set_prefill_lora_path(path);
+                let mut times = Vec::new();
+                for rep in 0..6u32 {
+                    let t = prefill_step(
+                        &mut exec,
+                        &model,
+                        &specs,
+                        pool_pages,
+                        (requests, tokens, adapters, rep),
+                        &mut next_id,
+                    )?;
+                    if rep > 0 {
+                        times.push(t);
+                    }
+                }
+                row[k] = median(&mut times);
+                if (requests, tokens, adapters, path)
+                    == (8, 512, true, lora::PrefillPath::TensorCore)
+                {
+                    prefill_ms = times;
+                }
             }
-            // The first plan loads the adapters (blocking) and prefills all 4,096 tokens; run a
-            // warm-up step's worth of loads first so the timed step is the prefill alone.
-            let plan = engine
-                .plan_step(Nanos::ZERO)
-                .map_err(|e| crate::Error::Plan {
-                    step: 0,
-                    reason: e.to_string(),
-                })?
-                .ok_or_else(|| crate::Error::Plan {
-                    step: 0,
-                    reason: "no prefill planned".into(),
-                })?;
-            let report = exec.execute(&plan).map_err(|e| crate::Error::Plan {
-                step: plan.step,
-                reason: e.to_string(),
-            })?;
-            if rep > 0 {
-                prefill_ms.push(report.elapsed.0 as f64 / 1e6);
-            }
+            lines.push(format!(
+                "| {requests} x {tokens} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% |",
+                row[0],
+                row[1],
+                100.0 * (row[1] / row[0] - 1.0),
+                row[2],
+                100.0 * (row[2] / row[0] - 1.0)
+            ));
         }
+        exec.set_prefill_lora_path(lora::PrefillPath::default());
         let ms = median(&mut prefill_ms);
         let h = model.hidden_size as f64;
         let linear_params =
@@ -537,10 +523,92 @@ mod imp {
         let flops = 2.0 * linear_params * tokens + attention + lora;
         lines.push(String::new());
         lines.push(format!(
-            "Prefill of 4,096 tokens (8 requests x 512, 8 distinct adapters of ranks 8-64, adapter loads included): {ms:.1} ms, {:.0} TFLOP/s = {:.0}% of the measured cuBLAS rate",
+            "Prefill of 4,096 tokens (8 requests x 512, 8 distinct adapters of ranks 8-64, LoRA on tensor cores): {ms:.1} ms, {:.0} TFLOP/s = {:.0}% of the measured cuBLAS rate",
             flops / (ms * 1e-3) / 1e12,
             100.0 * flops / (ms * 1e-3) / gemm_rate
         ));
         Ok(lines)
+    }
+
+    /// Host-timed milliseconds of one prefill step of `requests` prompts of `tokens` tokens
+    /// (`shape` = (requests, tokens, with adapters, a salt for the token ids)), each on its own
+    /// adapter of `specs` when `with adapters`. One-token requests on the same adapters run to
+    /// completion first on the same engine, so the adapters are resident and the timed step is
+    /// the prefill alone (an error if it still plans loads).
+    fn prefill_step(
+        exec: &mut GpuExecutor,
+        model: &ModelSpec,
+        specs: &[slora_engine::AdapterSpec],
+        pool_pages: u32,
+        shape: (u32, u32, bool, u32),
+        next_id: &mut u64,
+    ) -> Result<f64> {
+        let (requests, tokens, adapters, salt) = shape;
+        let plan_err = |step: u64, e: String| crate::Error::Plan { step, reason: e };
+        exec.reset();
+        let mut engine = Scheduler::new(EngineConfig {
+            model: model.clone(),
+            adapters: specs.to_vec(),
+            pool_pages,
+            pool_layout: PoolLayout::Unified,
+            scheduler: SchedulerConfig {
+                max_prefill_tokens: (requests * tokens).max(1),
+                ..SchedulerConfig::default()
+            },
+        })
+        .map_err(|e| plan_err(0, e.to_string()))?;
+        let mut now = Nanos::ZERO;
+        for (prompt, timed) in [(1u32, false), (tokens, true)] {
+            for b in 0..requests {
+                let id = RequestId(*next_id);
+                *next_id += 1;
+                exec.add_request(
+                    id,
+                    (0..prompt)
+                        .map(|t| (t * 31 + b * 17 + salt) % 32000)
+                        .collect(),
+                )?;
+                engine
+                    .submit(
+                        RequestMeta {
+                            id,
+                            adapter: adapters.then_some(AdapterId(b * 5)),
+                            tenant: None,
+                            prompt_tokens: prompt,
+                            output_tokens: 1,
+                        },
+                        now,
+                    )
+                    .map_err(|e| plan_err(0, e.to_string()))?;
+            }
+            while let Some(plan) = engine
+                .plan_step(now)
+                .map_err(|e| plan_err(0, e.to_string()))?
+            {
+                if timed && !plan.loads.is_empty() {
+                    return Err(plan_err(
+                        plan.step,
+                        format!(
+                            "the timed prefill step still loads {} adapters",
+                            plan.loads.len()
+                        ),
+                    ));
+                }
+                let report = exec
+                    .execute(&plan)
+                    .map_err(|e| plan_err(plan.step, e.to_string()))?;
+                if timed {
+                    return Ok(report.elapsed.0 as f64 / 1e6);
+                }
+                now = now + report.elapsed;
+                let outcome = engine
+                    .complete_step(&report, now)
+                    .map_err(|e| plan_err(plan.step, e.to_string()))?;
+                for f in outcome.finished {
+                    exec.remove_request(f.request);
+                }
+            }
+        }
+        Err(plan_err(0, "no prefill planned".into()))
     }
 }

@@ -160,6 +160,9 @@ pub struct GpuExecutor {
     /// default) or in line on the compute stream (always so while phase timing is on, so
     /// that each phase's events bracket its own kernels).
     lora_overlap: bool,
+    /// Which MBGMM kernels run the prompt rows' LoRA (tensor cores unless `bench-gpu` asks
+    /// for the SIMT baseline).
+    prefill_lora_path: lora::PrefillPath,
 }
 
 /// Most decode rows for which the decode rows' LoRA runs beside the base GEMMs. Two H200 runs
@@ -239,7 +242,9 @@ impl GpuExecutor {
         // for GQA).
         let activations = t * (10 * h + 3 * i + h) * 2
             + t * 4 * h * 4
-            + 2 * 3 * t * max_rank as u64 * 4
+            + (lora::LoraPrefillPlan::max_scratch_len(t as usize, max_rank as usize) as u64
+                + 3 * t * max_rank as u64)
+                * 4
             + t * v * 6;
         let fixed = DeviceWeights::bytes(model) + activations;
         let usable = (free as f64 * fraction) as u64;
@@ -295,10 +300,12 @@ impl GpuExecutor {
             attn: device::alloc(&gpu, t * qw, "attention output")?,
             gate_up: device::alloc(&gpu, t * 2 * i, "gate_up")?,
             mlp: device::alloc(&gpu, t * i, "mlp")?,
-            // Three modules' `v` at once for the fused q/k/v decode path.
+            // Three modules' `v` at once for the fused q/k/v decode path; a prompt's `v` and
+            // its split-K partial sums (more than three times `v`).
             lora_scratch: device::alloc(
                 &gpu,
-                3 * t * cfg.max_rank.max(1) as usize,
+                lora::LoraPrefillPlan::max_scratch_len(t, cfg.max_rank.max(1) as usize)
+                    .max(3 * t * cfg.max_rank.max(1) as usize),
                 "LoRA scratch",
             )?,
             lora_dq: device::alloc(&gpu, t * qw, "LoRA delta of q")?,
@@ -343,6 +350,7 @@ impl GpuExecutor {
             phase_timing: false,
             last_phase_times: None,
             lora_overlap: true,
+            prefill_lora_path: lora::PrefillPath::default(),
         })
     }
 
@@ -366,6 +374,12 @@ impl GpuExecutor {
     pub fn set_lora_overlap(&mut self, on: bool) {
         self.lora_overlap = on;
         self.graph = None;
+    }
+
+    /// Runs the prompt rows' LoRA on the tensor-core MBGMM kernels (the default) or on the
+    /// SIMT ones (the baseline `bench-gpu` compares against).
+    pub fn set_prefill_lora_path(&mut self, path: lora::PrefillPath) {
+        self.prefill_lora_path = path;
     }
 
     /// Forgets every request and every resident adapter (for a new engine over the same pool).
@@ -971,6 +985,7 @@ impl GpuExecutor {
                     max_segment_len,
                     pool_pages,
                     page_w: kvw,
+                    prefill_path: self.prefill_lora_path,
                 };
                 for (l, lw) in w.layers.iter().enumerate() {
                     let layer = attention::layer_kv_range(l, pool_pages, kvw);
@@ -1377,6 +1392,7 @@ struct LoraStep<'a> {
     max_segment_len: usize,
     pool_pages: usize,
     page_w: usize,
+    prefill_path: lora::PrefillPath,
 }
 
 /// A step's LoRA context for one layer: its K and V sides of the pool.
@@ -1429,10 +1445,11 @@ fn lora_apply(
                 &t.offset.slice(..),
                 &t.rank.slice(..),
                 &t.scale.slice(..),
-                &mut scratch.slice_mut(..p * c.max_rank),
+                &mut scratch.slice_mut(..),
                 &mut y.slice_mut(..p * out_w),
                 shape,
                 c.max_segment_len,
+                c.prefill_path,
             )?;
         }
     }

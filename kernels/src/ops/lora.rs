@@ -69,8 +69,19 @@ pub const PREFILL_SHRINK_K: usize = 64;
 /// Blocks the MBGMM shrink aims for by splitting its reduction: two per SM of a 132-SM GPU.
 /// Fewer (a short prompt on one adapter is a dozen token tiles) leaves most SMs idle.
 pub const PREFILL_SHRINK_TARGET_BLOCKS: usize = 264;
-/// Most split-K chunks of the MBGMM shrink (each adds one atomic per output).
+/// Most split-K chunks of the MBGMM shrink (each is one more `[T, max_rank]` of partial sums
+/// in the scratch, added by `lora_mbgmm_reduce`).
 pub const PREFILL_SHRINK_MAX_SPLITS: usize = 16;
+/// Tokens per tile of both tensor-core MBGMM kernels (`TS_TM`, `TE_TM`: four warps of 16).
+pub const PREFILL_TC_TOKENS: usize = 64;
+/// Rank rows per block of the tensor-core MBGMM shrink (`TS_TR`).
+pub const PREFILL_TC_SHRINK_RANKS: usize = 64;
+/// Outputs per block of the tensor-core MBGMM expand (`TE_TN`).
+pub const PREFILL_TC_EXPAND_OUTPUTS: usize = 64;
+/// Threads per block of both tensor-core MBGMM kernels (`TS_THREADS`, `TE_THREADS`).
+pub const PREFILL_TC_THREADS: u32 = 128;
+/// Threads per block of `lora_mbgmm_reduce`.
+pub const PREFILL_REDUCE_THREADS: u32 = 256;
 
 /// Most modules one multi-module MBGMV launch takes (`LORA_MAX_MODULES`: q, k and v).
 pub const DECODE_MULTI_MAX_MODULES: usize = 3;
@@ -283,6 +294,53 @@ impl DecodePath {
     }
 }
 
+/// Which MBGMM kernels run the prompt rows' LoRA.
+///
+/// `Simt` multiplies in fp32 on the CUDA cores with one shared-memory load per two FMAs,
+/// about 8 TFLOP/s on an H200 (the calibration's 4,096-token points); `TensorCore` stages the
+/// same tiles for `mma.sync`. `TensorCore` is the default where it exists; `Simt` is kept as
+/// the baseline `bench-gpu` measures it against. Both run on every device `Gpu::new` accepts
+/// (sm_80 and newer, where `mma.sync` m16n8k16 exists).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillPath {
+    /// `lora_mbgmm_shrink_tc` then `lora_mbgmm_expand_tc`.
+    #[default]
+    TensorCore,
+    /// `lora_mbgmm_shrink` then `lora_mbgmm_expand`.
+    Simt,
+}
+
+impl PrefillPath {
+    /// The shrink and expand kernels' names.
+    pub fn kernels(self) -> (&'static str, &'static str) {
+        match self {
+            PrefillPath::TensorCore => ("lora_mbgmm_shrink_tc", "lora_mbgmm_expand_tc"),
+            PrefillPath::Simt => ("lora_mbgmm_shrink", "lora_mbgmm_expand"),
+        }
+    }
+
+    /// (shrink tokens per tile, shrink rank rows per block, expand tokens per tile, expand
+    /// outputs per block, threads per block).
+    fn tiles(self) -> (usize, usize, usize, usize, u32) {
+        match self {
+            PrefillPath::TensorCore => (
+                PREFILL_TC_TOKENS,
+                PREFILL_TC_SHRINK_RANKS,
+                PREFILL_TC_TOKENS,
+                PREFILL_TC_EXPAND_OUTPUTS,
+                PREFILL_TC_THREADS,
+            ),
+            PrefillPath::Simt => (
+                PREFILL_SHRINK_TOKENS,
+                PREFILL_SHRINK_RANKS,
+                PREFILL_EXPAND_TOKENS,
+                PREFILL_EXPAND_OUTPUTS,
+                PREFILL_THREADS,
+            ),
+        }
+    }
+}
+
 /// What the modules of one multi-module MBGMV launch share: they read the same `x` (so `in`),
 /// the same pool layer and the same adapter page lists. Module `m` adds its own `out` (and
 /// its own tables); [`LoraMultiShape::module`] gives its [`LoraShape`].
@@ -398,22 +456,26 @@ impl LoraDecodeMultiPlan {
 
 /// The MBGMM launches for `num_tokens` prefill tokens in `num_segments` segments, the longest
 /// `max_segment_len` tokens (it sizes `grid.x` only: the kernels stride over token tiles, so
-/// a wrong value costs speed, never tokens). A plan with no tokens launches nothing.
+/// a wrong value costs speed, never tokens), on the kernels of `path`. A plan with no tokens
+/// launches nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoraPrefillPlan {
     pub shape: LoraShape,
     pub num_tokens: usize,
     pub num_segments: usize,
-    /// `lora_mbgmm_shrink`: grid (token tiles of 32 in the longest segment,
-    /// ceil(max_rank / 64) × k_splits, segments); block (x, y, z) computes token tiles
-    /// `x, x + grid.x, ...` of segment z for rank rows `[64 (y % tiles), +64)` over the
-    /// reduction chunk `y / tiles` of `k_chunk` inputs.
+    pub path: PrefillPath,
+    /// The shrink: grid (token tiles in the longest segment, ceil(max_rank / rank rows) ×
+    /// k_splits, segments); block (x, y, z) computes token tiles `x, x + grid.x, ...` of
+    /// segment z for the rank tile `y % tiles` over the reduction chunk `y / tiles` of
+    /// `k_chunk` inputs.
     pub shrink: LaunchDims,
     /// Inputs per split-K chunk of the shrink (a multiple of 64), and the number of chunks.
     pub k_chunk: usize,
     pub k_splits: usize,
-    /// `lora_mbgmm_expand`: grid (token tiles of 32, ceil(out / 128), segments); block
-    /// (x, y, z) computes outputs `[128y, 128y + 128)` of token tiles `x, x + grid.x, ...`.
+    /// `lora_mbgmm_reduce` over the `T * max_rank` entries of `v` when `k_splits > 1`.
+    pub reduce: Option<LaunchDims>,
+    /// The expand: grid (token tiles, ceil(out / outputs per block), segments); block
+    /// (x, y, z) computes output tile y of token tiles `x, x + grid.x, ...` of segment z.
     pub expand: LaunchDims,
 }
 
@@ -423,6 +485,7 @@ impl LoraPrefillPlan {
         num_tokens: usize,
         num_segments: usize,
         max_segment_len: usize,
+        path: PrefillPath,
     ) -> Result<LoraPrefillPlan> {
         const KERNEL: &str = "lora_mbgmm";
         shape.validate(KERNEL)?;
@@ -443,8 +506,9 @@ impl LoraPrefillPlan {
                 "the longest segment ({max_segment_len} tokens) is longer than the batch ({num_tokens} tokens)"
             ));
         }
-        let rank_tiles = shape.max_rank.div_ceil(PREFILL_SHRINK_RANKS);
-        let out_tiles = shape.out_features.div_ceil(PREFILL_EXPAND_OUTPUTS);
+        let (shrink_tokens, shrink_ranks, expand_tokens, expand_outputs, threads) = path.tiles();
+        let rank_tiles = shape.max_rank.div_ceil(shrink_ranks);
+        let out_tiles = shape.out_features.div_ceil(expand_outputs);
         if rank_tiles > MAX_GRID_YZ || out_tiles > MAX_GRID_YZ {
             return bad(format!(
                 "{rank_tiles} rank tiles or {out_tiles} output tiles exceed gridDim.y's {MAX_GRID_YZ}"
@@ -452,8 +516,8 @@ impl LoraPrefillPlan {
         }
         let empty = num_tokens == 0 || num_segments == 0;
         let segments = if empty { 0 } else { num_segments as u32 };
-        let shrink_x = max_segment_len.div_ceil(PREFILL_SHRINK_TOKENS).max(1) as u32;
-        let expand_x = max_segment_len.div_ceil(PREFILL_EXPAND_TOKENS).max(1) as u32;
+        let shrink_x = max_segment_len.div_ceil(shrink_tokens).max(1) as u32;
+        let expand_x = max_segment_len.div_ceil(expand_tokens).max(1) as u32;
         // Split the reduction until the shrink has about two blocks per SM.
         let base_blocks = (shrink_x as usize * rank_tiles * num_segments.max(1)).max(1);
         let k_steps = shape.in_features.div_ceil(PREFILL_SHRINK_K).max(1);
@@ -468,20 +532,36 @@ impl LoraPrefillPlan {
                 "{rank_tiles} rank tiles x {k_splits} reduction chunks exceed gridDim.y's {MAX_GRID_YZ}"
             ));
         }
+        // The kernels index the scratch (v, then k_splits chunks of partial sums) with i32.
+        let scratch = (k_splits + 1) * num_tokens * shape.max_rank;
+        if scratch > I32_MAX {
+            return bad(format!(
+                "{k_splits} reduction chunks of {num_tokens} tokens x {} rank rows ({scratch} elements) overflow i32",
+                shape.max_rank
+            ));
+        }
+        let v_len = num_tokens * shape.max_rank;
+        let reduce = (k_splits > 1 && !empty).then(|| LaunchDims {
+            grid: (v_len.div_ceil(PREFILL_REDUCE_THREADS as usize) as u32, 1, 1),
+            block: (PREFILL_REDUCE_THREADS, 1, 1),
+            shared_mem: 0,
+        });
         Ok(LoraPrefillPlan {
             shape,
             num_tokens,
             num_segments,
+            path,
             k_chunk,
             k_splits,
             shrink: LaunchDims {
                 grid: (shrink_x, (rank_tiles * k_splits) as u32, segments),
-                block: (PREFILL_THREADS, 1, 1),
+                block: (threads, 1, 1),
                 shared_mem: 0,
             },
+            reduce,
             expand: LaunchDims {
                 grid: (expand_x, out_tiles as u32, segments),
-                block: (PREFILL_THREADS, 1, 1),
+                block: (threads, 1, 1),
                 shared_mem: 0,
             },
         })
@@ -490,6 +570,23 @@ impl LoraPrefillPlan {
     /// Nothing to launch.
     pub fn is_empty(&self) -> bool {
         self.num_tokens == 0 || self.num_segments == 0
+    }
+
+    /// Elements of the f32 scratch the launch uses: `v` (`[T, max_rank]`, first), then, when
+    /// the reduction is split, one `[T, max_rank]` of partial sums per chunk.
+    pub fn scratch_len(&self) -> usize {
+        let v = self.num_tokens * self.shape.max_rank;
+        if self.k_splits > 1 {
+            v * (self.k_splits + 1)
+        } else {
+            v
+        }
+    }
+
+    /// The most scratch any plan of `tokens` tokens at `max_rank` needs
+    /// ([`LoraPrefillPlan::scratch_len`] at the largest split): what a caller allocates once.
+    pub fn max_scratch_len(tokens: usize, max_rank: usize) -> usize {
+        (PREFILL_SHRINK_MAX_SPLITS + 1) * tokens * max_rank
     }
 }
 
@@ -1897,11 +1994,14 @@ mod launch {
     }
 
     /// MBGMM for a prefill batch of `T = x.len() / in` tokens in `S = page_offset.len()`
-    /// segments, on `gpu.stream`: tokens `seg_start[s] .. seg_start[s + 1]` use entry `s` of
-    /// the tables, with the same math and buffer rules as [`lora_decode`] (`x: [T, in]`,
-    /// `y: [T, out]`, `v_scratch` at least `[T, max_rank]`). `seg_start` has `S + 1` entries
-    /// (check them on the host with [`validate_segments`], which also returns
-    /// `max_segment_len`, the longest segment: it sizes the grid only).
+    /// segments, on `gpu.stream`, with the kernels of `path`: tokens `seg_start[s] ..
+    /// seg_start[s + 1]` use entry `s` of the tables, with the same math and buffer rules as
+    /// [`lora_decode`] (`x: [T, in]`, `y: [T, out]`). `scratch` holds at least
+    /// [`LoraPrefillPlan::scratch_len`] elements (at most
+    /// [`LoraPrefillPlan::max_scratch_len`]); `v` (`[T, max_rank]`) is its first part.
+    /// `seg_start` has `S + 1` entries (check them on the host with [`validate_segments`],
+    /// which also returns `max_segment_len`, the longest segment: it sizes the grid only).
+    /// No atomics: the same inputs give the same bits every run.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_prefill(
         gpu: &Gpu,
@@ -1913,25 +2013,43 @@ mod launch {
         page_offset: &CudaView<i32>,
         rank: &CudaView<i32>,
         scale: &CudaView<f32>,
-        v_scratch: &mut CudaViewMut<f32>,
+        scratch: &mut CudaViewMut<f32>,
         y: &mut CudaViewMut<f16>,
         shape: LoraShape,
         max_segment_len: usize,
+        path: PrefillPath,
     ) -> Result<()> {
         const KERNEL: &str = "lora_mbgmm";
         let segments = page_offset.len();
         let tokens = x.len() / shape.in_features.max(1);
-        let plan = LoraPrefillPlan::new(shape, tokens, segments, max_segment_len)?;
-        check_device_buffers(
-            KERNEL,
-            &shape,
-            tokens,
-            segments,
-            (x, k_pool_layer, v_pool_layer),
-            (rank, scale),
-            v_scratch,
-            y,
-        )?;
+        let plan = LoraPrefillPlan::new(shape, tokens, segments, max_segment_len, path)?;
+        let v_len = tokens * shape.max_rank;
+        {
+            // The common checks see v as the first [T, max_rank] of the scratch.
+            let v_part = scratch.slice_mut(..v_len.min(scratch.len()));
+            check_device_buffers(
+                KERNEL,
+                &shape,
+                tokens,
+                segments,
+                (x, k_pool_layer, v_pool_layer),
+                (rank, scale),
+                &v_part,
+                y,
+            )?;
+        }
+        if scratch.len() < plan.scratch_len() {
+            return Err(Error::Launch {
+                kernel: KERNEL,
+                reason: format!(
+                    "the scratch holds {} f32, the launch needs {} ({} reduction chunks of {tokens} tokens x {} rank rows, and v)",
+                    scratch.len(),
+                    plan.scratch_len(),
+                    plan.k_splits,
+                    shape.max_rank
+                ),
+            });
+        }
         check_len(KERNEL, "seg_start", seg_start.len(), segments + 1)?;
         if plan.is_empty() {
             return Ok(());
@@ -1945,43 +2063,63 @@ mod launch {
         let w_i = shape.page_width as i32;
         let pages_i = shape.num_pages as i32;
         let adapter_pages_i = i32_of(KERNEL, "adapter pages", adapter_pages.len())?;
+        let k_chunk_i = i32_of(KERNEL, "k_chunk", plan.k_chunk)?;
+        let (shrink_name, expand_name) = path.kernels();
 
         gpu.mark(crate::gpu::Phase::LoraShrink)?;
-
-        let k_chunk_i = i32_of(KERNEL, "k_chunk", plan.k_chunk)?;
-        // The shrink adds its split-K partial sums into v.
-        gpu.stream
-            .memset_zeros(&mut v_scratch.slice_mut(..tokens * shape.max_rank))
-            .map_err(driver_err("zeroing the LoRA scratch"))?;
-        let shrink = gpu.function(SOURCE, "lora_mbgmm_shrink")?;
-        let mut b = gpu.stream.launch_builder(&shrink);
-        b.arg(x)
-            .arg(k_pool_layer)
-            .arg(adapter_pages)
-            .arg(seg_start)
-            .arg(page_offset)
-            .arg(rank)
-            .arg(&mut *v_scratch)
-            .arg(&segments_i)
-            .arg(&tokens_i)
-            .arg(&in_i)
-            .arg(&max_rank_i)
-            .arg(&slots_i)
-            .arg(&w_i)
-            .arg(&pages_i)
-            .arg(&adapter_pages_i)
-            .arg(&k_chunk_i);
-        // SAFETY: the arguments match `lora_mbgmm_shrink`'s parameters in order and type;
-        // lengths, alignment and i32 indexing were checked above; the kernel skips segments
-        // whose bounds leave `0..tokens` and table entries or pages out of range, so it reads
-        // and writes (`v_scratch[T, max_rank]`) only within the checked lengths.
-        unsafe { b.launch(config(&plan.shrink)) }
-            .map_err(driver_err("launching lora_mbgmm_shrink"))?;
+        {
+            // With a split reduction the chunks' partial sums go after v and are reduced into
+            // it; with one chunk the shrink writes v directly.
+            let (mut v, mut partials) = scratch.split_at_mut(v_len);
+            let part = if plan.reduce.is_some() {
+                &mut partials
+            } else {
+                &mut v
+            };
+            let shrink = gpu.function(SOURCE, shrink_name)?;
+            let mut b = gpu.stream.launch_builder(&shrink);
+            b.arg(x)
+                .arg(k_pool_layer)
+                .arg(adapter_pages)
+                .arg(seg_start)
+                .arg(page_offset)
+                .arg(rank)
+                .arg(&mut *part)
+                .arg(&segments_i)
+                .arg(&tokens_i)
+                .arg(&in_i)
+                .arg(&max_rank_i)
+                .arg(&slots_i)
+                .arg(&w_i)
+                .arg(&pages_i)
+                .arg(&adapter_pages_i)
+                .arg(&k_chunk_i);
+            // SAFETY: the arguments match the shrink's parameters in order and type; lengths,
+            // alignment and i32 indexing were checked above (`part` holds k_splits * T *
+            // max_rank when split, T * max_rank otherwise); the kernel skips segments whose
+            // bounds leave `0..tokens` and table entries or pages out of range, so it writes
+            // only `part[c, t, i]` for c < k_splits, t < T, i < max_rank.
+            unsafe { b.launch(config(&plan.shrink)) }
+                .map_err(driver_err(format!("launching {shrink_name}")))?;
+            if let Some(dims) = &plan.reduce {
+                let count_i = i32_of(KERNEL, "v entries", v_len)?;
+                let splits_i = i32_of(KERNEL, "k_splits", plan.k_splits)?;
+                let reduce = gpu.function(SOURCE, "lora_mbgmm_reduce")?;
+                let part_read = partials.as_view();
+                let mut b = gpu.stream.launch_builder(&reduce);
+                b.arg(&part_read).arg(&mut v).arg(&count_i).arg(&splits_i);
+                // SAFETY: `lora_mbgmm_reduce(part, v, count, k_splits)` reads
+                // `part[0 .. k_splits * count]` (the partials hold that many: scratch_len was
+                // checked) and writes `v[0 .. count]`, count = T * max_rank.
+                unsafe { b.launch(config(dims)) }
+                    .map_err(driver_err("launching lora_mbgmm_reduce"))?;
+            }
+        }
 
         gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
-        let expand = gpu.function(SOURCE, "lora_mbgmm_expand")?;
-        let v_read = v_scratch.as_view();
+        let expand = gpu.function(SOURCE, expand_name)?;
+        let v_read = scratch.slice(..v_len);
         let mut b = gpu.stream.launch_builder(&expand);
         b.arg(&v_read)
             .arg(v_pool_layer)
@@ -1999,10 +2137,11 @@ mod launch {
             .arg(&w_i)
             .arg(&pages_i)
             .arg(&adapter_pages_i);
-        // SAFETY: as for the shrink; it read-modify-writes `y[T, out]` in bounds, 8 bytes at a
-        // time at offsets that are multiples of 4 elements of a 16-byte aligned base.
+        // SAFETY: as for the shrink; it reads v's rows below each segment's rank (written by
+        // the shrink or the reduce on this stream) and read-modify-writes `y[T, out]` in
+        // bounds, 4 or 8 bytes at a time at even offsets of a 16-byte aligned base.
         unsafe { b.launch(config(&plan.expand)) }
-            .map_err(driver_err("launching lora_mbgmm_expand"))?;
+            .map_err(driver_err(format!("launching {expand_name}")))?;
         Ok(())
     }
 
@@ -2200,8 +2339,8 @@ mod launch {
             let longest = validate_segments("lora self-check", &seg_start, tokens)?;
             let x = rng.f16s(tokens * inf, 1.0);
             let y0 = rng.f16s(tokens * outf, 1.0);
-            let poison = vec![f32::NAN; tokens * shape.max_rank];
-            let mut v_ref = poison.clone();
+            let v_len = tokens * shape.max_rank;
+            let mut v_ref = vec![f32::NAN; v_len];
             let mut y_ref: Vec<f32> = y0.iter().map(|h| h.to_f32()).collect();
             lora_prefill_ref(
                 &shape, host_pool, &tables, &seg_start, &x, &mut v_ref, &mut y_ref,
@@ -2214,25 +2353,6 @@ mod launch {
             let po_d = gpu.stream.clone_htod(&po).map_err(copy("page_offset"))?;
             let rank_d = gpu.stream.clone_htod(&rank).map_err(copy("rank"))?;
             let scale_d = gpu.stream.clone_htod(&scale).map_err(copy("scale"))?;
-            let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
-            let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
-            lora_prefill(
-                gpu,
-                &x_d.as_view(),
-                &k_pool.as_view(),
-                &v_pool.as_view(),
-                &pages.as_view(),
-                &seg_d.as_view(),
-                &po_d.as_view(),
-                &rank_d.as_view(),
-                &scale_d.as_view(),
-                &mut v_d.as_view_mut(),
-                &mut y_d.as_view_mut(),
-                shape,
-                longest,
-            )?;
-            let v_got = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
-            let y_got = gpu.stream.clone_dtoh(&y_d).map_err(copy("y back"))?;
             let mut ranks = Vec::new();
             let mut touched = Vec::new();
             for &(len, u) in &PREFILL_SEGMENTS {
@@ -2242,21 +2362,82 @@ mod launch {
                 ));
                 touched.extend(std::iter::repeat_n(u.is_some(), len));
             }
-            results.push(compare_v(
-                format!("lora_mbgmm_shrink ({tag})"),
-                &v_got,
-                &v_ref,
-                shape.max_rank,
-                &ranks,
-            ));
-            results.push(compare_y(
-                format!("lora_mbgmm_expand ({tag})"),
-                &y_got,
-                &y_ref,
-                &y0,
-                outf,
-                &touched,
-            ));
+            for path in [PrefillPath::TensorCore, PrefillPath::Simt] {
+                // NaN everywhere the kernels should not read: a skipped entry that leaked
+                // into y would show.
+                let poison =
+                    vec![f32::NAN; LoraPrefillPlan::max_scratch_len(tokens, shape.max_rank)];
+                let mut scratch_d = gpu.stream.clone_htod(&poison).map_err(copy("scratch"))?;
+                let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
+                lora_prefill(
+                    gpu,
+                    &x_d.as_view(),
+                    &k_pool.as_view(),
+                    &v_pool.as_view(),
+                    &pages.as_view(),
+                    &seg_d.as_view(),
+                    &po_d.as_view(),
+                    &rank_d.as_view(),
+                    &scale_d.as_view(),
+                    &mut scratch_d.as_view_mut(),
+                    &mut y_d.as_view_mut(),
+                    shape,
+                    longest,
+                    path,
+                )?;
+                let v_got = gpu
+                    .stream
+                    .clone_dtoh(&scratch_d.slice(..v_len))
+                    .map_err(copy("v back"))?;
+                let y_got = gpu.stream.clone_dtoh(&y_d).map_err(copy("y back"))?;
+                let (v_name, y_name) = path.kernels();
+                // Split-K partial sums are stored and reduced in order, not added by atomics:
+                // a second run on the same inputs must give the same bits.
+                let mut y_again = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
+                lora_prefill(
+                    gpu,
+                    &x_d.as_view(),
+                    &k_pool.as_view(),
+                    &v_pool.as_view(),
+                    &pages.as_view(),
+                    &seg_d.as_view(),
+                    &po_d.as_view(),
+                    &rank_d.as_view(),
+                    &scale_d.as_view(),
+                    &mut scratch_d.as_view_mut(),
+                    &mut y_again.as_view_mut(),
+                    shape,
+                    longest,
+                    path,
+                )?;
+                let y_again = gpu.stream.clone_dtoh(&y_again).map_err(copy("y back"))?;
+                let differ = y_got
+                    .iter()
+                    .zip(&y_again)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                results.push(CheckResult {
+                    kernel: format!("{y_name} twice, same bits ({tag}): {differ} differ"),
+                    max_abs_err: 0.0,
+                    rel_err: 0.0,
+                    passed: differ == 0,
+                });
+                results.push(compare_v(
+                    format!("{v_name} ({tag})"),
+                    &v_got,
+                    &v_ref,
+                    shape.max_rank,
+                    &ranks,
+                ));
+                results.push(compare_y(
+                    format!("{y_name} ({tag})"),
+                    &y_got,
+                    &y_ref,
+                    &y0,
+                    outf,
+                    &touched,
+                ));
+            }
         }
         results.extend(check_multi_on_gpu(gpu, &mut rng)?);
         Ok(results)
@@ -2531,6 +2712,17 @@ mod tests {
         assert_eq!(define("PE_TM"), PREFILL_EXPAND_TOKENS);
         assert_eq!(define("PE_TN"), PREFILL_EXPAND_OUTPUTS);
         assert_eq!(define("PE_THREADS"), PREFILL_THREADS as usize);
+        assert_eq!(define("TS_TM"), PREFILL_TC_TOKENS);
+        assert_eq!(define("TE_TM"), PREFILL_TC_TOKENS);
+        assert_eq!(define("TS_TR"), PREFILL_TC_SHRINK_RANKS);
+        assert_eq!(define("TE_TN"), PREFILL_TC_EXPAND_OUTPUTS);
+        assert_eq!(define("TS_THREADS"), PREFILL_TC_THREADS as usize);
+        assert_eq!(define("TE_THREADS"), PREFILL_TC_THREADS as usize);
+        assert_eq!(define("TS_TK"), PREFILL_SHRINK_K); // split-K chunks are whole stages
+        assert!(SOURCE
+            .code
+            .contains("__launch_bounds__(256)\nlora_mbgmm_reduce("));
+        assert_eq!(PREFILL_REDUCE_THREADS, 256);
         assert_eq!(define("LORA_MAX_MODULES"), DECODE_MULTI_MAX_MODULES);
         for kernel in [
             "lora_mbgmv_fused",
@@ -2540,6 +2732,9 @@ mod tests {
             "lora_mbgmv_expand_multi",
             "lora_mbgmm_shrink",
             "lora_mbgmm_expand",
+            "lora_mbgmm_shrink_tc",
+            "lora_mbgmm_expand_tc",
+            "lora_mbgmm_reduce",
         ] {
             assert!(
                 SOURCE.code.contains(&format!("\n{kernel}(")),
@@ -2772,7 +2967,7 @@ mod tests {
 
     #[test]
     fn prefill_plan_covers_segments_tokens_and_outputs() {
-        let plan = LoraPrefillPlan::new(shape(), 300, 5, 100).unwrap();
+        let plan = LoraPrefillPlan::new(shape(), 300, 5, 100, PrefillPath::Simt).unwrap();
         // ceil(100 / 32) token tiles, one rank tile, split-K to reach ~264 blocks.
         assert_eq!(plan.shrink.grid.0, 4);
         assert_eq!(plan.shrink.grid.2, 5);
@@ -2782,19 +2977,51 @@ mod tests {
         assert_eq!(plan.expand.grid, (4, 8, 5)); // ceil(1024 / 128)
         assert_eq!(plan.shrink.block, (256, 1, 1));
         let wide = LoraShape::new(4096, 1024, 1024, 65, 10_000);
-        let p = LoraPrefillPlan::new(wide, 300, 5, 100).unwrap();
+        let p = LoraPrefillPlan::new(wide, 300, 5, 100, PrefillPath::Simt).unwrap();
         assert_eq!(p.shrink.grid.1 as usize, 2 * p.k_splits); // two rank tiles per chunk
                                                               // The chunks tile the reduction exactly, in whole 64-input steps.
         for (in_f, tokens, segs) in [(4096, 1, 1), (4096, 4096, 8), (11008, 300, 1), (64, 5, 1)] {
             let shape = LoraShape::new(in_f, 1024, 1024, 64, 10_000);
-            let p = LoraPrefillPlan::new(shape, tokens, segs, tokens / segs).unwrap();
+            let p = LoraPrefillPlan::new(shape, tokens, segs, tokens / segs, PrefillPath::Simt)
+                .unwrap();
             assert_eq!(p.k_chunk % PREFILL_SHRINK_K, 0);
             assert!(p.k_splits * p.k_chunk >= in_f && (p.k_splits - 1) * p.k_chunk < in_f);
             assert!(p.k_splits <= PREFILL_SHRINK_MAX_SPLITS);
         }
-        let plan = LoraPrefillPlan::new(shape(), 0, 0, 0).unwrap();
+        let plan = LoraPrefillPlan::new(shape(), 0, 0, 0, PrefillPath::Simt).unwrap();
         assert!(plan.is_empty());
         assert_eq!(plan.shrink.grid.2, 0);
+        assert!(plan.reduce.is_none());
+    }
+
+    #[test]
+    fn tensor_core_prefill_plan_tiles_64_tokens_and_reduces_split_chunks() {
+        let tc = PrefillPath::TensorCore;
+        assert_eq!(PrefillPath::default(), tc);
+        let plan = LoraPrefillPlan::new(shape(), 300, 5, 100, tc).unwrap();
+        assert_eq!(plan.shrink.grid.0, 2); // ceil(100 / 64)
+        assert_eq!(plan.expand.grid, (2, 16, 5)); // ceil(1024 / 64) output tiles
+        assert_eq!(plan.shrink.block, (128, 1, 1));
+        assert_eq!(plan.expand.block, (128, 1, 1));
+        // Split: v, then one [T, max_rank] of partial sums per chunk, reduced over all of v.
+        assert!(plan.k_splits > 1);
+        let v_len = 300 * shape().max_rank;
+        assert_eq!(plan.scratch_len(), v_len * (plan.k_splits + 1));
+        let reduce = plan.reduce.expect("a split reduction is reduced");
+        assert!(reduce.grid.0 as usize * reduce.block.0 as usize >= v_len);
+        assert!(plan.scratch_len() <= LoraPrefillPlan::max_scratch_len(300, shape().max_rank));
+        // Enough token tiles: one chunk, the shrink writes v itself.
+        let long = LoraPrefillPlan::new(shape(), 20_000, 1, 20_000, tc).unwrap();
+        assert_eq!(long.k_splits, 1);
+        assert!(long.reduce.is_none());
+        assert_eq!(long.scratch_len(), 20_000 * shape().max_rank);
+        // The scratch of a huge split batch would overflow the kernels' i32 indexing.
+        let wide = LoraShape::new(4096, 1024, 1024, 1024, 10_000);
+        let reason = launch_reason(LoraPrefillPlan::new(wide, 400_000, 1, 64, tc).unwrap_err());
+        assert!(
+            reason.contains("reduction chunks of 400000 tokens"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -2826,9 +3053,10 @@ mod tests {
         }
         let reason = launch_reason(LoraDecodePlan::new(ok, 600_000).unwrap_err());
         assert!(reason.contains("overflows i32"), "{reason}");
-        let reason = launch_reason(LoraPrefillPlan::new(ok, 100, 70_000, 10).unwrap_err());
+        let simt = PrefillPath::Simt;
+        let reason = launch_reason(LoraPrefillPlan::new(ok, 100, 70_000, 10, simt).unwrap_err());
         assert!(reason.contains("segments"), "{reason}");
-        let reason = launch_reason(LoraPrefillPlan::new(ok, 100, 4, 101).unwrap_err());
+        let reason = launch_reason(LoraPrefillPlan::new(ok, 100, 4, 101, simt).unwrap_err());
         assert!(reason.contains("longest segment"), "{reason}");
     }
 
