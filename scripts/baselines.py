@@ -94,13 +94,17 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--seconds", type=float, default=300)
     ap.add_argument("--execute", action="store_true", help="serve each configuration live (and simulate the same arrivals)")
-    ap.add_argument("--only", help="comma-separated configuration names")
+    ap.add_argument("--only", help="configuration names, separated by ';' (or ',' when no name has one), run in this order")
     ap.add_argument("--gpus", help="GPU indices to run live configurations on at once, e.g. 0,1,2,3")
     ap.add_argument("--deadline-s", type=float, help="start no live run that would end later than this")
     ap.add_argument("--busy-dir", help="while DIR/gpu<N>.busy exists, start nothing on GPU N")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    chosen = [(i, c) for i, c in enumerate(CONFIGS) if not args.only or c[0] in args.only.split(",")]
+    # Names hold commas, so a list with ';' is split on ';' (in the order given).
+    only = args.only.split(";" if ";" in (args.only or "") else ",") if args.only else None
+    chosen = [(i, c) for i, c in enumerate(CONFIGS) if not only or c[0] in only]
+    if only:
+        chosen.sort(key=lambda job: only.index(job[1][0]))
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
 
     def one(job, env):

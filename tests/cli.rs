@@ -473,6 +473,66 @@ fn compare_two_runs_writes_every_output() {
     assert_eq!(c["per_adapter_ttft_p99"]["within_target"], true);
 }
 
+/// Gzips `dir/name` into `dir/name.gz` and removes the plain file.
+fn gzip_in_place(dir: &Path, name: &str) {
+    use std::io::Write;
+    let plain = dir.join(name);
+    let bytes = std::fs::read(&plain).unwrap();
+    let file = std::fs::File::create(dir.join(format!("{name}.gz"))).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+    gz.write_all(&bytes).unwrap();
+    gz.finish().unwrap();
+    std::fs::remove_file(plain).unwrap();
+}
+
+#[test]
+fn compare_reads_runs_stored_gzipped() {
+    let dir = tmp("compare-gz");
+    let a = simulate_default(&dir, "a", "1");
+    let b = simulate_default(&dir, "b", "2");
+    let plain_out = dir.join("plain");
+    let o = run(&[
+        "compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--quiet",
+        "--out",
+        plain_out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The repository keeps live runs as metrics.json.gz and requests.csv.gz.
+    gzip_in_place(&b, "metrics.json");
+    gzip_in_place(&b, "requests.csv");
+    let gz_out = dir.join("gz");
+    let o = run(&[
+        "compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--quiet",
+        "--out",
+        gz_out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |d: &Path| std::fs::read_to_string(d.join("compare.json")).unwrap();
+    let (plain, gz) = (read(&plain_out), read(&gz_out));
+    // Same comparison; only the folders' names differ.
+    let strip = |t: &str| {
+        t.replace(&plain_out.display().to_string(), "")
+            .replace(&gz_out.display().to_string(), "")
+    };
+    assert_eq!(strip(&plain), strip(&gz));
+    // A truncated gzip is bad input naming the file, not a panic.
+    let bytes = std::fs::read(b.join("requests.csv.gz")).unwrap();
+    std::fs::write(b.join("requests.csv.gz"), &bytes[..bytes.len() / 2]).unwrap();
+    let o = run(&[
+        "compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_clean_failure(&o, 2, &["requests.csv.gz"]);
+}
+
 #[test]
 fn compare_bad_input_exits_2_naming_the_file() {
     let dir = tmp("compare-bad");

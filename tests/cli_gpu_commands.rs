@@ -145,13 +145,13 @@ fn refit_of_a_missing_or_broken_measurement_is_bad_input() {
 #[test]
 fn the_embedded_profiles_are_their_measurements_refit() {
     // `sim/profiles/README.md` says where the embedded H200 profiles come from: these
-    // measurements, refit (Llama-7B with the token quantum its live steps chose).
+    // measurements, refit (each with the token quantum its own steps with a prompt chose).
     let root = env!("CARGO_MANIFEST_DIR");
     let raw =
-        |model: &str| format!("{root}/docs/fidelity/runs-4/host-4/profiles/h200-{model}.raw.json");
+        |model: &str| format!("{root}/docs/fidelity/runs-6/host-6/profiles/h200-{model}.raw.json");
     let out = tmp("embedded");
     for (model, extra) in [
-        ("llama-7b", vec!["--gemm-token-quantum", "64"]),
+        ("llama-7b", Vec::<&str>::new()),
         ("llama-13b", vec![]),
         ("llama-3-8b", vec![]),
     ] {

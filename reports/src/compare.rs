@@ -56,21 +56,51 @@ pub struct RunData {
     pub requests: Vec<RequestRecord>,
 }
 
+/// `path`, or `path.gz` when only the compressed file exists (run folders kept in the
+/// repository are stored gzipped).
+fn plain_or_gz(path: PathBuf) -> PathBuf {
+    if path.is_file() {
+        return path;
+    }
+    let mut gz = path.clone().into_os_string();
+    gz.push(".gz");
+    let gz = PathBuf::from(gz);
+    if gz.is_file() {
+        gz
+    } else {
+        path
+    }
+}
+
+/// Opens `path` for buffered reading, decompressing it when its name ends in `.gz`.
+fn open_run_file(path: &Path) -> Result<Box<dyn BufRead>, ReportError> {
+    let file = File::open(path).map_err(|source| ReportError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(BufReader::new(flate2::read::GzDecoder::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    })
+}
+
 /// Reads a run written by `slora-plan simulate` (or `simulate --execute`): `path` is the run
-/// folder or its `metrics.json`; `requests.csv` must sit beside it. Errors name the file and
-/// what is wrong with it (missing, not a run folder, malformed JSON, a bad CSV line).
+/// folder or its `metrics.json`; `requests.csv` must sit beside it. Either file may be stored
+/// gzipped instead (`metrics.json.gz`, `requests.csv.gz`). Errors name the file and what is
+/// wrong with it (missing, not a run folder, malformed JSON or gzip, a bad CSV line).
 pub fn load_run(path: &Path) -> Result<RunData, ReportError> {
     let meta = std::fs::metadata(path).map_err(|source| ReportError::Read {
         path: path.to_path_buf(),
         source,
     })?;
     let (dir, metrics_path) = if meta.is_dir() {
-        let metrics = path.join("metrics.json");
+        let metrics = plain_or_gz(path.join("metrics.json"));
         if !metrics.is_file() {
             let reason = if path.join("sweep.json").is_file() {
                 "a sweep folder, not a run: compare one of its points (points/<point>/)"
             } else {
-                "no metrics.json here: not a run folder written by `slora-plan simulate`"
+                "no metrics.json (or metrics.json.gz) here: not a run folder written by `slora-plan simulate`"
             };
             return Err(invalid(path, reason));
         }
@@ -82,17 +112,14 @@ pub fn load_run(path: &Path) -> Result<RunData, ReportError> {
         };
         (dir, path.to_path_buf())
     };
-    let file = File::open(&metrics_path).map_err(|source| ReportError::Read {
-        path: metrics_path.clone(),
-        source,
-    })?;
-    let metrics: Metrics = serde_json::from_reader(BufReader::new(file)).map_err(|e| {
+    let reader = open_run_file(&metrics_path)?;
+    let metrics: Metrics = serde_json::from_reader(reader).map_err(|e| {
         invalid(
             &metrics_path,
             format!("not the metrics.json of a slora-plan run: {e}"),
         )
     })?;
-    let requests = read_requests(&dir.join("requests.csv"))?;
+    let requests = read_requests(&plain_or_gz(dir.join("requests.csv")))?;
     Ok(RunData {
         dir,
         metrics,
@@ -259,8 +286,7 @@ fn read_requests(path: &Path) -> Result<Vec<RequestRecord>, ReportError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(read_error)?;
-    let mut lines = BufReader::new(file).lines();
+    let mut lines = open_run_file(path)?.lines();
     let header = match lines.next() {
         Some(line) => line.map_err(read_error)?,
         None => return Err(invalid(path, "the file is empty; expected a header line")),
