@@ -72,7 +72,11 @@ impl Default for Grid {
             ],
             prefill_chunk_tokens: vec![16, 32, 64, 128, 256, 512, 1024, 2048],
             prefill_contexts: vec![0, 512, 1536],
-            lora_tokens: vec![16, 32, 64, 96, 128, 160, 256],
+            // From one row: below its smallest point the grid is flat, and with 16 as the
+            // smallest point live steps of 1-15 decode rows were priced 0.4-0.56 ms high (the
+            // 16-row point of one rank-8 adapter is 0.61 ms; bench-gpu measures one row's
+            // LoRA at 0.04 ms): docs/FIDELITY.md, session 6.
+            lora_tokens: vec![1, 4, 8, 16, 32, 64, 96, 128, 160, 256],
             lora_adapters: vec![1, 4, 16],
             lora_ranks: vec![8, 16, 32, 64],
             lora_prefill_tokens: vec![16, 64, 256, 1024, 4096],
