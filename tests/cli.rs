@@ -490,29 +490,24 @@ fn compare_reads_runs_stored_gzipped() {
     let dir = tmp("compare-gz");
     let a = simulate_default(&dir, "a", "1");
     let b = simulate_default(&dir, "b", "2");
+    let compare_into = |out: &Path| {
+        let o = run(&[
+            "compare",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
     let plain_out = dir.join("plain");
-    let o = run(&[
-        "compare",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--quiet",
-        "--out",
-        plain_out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    compare_into(&plain_out);
     // The repository keeps live runs as metrics.json.gz and requests.csv.gz.
     gzip_in_place(&b, "metrics.json");
     gzip_in_place(&b, "requests.csv");
     let gz_out = dir.join("gz");
-    let o = run(&[
-        "compare",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--quiet",
-        "--out",
-        gz_out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    compare_into(&gz_out);
     let read = |d: &Path| std::fs::read_to_string(d.join("compare.json")).unwrap();
     let (plain, gz) = (read(&plain_out), read(&gz_out));
     // Same comparison; only the folders' names differ.

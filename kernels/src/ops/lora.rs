@@ -2368,49 +2368,36 @@ mod launch {
                 let poison =
                     vec![f32::NAN; LoraPrefillPlan::max_scratch_len(tokens, shape.max_rank)];
                 let mut scratch_d = gpu.stream.clone_htod(&poison).map_err(copy("scratch"))?;
-                let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
-                lora_prefill(
-                    gpu,
-                    &x_d.as_view(),
-                    &k_pool.as_view(),
-                    &v_pool.as_view(),
-                    &pages.as_view(),
-                    &seg_d.as_view(),
-                    &po_d.as_view(),
-                    &rank_d.as_view(),
-                    &scale_d.as_view(),
-                    &mut scratch_d.as_view_mut(),
-                    &mut y_d.as_view_mut(),
-                    shape,
-                    longest,
-                    path,
-                )?;
+                // y0 through this path's kernels: y back, and the scratch (v first).
+                let run = |scratch_d: &mut cudarc::driver::CudaSlice<f32>| -> Result<Vec<f16>> {
+                    let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
+                    lora_prefill(
+                        gpu,
+                        &x_d.as_view(),
+                        &k_pool.as_view(),
+                        &v_pool.as_view(),
+                        &pages.as_view(),
+                        &seg_d.as_view(),
+                        &po_d.as_view(),
+                        &rank_d.as_view(),
+                        &scale_d.as_view(),
+                        &mut scratch_d.as_view_mut(),
+                        &mut y_d.as_view_mut(),
+                        shape,
+                        longest,
+                        path,
+                    )?;
+                    gpu.stream.clone_dtoh(&y_d).map_err(copy("y back"))
+                };
+                let y_got = run(&mut scratch_d)?;
                 let v_got = gpu
                     .stream
                     .clone_dtoh(&scratch_d.slice(..v_len))
                     .map_err(copy("v back"))?;
-                let y_got = gpu.stream.clone_dtoh(&y_d).map_err(copy("y back"))?;
                 let (v_name, y_name) = path.kernels();
                 // Split-K partial sums are stored and reduced in order, not added by atomics:
                 // a second run on the same inputs must give the same bits.
-                let mut y_again = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
-                lora_prefill(
-                    gpu,
-                    &x_d.as_view(),
-                    &k_pool.as_view(),
-                    &v_pool.as_view(),
-                    &pages.as_view(),
-                    &seg_d.as_view(),
-                    &po_d.as_view(),
-                    &rank_d.as_view(),
-                    &scale_d.as_view(),
-                    &mut scratch_d.as_view_mut(),
-                    &mut y_again.as_view_mut(),
-                    shape,
-                    longest,
-                    path,
-                )?;
-                let y_again = gpu.stream.clone_dtoh(&y_again).map_err(copy("y back"))?;
+                let y_again = run(&mut scratch_d)?;
                 let differ = y_got
                     .iter()
                     .zip(&y_again)
