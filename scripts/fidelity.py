@@ -446,12 +446,16 @@ def read_compare(path):
         cmp = json.load(f)
     by_key = {r["key"]: r for r in cmp["rows"]}
     row = {key: by_key[key]["signed_error"] for key, _ in ROWS}
+    # Whether the prediction lies inside the live run's own 90% sampling interval (latency
+    # rows; compare.json of builds before session 6 has none).
+    row["inside"] = {key: by_key[key].get("within_reference_interval") for key, _ in ROWS}
     row["executed_req_s"] = by_key["request_throughput_req_s"]["reference"]
     row["executed_completed"] = by_key["completed"]["reference"]
     row["executed_aborted"] = by_key["aborted"]["reference"]
     pa = cmp["per_adapter_ttft_p99"]
     row["adapter_p99_ttft_max"] = pa.get("max_abs_error")
     row["adapter_p99_ttft_compared"] = pa.get("compared")
+    row["adapter_p99_ttft_inside"] = pa.get("within_reference_interval")
     return row
 
 
@@ -477,12 +481,26 @@ def write_summary(out, results):
         if not r["ok"]:
             lines.append(f"| {r['scenario']} | {r['load']:.2f} | {r['capacity']:.2f} | {r['rate']:.2f} | failed |")
             continue
-        errs = " | ".join(f"{100 * r[k]:+.1f}%" if r[k] is not None else "n/a" for k, _ in ROWS)
+        def cell(k):
+            if r[k] is None:
+                return "n/a"
+            mark = "°" if r.get("inside", {}).get(k) is False else ""
+            return f"{100 * r[k]:+.1f}%{mark}"
+
+        errs = " | ".join(cell(k) for k, _ in ROWS)
         pa = r["adapter_p99_ttft_max"]
-        pa_s = f"{100 * pa:.1f}% ({r['adapter_p99_ttft_compared']})" if pa is not None else f"n/a ({r['adapter_p99_ttft_compared']})"
+        n = r["adapter_p99_ttft_compared"]
+        inside = r.get("adapter_p99_ttft_inside")
+        n_s = f"{n}; {inside} inside" if inside is not None and n else f"{n}"
+        pa_s = f"{100 * pa:.1f}% ({n_s})" if pa is not None else f"n/a ({n_s})"
         lines.append(
             f"| {r['scenario']} | {r['load']:.2f} | {r['capacity']:.2f} | {r['rate']:.2f} | {r['executed_req_s']:.2f} | {errs} | {pa_s} |"
         )
+    if any(r.get("ok") and any(v is not None for v in r.get("inside", {}).values()) for r in results):
+        lines += ["", "° the prediction lies outside the live run's 90% sampling interval of that statistic "
+                  "(`compare`'s block bootstrap: how precisely 60 s of traffic measures it); unmarked errors "
+                  "of latency statistics are within it. Per-adapter: adapters compared; of them, predictions "
+                  "inside the live p99's interval."]
     table = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")

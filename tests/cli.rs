@@ -441,6 +441,18 @@ fn compare_two_runs_writes_every_output() {
     let signed = ttft["signed_error"].as_f64().unwrap();
     assert!((signed - (predicted - reference) / reference).abs() < 1e-12);
     assert_eq!(ttft["abs_error"].as_f64().unwrap(), signed.abs());
+    // Latency rows carry the reference's sampling interval, around the reference's value.
+    let interval = &ttft["reference_interval"];
+    let (lo, hi) = (
+        interval["lo"].as_f64().unwrap(),
+        interval["hi"].as_f64().unwrap(),
+    );
+    assert!(lo <= reference && reference <= hi, "{ttft}");
+    assert_eq!(
+        ttft["within_reference_interval"].as_bool().unwrap(),
+        lo <= predicted && predicted <= hi
+    );
+    assert!(row("request_throughput_req_s")["reference_interval"].is_null());
     // The default scenario's Zipf popularity gives several adapters 20+ requests.
     let adapters = &c["per_adapter_ttft_p99"];
     assert!(adapters["compared"].as_u64().unwrap() >= 5, "{adapters}");

@@ -28,6 +28,7 @@ use crate::format::{group, percent, percent_short, short};
 use crate::html;
 use crate::markdown;
 use crate::page::Page;
+use crate::spread::{self, Interval, Stat};
 use crate::tables::Table;
 use serde::Serialize;
 use slora_engine::Nanos;
@@ -353,6 +354,11 @@ pub struct MetricRow {
     pub signed_error: Option<f64>,
     /// `|signed_error|`.
     pub abs_error: Option<f64>,
+    /// For latency statistics: where the reference's value could fall from sampling alone, a
+    /// 90% block-bootstrap interval over its completed requests (`crate::spread`).
+    pub reference_interval: Option<Interval>,
+    /// Whether the predicted value lies inside `reference_interval`.
+    pub within_reference_interval: Option<bool>,
 }
 
 /// One adapter's p99 TTFT in both runs.
@@ -365,6 +371,10 @@ pub struct AdapterRow {
     pub predicted_ttft_p99_s: f64,
     pub signed_error: Option<f64>,
     pub abs_error: Option<f64>,
+    /// The reference p99's 90% interval from resampling the adapter's requests.
+    pub reference_interval: Option<Interval>,
+    /// Whether the predicted p99 lies inside it.
+    pub within_reference_interval: Option<bool>,
 }
 
 /// Per-adapter p99 TTFT, over adapters with at least `min_completed` completed requests in
@@ -385,6 +395,9 @@ pub struct AdapterComparison {
     pub worst_adapter: Option<u32>,
     /// `max_abs_error <= target`; `None` when no adapter could be compared.
     pub within_target: Option<bool>,
+    /// Compared adapters whose predicted p99 lies inside the reference p99's sampling
+    /// interval.
+    pub within_reference_interval: usize,
     /// Every adapter with enough requests in both runs, by adapter id.
     pub adapters: Vec<AdapterRow>,
 }
@@ -489,6 +502,53 @@ fn row(key: &str, name: &str, unit: &str, reference: f64, predicted: f64) -> Met
         predicted,
         signed_error,
         abs_error: signed_error.map(f64::abs),
+        reference_interval: None,
+        within_reference_interval: None,
+    }
+}
+
+/// The reference run's completed requests' latencies in `requests.csv` order (arrival
+/// order): TTFT, TPOT and E2E seconds, as `metrics.json` summarises them.
+fn completed_latencies(run: &RunData) -> [Vec<f64>; 3] {
+    let mut out: [Vec<f64>; 3] = Default::default();
+    for r in run
+        .requests
+        .iter()
+        .filter(|r| r.status == RequestStatus::Completed)
+    {
+        if let Some(t) = r.ttft() {
+            out[0].push(t.as_secs_f64());
+        }
+        if let Some(t) = r.tpot() {
+            out[1].push(t);
+        }
+        if let Some(t) = r.e2e() {
+            out[2].push(t.as_secs_f64());
+        }
+    }
+    out
+}
+
+/// Fills in the sampling intervals of the latency rows (`{ttft,tpot,e2e}_{mean,p50,p90,p99}_s`)
+/// from the reference's requests.
+fn add_reference_intervals(rows: &mut [MetricRow], reference: &RunData) {
+    let stats = [Stat::Mean, Stat::P50, Stat::P90, Stat::P99];
+    let names = ["mean", "p50", "p90", "p99"];
+    for (values, key) in completed_latencies(reference)
+        .iter()
+        .zip(["ttft", "tpot", "e2e"])
+    {
+        let Some(intervals) = spread::bootstrap(values, spread::run_block(values.len()), &stats)
+        else {
+            continue;
+        };
+        for (interval, stat) in intervals.into_iter().zip(names) {
+            let key = format!("{key}_{stat}_s");
+            if let Some(row) = rows.iter_mut().find(|r| r.key == key) {
+                row.reference_interval = Some(interval);
+                row.within_reference_interval = Some(interval.contains(row.predicted));
+            }
+        }
     }
 }
 
@@ -614,9 +674,15 @@ pub fn compare(reference: &RunData, predicted: &RunData) -> Comparison {
             "per_adapter_ttft_p99",
             "each adapter's TTFT p99 over its completed requests, compared for adapters with at least the minimum number of completed requests in both runs; the target is a largest absolute error of 15%",
         ),
+        (
+            "reference_interval",
+            "how precisely a run of this length measures the reference's latency statistic: the 5th to 95th percentile of the statistic over 400 resamples of the reference's completed requests (circular blocks of ceil(sqrt(n)) consecutive requests in arrival order for the run's statistics, single requests for an adapter's p99; fixed seed). A prediction inside it is within the measurement's own resolution. Both runs share the arrivals, so this does not test the model's error; and it cannot see run-to-run causes such as a slower host, so it is a lower bound on how far a second live run could land",
+        ),
     ] {
         definitions.insert(k.to_string(), v.to_string());
     }
+
+    add_reference_intervals(&mut rows, reference);
 
     Comparison {
         reference: run_label(reference, ref_label),
@@ -640,13 +706,7 @@ fn adapter_ttft_p99(run: &RunData) -> (BTreeMap<u32, (u64, f64)>, &'static str) 
             .collect();
         return (figures, "metrics.json");
     }
-    let mut ttfts: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
-    for r in &run.requests {
-        if let (RequestStatus::Completed, Some(a), Some(t)) = (r.status, r.adapter, r.ttft()) {
-            ttfts.entry(a).or_default().push(t.as_secs_f64());
-        }
-    }
-    let figures = ttfts
+    let figures = adapter_ttfts(run)
         .into_iter()
         .map(|(a, v)| {
             let s = summarize(v);
@@ -656,6 +716,17 @@ fn adapter_ttft_p99(run: &RunData) -> (BTreeMap<u32, (u64, f64)>, &'static str) 
     (figures, "requests.csv")
 }
 
+/// Each adapter's completed requests' TTFTs (seconds) in `requests.csv` order.
+fn adapter_ttfts(run: &RunData) -> BTreeMap<u32, Vec<f64>> {
+    let mut ttfts: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+    for r in &run.requests {
+        if let (RequestStatus::Completed, Some(a), Some(t)) = (r.status, r.adapter, r.ttft()) {
+            ttfts.entry(a).or_default().push(t.as_secs_f64());
+        }
+    }
+    ttfts
+}
+
 fn compare_adapters(
     reference: &RunData,
     predicted: &RunData,
@@ -663,12 +734,17 @@ fn compare_adapters(
 ) -> AdapterComparison {
     let (ref_figures, reference_source) = adapter_ttft_p99(reference);
     let (pred_figures, predicted_source) = adapter_ttft_p99(predicted);
+    let ref_ttfts = adapter_ttfts(reference);
     let adapters: Vec<AdapterRow> = ref_figures
         .iter()
         .filter_map(|(&adapter, &(ref_n, ref_p99))| {
             let &(pred_n, pred_p99) = pred_figures.get(&adapter)?;
             (ref_n >= min_completed && pred_n >= min_completed).then(|| {
                 let signed_error = relative_error(ref_p99, pred_p99);
+                let reference_interval = ref_ttfts
+                    .get(&adapter)
+                    .and_then(|v| spread::bootstrap(v, 1, &[Stat::P99]))
+                    .map(|i| i[0]);
                 AdapterRow {
                     adapter,
                     reference_completed: ref_n,
@@ -677,6 +753,8 @@ fn compare_adapters(
                     predicted_ttft_p99_s: pred_p99,
                     signed_error,
                     abs_error: signed_error.map(f64::abs),
+                    reference_interval,
+                    within_reference_interval: reference_interval.map(|i| i.contains(pred_p99)),
                 }
             })
         })
@@ -704,6 +782,10 @@ fn compare_adapters(
         median_abs_error: median,
         worst_adapter: errors.first().map(|e| e.1),
         within_target: max.map(|m| m <= ADAPTER_TTFT_TARGET),
+        within_reference_interval: adapters
+            .iter()
+            .filter(|a| a.abs_error.is_some() && a.within_reference_interval == Some(true))
+            .count(),
         adapters,
     }
 }
@@ -733,6 +815,19 @@ fn value_text(unit: &str, v: f64) -> String {
     }
 }
 
+/// `0.81–1.23 (inside)`, or empty where no interval was computed.
+fn interval_text(interval: Option<Interval>, inside: Option<bool>) -> String {
+    match (interval, inside) {
+        (Some(i), Some(inside)) => format!(
+            "{}–{} ({})",
+            short(i.lo),
+            short(i.hi),
+            if inside { "inside" } else { "outside" }
+        ),
+        _ => String::new(),
+    }
+}
+
 fn metrics_table(cmp: &Comparison) -> Table {
     let header = vec![
         "metric".to_string(),
@@ -740,6 +835,7 @@ fn metrics_table(cmp: &Comparison) -> Table {
         format!("predicted: {}", cmp.predicted.label),
         "signed error".to_string(),
         "abs error".to_string(),
+        "reference's 90% sampling interval (prediction)".to_string(),
     ];
     let rows = cmp
         .rows
@@ -758,6 +854,7 @@ fn metrics_table(cmp: &Comparison) -> Table {
                     .map(|e| signed_percent(Some(e)))
                     .unwrap_or_else(|| undefined.clone()),
                 r.abs_error.map(percent).unwrap_or(undefined),
+                interval_text(r.reference_interval, r.within_reference_interval),
             ]
         })
         .collect();
@@ -767,7 +864,10 @@ fn metrics_table(cmp: &Comparison) -> Table {
         rows,
         note: Some(
             "Signed error = (predicted − reference) / reference: positive when the prediction \
-             is higher. Latencies are over completed requests."
+             is higher. Latencies are over completed requests. The sampling interval is how \
+             precisely this run measures the reference's value (90%, block bootstrap over its \
+             own requests): a prediction inside it is within the measurement's resolution; \
+             one outside it differs by more than resampling the reference explains."
                 .to_string(),
         ),
     }
@@ -781,12 +881,15 @@ fn adapter_sentence(a: &AdapterComparison) -> String {
     );
     match (a.max_abs_error, a.median_abs_error, a.worst_adapter) {
         (Some(max), Some(median), Some(worst)) => format!(
-            "{} {scope} compared: largest error {} (adapter {worst}), median {}; target ≤ {}: {}.",
+            "{} {scope} compared: largest error {} (adapter {worst}), median {}; target ≤ {}: {}; \
+             {} of {} predictions inside the reference p99's 90% sampling interval.",
             a.compared,
             percent(max),
             percent(median),
             percent_short(a.target),
-            if max <= a.target { "met" } else { "missed" }
+            if max <= a.target { "met" } else { "missed" },
+            a.within_reference_interval,
+            a.compared
         ),
         _ => format!("no {scope}: nothing to compare."),
     }
@@ -815,6 +918,10 @@ fn adapter_tables(cmp: &Comparison) -> (Table, Table) {
             vec![
                 "target (largest abs error)".to_string(),
                 format!("≤ {}", percent_short(a.target)),
+            ],
+            vec![
+                "predictions inside the reference p99's 90% sampling interval".to_string(),
+                format!("{} of {}", a.within_reference_interval, a.compared),
             ],
             vec![
                 "target met".to_string(),
@@ -847,6 +954,7 @@ fn adapter_tables(cmp: &Comparison) -> (Table, Table) {
             "predicted p99 (s)",
             "signed error",
             "abs error",
+            "reference p99's 90% sampling interval (prediction)",
         ]
         .iter()
         .map(|h| h.to_string())
@@ -862,6 +970,7 @@ fn adapter_tables(cmp: &Comparison) -> (Table, Table) {
                     short(r.predicted_ttft_p99_s),
                     signed_percent(r.signed_error),
                     abs_percent(r.abs_error),
+                    interval_text(r.reference_interval, r.within_reference_interval),
                 ]
             })
             .collect(),
@@ -1146,6 +1255,61 @@ mod tests {
             metrics,
             requests,
         }
+    }
+
+    #[test]
+    fn latency_rows_carry_the_reference_sampling_interval() {
+        // 400 requests on 4 adapters, TTFTs spread from 50 to 449 ms.
+        let requests: Vec<RequestRecord> = (0..400u64)
+            .map(|i| {
+                request(
+                    i,
+                    (i % 4) as u32,
+                    50 + (i * 37) % 400,
+                    2000 + (i * 53) % 900,
+                )
+            })
+            .collect();
+        let mut reference = run(Provenance::Executed, requests.clone());
+        let mut predicted = run(Provenance::Calibrated, requests);
+        let ttfts: Vec<f64> = reference
+            .requests
+            .iter()
+            .map(|r| r.ttft().unwrap().as_secs_f64())
+            .collect();
+        reference.metrics.ttft_s = summarize(ttfts.clone());
+        // The same p50, and a p90 far beyond anything a resample gives.
+        predicted.metrics.ttft_s = summarize(ttfts);
+        predicted.metrics.ttft_s.p90 *= 3.0;
+        let cmp = compare(&reference, &predicted);
+        let p50 = cmp.row("ttft_p50_s").unwrap();
+        let interval = p50.reference_interval.expect("an interval for TTFT p50");
+        assert!(
+            interval.lo < p50.reference && p50.reference < interval.hi,
+            "{interval:?}"
+        );
+        assert_eq!(p50.within_reference_interval, Some(true));
+        assert_eq!(
+            cmp.row("ttft_p90_s").unwrap().within_reference_interval,
+            Some(false)
+        );
+        // Throughput is not a per-request statistic: no interval.
+        let thr = cmp.row("request_throughput_req_s").unwrap();
+        assert_eq!(thr.reference_interval, None);
+        // Per adapter (from requests.csv: metrics.json lists none): 100 requests each, the
+        // same in both runs, so every predicted p99 lies inside the reference's interval.
+        let a = &cmp.per_adapter_ttft_p99;
+        assert_eq!(a.compared, 4);
+        assert_eq!(a.within_reference_interval, 4);
+        assert!(a.adapters.iter().all(|r| r
+            .reference_interval
+            .is_some_and(|i| i.lo <= r.reference_ttft_p99_s && r.reference_ttft_p99_s <= i.hi)));
+        let markdown = cmp.to_markdown();
+        assert!(markdown.contains("sampling interval"), "{markdown}");
+        assert!(
+            markdown.contains("(outside)") && markdown.contains("(inside)"),
+            "{markdown}"
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod html;
 mod markdown;
 mod page;
 mod plan;
+mod spread;
 mod tables;
 
 pub use capacity::{capacity, CapacityPoint};
