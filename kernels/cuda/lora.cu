@@ -14,7 +14,12 @@
 // At small batches both are bound by launch and latency chains (tables -> page indices ->
 // rows), not bandwidth, which is why table-independent loads (x, y) are issued first. MBGMM (prefill,
 // a segment of tokens per adapter) is a gather GEMM: a tile of adapter rows is fetched once
-// into shared memory and reused by every token of a token tile.
+// into shared memory and reused by every token of a token tile. It exists twice: on the CUDA
+// cores in fp32 (lora_mbgmm_shrink / _expand, the baseline) and on tensor cores
+// (lora_mbgmm_shrink_tc / _expand_tc, mma.sync, the executor's default; PrefillPath in
+// src/ops/lora.rs). Both split the shrink's reduction into chunks whose partial sums
+// lora_mbgmm_reduce adds in a fixed order: no kernel here uses float atomics, so a run's bits
+// do not depend on the order blocks finish.
 //
 // No kernel pads compute to the largest rank of the batch: blocks whose rank rows do not exist
 // exit at once, and inside a block only 16-row groups (prefill shrink) or 16-row chunks
