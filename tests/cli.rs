@@ -538,6 +538,15 @@ fn compare_reads_runs_stored_gzipped() {
         "--quiet",
     ]);
     assert_clean_failure(&o, 2, &["requests.csv.gz"]);
+    // So is a metrics.json.gz that is not gzip at all.
+    std::fs::write(b.join("metrics.json.gz"), "{\"scenario\": ").unwrap();
+    let o = run(&[
+        "compare",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_clean_failure(&o, 2, &["metrics.json.gz"]);
 }
 
 #[test]
