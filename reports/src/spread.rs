@@ -11,16 +11,22 @@
 //!
 //! Requests of a queue are not independent: a burst delays its neighbours together. So the
 //! run-level intervals resample blocks of `ceil(sqrt(n))` consecutive requests (wrapping at
-//! the end), which keeps correlations shorter than a block. An adapter's requests are spread
-//! over the run, far apart, so its p99 is resampled one request at a time. Either way the
-//! interval is a lower bound on how much a second live run could differ (it cannot see a
-//! slower host, for one), not a tolerance.
+//! the end), which keeps correlations shorter than a block. An adapter's p99 over a few dozen
+//! requests is another matter: a bootstrap never goes past the sample's largest value, which
+//! is where a p99 of 20 values sits, so it would call every prediction above it "outside".
+//! Its interval is the distribution-free one of order statistics instead ([`quantile_interval`]:
+//! exact for independent requests, which an adapter's, far apart in the run, nearly are); for
+//! fewer than 298 values its upper end is unbounded, since the 99th percentile can lie above
+//! every value seen with more than 5% probability. Either way the interval is a lower bound
+//! on how much a second live run could differ (it cannot see a slower host, for one), not a
+//! tolerance.
 //!
 //! Deterministic: the resampling generator has a fixed seed, so the same runs give the same
 //! intervals. Cost: `RESAMPLES` resamples of `n` values and three partial sorts each.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use statrs::distribution::{Binomial, DiscreteCDF};
 use statrs::statistics::{Data, OrderStatistics};
 
 /// Resamples per interval: enough for the 5th and 95th percentiles to settle within a few
@@ -29,17 +35,43 @@ pub const RESAMPLES: usize = 400;
 /// The generator's seed (any fixed value: it makes the intervals reproducible).
 const SEED: u64 = 0x5107_a5ee_d000_0001;
 
-/// A 90% interval: the 5th and 95th percentiles of the resampled statistic.
+/// A 90% interval. `hi` is `None` where nothing bounds it from above (a p99 of few values).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct Interval {
     pub lo: f64,
-    pub hi: f64,
+    pub hi: Option<f64>,
 }
 
 impl Interval {
     pub fn contains(&self, v: f64) -> bool {
-        self.lo <= v && v <= self.hi
+        self.lo <= v && self.hi.is_none_or(|hi| v <= hi)
     }
+}
+
+/// The distribution-free 90% interval of the `q`-quantile of independent `values`: order
+/// statistics `X(l) ≤ X(u)` (1-based, sorted) with `P(B ≥ l) ≥ 95%` and `P(B < u) ≥ 95%` for
+/// `B ~ Binomial(n, q)`, the number of values below the true quantile; `hi` is `None` when
+/// no `u ≤ n` qualifies. `None` for fewer than two values, a non-finite one, or a `q` outside
+/// (0, 1).
+pub fn quantile_interval(values: &[f64], q: f64) -> Option<Interval> {
+    let n = values.len();
+    if n < 2 || !(q > 0.0 && q < 1.0) || values.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    let below = Binomial::new(q, n as u64).ok()?;
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    // P(B >= l) = 1 - cdf(l - 1) falls as l grows: the largest l still at 95%, at least 1.
+    let l = (1..=n)
+        .take_while(|&l| 1.0 - below.cdf(l as u64 - 1) >= 0.95)
+        .last()
+        .unwrap_or(1);
+    // P(B < u) = cdf(u - 1) rises with u: the smallest u at 95%.
+    let u = (1..=n).find(|&u| below.cdf(u as u64 - 1) >= 0.95);
+    Some(Interval {
+        lo: sorted[l - 1],
+        hi: u.map(|u| sorted[u - 1]),
+    })
 }
 
 /// The statistics `compare` reports of one latency: mean and three percentiles, computed as
@@ -94,7 +126,7 @@ pub fn bootstrap(values: &[f64], block: usize, stats: &[Stat]) -> Option<Vec<Int
                 let mut d = Data::new(d);
                 Interval {
                     lo: d.quantile(0.05),
-                    hi: d.quantile(0.95),
+                    hi: Some(d.quantile(0.95)),
                 }
             })
             .collect(),
@@ -130,9 +162,10 @@ mod tests {
                 "{stat:?}: {point} not in {:?}",
                 large[k]
             );
-            assert!(small[k].lo <= small[k].hi);
+            assert!(small[k].lo <= small[k].hi.unwrap());
             // Twenty-five times the requests: about a fifth of the width, allow a third.
-            let (ws, wl) = (small[k].hi - small[k].lo, large[k].hi - large[k].lo);
+            let width = |i: &Interval| i.hi.unwrap() - i.lo;
+            let (ws, wl) = (width(&small[k]), width(&large[k]));
             assert!(wl < ws / 3.0, "{stat:?}: {wl} vs {ws}");
         }
     }
@@ -151,8 +184,9 @@ mod tests {
             .collect();
         let iid = bootstrap(&values, 1, &[Stat::Mean]).unwrap()[0];
         let blocked = bootstrap(&values, run_block(values.len()), &[Stat::Mean]).unwrap()[0];
+        let width = |i: &Interval| i.hi.unwrap() - i.lo;
         assert!(
-            blocked.hi - blocked.lo > 1.5 * (iid.hi - iid.lo),
+            width(&blocked) > 1.5 * width(&iid),
             "{blocked:?} vs {iid:?}"
         );
     }
@@ -168,7 +202,26 @@ mod tests {
         assert_eq!(bootstrap(&[1.0, f64::NAN], 1, &[Stat::P50]), None);
         // A constant sample has a zero-width interval at its value.
         let flat = bootstrap(&[2.0; 50], 7, &[Stat::P90]).unwrap()[0];
-        assert_eq!((flat.lo, flat.hi), (2.0, 2.0));
+        assert_eq!((flat.lo, flat.hi), (2.0, Some(2.0)));
         assert_eq!(run_block(1500), 39);
+    }
+
+    #[test]
+    fn a_p99_of_few_values_is_bounded_below_only() {
+        let values: Vec<f64> = (1..=20).map(f64::from).collect();
+        let i = quantile_interval(&values, 0.99).unwrap();
+        // 20 values: even the largest lies below the true p99 with probability
+        // 1 - 0.99^20 > 5%, so nothing bounds it from above.
+        assert_eq!(i.hi, None);
+        // P(B >= 19) = 0.99^20 + 20 * 0.99^19 * 0.01 = 98.3% >= 95%; P(B >= 20) = 81.8% < 95%.
+        assert_eq!(i.lo, 19.0);
+        assert!(i.contains(1e9) && !i.contains(18.9));
+        // Enough values and the upper end exists: P(B < 300) = 1 - 0.99^300 = 95.1%.
+        let many: Vec<f64> = (1..=300).map(f64::from).collect();
+        assert_eq!(quantile_interval(&many, 0.99).unwrap().hi, Some(300.0));
+        let median = quantile_interval(&many, 0.5).unwrap();
+        assert!(median.lo < 150.5 && 150.5 < median.hi.unwrap());
+        assert_eq!(quantile_interval(&[1.0], 0.99), None);
+        assert_eq!(quantile_interval(&values, 1.0), None);
     }
 }
