@@ -546,7 +546,22 @@ fn add_reference_intervals(rows: &mut [MetricRow], reference: &RunData) {
         else {
             continue;
         };
-        for (interval, stat) in intervals.into_iter().zip(names) {
+        for ((interval, stat), q) in
+            intervals
+                .into_iter()
+                .zip(names)
+                .zip([None, Some(0.50), Some(0.90), Some(0.99)])
+        {
+            // A bootstrap never passes the sample's extremes, so a high percentile of a short
+            // run would look measured more tightly than it is: widen by the order-statistic
+            // interval (exact for independent requests), which is unbounded where it must be.
+            let interval = match q.and_then(|q| spread::quantile_interval(values, q)) {
+                Some(os) => Interval {
+                    lo: interval.lo.min(os.lo),
+                    hi: interval.hi.zip(os.hi).map(|(a, b)| a.max(b)),
+                },
+                None => interval,
+            };
             let key = format!("{key}_{stat}_s");
             if let Some(row) = rows.iter_mut().find(|r| r.key == key) {
                 row.reference_interval = Some(interval);
@@ -680,7 +695,7 @@ pub fn compare(reference: &RunData, predicted: &RunData) -> Comparison {
         ),
         (
             "reference_interval",
-            "how precisely a run of this length measures the reference's latency statistic: the 5th to 95th percentile of the statistic over 400 resamples of the reference's completed requests (circular blocks of ceil(sqrt(n)) consecutive requests in arrival order for the run's statistics; fixed seed) or, for an adapter's p99, the distribution-free interval of order statistics (no upper end below 298 requests: the p99 can lie above every value seen). A prediction inside it is within the measurement's own resolution. Both runs share the arrivals, so this does not test the model's error; and it cannot see run-to-run causes such as a slower host, so it is a lower bound on how far a second live run could land",
+            "how precisely a run of this length measures the reference's latency statistic: the 5th to 95th percentile of the statistic over 400 resamples of the reference's completed requests (circular blocks of ceil(sqrt(n)) consecutive requests in arrival order for the run's statistics, fixed seed, and for its percentiles widened to the order-statistic interval, which a bootstrap's extremes would understate) or, for an adapter's p99, the distribution-free interval of order statistics (no upper end below 298 requests: the p99 can lie above every value seen). A prediction inside it is within the measurement's own resolution. Both runs share the arrivals, so this does not test the model's error; and it cannot see run-to-run causes such as a slower host, so it is a lower bound on how far a second live run could land",
         ),
     ] {
         definitions.insert(k.to_string(), v.to_string());

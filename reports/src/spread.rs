@@ -11,7 +11,8 @@
 //!
 //! Requests of a queue are not independent: a burst delays its neighbours together. So the
 //! run-level intervals resample blocks of `ceil(sqrt(n))` consecutive requests (wrapping at
-//! the end), which keeps correlations shorter than a block. An adapter's p99 over a few dozen
+//! the end), which keeps correlations shorter than a block; `compare` widens a percentile's
+//! interval to the order-statistic one below where the bootstrap's extremes fall short. An adapter's p99 over a few dozen
 //! requests is another matter: a bootstrap never goes past the sample's largest value, which
 //! is where a p99 of 20 values sits, so it would call every prediction above it "outside".
 //! Its interval is the distribution-free one of order statistics instead ([`quantile_interval`]:
