@@ -511,37 +511,13 @@ fn row(key: &str, name: &str, unit: &str, reference: f64, predicted: f64) -> Met
     }
 }
 
-/// The reference run's completed requests' latencies in `requests.csv` order (arrival
-/// order): TTFT, TPOT and E2E seconds, as `metrics.json` summarises them.
-fn completed_latencies(run: &RunData) -> [Vec<f64>; 3] {
-    let mut out: [Vec<f64>; 3] = Default::default();
-    for r in run
-        .requests
-        .iter()
-        .filter(|r| r.status == RequestStatus::Completed)
-    {
-        if let Some(t) = r.ttft() {
-            out[0].push(t.as_secs_f64());
-        }
-        if let Some(t) = r.tpot() {
-            out[1].push(t);
-        }
-        if let Some(t) = r.e2e() {
-            out[2].push(t.as_secs_f64());
-        }
-    }
-    out
-}
-
 /// Fills in the sampling intervals of the latency rows (`{ttft,tpot,e2e}_{mean,p50,p90,p99}_s`)
 /// from the reference's requests.
 fn add_reference_intervals(rows: &mut [MetricRow], reference: &RunData) {
     let stats = [Stat::Mean, Stat::P50, Stat::P90, Stat::P99];
     let names = ["mean", "p50", "p90", "p99"];
-    for (values, key) in completed_latencies(reference)
-        .iter()
-        .zip(["ttft", "tpot", "e2e"])
-    {
+    // `latencies` keeps requests.csv's order (arrival order), which the blocks need.
+    for (values, key) in latencies(reference).iter().zip(["ttft", "tpot", "e2e"]) {
         let Some(intervals) = spread::bootstrap(values, spread::run_block(values.len()), &stats)
         else {
             continue;
