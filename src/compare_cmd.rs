@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct CompareArgs {
-    /// A run folder written by `simulate` (or `simulate --execute`), or its metrics.json. The
+    /// A run folder written by `simulate` (or `simulate --execute`), or its metrics.json
+    /// (either file of a folder may be gzipped: metrics.json.gz, requests.csv.gz). The
     /// reference, unless only B was executed on a GPU.
     pub a: PathBuf,
     /// The other run (folder or metrics.json). The executed run is the reference when exactly

@@ -68,7 +68,8 @@ enum Command {
     /// List the model presets and the GPU catalogue with their sizes.
     Catalog,
     /// Compare two runs of one scenario (e.g. simulated vs executed): relative errors of
-    /// throughput, latency percentiles and SLO attainment, per-adapter p99 TTFT, overlaid CDFs.
+    /// throughput, latency percentiles and SLO attainment, per-adapter p99 TTFT, each latency
+    /// against the reference's 90% sampling interval, overlaid CDFs.
     Compare(compare_cmd::CompareArgs),
     /// On a GPU machine: find the driver, NVRTC and cuBLAS, compile every kernel, check each
     /// against its CPU reference on random data, and optionally check the whole executor
