@@ -12,9 +12,7 @@
 // lora_mbgmv_shrink_multi / lora_mbgmv_expand_multi run the two-kernel path for up to three
 // modules that share x (q, k, v of a layer) in one launch each.
 // At small batches both are bound by launch and latency chains (tables -> page indices ->
-// rows), not bandwidth. So the expand is launched as the shrink's programmatic dependent on
-// sm_90 (lora_launch_dependents / lora_wait_prerequisite below): its page lookups and B rows
-// stream while the shrink runs, and only the FMAs wait for v. MBGMM (prefill,
+// rows), not bandwidth, which is why table-independent loads (x, y) are issued first. MBGMM (prefill,
 // a segment of tokens per adapter) is a gather GEMM: a tile of adapter rows is fetched once
 // into shared memory and reused by every token of a token tile. It exists twice: on the CUDA
 // cores in fp32 (lora_mbgmm_shrink / _expand, the baseline) and on tensor cores
@@ -45,15 +43,12 @@
 #define DS_WARPS (DS_THREADS / 32)
 
 // MBGMV expand: one block per (request, tile of DE_TILE outputs). Lane l of every warp owns
-// outputs [8l, 8l + 8) of the tile; warp w takes rank rows w, w + DE_WARPS, ... and loads
-// DE_UNROLL of them before using any, so a rank of up to DE_WARPS * DE_UNROLL = 64 rows is one
-// round of page lookups and one round of row loads (the latency chain a small batch pays).
-// Four warps, not eight: with eight (unroll 8) the expand of batch 128-256 took 30-40% longer
-// on an H200 (bench-gpu, 2026-12-03), twice the threads and reductions for the same bytes.
+// outputs [8l, 8l + 8) of the tile; warp w takes rank rows w, w + DE_WARPS, ... so that ranks
+// up to DE_WARPS rows give every warp work; DE_UNROLL rows per warp are loaded before use.
 #define DE_WARPS 4
 #define DE_THREADS (DE_WARPS * 32)
 #define DE_TILE (32 * LORA_VEC)
-#define DE_UNROLL 16
+#define DE_UNROLL 4
 #define DE_OUT_PER_THREAD (DE_TILE / DE_THREADS)  // outputs each thread adds to y at the end
 
 // MBGMV fused (sm_90+): one thread-block cluster of DF_CLUSTER blocks per request. Block k of
@@ -121,24 +116,6 @@ __device__ __forceinline__ float lora_dot8(uint4 a, uint4 b, float acc) {
     return acc;
 }
 
-// Programmatic dependent launch (sm_90+; no-ops on older devices and when the kernel was
-// launched without the attribute). The MBGMV expand is launched as the shrink's dependent: it
-// may start once every shrink block has called lora_launch_dependents, fetch what depends only
-// on the step's tables and the pool (page indices, B rows), and waits in lora_wait_prerequisite
-// for the shrink to finish (and its writes to be visible) before reading v or y. Nothing may be
-// written, and nothing another kernel of the step writes may be read, before the wait.
-__device__ __forceinline__ void lora_launch_dependents() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void lora_wait_prerequisite() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // The rank to use for table entry `idx` and, through `po`, where its page list starts; 0 for
 // "no adapter" (page_offset -1) and for entries that would index out of bounds.
 __device__ __forceinline__ int lora_entry(const int* __restrict__ page_offset,
@@ -159,24 +136,6 @@ __device__ __forceinline__ int lora_page(const int* __restrict__ adapter_pages, 
                                          int num_pages) {
     const int p = adapter_pages[idx];
     return (p >= 0 && p < num_pages) ? p : -1;
-}
-
-// Chunk c (8 elements of `in`) of the block's rows q < nrows of A, from the pages in s_pages
-// ([DS_ROWS][slots]); zeros for rows past nrows, for pages that are -1 and when !valid.
-__device__ __forceinline__ void lora_shrink_rows(const half_t* __restrict__ k_pool,
-                                                 const int* s_pages, int slots, int nrows,
-                                                 int page_width, int page_chunks, int c,
-                                                 bool valid, uint4 a[DS_ROWS]) {
-    const int s = c / page_chunks;
-    const int col = (c - s * page_chunks) * LORA_VEC;
-#pragma unroll
-    for (int q = 0; q < DS_ROWS; ++q) {
-        a[q] = make_uint4(0u, 0u, 0u, 0u);
-        if (valid && q < nrows) {
-            const int p = s_pages[q * slots + s];
-            if (p >= 0) a[q] = lora_ld16(k_pool + p * page_width + col);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,11 +159,13 @@ lora_mbgmv_shrink_block(const half_t* __restrict__ x,            // [n, in]
     __shared__ float s_red[DS_WARPS][DS_ROWS];
 
     if (b >= n) return;
-    // The expand reads nothing this kernel writes before its own wait, so it may launch now.
-    lora_launch_dependents();
     const half_t* xb = x + b * in_features;
     const int chunks = in_features / LORA_VEC;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    // The first x chunks depend on nothing: issuing them before the table reads overlaps the
+    // latencies (a decode batch is small enough for latency chains to dominate).
+    uint4 x0 = threadIdx.x < chunks ? lora_ld16(xb + threadIdx.x * LORA_VEC) : zero;
+    uint4 x1 = threadIdx.x + DS_THREADS < chunks ? lora_ld16(xb + (threadIdx.x + DS_THREADS) * LORA_VEC) : zero;
     int po = 0;
     const int r = lora_entry(page_offset, rank, b, max_rank, slots, num_adapter_pages, &po);
     if (row0 >= r) return;  // block-uniform: rows past this request's rank are not computed
@@ -224,23 +185,30 @@ lora_mbgmv_shrink_block(const half_t* __restrict__ x,            // [n, in]
 #pragma unroll
     for (int q = 0; q < DS_ROWS; ++q) acc[q] = 0.f;
 
-    // The first pair of A chunks depends only on the tables and the pool, so it is in flight
-    // before x (the previous kernel's output) is read; the later pairs load in the loop.
-    uint4 a0[DS_ROWS], a1[DS_ROWS];
-    lora_shrink_rows(k_pool, s_pages, slots, nrows, page_width, page_chunks, threadIdx.x,
-                     (int)threadIdx.x < chunks, a0);
-    lora_shrink_rows(k_pool, s_pages, slots, nrows, page_width, page_chunks,
-                     threadIdx.x + DS_THREADS, (int)threadIdx.x + DS_THREADS < chunks, a1);
-    lora_wait_prerequisite();
-
     for (int c0 = threadIdx.x; c0 < chunks; c0 += 2 * DS_THREADS) {
         const int c1 = c0 + DS_THREADS;
         const bool has1 = c1 < chunks;
-        const uint4 x0 = lora_ld16(xb + c0 * LORA_VEC);
-        const uint4 x1 = has1 ? lora_ld16(xb + c1 * LORA_VEC) : zero;
-        if (c0 != (int)threadIdx.x) {  // the first pair was fetched before the wait
-            lora_shrink_rows(k_pool, s_pages, slots, nrows, page_width, page_chunks, c0, true, a0);
-            lora_shrink_rows(k_pool, s_pages, slots, nrows, page_width, page_chunks, c1, has1, a1);
+        const int s0 = c0 / page_chunks;
+        const int col0 = (c0 - s0 * page_chunks) * LORA_VEC;
+        const int s1 = c1 / page_chunks;
+        const int col1 = (c1 - s1 * page_chunks) * LORA_VEC;
+        if (c0 != (int)threadIdx.x) {  // the first pair was prefetched
+            x0 = lora_ld16(xb + c0 * LORA_VEC);
+            x1 = has1 ? lora_ld16(xb + c1 * LORA_VEC) : zero;
+        }
+        uint4 a0[DS_ROWS], a1[DS_ROWS];
+#pragma unroll
+        for (int q = 0; q < DS_ROWS; ++q) {
+            a0[q] = zero;
+            a1[q] = zero;
+            if (q < nrows) {
+                const int p0 = s_pages[q * slots + s0];
+                if (p0 >= 0) a0[q] = lora_ld16(k_pool + p0 * page_width + col0);
+                if (has1) {
+                    const int p1 = s_pages[q * slots + s1];
+                    if (p1 >= 0) a1[q] = lora_ld16(k_pool + p1 * page_width + col1);
+                }
+            }
         }
 #pragma unroll
         for (int q = 0; q < DS_ROWS; ++q) {
@@ -265,18 +233,21 @@ lora_mbgmv_shrink_block(const half_t* __restrict__ x,            // [n, in]
     }
 }
 
-// Where the expand puts its result t (already scaled). Into fp16 y (the in-line path): added in
-// place, rounded once, y = f2h(y + t); a row without an adapter keeps its y. Into an f32 delta
-// (the LoRA stream's; split_qkv / add_rms_norm add it to the base output later with the same
-// two operations): overwritten with t, and with 0 where the row has no adapter, so the delta
-// needs no zeroing before and y + delta is the in-line path's very bits, f2h(y + t).
-__device__ __forceinline__ void lora_out_put(half_t* p, float t) { *p = f2h(__fadd_rn(h2f(*p), t)); }
-__device__ __forceinline__ void lora_out_put(float* p, float t) { *p = t; }
-__device__ __forceinline__ void lora_out_none(half_t*) {}
-__device__ __forceinline__ void lora_out_none(float* p) { *p = 0.f; }
+// Where the expand adds its result: y += scale * t, in place. Into fp16 y (the in-line path),
+// rounded once; into an f32 delta (zeroed before, added later by split_qkv / add_rms_norm with
+// the same two operations), unrounded. The multiply and the add are not fused, so the two paths
+// give the same bits: f2h(y + (scale * t)) either way.
+__device__ __forceinline__ float lora_out_load(const half_t* p) { return h2f(*p); }
+__device__ __forceinline__ float lora_out_load(const float* p) { return *p; }
+__device__ __forceinline__ void lora_out_store(half_t* p, float old, float add) {
+    *p = f2h(__fadd_rn(old, add));
+}
+__device__ __forceinline__ void lora_out_store(float* p, float old, float add) {
+    *p = __fadd_rn(old, add);
+}
 
 // Expand body: outputs [tile0, tile0 + DE_TILE) of request b; block DE_THREADS, no dynamic
-// shared memory. OutT: half_t (y in place) or float (an f32 delta, overwritten).
+// shared memory. OutT: half_t (y in place) or float (an f32 delta).
 template <typename OutT>
 __device__ __forceinline__ void
 lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank], from the shrink
@@ -285,75 +256,65 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
                         const int* __restrict__ page_offset,
                         const int* __restrict__ rank,
                         const float* __restrict__ scale,         // [n]
-                        OutT* __restrict__ y,                    // [n, out]
+                        OutT* __restrict__ y,                    // [n, out], added to in place
                         int b, int tile0,
                         int n, int out_features, int max_rank, int slots, int page_width,
                         int num_pages, int num_adapter_pages) {
     __shared__ __align__(16) float s_red[DE_WARPS][DE_TILE];
 
     if (b >= n) return;
+    // y is read before the tables so that its latency overlaps theirs.
     OutT* yb = y + b * out_features;
+    float y_old[DE_OUT_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < DE_OUT_PER_THREAD; ++k) {
+        const int o = tile0 + threadIdx.x + k * DE_THREADS;
+        y_old[k] = o < out_features ? lora_out_load(yb + o) : 0.f;
+    }
     int po = 0;
     const int r = lora_entry(page_offset, rank, b, max_rank, slots, num_adapter_pages, &po);
+    if (r == 0) return;  // block-uniform: no adapter, y stays the base output
+    const float sc = scale[b];
+
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int o0 = tile0 + lane * LORA_VEC;
-    const bool has_o = o0 < out_features;
-    // All 8 outputs of a lane's chunk lie in one slot (W % 8 == 0, o0 % 8 == 0).
-    const int slot = has_o ? o0 / page_width : 0;
-    const int col = o0 - slot * page_width;
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-
-    // The first round of rows (warp + u * DE_WARPS) needs only the tables and the pool, not
-    // the shrink's v: its page indices and B rows are fetched before the wait, so with a
-    // dependent launch they stream while the shrink is still running.
-    int p[DE_UNROLL];
-    uint4 d[DE_UNROLL];
-#pragma unroll
-    for (int u = 0; u < DE_UNROLL; ++u) {
-        const int i = warp + u * DE_WARPS;
-        p[u] = (has_o && i < r) ? lora_page(adapter_pages, po + i * slots + slot, num_pages) : -1;
-    }
-#pragma unroll
-    for (int u = 0; u < DE_UNROLL; ++u)
-        d[u] = p[u] >= 0 ? lora_ld16(v_pool + p[u] * page_width + col) : zero;
-    lora_wait_prerequisite();
-
-    if (r == 0) {  // block-uniform: no adapter
-#pragma unroll
-        for (int k = 0; k < DE_OUT_PER_THREAD; ++k) {
-            const int o = tile0 + threadIdx.x + k * DE_THREADS;
-            if (o < out_features) lora_out_none(yb + o);
-        }
-        return;
-    }
-    const float sc = scale[b];
-    const float* vb = v + b * max_rank;
     float acc[LORA_VEC];
 #pragma unroll
     for (int e = 0; e < LORA_VEC; ++e) acc[e] = 0.f;
-    for (int i0 = warp;;) {
-        float vi[DE_UNROLL];
+
+    if (o0 < out_features) {
+        // All 8 outputs of the chunk lie in one slot (W % 8 == 0, o0 % 8 == 0).
+        const int slot = o0 / page_width;
+        const int col = o0 - slot * page_width;
+        const float* vb = v + b * max_rank;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        for (int i0 = warp; i0 < r; i0 += DE_WARPS * DE_UNROLL) {
+            int p[DE_UNROLL];
+            float vi[DE_UNROLL];
 #pragma unroll
-        for (int u = 0; u < DE_UNROLL; ++u) vi[u] = p[u] >= 0 ? vb[i0 + u * DE_WARPS] : 0.f;
+            for (int u = 0; u < DE_UNROLL; ++u) {
+                const int i = i0 + u * DE_WARPS;
+                p[u] = -1;
+                vi[u] = 0.f;
+                if (i < r) {
+                    p[u] = lora_page(adapter_pages, po + i * slots + slot, num_pages);
+                    vi[u] = vb[i];
+                }
+            }
+            uint4 d[DE_UNROLL];
 #pragma unroll
-        for (int u = 0; u < DE_UNROLL; ++u) {
-            if (p[u] < 0) continue;  // also keeps a poisoned v of a skipped row out
-            float f[LORA_VEC];
-            lora_unpack8(d[u], f);
+            for (int u = 0; u < DE_UNROLL; ++u)
+                d[u] = p[u] >= 0 ? lora_ld16(v_pool + p[u] * page_width + col) : zero;
 #pragma unroll
-            for (int e = 0; e < LORA_VEC; ++e) acc[e] = fmaf(vi[u], f[e], acc[e]);
+            for (int u = 0; u < DE_UNROLL; ++u) {
+                if (p[u] < 0) continue;  // also keeps a poisoned v of a skipped row out
+                float f[LORA_VEC];
+                lora_unpack8(d[u], f);
+#pragma unroll
+                for (int e = 0; e < LORA_VEC; ++e) acc[e] = fmaf(vi[u], f[e], acc[e]);
+            }
         }
-        i0 += DE_WARPS * DE_UNROLL;
-        if (i0 >= r) break;  // ranks above 64: further rounds, loaded after the wait
-#pragma unroll
-        for (int u = 0; u < DE_UNROLL; ++u) {
-            const int i = i0 + u * DE_WARPS;
-            p[u] = (has_o && i < r) ? lora_page(adapter_pages, po + i * slots + slot, num_pages) : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < DE_UNROLL; ++u)
-            d[u] = p[u] >= 0 ? lora_ld16(v_pool + p[u] * page_width + col) : zero;
     }
 
     float4* dst = reinterpret_cast<float4*>(&s_red[warp][lane * LORA_VEC]);
@@ -368,7 +329,7 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
             float t = 0.f;
 #pragma unroll
             for (int w = 0; w < DE_WARPS; ++w) t += s_red[w][ol];
-            lora_out_put(yb + tile0 + ol, __fmul_rn(sc, t));
+            lora_out_store(yb + tile0 + ol, y_old[k], __fmul_rn(sc, t));
         }
     }
 }
@@ -423,7 +384,7 @@ lora_mbgmv_expand(const float* __restrict__ v,             // [n, max_rank], fro
                            num_adapter_pages);
 }
 
-// The same into an f32 delta y [n, out] (overwritten, unrounded; 0 for rows without an adapter).
+// The same into an f32 delta y [n, out] (added to in place, unrounded).
 extern "C" __global__ void __launch_bounds__(DE_THREADS)
 lora_mbgmv_expand_f32(const float* __restrict__ v, const half_t* __restrict__ v_pool,
                       const int* __restrict__ adapter_pages, const int* __restrict__ page_offset,
@@ -544,8 +505,7 @@ lora_mbgmv_expand_multi(LORA_EXPAND_MULTI_PARAMS(half_t)) {
     lora_mbgmv_expand_multi_grid(LORA_EXPAND_MULTI_ARGS);
 }
 
-// The same into f32 deltas y0..y2 (overwritten, unrounded; 0 for rows without an adapter): the
-// executor's LoRA stream.
+// The same into f32 deltas y0..y2 (added to in place, unrounded): the executor's LoRA stream.
 extern "C" __global__ void __launch_bounds__(DE_THREADS)
 lora_mbgmv_expand_multi_f32(LORA_EXPAND_MULTI_PARAMS(float)) {
     lora_mbgmv_expand_multi_grid(LORA_EXPAND_MULTI_ARGS);

@@ -1027,22 +1027,12 @@ impl GpuExecutor {
                         g.fork_lora()?;
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
                         let s = &g.lora_stream;
-                        // The expand overwrites a module's delta (0 for rows without an
-                        // adapter); only a module no adapter of the batch targets, which has
-                        // no expand, is zeroed.
                         let mut dq = b.lora_dq.slice_mut(..n_rows * qw);
                         let mut dk = b.lora_dk.slice_mut(..n_rows * kvw);
                         let mut dv = b.lora_dv.slice_mut(..n_rows * kvw);
-                        for (module, d) in [
-                            (TargetModule::Q, &mut dq),
-                            (TargetModule::K, &mut dk),
-                            (TargetModule::V, &mut dv),
-                        ] {
-                            if !lora_dev.contains_key(&(module, true)) {
-                                s.memset_zeros(d).map_err(driver_err(format!(
-                                    "zeroing the LoRA delta of {module:?}"
-                                )))?;
-                            }
+                        for (what, d) in [("q", &mut dq), ("k", &mut dk), ("v", &mut dv)] {
+                            s.memset_zeros(d)
+                                .map_err(driver_err(format!("zeroing the LoRA delta of {what}")))?;
                         }
                         lora_qkv_decode(
                             &ctx,
@@ -1188,11 +1178,9 @@ impl GpuExecutor {
                         g.fork_lora()?;
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
                         let mut d_o = b.lora_do.slice_mut(..n_rows * h);
-                        if !lora_dev.contains_key(&(TargetModule::O, true)) {
-                            g.lora_stream
-                                .memset_zeros(&mut d_o)
-                                .map_err(driver_err("zeroing the LoRA delta of o"))?;
-                        }
+                        g.lora_stream
+                            .memset_zeros(&mut d_o)
+                            .map_err(driver_err("zeroing the LoRA delta of o"))?;
                         lora_decode_on(
                             &ctx,
                             &g.lora_stream,

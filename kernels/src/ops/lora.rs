@@ -212,8 +212,7 @@ pub struct LoraDecodePlan {
     /// `[4g, 4g + 4)` of request `b` (`groups = ceil(max_rank / 4)`); 256 threads split `in`.
     pub shrink: LaunchDims,
     /// `lora_mbgmv_expand`: block `b * tiles + t` computes outputs `[256t, 256t + 256)` of
-    /// request `b`; lane `l` owns 8 consecutive outputs, the 4 warps split the rank rows (up to
-    /// 64 in one round of loads). Launched as the shrink's programmatic dependent on sm_90+.
+    /// request `b`; lane `l` owns 8 consecutive outputs, the 4 warps split the rank rows.
     pub expand: LaunchDims,
     /// `lora_mbgmv_fused` (sm_90+, instead of the two above): blocks `8b .. 8b + 8` form the
     /// cluster of request `b`; block `k` shrinks over the k-th eighth of `in`, the cluster sums
@@ -1497,17 +1496,15 @@ pub use launch::{
 #[cfg(feature = "cuda")]
 mod launch {
     use super::*;
-    use crate::gpu::{driver_err, Gpu, KernelArg};
+    use crate::gpu::{driver_err, Gpu};
     use cudarc::driver::{
-        CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-        PushKernelArg,
+        CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use half::f16;
 
-    /// Where a decode expand puts its result: fp16 `y`, added in place (the in-line path,
-    /// rounded once), or an f32 delta, overwritten (0 for rows without an adapter, so it needs
-    /// no zeroing) and added later by `split_qkv` / `add_rms_norm` with the same two
-    /// operations, so that both paths give the same bits.
+    /// What a decode expand adds its result into: fp16 `y` in place (the in-line path, rounded
+    /// once) or an f32 delta, zeroed before and added later by `split_qkv` / `add_rms_norm`
+    /// with the same two operations, so that both paths give the same bits.
     pub trait LoraOut: DeviceRepr {
         /// The single-module expand kernel for this output type.
         const EXPAND: &'static str;
@@ -1527,26 +1524,6 @@ mod launch {
         const EXPAND: &'static str = "lora_mbgmv_expand_f32";
         const EXPAND_MULTI: &'static str = "lora_mbgmv_expand_multi_f32";
         const FUSED: bool = false;
-    }
-
-    /// A view's device address as a kernel parameter (event tracking is off: see `Gpu::new`).
-    fn ptr<T>(stream: &CudaStream, view: &CudaView<T>) -> KernelArg {
-        KernelArg::Ptr(view.device_ptr(stream).0)
-    }
-
-    fn ptr_mut<T>(stream: &CudaStream, view: &mut CudaViewMut<T>) -> KernelArg {
-        KernelArg::Ptr(view.device_ptr_mut(stream).0)
-    }
-
-    /// A launch error of `Gpu::launch_kernel`, naming the kernel.
-    fn relabel(e: Error, kernel: &str) -> Error {
-        match e {
-            Error::Driver { message, .. } => Error::Driver {
-                context: format!("launching {kernel}"),
-                message,
-            },
-            other => other,
-        }
     }
 
     fn config(dims: &LaunchDims) -> LaunchConfig {
@@ -1776,40 +1753,27 @@ mod launch {
         gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
         let expand = gpu.function(SOURCE, Y::EXPAND)?;
-        let args = [
-            ptr(stream, &v_scratch.as_view()),
-            ptr(stream, v_pool_layer),
-            ptr(stream, adapter_pages),
-            ptr(stream, page_offset),
-            ptr(stream, rank),
-            ptr(stream, scale),
-            ptr_mut(stream, y),
-            KernelArg::I32(n_i),
-            KernelArg::I32(out_i),
-            KernelArg::I32(max_rank_i),
-            KernelArg::I32(slots_i),
-            KernelArg::I32(w_i),
-            KernelArg::I32(pages_i),
-            KernelArg::I32(adapter_pages_i),
-        ];
-        let dims = &plan.expand;
+        let v_read = v_scratch.as_view();
+        let mut b = stream.launch_builder(&expand);
+        b.arg(&v_read)
+            .arg(v_pool_layer)
+            .arg(adapter_pages)
+            .arg(page_offset)
+            .arg(rank)
+            .arg(scale)
+            .arg(y)
+            .arg(&n_i)
+            .arg(&out_i)
+            .arg(&max_rank_i)
+            .arg(&slots_i)
+            .arg(&w_i)
+            .arg(&pages_i)
+            .arg(&adapter_pages_i);
         // SAFETY: as for the shrink: arguments in order and type, lengths and alignment
-        // checked, table entries guarded in the kernel. Launched as the shrink's dependent:
-        // before its `griddepcontrol.wait` the kernel reads only the tables and the pool's V
-        // side (written before the step), so the `v_scratch` rows of the shrink and `y` are
-        // read, and `y[n, out]` written in bounds, only once the shrink has finished.
-        unsafe {
-            gpu.launch_kernel(
-                stream,
-                &expand,
-                dims.grid,
-                dims.block,
-                dims.shared_mem,
-                &args,
-                true,
-            )
-        }
-        .map_err(|e| relabel(e, Y::EXPAND))?;
+        // checked, table entries guarded in the kernel; it reads `v_scratch` rows written by
+        // the shrink (same stream, so ordered) and read-modify-writes `y[n, out]` in bounds.
+        unsafe { b.launch(config(&plan.expand)) }
+            .map_err(driver_err(format!("launching {}", Y::EXPAND)))?;
         Ok(())
     }
 
@@ -1825,8 +1789,7 @@ mod launch {
         pub scale: CudaView<'a, f32>,
         /// `out` of the module.
         pub out_features: usize,
-        /// `[n, out]` exactly: fp16 added to in place, or an f32 delta overwritten (0 where the
-        /// row has no adapter); 16-byte aligned.
+        /// `[n, out]` exactly, added to in place (fp16, or an f32 delta); 16-byte aligned.
         pub y: CudaViewMut<'a, Y>,
     }
 
@@ -1980,61 +1943,53 @@ mod launch {
         gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
         let expand = gpu.function(SOURCE, Y::EXPAND_MULTI)?;
-        let null = KernelArg::Ptr(0);
-        let mut args = vec![
-            ptr(stream, &v_scratch.as_view()),
-            ptr(stream, v_pool_layer),
-            ptr(stream, adapter_pages),
-        ];
+        let v_read = v_scratch.as_view();
+        let mut b = stream.launch_builder(&expand);
+        b.arg(&v_read).arg(v_pool_layer).arg(adapter_pages);
         for slot in 0..DECODE_MULTI_MAX_MODULES {
-            args.push(offsets.get(slot).map_or(null, |po| ptr(stream, po)));
+            match offsets.get(slot) {
+                Some(&po) => b.arg(po),
+                None => b.arg(&null),
+            };
         }
         for slot in 0..DECODE_MULTI_MAX_MODULES {
-            args.push(ranks.get(slot).map_or(null, |rank| ptr(stream, rank)));
+            match ranks.get(slot) {
+                Some(&rank) => b.arg(rank),
+                None => b.arg(&null),
+            };
         }
         for slot in 0..DECODE_MULTI_MAX_MODULES {
-            args.push(scales.get(slot).map_or(null, |scale| ptr(stream, scale)));
+            match scales.get(slot) {
+                Some(&scale) => b.arg(scale),
+                None => b.arg(&null),
+            };
         }
         let mut ys = ys.into_iter();
         for _ in 0..DECODE_MULTI_MAX_MODULES {
-            args.push(ys.next().map_or(null, |y| ptr_mut(stream, y)));
+            match ys.next() {
+                Some(y) => b.arg(y),
+                None => b.arg(&null),
+            };
         }
-        args.extend(
-            [
-                n_i,
-                outs_i[0],
-                outs_i[1],
-                outs_i[2],
-                max_rank_i,
-                slots_i[0],
-                slots_i[1],
-                slots_i[2],
-                w_i,
-                pages_i,
-                adapter_pages_i,
-                count_i,
-            ]
-            .map(KernelArg::I32),
-        );
-        let dims = &plan.expand;
+        b.arg(&n_i)
+            .arg(&outs_i[0])
+            .arg(&outs_i[1])
+            .arg(&outs_i[2])
+            .arg(&max_rank_i)
+            .arg(&slots_i[0])
+            .arg(&slots_i[1])
+            .arg(&slots_i[2])
+            .arg(&w_i)
+            .arg(&pages_i)
+            .arg(&adapter_pages_i)
+            .arg(&count_i);
         // SAFETY: as for the shrink: arguments in order and type (null pointers only in module
         // slots past `count`, whose tiles the grid does not contain), lengths checked, table
-        // entries guarded in the kernel. Launched as the shrink's dependent: before its
-        // `griddepcontrol.wait` it reads only the tables and the pool's V side, so the
-        // `v_scratch` rows of the shrink are read, and each module's `y[n, out_m]` read and
-        // written in bounds, only once the shrink has finished.
-        unsafe {
-            gpu.launch_kernel(
-                stream,
-                &expand,
-                dims.grid,
-                dims.block,
-                dims.shared_mem,
-                &args,
-                true,
-            )
-        }
-        .map_err(|e| relabel(e, Y::EXPAND_MULTI))?;
+        // entries guarded in the kernel; it reads the `v_scratch` rows written by the shrink
+        // (same stream, so ordered) and read-modify-writes each module's `y[n, out_m]` in
+        // bounds.
+        unsafe { b.launch(config(&plan.expand)) }
+            .map_err(driver_err(format!("launching {}", Y::EXPAND_MULTI)))?;
         Ok(())
     }
 
@@ -2616,15 +2571,14 @@ mod launch {
                 y_in_place.push(y_got);
             }
 
-            // The same into f32 deltas (the executor's LoRA stream), which the expand
-            // overwrites: they start as NaN, so a row the kernel left unwritten shows. Adding
-            // each delta to y0 the way split_qkv and add_rms_norm do must give the in-place
-            // result's very bits.
+            // The same into zeroed f32 deltas (the executor's LoRA stream): adding each delta
+            // to y0 the way split_qkv and add_rms_norm do must give the in-place result's very
+            // bits.
             let mut deltas_d = Vec::new();
             for &out in outs {
                 deltas_d.push(
                     gpu.stream
-                        .clone_htod(&vec![f32::NAN; n * out])
+                        .clone_htod(&vec![0f32; n * out])
                         .map_err(copy("delta"))?,
                 );
             }
