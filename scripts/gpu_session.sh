@@ -37,12 +37,7 @@
 #   part i: one GPU: the live runs of I_RUNS, likewise; then, while the budget lasts, the live
 #           saturation baselines named in I_BASELINES (scripts/baselines.py --execute).
 #
-#   part j: one GPU, after an MBGMV change already checked against transformers + peft in the
-#           same lease: the kernel checks (stop if they fail), bench-gpu, and, only if the
-#           MBGMV table's batch 256 in a CUDA graph keeps J_MIN_PCT (default 71) % of copy
-#           bandwidth, the three models calibrated and the live runs of J_RUNS, as in part h.
-#
-#   scripts/gpu_session.sh a|b|c|d|e|f|g|h|i|j BIN TRACES OUT [PROFILES]
+#   scripts/gpu_session.sh a|b|c|d|e|f|g|h|i BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
 set -u
 part=$1 bin=$2 traces=$3 out=$4 profiles=${5:-}
@@ -63,26 +58,6 @@ half_b=s4-llama13b-n100,gqa-llama3-8b-s2-n100,bursty-cv4-n1000
 runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-zipf1.2-n2000:0.85,skewed-zipf1.2-n2000:0.95,s2-n100:0.85,s2-n5:0.85,s1-n5:0.85,s2-n2000:0.85,s1-n100:0.85,azure-conv-n500:0.85
 
 rerun_from=${RERUN_FROM:-docs/fidelity/runs-3/host-2}
-
-if [ "$part" = j ]; then
-    timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1 || { grep -iE "fail" "$out/doctor.log" | head; echo "kernel checks failed: stopping"; exit 1; }
-    timeout 200 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
-    grep -E "^\| (1|8|32|64|128|256) \|" "$out/bench-gpu.log" | head -n 11
-    pct=$(grep -E "^\| 256 \| 132" "$out/bench-gpu.log" | awk -F'|' '{gsub(/[ %]/, "", $9); print $9}')
-    if [ "${pct:-0}" -lt "${J_MIN_PCT:-71}" ]; then echo "MBGMV at batch 256: ${pct}% of copy bandwidth: stopping before calibration"; exit 0; fi
-    for m in llama-7b llama-13b llama-3-8b; do
-        timeout 240 "$bin" calibrate --model "$m" --reps "${REPS:-4}" --out "$work/profiles" >>"$out/calibrate.log" 2>&1
-    done
-    if [ -n "${J_RUNS:-}" ] && [ "$(left)" -gt 100 ]; then
-        timeout $(($(left) - 10)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-j" --traces "$traces" \
-            --rerun "$rerun_from" --runs "$J_RUNS" --seconds "$seconds" --deadline-s $(($(left) - 20)) >"$out/rerun-j.log" 2>&1
-    fi
-    tar czf "$out/part-j.tgz" -C "$work" $(cd "$work" && ls -d profiles fid-j 2>/dev/null)
-    grep -E "^Measured in" "$out/calibrate.log"
-    tail -n 6 "$out/rerun-j.log" 2>/dev/null
-    echo "part j done in $(($(date +%s) - start)) s"
-    exit 0
-fi
 
 if [ "$part" = h ] || [ "$part" = i ]; then
     if [ "$part" = h ]; then
