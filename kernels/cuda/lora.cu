@@ -116,6 +116,27 @@ __device__ __forceinline__ float lora_dot8(uint4 a, uint4 b, float acc) {
     return acc;
 }
 
+// Programmatic dependent launch (sm_90+; no-ops on older devices and when a kernel was launched
+// without the attribute). The MBGMV expand is launched as the shrink's dependent: it may start
+// once every shrink block has called lora_launch_dependents, and before lora_wait_prerequisite
+// it reads only what was complete before the shrink started (the step's tables, the pool, y or
+// the zeroed delta), so its page lookups and first B rows are in flight while the shrink's last
+// blocks run. v is read, and y written, only after the wait, which returns once the shrink has
+// finished and its writes are visible. Every expand thread waits, also on its early exits, so
+// the expand never finishes before the shrink and the next kernel of the stream sees both.
+// The arithmetic is the classic launch's, so both give the same bits.
+__device__ __forceinline__ void lora_launch_dependents() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void lora_wait_prerequisite() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // The rank to use for table entry `idx` and, through `po`, where its page list starts; 0 for
 // "no adapter" (page_offset -1) and for entries that would index out of bounds.
 __device__ __forceinline__ int lora_entry(const int* __restrict__ page_offset,
@@ -158,6 +179,8 @@ lora_mbgmv_shrink_block(const half_t* __restrict__ x,            // [n, in]
     extern __shared__ int s_pages[];  // [DS_ROWS][slots]: this block's rows' page indices
     __shared__ float s_red[DS_WARPS][DS_ROWS];
 
+    // The expand reads nothing this kernel writes before its own wait, so it may launch now.
+    lora_launch_dependents();
     if (b >= n) return;
     const half_t* xb = x + b * in_features;
     const int chunks = in_features / LORA_VEC;
@@ -246,6 +269,24 @@ __device__ __forceinline__ void lora_out_store(float* p, float old, float add) {
     *p = __fadd_rn(old, add);
 }
 
+// One round of the expand's loads for a warp: rank rows i0 + u * DE_WARPS (u < DE_UNROLL) of
+// the lane's output chunk (slot, col): their page indices (-1 past the rank or for a bad page)
+// and B rows (zeros where the page is -1).
+__device__ __forceinline__ void lora_expand_round(const half_t* __restrict__ v_pool,
+                                                  const int* __restrict__ adapter_pages, int po,
+                                                  int slots, int slot, int col, int page_width,
+                                                  int num_pages, int r, int i0,
+                                                  int p[DE_UNROLL], uint4 d[DE_UNROLL]) {
+#pragma unroll
+    for (int u = 0; u < DE_UNROLL; ++u) {
+        const int i = i0 + u * DE_WARPS;
+        p[u] = i < r ? lora_page(adapter_pages, po + i * slots + slot, num_pages) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < DE_UNROLL; ++u)
+        d[u] = p[u] >= 0 ? lora_ld16(v_pool + p[u] * page_width + col) : make_uint4(0u, 0u, 0u, 0u);
+}
+
 // Expand body: outputs [tile0, tile0 + DE_TILE) of request b; block DE_THREADS, no dynamic
 // shared memory. OutT: half_t (y in place) or float (an f32 delta).
 template <typename OutT>
@@ -262,8 +303,12 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
                         int num_pages, int num_adapter_pages) {
     __shared__ __align__(16) float s_red[DE_WARPS][DE_TILE];
 
-    if (b >= n) return;
-    // y is read before the tables so that its latency overlaps theirs.
+    if (b >= n) {
+        lora_wait_prerequisite();
+        return;
+    }
+    // y is read before the tables so that its latency overlaps theirs (and before the wait:
+    // it was written before the shrink started).
     OutT* yb = y + b * out_features;
     float y_old[DE_OUT_PER_THREAD];
 #pragma unroll
@@ -273,7 +318,10 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
     }
     int po = 0;
     const int r = lora_entry(page_offset, rank, b, max_rank, slots, num_adapter_pages, &po);
-    if (r == 0) return;  // block-uniform: no adapter, y stays the base output
+    if (r == 0) {  // block-uniform: no adapter, y stays the base output
+        lora_wait_prerequisite();
+        return;
+    }
     const float sc = scale[b];
 
     const int warp = threadIdx.x >> 5;
@@ -283,29 +331,29 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
 #pragma unroll
     for (int e = 0; e < LORA_VEC; ++e) acc[e] = 0.f;
 
-    if (o0 < out_features) {
-        // All 8 outputs of the chunk lie in one slot (W % 8 == 0, o0 % 8 == 0).
-        const int slot = o0 / page_width;
-        const int col = o0 - slot * page_width;
+    // All 8 outputs of a lane's chunk lie in one slot (W % 8 == 0, o0 % 8 == 0).
+    const bool active = o0 < out_features;
+    const int slot = o0 / page_width;
+    const int col = o0 - slot * page_width;
+    int p[DE_UNROLL];
+    uint4 d[DE_UNROLL];
+    // The first round's page indices and B rows depend only on the tables and the pool, so
+    // they are requested before the wait for v.
+    if (active) lora_expand_round(v_pool, adapter_pages, po, slots, slot, col, page_width,
+                                  num_pages, r, warp, p, d);
+    lora_wait_prerequisite();
+    if (active) {
         const float* vb = v + b * max_rank;
-        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
         for (int i0 = warp; i0 < r; i0 += DE_WARPS * DE_UNROLL) {
-            int p[DE_UNROLL];
+            if (i0 != warp)
+                lora_expand_round(v_pool, adapter_pages, po, slots, slot, col, page_width,
+                                  num_pages, r, i0, p, d);
             float vi[DE_UNROLL];
 #pragma unroll
             for (int u = 0; u < DE_UNROLL; ++u) {
                 const int i = i0 + u * DE_WARPS;
-                p[u] = -1;
-                vi[u] = 0.f;
-                if (i < r) {
-                    p[u] = lora_page(adapter_pages, po + i * slots + slot, num_pages);
-                    vi[u] = vb[i];
-                }
+                vi[u] = i < r ? vb[i] : 0.f;
             }
-            uint4 d[DE_UNROLL];
-#pragma unroll
-            for (int u = 0; u < DE_UNROLL; ++u)
-                d[u] = p[u] >= 0 ? lora_ld16(v_pool + p[u] * page_width + col) : zero;
 #pragma unroll
             for (int u = 0; u < DE_UNROLL; ++u) {
                 if (p[u] < 0) continue;  // also keeps a poisoned v of a skipped row out

@@ -113,8 +113,8 @@ mod imp {
         let ranks = [8usize, 16, 32, 64];
         let mut lines = vec![
             String::new(),
-            "| batch | bytes (MB) | launched alone (µs) | GB/s | % of copy bandwidth | in a CUDA graph (µs) | GB/s | % of copy bandwidth |".into(),
-            "|---|---|---|---|---|---|---|---|".into(),
+            "| batch | bytes (MB) | launched alone (µs) | GB/s | % of copy bandwidth | in a CUDA graph (µs) | GB/s | % of copy bandwidth | in a graph, no dependent launch (µs) | its % of copy bandwidth |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         for batch in [1usize, 8, 32, 64, 128, 256] {
             let rank: Vec<i32> = (0..batch).map(|i| ranks[i % 4] as i32).collect();
@@ -196,16 +196,47 @@ mod imp {
             let in_graph = time_ms(gpu, 10, || {
                 graph.launch().map_err(driver_err("graph replay"))
             })? / CALLS as f64;
+            drop(graph);
+            // The same graph with the expand launched after the shrink the classic way (the
+            // baseline of the dependent launch, in the same run).
+            gpu.set_dependent_launch(false);
+            let plain = (|| -> Result<f64> {
+                gpu.stream
+                    .begin_capture(
+                        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+                    )
+                    .map_err(driver_err("beginning capture"))?;
+                let mut captured = Ok(());
+                for _ in 0..CALLS {
+                    captured = captured.and_then(|_| call(&mut next));
+                }
+                let graph = gpu
+                    .stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+                    .map_err(driver_err("ending capture"))?;
+                captured?;
+                let graph = graph.ok_or_else(|| crate::Error::Plan {
+                    step: 0,
+                    reason: "graph capture produced no graph".into(),
+                })?;
+                Ok(time_ms(gpu, 10, || {
+                    graph.launch().map_err(driver_err("graph replay"))
+                })? / CALLS as f64)
+            })();
+            gpu.set_dependent_launch(true);
+            let plain = plain?;
             let (bw_alone, bw_graph) = (bytes / (alone * 1e-3), bytes / (in_graph * 1e-3));
             lines.push(format!(
-                "| {batch} | {:.2} | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.0}% |",
+                "| {batch} | {:.2} | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0}% |",
                 bytes / 1e6,
                 alone * 1e3,
                 bw_alone / 1e9,
                 100.0 * bw_alone / copy_bw,
                 in_graph * 1e3,
                 bw_graph / 1e9,
-                100.0 * bw_graph / copy_bw
+                100.0 * bw_graph / copy_bw,
+                plain * 1e3,
+                100.0 * bytes / (plain * 1e-3) / copy_bw
             ));
         }
         lines.insert(1, "MBGMV, Llama-7B q_proj shape (4096 -> 4096), all-distinct adapters, ranks 8/16/32/64, L2-cold rotation:".into());
@@ -263,8 +294,8 @@ mod imp {
         let mut lines = vec![
             String::new(),
             format!("Decode step, synthetic Llama-7B, context 512, engine-driven (host-timed, uploads and sync included); \"with adapters\" is the executor's default, the decode rows' LoRA beside the base GEMMs up to {} decode rows and in line above:", crate::executor::LORA_OVERLAP_MAX_DECODE_ROWS),
-            "| batch | with adapters (ms) | without (ms) | adapter overhead | LoRA in line, same run (ms) | its overhead | Zipf(1) adapters (ms) | Zipf overhead | distinct (Zipf) | with adapters, no CUDA graph (ms) | no graph, LoRA in line (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
+            "| batch | with adapters (ms) | without (ms) | adapter overhead | LoRA in line, same run (ms) | its overhead | Zipf(1) adapters (ms) | Zipf overhead | distinct (Zipf) | with adapters, no CUDA graph (ms) | no graph, LoRA in line (ms) | no dependent launch: with adapters / in line (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         let mut phase_lines = vec![
             String::new(),
@@ -291,25 +322,29 @@ mod imp {
         };
         let mut next_id = 0u64;
         for batch in [1usize, 32, 64, 128, 256] {
-            let mut times = [0.0f64; 7];
+            let mut times = [0.0f64; 9];
             let mut adapter_bytes = 0f64;
             let mut zipf_distinct = 0u32;
             let mut phases: Vec<PhaseTimes> = Vec::new();
             // (adapters: 0 none, 1 distinct, 2 Zipf; CUDA graphs; phase timing; the decode
-            // rows' LoRA on its own stream beside the base GEMMs, or in line after them)
-            for (k, (adapters, graphs, timing, overlap)) in [
-                (1u8, true, false, true),
-                (0, true, false, true),
-                (2, true, false, true),
-                (1, false, false, true),
-                (1, false, true, false),
-                (1, true, false, false),
-                (1, false, false, false),
+            // rows' LoRA on its own stream beside the base GEMMs, or in line after them; the
+            // MBGMV expand launched as the shrink's dependent, the default from sm_90)
+            for (k, (adapters, graphs, timing, overlap, dependent)) in [
+                (1u8, true, false, true, true),
+                (0, true, false, true, true),
+                (2, true, false, true, true),
+                (1, false, false, true, true),
+                (1, false, true, false, true),
+                (1, true, false, false, true),
+                (1, false, false, false, true),
+                (1, true, false, true, false),
+                (1, true, false, false, false),
             ]
             .into_iter()
             .enumerate()
             {
                 exec.reset();
+                exec.gpu.set_dependent_launch(dependent);
                 exec.set_cuda_graphs(graphs);
                 exec.set_phase_timing(timing);
                 exec.set_lora_overlap(overlap);
@@ -397,11 +432,12 @@ mod imp {
                 times[k] = median(&mut decode_ms[skip..].to_vec());
             }
             exec.set_phase_timing(false);
+            exec.gpu.set_dependent_launch(true);
             let kv_bytes = batch as f64 * (prompt as f64 + 8.0) * model.kv_bytes_per_token() as f64;
             let bytes = weight_bytes + kv_bytes + adapter_bytes;
             let bw = bytes / (times[0] * 1e-3);
             lines.push(format!(
-                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {zipf_distinct} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0}% |",
+                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {zipf_distinct} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {:.0} | {:.0}% |",
                 times[0],
                 times[1],
                 100.0 * (times[0] / times[1] - 1.0),
@@ -411,6 +447,8 @@ mod imp {
                 100.0 * (times[2] / times[1] - 1.0),
                 times[3],
                 times[6],
+                times[7],
+                times[8],
                 bytes / 1e9,
                 bw / 1e9,
                 100.0 * bw / copy_bw

@@ -55,6 +55,20 @@ pub struct Gpu {
     /// Whether `phase_marks` is collecting: read before taking the lock, so a mark costs one
     /// atomic load while timing is off (a step makes hundreds of marks).
     timing: std::sync::atomic::AtomicBool,
+    /// Whether kernels that are built for it (the MBGMV expand) are launched as programmatic
+    /// dependents of the kernel before them (sm_90+; see [`Gpu::launch_kernel`]).
+    dependent_launch: std::sync::atomic::AtomicBool,
+    /// Compute capability 9.0 or newer: `griddepcontrol` exists.
+    has_dependent_launch: bool,
+}
+
+/// One kernel parameter of [`Gpu::launch_kernel`], by value.
+#[derive(Clone, Copy, Debug)]
+pub enum KernelArg {
+    /// A device address (`T*` in the kernel), 0 for a null pointer.
+    Ptr(cudarc::driver::sys::CUdeviceptr),
+    I32(i32),
+    F32(f32),
 }
 
 /// What a stretch of a step's GPU work is, for the calibration profile's components. A mark
@@ -160,6 +174,8 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             phase_marks: Mutex::new(None),
             timing: std::sync::atomic::AtomicBool::new(false),
+            dependent_launch: std::sync::atomic::AtomicBool::new(major >= 9),
+            has_dependent_launch: major >= 9,
         })
     }
 
@@ -241,6 +257,100 @@ impl Gpu {
 
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// Turns dependent launches on or off (on by default from sm_90; on older devices
+    /// turning them on changes nothing). `bench-gpu` measures both.
+    pub fn set_dependent_launch(&self, on: bool) {
+        self.dependent_launch
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The switch of [`Gpu::set_dependent_launch`] as set (whatever the device supports).
+    pub fn dependent_launch_enabled(&self) -> bool {
+        self.dependent_launch
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a launch asked for as dependent really is one: sm_90+, switched on, and not
+    /// while phases are timed (the events between phases would time overlapping kernels).
+    pub fn dependent_launch(&self) -> bool {
+        self.has_dependent_launch
+            && self
+                .dependent_launch
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && !self.timing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Launches `func` on `stream` with `cuLaunchKernelEx`. With `dependent` (and
+    /// [`Gpu::dependent_launch`]) the launch carries programmatic stream serialization: the
+    /// kernel may start once every block of the kernel before it on `stream` has called
+    /// `griddepcontrol.launch_dependents` (or exited), and must itself call
+    /// `griddepcontrol.wait` before it reads that kernel's output or writes anything. In a
+    /// captured graph this becomes a programmatic edge. Without `dependent` it is an
+    /// ordinary launch.
+    ///
+    /// # Safety
+    /// As for any kernel launch: `args` must match the kernel's parameters in number, order
+    /// and type, the grid must keep its accesses in bounds, and with `dependent` the kernel
+    /// must follow the rule above.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch_kernel(
+        &self,
+        stream: &CudaStream,
+        func: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        args: &[KernelArg],
+        dependent: bool,
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let mut values: Vec<KernelArg> = args.to_vec();
+        // Pointers into `values`, which is not touched again until the launch returns.
+        let mut params: Vec<*mut std::ffi::c_void> = values
+            .iter_mut()
+            .map(|a| match a {
+                KernelArg::Ptr(p) => p as *mut u64 as *mut std::ffi::c_void,
+                KernelArg::I32(v) => v as *mut i32 as *mut std::ffi::c_void,
+                KernelArg::F32(v) => v as *mut f32 as *mut std::ffi::c_void,
+            })
+            .collect();
+        // SAFETY: a zeroed attribute is a valid "ignored" value; its id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let with_attr = dependent && self.dependent_launch();
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: shared_mem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: if with_attr {
+                &mut attr
+            } else {
+                std::ptr::null_mut()
+            },
+            numAttrs: u32::from(with_attr),
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver_err("binding the context"))?;
+        // SAFETY: `config` and `params` outlive the call; the caller vouches for the rest.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(driver_err("cuLaunchKernelEx"))
     }
 
     pub fn info(&self) -> Result<DeviceInfo> {

@@ -1496,9 +1496,10 @@ pub use launch::{
 #[cfg(feature = "cuda")]
 mod launch {
     use super::*;
-    use crate::gpu::{driver_err, Gpu};
+    use crate::gpu::{driver_err, Gpu, KernelArg};
     use cudarc::driver::{
-        CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+        PushKernelArg,
     };
     use half::f16;
 
@@ -1524,6 +1525,26 @@ mod launch {
         const EXPAND: &'static str = "lora_mbgmv_expand_f32";
         const EXPAND_MULTI: &'static str = "lora_mbgmv_expand_multi_f32";
         const FUSED: bool = false;
+    }
+
+    /// A view's device address as a kernel parameter (event tracking is off: see `Gpu::new`).
+    fn ptr<T>(stream: &CudaStream, view: &CudaView<T>) -> KernelArg {
+        KernelArg::Ptr(view.device_ptr(stream).0)
+    }
+
+    fn ptr_mut<T>(stream: &CudaStream, view: &mut CudaViewMut<T>) -> KernelArg {
+        KernelArg::Ptr(view.device_ptr_mut(stream).0)
+    }
+
+    /// A launch error of `Gpu::launch_kernel`, naming the kernel.
+    fn relabel(e: Error, kernel: &str) -> Error {
+        match e {
+            Error::Driver { message, .. } => Error::Driver {
+                context: format!("launching {kernel}"),
+                message,
+            },
+            other => other,
+        }
     }
 
     fn config(dims: &LaunchDims) -> LaunchConfig {
@@ -1753,27 +1774,41 @@ mod launch {
         gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
         let expand = gpu.function(SOURCE, Y::EXPAND)?;
-        let v_read = v_scratch.as_view();
-        let mut b = stream.launch_builder(&expand);
-        b.arg(&v_read)
-            .arg(v_pool_layer)
-            .arg(adapter_pages)
-            .arg(page_offset)
-            .arg(rank)
-            .arg(scale)
-            .arg(y)
-            .arg(&n_i)
-            .arg(&out_i)
-            .arg(&max_rank_i)
-            .arg(&slots_i)
-            .arg(&w_i)
-            .arg(&pages_i)
-            .arg(&adapter_pages_i);
+        let args = [
+            ptr(stream, &v_scratch.as_view()),
+            ptr(stream, v_pool_layer),
+            ptr(stream, adapter_pages),
+            ptr(stream, page_offset),
+            ptr(stream, rank),
+            ptr(stream, scale),
+            ptr_mut(stream, y),
+            KernelArg::I32(n_i),
+            KernelArg::I32(out_i),
+            KernelArg::I32(max_rank_i),
+            KernelArg::I32(slots_i),
+            KernelArg::I32(w_i),
+            KernelArg::I32(pages_i),
+            KernelArg::I32(adapter_pages_i),
+        ];
+        let dims = &plan.expand;
         // SAFETY: as for the shrink: arguments in order and type, lengths and alignment
-        // checked, table entries guarded in the kernel; it reads `v_scratch` rows written by
-        // the shrink (same stream, so ordered) and read-modify-writes `y[n, out]` in bounds.
-        unsafe { b.launch(config(&plan.expand)) }
-            .map_err(driver_err(format!("launching {}", Y::EXPAND)))?;
+        // checked, table entries guarded in the kernel. Launched as the shrink's dependent:
+        // before its `griddepcontrol.wait` the kernel reads only the tables, the pool's V side
+        // and `y` (all complete before the shrink started), so the `v_scratch` rows of the
+        // shrink are read, and `y[n, out]` written in bounds, only once the shrink has
+        // finished; every thread waits, so the expand cannot finish before the shrink.
+        unsafe {
+            gpu.launch_kernel(
+                stream,
+                &expand,
+                dims.grid,
+                dims.block,
+                dims.shared_mem,
+                &args,
+                true,
+            )
+        }
+        .map_err(|e| relabel(e, Y::EXPAND))?;
         Ok(())
     }
 
@@ -1943,53 +1978,66 @@ mod launch {
         gpu.mark(crate::gpu::Phase::LoraExpand)?;
 
         let expand = gpu.function(SOURCE, Y::EXPAND_MULTI)?;
-        let v_read = v_scratch.as_view();
-        let mut b = stream.launch_builder(&expand);
-        b.arg(&v_read).arg(v_pool_layer).arg(adapter_pages);
+        let null_arg = KernelArg::Ptr(0);
+        let mut args = vec![
+            ptr(stream, &v_scratch.as_view()),
+            ptr(stream, v_pool_layer),
+            ptr(stream, adapter_pages),
+        ];
         for slot in 0..DECODE_MULTI_MAX_MODULES {
-            match offsets.get(slot) {
-                Some(&po) => b.arg(po),
-                None => b.arg(&null),
-            };
+            args.push(offsets.get(slot).map_or(null_arg, |po| ptr(stream, po)));
         }
         for slot in 0..DECODE_MULTI_MAX_MODULES {
-            match ranks.get(slot) {
-                Some(&rank) => b.arg(rank),
-                None => b.arg(&null),
-            };
+            args.push(ranks.get(slot).map_or(null_arg, |rank| ptr(stream, rank)));
         }
         for slot in 0..DECODE_MULTI_MAX_MODULES {
-            match scales.get(slot) {
-                Some(&scale) => b.arg(scale),
-                None => b.arg(&null),
-            };
+            args.push(
+                scales
+                    .get(slot)
+                    .map_or(null_arg, |scale| ptr(stream, scale)),
+            );
         }
         let mut ys = ys.into_iter();
         for _ in 0..DECODE_MULTI_MAX_MODULES {
-            match ys.next() {
-                Some(y) => b.arg(y),
-                None => b.arg(&null),
-            };
+            args.push(ys.next().map_or(null_arg, |y| ptr_mut(stream, y)));
         }
-        b.arg(&n_i)
-            .arg(&outs_i[0])
-            .arg(&outs_i[1])
-            .arg(&outs_i[2])
-            .arg(&max_rank_i)
-            .arg(&slots_i[0])
-            .arg(&slots_i[1])
-            .arg(&slots_i[2])
-            .arg(&w_i)
-            .arg(&pages_i)
-            .arg(&adapter_pages_i)
-            .arg(&count_i);
+        args.extend(
+            [
+                n_i,
+                outs_i[0],
+                outs_i[1],
+                outs_i[2],
+                max_rank_i,
+                slots_i[0],
+                slots_i[1],
+                slots_i[2],
+                w_i,
+                pages_i,
+                adapter_pages_i,
+                count_i,
+            ]
+            .map(KernelArg::I32),
+        );
+        let dims = &plan.expand;
         // SAFETY: as for the shrink: arguments in order and type (null pointers only in module
         // slots past `count`, whose tiles the grid does not contain), lengths checked, table
-        // entries guarded in the kernel; it reads the `v_scratch` rows written by the shrink
-        // (same stream, so ordered) and read-modify-writes each module's `y[n, out_m]` in
-        // bounds.
-        unsafe { b.launch(config(&plan.expand)) }
-            .map_err(driver_err(format!("launching {}", Y::EXPAND_MULTI)))?;
+        // entries guarded in the kernel. Launched as the shrink's dependent: before its
+        // `griddepcontrol.wait` it reads only the tables, the pool's V side and each module's
+        // `y` (all complete before the shrink started), so the `v_scratch` rows of the shrink
+        // are read, and each module's `y[n, out_m]` written in bounds, only once the shrink
+        // has finished; every thread waits, so the expand cannot finish before the shrink.
+        unsafe {
+            gpu.launch_kernel(
+                stream,
+                &expand,
+                dims.grid,
+                dims.block,
+                dims.shared_mem,
+                &args,
+                true,
+            )
+        }
+        .map_err(|e| relabel(e, Y::EXPAND_MULTI))?;
         Ok(())
     }
 
@@ -2569,6 +2617,76 @@ mod launch {
                     &touched,
                 ));
                 y_in_place.push(y_got);
+            }
+
+            // The same launched the classic way (the expand after the shrink, not as its
+            // programmatic dependent): the arithmetic is the same, so must be the bits. On a
+            // device without dependent launches both runs are classic.
+            let was_dependent = gpu.dependent_launch_enabled();
+            gpu.set_dependent_launch(!was_dependent);
+            let classic = (|| -> Result<(Vec<f32>, Vec<Vec<f16>>)> {
+                let mut y_c = Vec::new();
+                for y0_m in &y0 {
+                    y_c.push(gpu.stream.clone_htod(y0_m).map_err(copy("y"))?);
+                }
+                let mut v_c = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
+                let mut modules: Vec<ModuleOut<'_>> = tables_d
+                    .iter()
+                    .zip(y_c.iter_mut())
+                    .zip(outs)
+                    .map(|(((po, rank, scale), y_m), &out)| ModuleOut {
+                        page_offset: po.as_view(),
+                        rank: rank.as_view(),
+                        scale: scale.as_view(),
+                        out_features: out,
+                        y: y_m.as_view_mut(),
+                    })
+                    .collect();
+                lora_decode_multi(
+                    gpu,
+                    &gpu.stream,
+                    &x_d.as_view(),
+                    &k_pool.as_view(),
+                    &v_pool.as_view(),
+                    &pages.as_view(),
+                    &mut modules,
+                    &mut v_c.as_view_mut(),
+                    shape,
+                )?;
+                drop(modules);
+                let v_back = gpu.stream.clone_dtoh(&v_c).map_err(copy("v back"))?;
+                let mut y_back = Vec::new();
+                for y_m in &y_c {
+                    y_back.push(gpu.stream.clone_dtoh(y_m).map_err(copy("y back"))?);
+                }
+                Ok((v_back, y_back))
+            })();
+            gpu.set_dependent_launch(was_dependent);
+            let (v_classic, y_classic) = classic?;
+            let same_v = v_classic
+                .iter()
+                .zip(&v_got)
+                .filter(|(a, b)| {
+                    a.is_nan() == b.is_nan() && (a.is_nan() || a.to_bits() == b.to_bits())
+                })
+                .count()
+                == v_got.len();
+            for m in 0..count {
+                let differing = y_classic[m]
+                    .iter()
+                    .zip(&y_in_place[m])
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                let passed = differing == 0 && same_v;
+                results.push(CheckResult {
+                    kernel: format!(
+                        "lora_mbgmv_expand_multi module {m}: dependent launch == classic, bit for bit ({tag}; {differing} differ{})",
+                        if same_v { "" } else { ", v differs" }
+                    ),
+                    max_abs_err: 0.0,
+                    rel_err: differing as f64 / y_in_place[m].len().max(1) as f64,
+                    passed,
+                });
             }
 
             // The same into zeroed f32 deltas (the executor's LoRA stream): adding each delta
