@@ -569,51 +569,59 @@ fn read_raw(path: &Path) -> Result<Calibration, CalibrateError> {
     Ok(c)
 }
 
-/// Writes `<stem>.json`, `.md` and `.raw.json` for one measurement into `out`; returns the
-/// report.
+/// Writes `<stem>.raw.json`, then `<stem>.json` and `.md`, for one measurement into `out`;
+/// returns the report. The measurement is written first: minutes of GPU time are never lost
+/// to a profile that fails to derive (the error names the saved file, and `--refit` derives
+/// it again once the fitting is fixed).
 fn write(
     c: &Calibration,
     out: &Path,
     fixed_quantum: Option<Option<u32>>,
     footer: &str,
 ) -> Result<String, CalibrateError> {
-    let (profile, mut report) = derive(c, fixed_quantum)?;
-    report.push_str(footer);
     let stem = format!(
         "{}-{}",
-        profile
-            .gpu_key
-            .clone()
-            .unwrap_or_else(|| c.gpu_name.to_lowercase().replace(' ', "-")),
+        catalogue_key(&c.gpu_name).unwrap_or_else(|| c.gpu_name.to_lowercase().replace(' ', "-")),
         c.model.name
     );
     std::fs::create_dir_all(out).map_err(|source| CalibrateError::Write {
         path: out.to_path_buf(),
         source,
     })?;
-    let files = [
-        (
-            out.join(format!("{stem}.json")),
-            serde_json::to_string_pretty(&profile).expect("profiles serialize"),
-        ),
-        (out.join(format!("{stem}.md")), report.clone()),
-        (
-            out.join(format!("{stem}.raw.json")),
-            serde_json::to_string(c).expect("measurements serialize"),
-        ),
-    ];
-    for (path, text) in &files {
-        // A refit may read and write the same raw file: same content, written last.
+    let write_file = |path: &Path, text: &str| {
+        // A refit may read and write the same raw file: same content.
         std::fs::write(path, text).map_err(|source| CalibrateError::Write {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
-        })?;
-    }
+        })
+    };
+    let raw = out.join(format!("{stem}.raw.json"));
+    write_file(
+        &raw,
+        &serde_json::to_string(c).expect("measurements serialize"),
+    )?;
+    let (profile, mut report) = derive(c, fixed_quantum).map_err(|e| match e {
+        CalibrateError::Invalid(reason) => CalibrateError::Invalid(format!(
+            "{reason} (the measurement is saved in {}: `slora-plan calibrate --refit {}` \
+             derives the profile again)",
+            raw.display(),
+            raw.display()
+        )),
+        other => other,
+    })?;
+    report.push_str(footer);
+    let json = out.join(format!("{stem}.json"));
+    let md = out.join(format!("{stem}.md"));
+    write_file(
+        &json,
+        &serde_json::to_string_pretty(&profile).expect("profiles serialize"),
+    )?;
+    write_file(&md, &report)?;
     report.push_str(&format!(
         "\nwrote {}, {} and {}\n",
-        files[0].0.display(),
-        files[1].0.display(),
-        files[2].0.display()
+        json.display(),
+        md.display(),
+        raw.display()
     ));
     Ok(report)
 }
@@ -863,6 +871,74 @@ mod tests {
         std::fs::write(&raw, serde_json::to_string(&undated).unwrap()).unwrap();
         let err = read_raw(&raw).unwrap_err().to_string();
         assert!(err.contains("date"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The default grid of decode rows holds points with more adapters than tokens (1 row, 4
+    /// adapters): a profile of that grid is valid, and a one-row step is priced at the
+    /// one-row points. (Session 8's calibration failed here after its GPU minutes.)
+    #[test]
+    fn the_default_lora_grid_derives_a_valid_profile() {
+        use slora_kernels::measurement::{LORA_DECODE_ADAPTERS, LORA_DECODE_TOKENS};
+        let mut c = measurement();
+        let grid = |launch: f64, per_row: f64| {
+            let mut v = Vec::new();
+            for t in LORA_DECODE_TOKENS {
+                for a in LORA_DECODE_ADAPTERS {
+                    // Measured with min(adapters, tokens) adapters, as `calibrate` does.
+                    let distinct = a.min(t) as f64;
+                    for r in [8u32, 64] {
+                        let s = launch + per_row * t as f64 * r as f64 + 1e-6 * distinct;
+                        v.push((t, a, r, stat(s)));
+                    }
+                }
+            }
+            v
+        };
+        c.lora_shrink = grid(1e-4, 2e-8);
+        c.lora_expand = grid(1e-4, 3e-8);
+        let (profile, _) = derive(&c, None).unwrap();
+        assert!(profile.lora_shrink.iter().any(|p| p.adapters > p.tokens));
+        let model = slora_engine::ModelSpec::preset("llama-7b").unwrap();
+        let cost = slora_sim::calibrated::CalibratedCost::new(
+            &profile,
+            &model,
+            1,
+            &slora_engine::TargetModule::ATTENTION,
+        )
+        .unwrap();
+        let one_row = slora_sim::BatchShape {
+            decode_requests: 1,
+            decode_context_tokens: 64,
+            max_decode_context: 64,
+            lora_tokens: 1,
+            lora_token_rank: 8,
+            distinct_adapters: 1,
+            distinct_rank_sum: 8,
+            ..Default::default()
+        };
+        let got = slora_sim::CostModel::step_cost(&cost, &one_row);
+        let want_shrink = 1e-4 + 2e-8 * 8.0 + 1e-6;
+        assert!(
+            (got.lora_shrink.as_secs_f64() / want_shrink - 1.0).abs() < 1e-3,
+            "{got:?}"
+        );
+    }
+
+    /// A measurement whose profile does not derive is still saved, and the error names it.
+    #[test]
+    fn a_measurement_is_saved_even_when_its_profile_is_invalid() {
+        let dir =
+            std::env::temp_dir().join(format!("slora-calibrate-invalid-{}", std::process::id()));
+        let mut c = measurement();
+        c.lora_expand.pop(); // an incomplete grid
+        let err = write(&c, &dir, None, "").unwrap_err().to_string();
+        let raw = dir.join("h200-llama-7b.raw.json");
+        assert!(err.contains("not a complete grid"), "{err}");
+        assert!(err.contains(&raw.display().to_string()), "{err}");
+        assert!(err.contains("--refit"), "{err}");
+        assert_eq!(read_raw(&raw).unwrap(), c);
+        assert!(!dir.join("h200-llama-7b.json").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -27,7 +27,9 @@ use slora_engine::{
 };
 use std::time::Instant;
 
-pub use crate::measurement::{Calibration, Stat, MIXED_CONTEXT, MIXED_SHAPES};
+pub use crate::measurement::{
+    Calibration, Stat, LORA_DECODE_ADAPTERS, LORA_DECODE_TOKENS, MIXED_CONTEXT, MIXED_SHAPES,
+};
 
 /// The axes measured. Multi-axis grids are complete (every combination).
 #[derive(Clone, Debug)]
@@ -61,8 +63,8 @@ pub struct Grid {
 impl Default for Grid {
     fn default() -> Grid {
         Grid {
-            // Dense, with points just past 64 and 128: GEMM algorithms are tuned per
-            // power-of-two bucket and kernel plans change with the batch, so decode costs jump
+            // Dense, with points just past 64 and 128: GEMM algorithms are tuned per token
+            // bucket (`gemm::bucket_top`) and kernel plans change with the batch, so decode costs jump
             // just past a power of two (live runs: up to 2 ms at batch 129-160 against a
             // straight line from 128 to 256).
             decode_batches: vec![1, 8, 16, 32, 48, 64, 72, 96, 128, 136, 160, 192, 224, 256],
@@ -72,12 +74,8 @@ impl Default for Grid {
             ],
             prefill_chunk_tokens: vec![16, 32, 64, 128, 256, 512, 1024, 2048],
             prefill_contexts: vec![0, 512, 1536],
-            // From one row: below its smallest point the grid is flat, and with 16 as the
-            // smallest point live steps of 1-15 decode rows were priced 0.4-0.56 ms high (the
-            // 16-row point of one rank-8 adapter is 0.61 ms; bench-gpu measures one row's
-            // LoRA at 0.04 ms): docs/FIDELITY.md, session 6.
-            lora_tokens: vec![1, 4, 8, 16, 32, 64, 96, 128, 160, 256],
-            lora_adapters: vec![1, 4, 16],
+            lora_tokens: LORA_DECODE_TOKENS.to_vec(),
+            lora_adapters: LORA_DECODE_ADAPTERS.to_vec(),
             lora_ranks: vec![8, 16, 32, 64],
             lora_prefill_tokens: vec![16, 64, 256, 1024, 4096],
             lora_prefill_segments: vec![1, 4, 16],

@@ -88,6 +88,18 @@ pub struct Calibration {
     pub lora_prefill_base_steps: Vec<(u32, u32, Stat)>,
 }
 
+/// Token counts of the LoRA grid of decode rows (MBGMV) that `calibrate` measures by default.
+/// From one row: below its smallest point the grid is flat, and with 16 as the smallest point
+/// live steps of 1-15 decode rows were priced 0.4-0.56 ms high (the 16-row point of one
+/// rank-8 adapter is 0.61 ms; bench-gpu measures one row's LoRA at 0.04 ms): docs/FIDELITY.md,
+/// session 6.
+pub const LORA_DECODE_TOKENS: [u32; 10] = [1, 4, 8, 16, 32, 64, 96, 128, 160, 256];
+/// Distinct adapters of that grid. The grid is complete, so it holds points with more
+/// adapters than tokens (1 token, 4 adapters): a step cannot hold more distinct adapters than
+/// rows, so such a point is measured with one adapter per row and stands for every larger
+/// count (the cost model clamps a step's adapters to its tokens the same way).
+pub const LORA_DECODE_ADAPTERS: [u32; 3] = [1, 4, 16];
+
 /// Decode context of the decode rows in `Calibration::mixed_steps`.
 pub const MIXED_CONTEXT: u32 = 256;
 /// `(prompt tokens, decode rows)` of the whole steps measured for the mixed-step check: every

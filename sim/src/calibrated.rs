@@ -623,7 +623,8 @@ impl CalibratedCost {
             return total;
         }
         let tokens = b.lora_tokens as f64;
-        // Every grid point has adapters <= tokens; the engine's count also holds the adapters
+        // No step has more distinct adapters than tokens (grid points that name more were
+        // measured with one adapter per token); the engine's count also holds the adapters
         // of running requests without a token this step (a chunked prefill waiting).
         let adapters = (b.distinct_adapters as f64).clamp(1.0, tokens);
         let token_rank = b.lora_token_rank as f64 / tokens;
