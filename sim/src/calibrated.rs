@@ -655,12 +655,22 @@ impl CalibratedCost {
 
     /// The token count a base GEMM of `tokens` costs like: below 128 tokens the GEMMs stream
     /// their weights whatever the count (the grid is dense there); above, cuBLAS's tiles
-    /// round the count up to the profile's quantum.
+    /// round the count up to the profile's quantum, but never past the next measured count.
+    /// Where the grid is sparser than the quantum, rounding keeps interpolation off the
+    /// staircase's risers; where it is denser, the measured points are the staircase: a count
+    /// costs at most what the next point above it costs (the executor tunes one algorithm per
+    /// token bucket, and `calibrate` measures inside and at the top of the buckets). Rounding
+    /// 136 decode rows to 192 crossed two buckets and priced live steps of 129-159 rows 2-4%
+    /// high (docs/FIDELITY.md, session 8).
     fn gemm_tokens(&self, tokens: f64) -> f64 {
-        if tokens > 128.0 {
-            (tokens / self.gemm_quantum).ceil() * self.gemm_quantum
-        } else {
-            tokens
+        if tokens <= 128.0 {
+            return tokens;
+        }
+        let rounded = (tokens / self.gemm_quantum).ceil() * self.gemm_quantum;
+        let axis = &self.base_gemm.axes[0];
+        match axis.get(axis.partition_point(|&v| v < tokens)) {
+            Some(&next) => rounded.min(next),
+            None => rounded,
         }
     }
 

@@ -851,9 +851,17 @@ fn base_gemm_token_quantum_prices_the_tile_staircase() {
     for t in [1, 64, 128] {
         assert_eq!(base(&tiled, t), base(&plain, t));
     }
-    // Above, a count costs what the next multiple of the quantum costs.
-    assert_eq!(base(&tiled, 129), base(&plain, 256));
-    assert_eq!(base(&tiled, 288), base(&plain, 512));
+    // Above, a count costs what the next multiple of the quantum costs where the grid is
+    // sparser than the quantum (points 1,024 and 2,048)...
+    assert_eq!(base(&tiled, 1100), base(&plain, 1280));
+    assert_eq!(base(&tiled, 2048), base(&plain, 2048));
+    // ...and never more than the next measured count: 129 costs what 160 costs (measured),
+    // not what 256 costs; 288 what 320 costs, not 512.
+    assert_eq!(base(&tiled, 129), base(&plain, 160));
+    assert_eq!(base(&tiled, 288), base(&plain, 320));
     assert_eq!(base(&tiled, 512), base(&plain, 512));
+    assert!(base(&tiled, 129) < base(&plain, 256));
+    // Beyond the grid's last point only the quantum rounds.
+    assert_eq!(base(&tiled, 8200), base(&plain, 8448));
     assert!(base(&tiled, 288) > base(&plain, 288));
 }
