@@ -246,6 +246,7 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
         sampling_per_token: measured(&c.sampling_per_token),
         prefill_step_overhead: None,
         base_gemm_token_quantum: None,
+        base_gemm_token_quantum_max_tokens: Some(slora_kernels::measurement::GEMM_TUNE_MAX_TOKENS),
     };
     let fit = LoraFit {
         decode: c

@@ -31,7 +31,7 @@ const SPLIT_K: [u32; 3] = [2, 4, 8];
 /// Token counts up to this are tuned (decode batches and small prefills); larger GEMMs are
 /// compute-bound tiles the heuristic handles well, and a prefill's arbitrary size would
 /// otherwise cost a tuning each.
-const TUNE_MAX_TOKENS: usize = 512;
+const TUNE_MAX_TOKENS: usize = crate::measurement::GEMM_TUNE_MAX_TOKENS as usize;
 /// Larger than any current GPU's L2 (H200: 60 MB).
 const L2_FLUSH_BYTES: usize = 128 << 20;
 /// cuBLASLt's recommended workspace on Hopper (split-K partial sums live here).

@@ -88,6 +88,11 @@ pub struct Calibration {
     pub lora_prefill_base_steps: Vec<(u32, u32, Stat)>,
 }
 
+/// The largest token count for which the executor tunes one base-GEMM algorithm per token
+/// bucket (`gemm::bucket_top`); above it cuBLASLt's heuristic chooses per shape. Profiles
+/// carry it: up to here the GEMMs' cost is a staircase over the buckets.
+pub const GEMM_TUNE_MAX_TOKENS: u32 = 512;
+
 /// Token counts of the LoRA grid of decode rows (MBGMV) that `calibrate` measures by default.
 /// From one row: below its smallest point the grid is flat, and with 16 as the smallest point
 /// live steps of 1-15 decode rows were priced 0.4-0.56 ms high (the 16-row point of one

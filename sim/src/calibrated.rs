@@ -305,6 +305,8 @@ pub struct CalibratedCost {
     prefill_step_s: f64,
     /// Token quantum of the base GEMMs above 128 tokens (see the profile field); 1 = none.
     gemm_quantum: f64,
+    /// Above this token count the quantum does not apply (see the profile field).
+    gemm_quantum_max_tokens: f64,
     sampling_s: f64,
     shrink_scale: f64,
     expand_scale: f64,
@@ -450,6 +452,9 @@ impl CalibratedCost {
                 .prefill_step_overhead
                 .map_or(0.0, |m| m.median_s.max(0.0)),
             gemm_quantum: profile.base_gemm_token_quantum.unwrap_or(1).max(1) as f64,
+            gemm_quantum_max_tokens: profile
+                .base_gemm_token_quantum_max_tokens
+                .map_or(f64::INFINITY, f64::from),
             sampling_s: profile.sampling_per_token.median_s,
             shrink_scale: want_in / have_in,
             expand_scale: want_out / have_out,
@@ -655,7 +660,8 @@ impl CalibratedCost {
 
     /// The token count a base GEMM of `tokens` costs like: below 128 tokens the GEMMs stream
     /// their weights whatever the count (the grid is dense there); above, cuBLAS's tiles
-    /// round the count up to the profile's quantum, but never past the next measured count.
+    /// round the count up to the profile's quantum (up to the profile's largest count for it),
+    /// but never past the next measured count.
     /// Where the grid is sparser than the quantum, rounding keeps interpolation off the
     /// staircase's risers; where it is denser, the measured points are the staircase: a count
     /// costs at most what the next point above it costs (the executor tunes one algorithm per
@@ -663,7 +669,7 @@ impl CalibratedCost {
     /// 136 decode rows to 192 crossed two buckets and priced live steps of 129-159 rows 2-4%
     /// high (docs/FIDELITY.md, session 8).
     fn gemm_tokens(&self, tokens: f64) -> f64 {
-        if tokens <= 128.0 {
+        if tokens <= 128.0 || tokens > self.gemm_quantum_max_tokens {
             return tokens;
         }
         let rounded = (tokens / self.gemm_quantum).ceil() * self.gemm_quantum;
@@ -1039,7 +1045,17 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
         human_measured(&profile.sampling_per_token)
     );
     if let Some(q) = profile.base_gemm_token_quantum {
-        let _ = writeln!(out, "| base GEMM token quantum (above 128 tokens) | {q} |");
+        match profile.base_gemm_token_quantum_max_tokens {
+            Some(max) => {
+                let _ = writeln!(
+                    out,
+                    "| base GEMM token quantum (above 128 tokens, up to {max}) | {q} |"
+                );
+            }
+            None => {
+                let _ = writeln!(out, "| base GEMM token quantum (above 128 tokens) | {q} |");
+            }
+        }
     }
     if let Some(m) = &profile.prefill_step_overhead {
         let _ = writeln!(
@@ -1716,6 +1732,7 @@ pub fn profile_from_cost_model(
         lora_prefill_expand: Vec::new(),
         prefill_step_overhead: None,
         base_gemm_token_quantum: None,
+        base_gemm_token_quantum_max_tokens: None,
         base_gemm: grids
             .tokens
             .iter()

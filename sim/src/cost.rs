@@ -1535,6 +1535,14 @@ pub struct CalibrationProfile {
     /// that best predicts its whole steps with a prompt; absent: plain interpolation.
     #[serde(default)]
     pub base_gemm_token_quantum: Option<u32>,
+    /// The largest token count the quantum applies to; above it the base GEMMs are plain
+    /// interpolation. The executor tunes one cuBLASLt algorithm per token bucket up to this
+    /// count, which makes a staircase; above it cuBLAS's heuristic picks per exact shape, and
+    /// rounding there priced live steps with a prompt of more than 512 tokens 2.6-4.0% high
+    /// (three hosts) against 1.1-2.1% without (docs/FIDELITY.md, session 8). Absent: the
+    /// quantum applies at every count (profiles before session 8).
+    #[serde(default)]
+    pub base_gemm_token_quantum_max_tokens: Option<u32>,
 }
 
 /// Reads and checks a calibration profile (JSON). Errors name the path and the field.
@@ -2307,6 +2315,7 @@ mod tests {
             lora_prefill_expand: Vec::new(),
             prefill_step_overhead: None,
             base_gemm_token_quantum: None,
+            base_gemm_token_quantum_max_tokens: None,
             host_to_device: [1 << 20, 64 << 20]
                 .iter()
                 .map(|&bytes| TransferPoint {

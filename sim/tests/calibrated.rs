@@ -863,5 +863,12 @@ fn base_gemm_token_quantum_prices_the_tile_staircase() {
     assert!(base(&tiled, 129) < base(&plain, 256));
     // Beyond the grid's last point only the quantum rounds.
     assert_eq!(base(&tiled, 8200), base(&plain, 8448));
+    // With the executor's tuning limit in the profile, counts above it are not rounded.
+    profile.base_gemm_token_quantum_max_tokens = Some(512);
+    let limited = calibrated(&profile);
+    assert_eq!(base(&limited, 288), base(&plain, 320));
+    assert_eq!(base(&limited, 512), base(&plain, 512));
+    assert_eq!(base(&limited, 1100), base(&plain, 1100));
+    assert!(base(&limited, 1100) < base(&tiled, 1100));
     assert!(base(&tiled, 288) > base(&plain, 288));
 }
