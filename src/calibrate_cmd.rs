@@ -354,6 +354,20 @@ fn mixed_shape(tokens: u32, batch: u32, rank: u32, adapters: u32) -> slora_sim::
     }
 }
 
+/// The shape of one of `Calibration::mixed_rank_steps`: `rows` decode rows at context 16, row
+/// `i` of rank `ranks[i % len]`, the first `adapters` of them distinct.
+fn mixed_rank_shape(rows: u32, ranks: &[u32], adapters: u32) -> slora_sim::BatchShape {
+    let rank = |i: u32| u64::from(ranks[i as usize % ranks.len()]);
+    let distinct = rows.min(adapters.max(1));
+    slora_sim::BatchShape {
+        lora_tokens: rows,
+        lora_token_rank: (0..rows).map(rank).sum(),
+        distinct_adapters: distinct,
+        distinct_rank_sum: (0..distinct).map(rank).sum(),
+        ..decode_shape(rows, 16)
+    }
+}
+
 /// What `profile` predicts for each shape, seconds.
 fn predict(
     c: &Calibration,
@@ -482,6 +496,33 @@ fn whole_step_checks(
                 chosen,
             ),
             ["prompt tokens", "decode rows"],
+            &rows,
+            &predict(c, profile, &shapes)?,
+        ));
+    }
+    if !c.mixed_rank_steps.is_empty() && !c.mixed_rank_ranks.is_empty() {
+        let rows: Vec<(u32, u32, f64)> = c
+            .mixed_rank_steps
+            .iter()
+            .map(|(t, s)| (*t, (*t).min(c.mixed_rank_adapters.max(1)), s.median_s))
+            .collect();
+        let shapes: Vec<_> = rows
+            .iter()
+            .map(|r| mixed_rank_shape(r.0, &c.mixed_rank_ranks, c.mixed_rank_adapters))
+            .collect();
+        report.push_str(&check_table(
+            "Whole decode steps with mixed ranks: measured vs the parts",
+            &format!(
+                "Decode rows at context 16, row i on an adapter of rank {} (i modulo {}), distinct while {} adapters last; host-timed as the executor runs them. The parts price the batch at its mean rank.",
+                c.mixed_rank_ranks
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                c.mixed_rank_ranks.len(),
+                c.mixed_rank_adapters
+            ),
+            ["decode rows", "distinct adapters"],
             &rows,
             &predict(c, profile, &shapes)?,
         ));
@@ -761,6 +802,9 @@ mod tests {
             lora_base_steps: Vec::new(),
             lora_prefill_steps: Vec::new(),
             lora_prefill_base_steps: Vec::new(),
+            mixed_rank_steps: Vec::new(),
+            mixed_rank_ranks: Vec::new(),
+            mixed_rank_adapters: 0,
         }
     }
 
@@ -819,7 +863,8 @@ mod tests {
         // Steps with a prompt cost what the parts give with a quantum of 128 tokens; decode
         // steps cost 10% more than the parts.
         truth.base_gemm_token_quantum = Some(128);
-        let mixed: Vec<(u32, u32)> = [96u32, 200, 700]
+        // Sizes up to the tuning limit (512 tokens), where the quantum applies.
+        let mixed: Vec<(u32, u32)> = [96u32, 150, 300]
             .iter()
             .flat_map(|&t| [0u32, 32, 128].map(|b| (t, b)))
             .collect();
@@ -924,6 +969,24 @@ mod tests {
             (got.lora_shrink.as_secs_f64() / want_shrink - 1.0).abs() < 1e-3,
             "{got:?}"
         );
+    }
+
+    /// Steps with mixed ranks are checked against the parts at the batch's mean rank.
+    #[test]
+    fn mixed_rank_steps_are_checked_in_the_report() {
+        let mut c = measurement();
+        c.mixed_rank_ranks = vec![8, 64];
+        c.mixed_rank_adapters = 32;
+        c.mixed_rank_steps = vec![(16, stat(8e-3)), (64, stat(9e-3))];
+        let (_, report) = derive(&c, None).unwrap();
+        assert!(
+            report.contains("Whole decode steps with mixed ranks"),
+            "{report}"
+        );
+        assert!(report.contains("| 64 | 32 | 9.000 |"), "{report}");
+        let shape = mixed_rank_shape(3, &[8, 64], 2);
+        assert_eq!(shape.lora_token_rank, 8 + 64 + 8);
+        assert_eq!((shape.distinct_adapters, shape.distinct_rank_sum), (2, 72));
     }
 
     /// A measurement whose profile does not derive is still saved, and the error names it.

@@ -532,6 +532,25 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         }
     }
 
+    // ---- Decode steps with adapters of mixed ranks: the check of the rank axis ------------
+    // The LoRA grids time one rank at a time and the cost model prices a batch of mixed ranks
+    // at its mean rank; here row i takes an adapter of rank `lora_ranks[i % ranks]`, distinct
+    // while the grid's adapters last (live steps of 32-63 rows with ranks 8-64 ran 3-5% longer
+    // than the model said: docs/FIDELITY.md, session 8).
+    progress("decode steps with mixed ranks (the check of the rank axis)");
+    let ranks = grid.lora_ranks.len() as u32;
+    let cycle: Vec<AdapterId> = (0..max_adapters)
+        .flat_map(|j| (0..ranks).map(move |ri| AdapterId(ri * 100_000 + j)))
+        .collect();
+    let mut mixed_rank_steps = Vec::new();
+    if ranks > 1 {
+        for &tokens in grid.lora_tokens.iter().filter(|&&t| t >= 16) {
+            let used = &cycle[..(tokens as usize).min(cycle.len())];
+            let (_, hosts) = b.measure(reps, |b| b.decode_plan(tokens, 16, used))?;
+            mixed_rank_steps.push((tokens, Stat::of(hosts)));
+        }
+    }
+
     host_to_device.sort_by_key(|p| p.0);
     host_to_device.dedup_by_key(|p| p.0);
     // Grids sorted lexicographically by their axes, as the profile format wants.
@@ -571,5 +590,12 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         lora_base_steps,
         lora_prefill_steps,
         lora_prefill_base_steps,
+        mixed_rank_steps,
+        mixed_rank_ranks: if ranks > 1 {
+            grid.lora_ranks.clone()
+        } else {
+            Vec::new()
+        },
+        mixed_rank_adapters: cycle.len() as u32,
     })
 }

@@ -86,6 +86,16 @@ pub struct Calibration {
     pub lora_prefill_steps: Vec<(u32, u32, u32, Stat)>,
     #[serde(default)]
     pub lora_prefill_base_steps: Vec<(u32, u32, Stat)>,
+    /// Whole decode steps with adapters of mixed ranks: `(rows, seconds)` at context 16 (as
+    /// `lora_steps`), row `i` on an adapter of rank `mixed_rank_ranks[i % len]`, the first
+    /// `min(rows, mixed_rank_adapters)` of them distinct; host-timed. The LoRA grids time one
+    /// rank at a time; these check how a mixed batch is priced. Empty before session 8.
+    #[serde(default)]
+    pub mixed_rank_steps: Vec<(u32, Stat)>,
+    #[serde(default)]
+    pub mixed_rank_ranks: Vec<u32>,
+    #[serde(default)]
+    pub mixed_rank_adapters: u32,
 }
 
 /// The largest token count for which the executor tunes one base-GEMM algorithm per token
