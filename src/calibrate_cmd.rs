@@ -47,8 +47,9 @@ pub struct CalibrateArgs {
     /// (`<gpu>-<model>.raw.json` of an earlier run). Needs no GPU.
     #[arg(long, num_args = 1.., conflicts_with = "models")]
     pub refit: Vec<PathBuf>,
-    /// The base GEMMs' token quantum above 128 tokens (`none`, 64, 128 or 256) instead of the
-    /// one that best predicts the measured whole steps with a prompt (see the report).
+    /// The base GEMMs' token quantum above 128 tokens and up to the executor's tuning limit of
+    /// 512 (`none`, 64, 128 or 256) instead of the one that best predicts the measured whole
+    /// steps with a prompt (see the report).
     #[arg(long, value_name = "QUANTUM")]
     pub gemm_token_quantum: Option<String>,
 }

@@ -54,6 +54,31 @@ mod imp {
         Ok(median(&mut times))
     }
 
+    /// Milliseconds per call of `call`, captured `GRAPH_CALLS` times into one CUDA graph and
+    /// the graph replayed (median of 10 replays, see `time_ms`), as a decode step runs it.
+    fn graph_ms_per_call(gpu: &Gpu, mut call: impl FnMut() -> Result<()>) -> Result<f64> {
+        const GRAPH_CALLS: usize = 20;
+        gpu.stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(driver_err("beginning capture"))?;
+        let mut captured = Ok(());
+        for _ in 0..GRAPH_CALLS {
+            captured = captured.and_then(|_| call());
+        }
+        let graph = gpu
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+            .map_err(driver_err("ending capture"))?;
+        captured?;
+        let graph = graph.ok_or_else(|| crate::Error::Plan {
+            step: 0,
+            reason: "graph capture produced no graph".into(),
+        })?;
+        Ok(time_ms(gpu, 10, || {
+            graph.launch().map_err(driver_err("graph replay"))
+        })? / GRAPH_CALLS as f64)
+    }
+
     fn median(v: &mut [f64]) -> f64 {
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -173,57 +198,14 @@ mod imp {
                 )
             };
             let alone = time_ms(gpu, 50, || call(&mut next))?;
-            // The same calls captured into a graph, as in a decode step.
-            const CALLS: usize = 20;
-            gpu.stream
-                .begin_capture(
-                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
-                )
-                .map_err(driver_err("beginning capture"))?;
-            let mut captured = Ok(());
-            for _ in 0..CALLS {
-                captured = captured.and_then(|_| call(&mut next));
-            }
-            let graph = gpu
-                .stream
-                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
-                .map_err(driver_err("ending capture"))?;
-            captured?;
-            let graph = graph.ok_or_else(|| crate::Error::Plan {
-                step: 0,
-                reason: "graph capture produced no graph".into(),
-            })?;
-            let in_graph = time_ms(gpu, 10, || {
-                graph.launch().map_err(driver_err("graph replay"))
-            })? / CALLS as f64;
-            drop(graph);
-            // The same graph with the expand launched after the shrink the classic way (the
-            // baseline of the dependent launch, in the same run).
+            // The same calls captured into a graph, as in a decode step, with the expand as
+            // the shrink's dependent and (the baseline, in the same run) launched after it the
+            // classic way.
+            let in_graph = graph_ms_per_call(gpu, || call(&mut next))?;
+            let was_dependent = gpu.dependent_launch_enabled();
             gpu.set_dependent_launch(false);
-            let plain = (|| -> Result<f64> {
-                gpu.stream
-                    .begin_capture(
-                        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
-                    )
-                    .map_err(driver_err("beginning capture"))?;
-                let mut captured = Ok(());
-                for _ in 0..CALLS {
-                    captured = captured.and_then(|_| call(&mut next));
-                }
-                let graph = gpu
-                    .stream
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
-                    .map_err(driver_err("ending capture"))?;
-                captured?;
-                let graph = graph.ok_or_else(|| crate::Error::Plan {
-                    step: 0,
-                    reason: "graph capture produced no graph".into(),
-                })?;
-                Ok(time_ms(gpu, 10, || {
-                    graph.launch().map_err(driver_err("graph replay"))
-                })? / CALLS as f64)
-            })();
-            gpu.set_dependent_launch(true);
+            let plain = graph_ms_per_call(gpu, || call(&mut next));
+            gpu.set_dependent_launch(was_dependent);
             let plain = plain?;
             let (bw_alone, bw_graph) = (bytes / (alone * 1e-3), bytes / (in_graph * 1e-3));
             lines.push(format!(
@@ -321,6 +303,7 @@ mod imp {
             zipf_cdf.partition_point(|&c| c < u).min(999) as u32
         };
         let mut next_id = 0u64;
+        let dependent_default = exec.gpu.dependent_launch_enabled();
         for batch in [1usize, 32, 64, 128, 256] {
             let mut times = [0.0f64; 9];
             let mut adapter_bytes = 0f64;
@@ -432,7 +415,7 @@ mod imp {
                 times[k] = median(&mut decode_ms[skip..].to_vec());
             }
             exec.set_phase_timing(false);
-            exec.gpu.set_dependent_launch(true);
+            exec.gpu.set_dependent_launch(dependent_default);
             let kv_bytes = batch as f64 * (prompt as f64 + 8.0) * model.kv_bytes_per_token() as f64;
             let bytes = weight_bytes + kv_bytes + adapter_bytes;
             let bw = bytes / (times[0] * 1e-3);

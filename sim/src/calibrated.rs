@@ -223,7 +223,9 @@ impl PrefillGrid {
 /// part, for a step of `T = prefill_tokens + decode_requests` tokens of which
 /// `S = prefill_requests + decode_requests` sample:
 ///
-/// * `base_gemm`: `base_gemm(T) + lm_head(S)`.
+/// * `base_gemm`: `base_gemm(T') + lm_head(S)`, `T'` being `T` rounded up to the profile's
+///   token quantum where that applies (above 128 tokens, up to the profile's limit, never past
+///   the next measured count).
 /// * `attention_decode`, `attention_prefill`, `lora_shrink`, `lora_expand`: the sections below.
 /// * `adapter_h2d`: `host_to_device(blocking bytes)` (one copy of that size, at the bandwidth
 ///   measured for that size), plus what `host_to_device(prefetch bytes)` lasts beyond the rest

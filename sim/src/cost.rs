@@ -1531,8 +1531,10 @@ pub struct CalibrationProfile {
     /// cuBLAS tiles the token dimension of the base GEMMs: above 128 tokens a step of `t`
     /// tokens costs about what one of `ceil(t / q) · q` tokens costs, a staircase that
     /// interpolating between grid points 256 and 512 apart misses by up to 20% (a prompt of
-    /// ~260 tokens beside decode rows). `calibrate` picks `q` among 64, 128 and 256 as the one
-    /// that best predicts its whole steps with a prompt; absent: plain interpolation.
+    /// ~260 tokens beside decode rows). The rounding never passes the next measured token
+    /// count (where the grid is denser than `q` its points are the staircase) and stops at
+    /// `base_gemm_token_quantum_max_tokens`. `calibrate` picks `q` among 64, 128 and 256 as the
+    /// one that best predicts its whole steps with a prompt; absent: plain interpolation.
     #[serde(default)]
     pub base_gemm_token_quantum: Option<u32>,
     /// The largest token count the quantum applies to; above it the base GEMMs are plain

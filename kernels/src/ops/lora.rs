@@ -2548,17 +2548,23 @@ mod launch {
                 .map_err(copy("adapter pages"))?;
             let x_d = gpu.stream.clone_htod(&x).map_err(copy("x"))?;
             let mut tables_d = Vec::new();
-            let mut y_d = Vec::new();
-            for ((po, rank, scale), y0_m) in tables.iter().zip(&y0) {
+            for (po, rank, scale) in &tables {
                 tables_d.push((
                     gpu.stream.clone_htod(po).map_err(copy("page_offset"))?,
                     gpu.stream.clone_htod(rank).map_err(copy("rank"))?,
                     gpu.stream.clone_htod(scale).map_err(copy("scale"))?,
                 ));
-                y_d.push(gpu.stream.clone_htod(y0_m).map_err(copy("y"))?);
             }
-            let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
-            {
+            // One run of the fused kernels on fresh copies of `y0` and a poisoned `v`: (`v`,
+            // every module's `y`) read back. On the LoRA stream it is forked and joined as the
+            // executor runs it, so the check also covers that ordering (the inputs were
+            // written on the compute stream).
+            let run = |on_lora_stream: bool| -> Result<(Vec<f32>, Vec<Vec<f16>>)> {
+                let mut y_d = Vec::new();
+                for y0_m in &y0 {
+                    y_d.push(gpu.stream.clone_htod(y0_m).map_err(copy("y"))?);
+                }
+                let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
                 let mut modules: Vec<ModuleOut<'_>> = tables_d
                     .iter()
                     .zip(y_d.iter_mut())
@@ -2571,12 +2577,15 @@ mod launch {
                         y: y_m.as_view_mut(),
                     })
                     .collect();
-                // On the LoRA stream, forked and joined as the executor runs it, so the check
-                // also covers that ordering (the inputs were written on the compute stream).
-                gpu.fork_lora()?;
+                let stream = if on_lora_stream {
+                    gpu.fork_lora()?;
+                    &gpu.lora_stream
+                } else {
+                    &gpu.stream
+                };
                 lora_decode_multi(
                     gpu,
-                    &gpu.lora_stream,
+                    stream,
                     &x_d.as_view(),
                     &k_pool.as_view(),
                     &v_pool.as_view(),
@@ -2585,14 +2594,23 @@ mod launch {
                     &mut v_d.as_view_mut(),
                     shape,
                 )?;
-                gpu.join_lora()?;
-            }
-            let v_got = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
+                if on_lora_stream {
+                    gpu.join_lora()?;
+                }
+                drop(modules);
+                let v_back = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
+                let mut y_back = Vec::new();
+                for y_m in &y_d {
+                    y_back.push(gpu.stream.clone_dtoh(y_m).map_err(copy("y back"))?);
+                }
+                Ok((v_back, y_back))
+            };
+            let (v_got, y_got_all) = run(true)?;
             let tag = format!("in={inf} outs={outs:?} W={w}");
             let mut y_in_place: Vec<Vec<f16>> = Vec::with_capacity(count);
             let mr = shape.max_rank;
             for m in 0..count {
-                let y_got = gpu.stream.clone_dtoh(&y_d[m]).map_err(copy("y back"))?;
+                let y_got = y_got_all[m].clone();
                 let (po, rank, _) = &tables[m];
                 let ranks: Vec<usize> = po
                     .iter()
@@ -2624,43 +2642,7 @@ mod launch {
             // device without dependent launches both runs are classic.
             let was_dependent = gpu.dependent_launch_enabled();
             gpu.set_dependent_launch(!was_dependent);
-            let classic = (|| -> Result<(Vec<f32>, Vec<Vec<f16>>)> {
-                let mut y_c = Vec::new();
-                for y0_m in &y0 {
-                    y_c.push(gpu.stream.clone_htod(y0_m).map_err(copy("y"))?);
-                }
-                let mut v_c = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
-                let mut modules: Vec<ModuleOut<'_>> = tables_d
-                    .iter()
-                    .zip(y_c.iter_mut())
-                    .zip(outs)
-                    .map(|(((po, rank, scale), y_m), &out)| ModuleOut {
-                        page_offset: po.as_view(),
-                        rank: rank.as_view(),
-                        scale: scale.as_view(),
-                        out_features: out,
-                        y: y_m.as_view_mut(),
-                    })
-                    .collect();
-                lora_decode_multi(
-                    gpu,
-                    &gpu.stream,
-                    &x_d.as_view(),
-                    &k_pool.as_view(),
-                    &v_pool.as_view(),
-                    &pages.as_view(),
-                    &mut modules,
-                    &mut v_c.as_view_mut(),
-                    shape,
-                )?;
-                drop(modules);
-                let v_back = gpu.stream.clone_dtoh(&v_c).map_err(copy("v back"))?;
-                let mut y_back = Vec::new();
-                for y_m in &y_c {
-                    y_back.push(gpu.stream.clone_dtoh(y_m).map_err(copy("y back"))?);
-                }
-                Ok((v_back, y_back))
-            })();
+            let classic = run(false);
             gpu.set_dependent_launch(was_dependent);
             let (v_classic, y_classic) = classic?;
             let same_v = v_classic
@@ -2700,6 +2682,7 @@ mod launch {
                         .map_err(copy("delta"))?,
                 );
             }
+            let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
             {
                 let mut modules: Vec<ModuleOut<'_, f32>> = tables_d
                     .iter()
