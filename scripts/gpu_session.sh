@@ -37,7 +37,15 @@
 #   part i: one GPU: the live runs of I_RUNS, likewise; then, while the budget lasts, the live
 #           saturation baselines named in I_BASELINES (scripts/baselines.py --execute).
 #
-#   scripts/gpu_session.sh a|b|c|d|e|f|g|h|i BIN TRACES OUT [PROFILES]
+#   part j: one GPU, one lease over several calls (each under the tool's ten minutes): with
+#           J_CHECKS=1 the kernel checks (doctor) and, last, bench-gpu; the models of J_MODELS
+#           calibrated (saving the raw measurements), each unless this machine already holds
+#           its profile from an earlier call; then the live runs of J_RUNS (runs-3/host-2's
+#           scenario files, same arrivals) while the budget lasts. Every call records the GPU's
+#           UUID, so calls that landed on another machine are told apart; on a fresh machine
+#           the profiles are measured again before its runs.
+#
+#   scripts/gpu_session.sh a|b|c|d|e|f|g|h|i|j BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
 set -u
 part=$1 bin=$2 traces=$3 out=$4 profiles=${5:-}
@@ -59,7 +67,38 @@ runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-
 
 rerun_from=${RERUN_FROM:-docs/fidelity/runs-3/host-2}
 
-if [ "$part" = h ] || [ "$part" = i ]; then
+if [ "$part" = j ]; then
+    uuid=$(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | head -n 1)
+    echo "${uuid:-unknown}" >"$out/gpu-uuid.txt"
+    if [ -f "$work/uuid" ] && [ "$(cat "$work/uuid")" = "$uuid" ]; then echo "same machine as the last call: $uuid"
+    else echo "fresh machine: $uuid"; fi
+    echo "$uuid" >"$work/uuid"
+    if [ "${J_CHECKS:-0}" = 1 ]; then
+        timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1 || { tail -n 40 "$out/doctor.log"; echo "kernel checks failed: stopping"; exit 1; }
+        echo "doctor: $(grep -cE ' pass$' "$out/doctor.log") checks pass, $(grep -cE ' FAIL$' "$out/doctor.log") fail; $(tail -n 1 "$out/doctor.log")"
+    fi
+    for m in ${J_MODELS:-}; do
+        [ -f "$work/profiles/h200-$m.json" ] && continue
+        [ "$(left)" -gt 150 ] || { echo "no time to calibrate $m"; break; }
+        timeout $(($(left) - 20)) "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
+            --out "$work/profiles" >>"$out/calibrate.log" 2>&1
+    done
+    grep -E "^Measured in" "$out/calibrate.log" 2>/dev/null
+    if [ -n "${J_RUNS:-}" ] && [ "$(left)" -gt 100 ]; then
+        timeout $(($(left) - 10)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-j" --traces "$traces" \
+            --rerun "$rerun_from" --runs "$J_RUNS" --seconds "$seconds" \
+            --deadline-s $(($(left) - 20)) >"$out/rerun.log" 2>&1
+        tail -n 14 "$out/rerun.log"
+    fi
+    if [ "${J_CHECKS:-0}" = 1 ] && [ "$(left)" -gt 130 ]; then
+        timeout $(($(left) - 10)) "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
+        grep -E "^\| (1|32|64|128|256) \|" "$out/bench-gpu.log" | head -n 24
+    fi
+    # One archive: the device tool returns a bounded number of files.
+    tar czf "$out/part-j.tgz" -C "$work" $(cd "$work" && ls -d profiles fid-j 2>/dev/null)
+    echo "part j done in $(($(date +%s) - start)) s"
+    exit 0
+elif [ "$part" = h ] || [ "$part" = i ]; then
     if [ "$part" = h ]; then
         timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1 || { tail -n 40 "$out/doctor.log"; echo "kernel checks failed: stopping"; exit 1; }
         timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1

@@ -355,18 +355,88 @@ fn mixed_shape(tokens: u32, batch: u32, rank: u32, adapters: u32) -> slora_sim::
     }
 }
 
-/// The shape of one of `Calibration::mixed_rank_steps`: `rows` decode rows at context 16, row
-/// `i` of rank `ranks[i % len]`, the first `adapters` of them distinct.
+/// The shape of one step of a `RankMixSteps`: `rows` decode rows at context 16, row `i` of
+/// rank `ranks[i % len]`, the first `adapters` of them distinct.
 fn mixed_rank_shape(rows: u32, ranks: &[u32], adapters: u32) -> slora_sim::BatchShape {
-    let rank = |i: u32| u64::from(ranks[i as usize % ranks.len()]);
+    let rank = |i: u32| ranks[i as usize % ranks.len()];
     let distinct = rows.min(adapters.max(1));
+    let mut histogram = slora_engine::ContextHistogram::default();
+    (0..rows).for_each(|i| histogram.add(rank(i)));
     slora_sim::BatchShape {
         lora_tokens: rows,
-        lora_token_rank: (0..rows).map(rank).sum(),
+        lora_token_rank: (0..rows).map(|i| u64::from(rank(i))).sum(),
+        decode_rank_histogram: histogram,
+        max_decode_rank: (0..rows).map(rank).max().unwrap_or(0),
         distinct_adapters: distinct,
-        distinct_rank_sum: (0..distinct).map(rank).sum(),
+        distinct_rank_sum: (0..distinct).map(|i| u64::from(rank(i))).sum(),
         ..decode_shape(rows, 16)
     }
+}
+
+/// What each mix's adapters add to a step (the step minus the same step without adapters,
+/// both host-timed) beside what one rank adds at the same rows and distinct adapters
+/// (`lora_steps`): a table per mix whose adapter count is on the LoRA grid, for fitting and
+/// checking how a cost model prices mixed ranks. Empty without those measurements.
+fn rank_mix_lora_tables(c: &Calibration) -> String {
+    let base: BTreeMap<u32, f64> = c
+        .lora_base_steps
+        .iter()
+        .map(|(t, s)| (*t, s.median_s))
+        .collect();
+    let one_rank: BTreeMap<(u32, u32, u32), f64> = c
+        .lora_steps
+        .iter()
+        .map(|(t, a, r, s)| ((*t, *a, *r), s.median_s))
+        .collect();
+    let mut out = String::new();
+    for mix in c.all_rank_mixes() {
+        let mut lines = Vec::new();
+        for (rows, step) in &mix.steps {
+            let distinct = (*rows).min(mix.adapters);
+            let Some(b) = base.get(rows) else { continue };
+            let deltas: Option<Vec<f64>> = mix
+                .ranks
+                .iter()
+                .map(|r| one_rank.get(&(*rows, distinct, *r)).map(|s| s - b))
+                .collect();
+            let Some(deltas) = deltas else { continue };
+            let mean = deltas.iter().sum::<f64>() / deltas.len() as f64;
+            let highest = deltas.iter().copied().fold(f64::MIN, f64::max);
+            let mixed = step.median_s - b;
+            // Where the mix lies between "each row costs what its rank costs" (0) and "every
+            // row costs what the highest rank costs" (1).
+            let toward_highest = if highest > mean {
+                format!("{:.2}", (mixed - mean) / (highest - mean))
+            } else {
+                "n/a".into()
+            };
+            lines.push(format!(
+                "| {rows} | {distinct} | {:.3} | {} | {:.3} | {toward_highest} |",
+                mixed * 1e3,
+                deltas
+                    .iter()
+                    .map(|d| format!("{:.3}", d * 1e3))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                mean * 1e3,
+            ));
+        }
+        if lines.is_empty() {
+            continue;
+        }
+        let ranks = mix
+            .ranks
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join("/");
+        out.push_str(&format!(
+            "\n\n## What mixed ranks add to a step, against one rank\n\nRanks {ranks}, {} distinct adapters at most: the step minus the same step without adapters (ms), for the mix and for each rank alone at the same rows and distinct adapters. `toward highest`: (mix - mean of the ranks) / (highest rank - mean); 0 is each row costing what its own rank costs, 1 every row costing what the highest rank costs.\n\n| decode rows | distinct adapters | mix (ms) | each rank alone (ms) | their mean (ms) | toward highest |\n|---|---|---|---|---|---|\n{}",
+            mix.adapters,
+            lines.join("\n")
+        ));
+    }
+    out
 }
 
 /// What `profile` predicts for each shape, seconds.
@@ -501,33 +571,34 @@ fn whole_step_checks(
             &predict(c, profile, &shapes)?,
         ));
     }
-    if !c.mixed_rank_steps.is_empty() && !c.mixed_rank_ranks.is_empty() {
-        let rows: Vec<(u32, u32, f64)> = c
-            .mixed_rank_steps
+    for mix in c.all_rank_mixes() {
+        let rows: Vec<(u32, u32, f64)> = mix
+            .steps
             .iter()
-            .map(|(t, s)| (*t, (*t).min(c.mixed_rank_adapters.max(1)), s.median_s))
+            .map(|(t, s)| (*t, (*t).min(mix.adapters.max(1)), s.median_s))
             .collect();
         let shapes: Vec<_> = rows
             .iter()
-            .map(|r| mixed_rank_shape(r.0, &c.mixed_rank_ranks, c.mixed_rank_adapters))
+            .map(|r| mixed_rank_shape(r.0, &mix.ranks, mix.adapters))
             .collect();
         report.push_str(&check_table(
             "Whole decode steps with mixed ranks: measured vs the parts",
             &format!(
-                "Decode rows at context 16, row i on an adapter of rank {} (i modulo {}), distinct while {} adapters last; host-timed as the executor runs them. The parts price the batch at its mean rank.",
-                c.mixed_rank_ranks
+                "Decode rows at context 16, row i on an adapter of rank {} (i modulo {}), distinct while {} adapters last; host-timed as the executor runs them.",
+                mix.ranks
                     .iter()
                     .map(u32::to_string)
                     .collect::<Vec<_>>()
                     .join("/"),
-                c.mixed_rank_ranks.len(),
-                c.mixed_rank_adapters
+                mix.ranks.len(),
+                mix.adapters
             ),
             ["decode rows", "distinct adapters"],
             &rows,
             &predict(c, profile, &shapes)?,
         ));
     }
+    report.push_str(&rank_mix_lora_tables(c));
     if !c.decode_steps.is_empty() {
         let rows: Vec<(u32, u32, f64)> = c
             .decode_steps
@@ -806,6 +877,7 @@ mod tests {
             mixed_rank_steps: Vec::new(),
             mixed_rank_ranks: Vec::new(),
             mixed_rank_adapters: 0,
+            rank_mixes: Vec::new(),
         }
     }
 
@@ -988,6 +1060,37 @@ mod tests {
         let shape = mixed_rank_shape(3, &[8, 64], 2);
         assert_eq!(shape.lora_token_rank, 8 + 64 + 8);
         assert_eq!((shape.distinct_adapters, shape.distinct_rank_sum), (2, 72));
+    }
+
+    /// A mix measured with a grid adapter count is set beside its one-rank counterparts: what
+    /// the adapters add, and where the mix lies between its mean rank and its highest.
+    #[test]
+    fn rank_mixes_are_set_beside_their_one_rank_steps() {
+        use slora_kernels::measurement::RankMixSteps;
+        let mut c = measurement();
+        c.lora_base_steps = vec![(16, stat(5e-3))];
+        c.lora_steps = vec![(16, 16, 8, stat(5.2e-3)), (16, 16, 64, stat(6.0e-3))];
+        c.rank_mixes = vec![RankMixSteps {
+            ranks: vec![8, 64],
+            adapters: 16,
+            steps: vec![(16, stat(5.9e-3)), (32, stat(7e-3))],
+        }];
+        let shape = mixed_rank_shape(3, &[8, 64], 2);
+        assert_eq!(shape.lora_token_rank, 8 + 64 + 8);
+        assert_eq!((shape.distinct_adapters, shape.distinct_rank_sum), (2, 72));
+        assert_eq!(shape.max_decode_rank, 64);
+        assert_eq!(shape.decode_rank_histogram.requests(), 3);
+        assert_eq!(shape.decode_rank_histogram.total_rows(), 80);
+        let tables = rank_mix_lora_tables(&c);
+        // Mix adds 0.9 ms; rank 8 alone 0.2, rank 64 alone 1.0: mean 0.6, so 0.75 of the way.
+        assert!(
+            tables.contains("| 16 | 16 | 0.900 | 0.200 / 1.000 | 0.600 | 0.75 |"),
+            "{tables}"
+        );
+        // 32 rows have no base step: no row for them.
+        assert!(!tables.contains("| 32 |"), "{tables}");
+        let (_, report) = derive(&c, None).unwrap();
+        assert!(report.contains("toward highest"), "{report}");
     }
 
     /// A measurement whose profile does not derive is still saved, and the error names it.

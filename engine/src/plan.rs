@@ -97,9 +97,17 @@ pub struct DecodeStats {
     /// model can see a skewed batch (a few long contexts among many short ones) and not only
     /// its mean.
     pub context_histogram: ContextHistogram,
+    /// The decode requests with an adapter by rank (the same power-of-two buckets, each with
+    /// its rank sum), and the largest rank: the MBGMV kernels' time depends on the mix of
+    /// ranks, not only on their mean (a batch's highest-rank blocks finish last).
+    #[serde(default)]
+    pub rank_histogram: ContextHistogram,
+    #[serde(default)]
+    pub max_rank: u32,
 }
 
-/// Decode requests by KV rows read, in power-of-two buckets: bucket `b` holds `rows` in
+/// Decode requests by KV rows read (or, as `DecodeStats::rank_histogram`, by adapter rank),
+/// in power-of-two buckets: bucket `b` holds `rows` in
 /// `[2^b, 2^(b+1))`, the last bucket everything from `2^15` = 32,768 rows up. Each bucket keeps
 /// its count and the sum of its rows, so its mean is exact and, for any cost affine in the
 /// context, the histogram loses nothing.

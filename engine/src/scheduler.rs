@@ -507,6 +507,8 @@ impl Scheduler {
             if r.meta.adapter.is_some() {
                 stats.lora_requests += 1;
                 stats.lora_rank_sum += r.rank as u64;
+                stats.rank_histogram.add(r.rank);
+                stats.max_rank = stats.max_rank.max(r.rank);
             }
             plan.decode.push(DecodeWork {
                 request: r.meta.id,

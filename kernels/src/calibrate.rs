@@ -28,7 +28,8 @@ use slora_engine::{
 use std::time::Instant;
 
 pub use crate::measurement::{
-    Calibration, Stat, LORA_DECODE_ADAPTERS, LORA_DECODE_TOKENS, MIXED_CONTEXT, MIXED_SHAPES,
+    Calibration, RankMixSteps, Stat, LORA_DECODE_ADAPTERS, LORA_DECODE_TOKENS, MIXED_CONTEXT,
+    MIXED_SHAPES,
 };
 
 /// The axes measured. Multi-axis grids are complete (every combination).
@@ -533,21 +534,44 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     }
 
     // ---- Decode steps with adapters of mixed ranks: the check of the rank axis ------------
-    // The LoRA grids time one rank at a time and the cost model prices a batch of mixed ranks
-    // at its mean rank; here row i takes an adapter of rank `lora_ranks[i % ranks]`, distinct
-    // while the grid's adapters last (live steps of 32-63 rows with ranks 8-64 ran 3-5% longer
-    // than the model said: docs/FIDELITY.md, session 8).
+    // The LoRA grids time one rank at a time. Live steps of 32-63 rows with ranks 8-64 ran
+    // 3-5% longer than the mean rank prices them (docs/FIDELITY.md, session 8), and the
+    // MBGMV kernels' blocks do work in proportion to their rank, so a mixed batch ends with
+    // its highest-rank blocks. Each mix is measured with as many distinct adapters as the
+    // grid's largest count, so every step has one-rank counterparts in `lora_steps`; the last
+    // mix repeats the first with every row's adapter distinct (up to 64), as live steps have.
     progress("decode steps with mixed ranks (the check of the rank axis)");
-    let ranks = grid.lora_ranks.len() as u32;
-    let cycle: Vec<AdapterId> = (0..max_adapters)
-        .flat_map(|j| (0..ranks).map(move |ri| AdapterId(ri * 100_000 + j)))
-        .collect();
-    let mut mixed_rank_steps = Vec::new();
-    if ranks > 1 {
-        for &tokens in grid.lora_tokens.iter().filter(|&&t| t >= 16) {
-            let used = &cycle[..(tokens as usize).min(cycle.len())];
-            let (_, hosts) = b.measure(reps, |b| b.decode_plan(tokens, 16, used))?;
-            mixed_rank_steps.push((tokens, Stat::of(hosts)));
+    let mut rank_mixes = Vec::new();
+    let n_ranks = grid.lora_ranks.len();
+    if n_ranks > 1 {
+        let all: Vec<usize> = (0..n_ranks).collect();
+        let extremes = vec![0, n_ranks - 1];
+        let mut mixes = vec![(all.clone(), max_adapters)];
+        if n_ranks > 2 {
+            mixes.push((extremes, max_adapters));
+        }
+        mixes.push((all, max_adapters * n_ranks as u32));
+        for (rank_indices, adapters) in mixes {
+            let len = rank_indices.len() as u32;
+            // Element k: rank rank_indices[k % len], the (k / len)-th adapter of that rank.
+            let per_rank = (adapters / len).clamp(1, max_adapters);
+            let cycle: Vec<AdapterId> = (0..per_rank * len)
+                .map(|k| {
+                    let ri = rank_indices[(k % len) as usize] as u32;
+                    AdapterId(ri * 100_000 + k / len)
+                })
+                .collect();
+            let mut steps = Vec::new();
+            for &tokens in grid.lora_tokens.iter().filter(|&&t| t >= 16) {
+                let used = &cycle[..(tokens as usize).min(cycle.len())];
+                let (_, hosts) = b.measure(reps, |b| b.decode_plan(tokens, 16, used))?;
+                steps.push((tokens, Stat::of(hosts)));
+            }
+            rank_mixes.push(RankMixSteps {
+                ranks: rank_indices.iter().map(|&i| grid.lora_ranks[i]).collect(),
+                adapters: cycle.len() as u32,
+                steps,
+            });
         }
     }
 
@@ -590,12 +614,9 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         lora_base_steps,
         lora_prefill_steps,
         lora_prefill_base_steps,
-        mixed_rank_steps,
-        mixed_rank_ranks: if ranks > 1 {
-            grid.lora_ranks.clone()
-        } else {
-            Vec::new()
-        },
-        mixed_rank_adapters: cycle.len() as u32,
+        mixed_rank_steps: Vec::new(),
+        mixed_rank_ranks: Vec::new(),
+        mixed_rank_adapters: 0,
+        rank_mixes,
     })
 }

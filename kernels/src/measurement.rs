@@ -96,6 +96,43 @@ pub struct Calibration {
     pub mixed_rank_ranks: Vec<u32>,
     #[serde(default)]
     pub mixed_rank_adapters: u32,
+    /// Whole decode steps with adapters of mixed ranks, by mix (from session 9; replaces the
+    /// three fields above, which stay for measurements taken before).
+    #[serde(default)]
+    pub rank_mixes: Vec<RankMixSteps>,
+}
+
+/// Whole decode steps whose rows take adapters of several ranks: `rows` decode rows at context
+/// 16 (as `Calibration::lora_steps`), row `i` on an adapter of rank `ranks[i % ranks.len()]`,
+/// the first `min(rows, adapters)` rows on distinct adapters and the rest repeating them;
+/// host-timed. With `adapters` on the LoRA grid's adapters axis, each step has one-rank
+/// counterparts in `lora_steps` (same rows, same distinct adapters): the mix's cost against
+/// theirs is what a cost model of mixed ranks must reproduce.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankMixSteps {
+    pub ranks: Vec<u32>,
+    pub adapters: u32,
+    /// `(rows, seconds)`.
+    pub steps: Vec<(u32, Stat)>,
+}
+
+impl Calibration {
+    /// Every mix measured: `rank_mixes`, or the single mix of a measurement taken before them.
+    pub fn all_rank_mixes(&self) -> Vec<RankMixSteps> {
+        let mut mixes = self.rank_mixes.clone();
+        if mixes.is_empty()
+            && !self.mixed_rank_steps.is_empty()
+            && !self.mixed_rank_ranks.is_empty()
+        {
+            mixes.push(RankMixSteps {
+                ranks: self.mixed_rank_ranks.clone(),
+                adapters: self.mixed_rank_adapters,
+                steps: self.mixed_rank_steps.clone(),
+            });
+        }
+        mixes
+    }
 }
 
 /// The largest token count for which the executor tunes one base-GEMM algorithm per token

@@ -64,6 +64,13 @@ pub struct BatchShape {
     pub prefill_lora_segments: u32,
     /// Sum over those tokens of their adapter's rank (LoRA FLOPs scale with it).
     pub lora_token_rank: u64,
+    /// The decode rows with an adapter by rank (power-of-two buckets with their rank sums),
+    /// and the largest of those ranks. Empty in a shape built by hand or recorded before
+    /// session 9: cost models then price the decode rows at their mean rank.
+    #[serde(default)]
+    pub decode_rank_histogram: ContextHistogram,
+    #[serde(default)]
+    pub max_decode_rank: u32,
     /// Distinct adapters of running requests, and the sum of their ranks (weights read once).
     pub distinct_adapters: u32,
     pub distinct_rank_sum: u64,
@@ -87,6 +94,8 @@ impl BatchShape {
             decode_context_histogram: d.context_histogram,
             lora_tokens: d.lora_requests,
             lora_token_rank: d.lora_rank_sum,
+            decode_rank_histogram: d.rank_histogram,
+            max_decode_rank: d.max_rank,
             distinct_adapters: plan.distinct_adapters,
             distinct_rank_sum: plan.distinct_rank_sum,
             ..BatchShape::default()
