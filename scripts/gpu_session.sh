@@ -84,13 +84,15 @@ if [ "$part" = j ]; then
             --out "$work/profiles" >>"$out/calibrate.log" 2>&1
     done
     grep -E "^Measured in" "$out/calibrate.log" 2>/dev/null
-    if [ -n "${J_RUNS:-}" ] && [ "$(left)" -gt 100 ]; then
-        timeout $(($(left) - 10)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-j" --traces "$traces" \
+    # bench-gpu comes last but keeps its time: the live runs stop that much earlier.
+    reserve=0; [ "${J_CHECKS:-0}" = 1 ] && reserve=${BENCH_RESERVE_S:-120}
+    if [ -n "${J_RUNS:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
+        timeout $(($(left) - 10 - reserve)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-j" --traces "$traces" \
             --rerun "$rerun_from" --runs "$J_RUNS" --seconds "$seconds" \
-            --deadline-s $(($(left) - 20)) >"$out/rerun.log" 2>&1
+            --deadline-s $(($(left) - 20 - reserve)) >"$out/rerun.log" 2>&1
         tail -n 14 "$out/rerun.log"
     fi
-    if [ "${J_CHECKS:-0}" = 1 ] && [ "$(left)" -gt 130 ]; then
+    if [ "${J_CHECKS:-0}" = 1 ] && [ "$(left)" -gt 100 ]; then
         timeout $(($(left) - 10)) "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
         grep -E "^\| (1|32|64|128|256) \|" "$out/bench-gpu.log" | head -n 24
     fi
