@@ -23,10 +23,10 @@
 //! steps worse (median |error| 1.46% → 1.69%, prompts of 1,024+ tokens −5%): they fit the
 //! calibration's steps, not the server's, and are not applied.
 
-use slora_kernels::measurement::{Calibration, Stat, MIXED_CONTEXT};
+use slora_kernels::measurement::{Calibration, RankMixSteps, Stat, MIXED_CONTEXT};
 use slora_sim::cost::{
     CalibrationProfile, DecodeAttentionPoint, LoraPoint, Measured, PrefillAttentionPoint,
-    TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
+    RankMixPoint, TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
 };
 use slora_sim::CostModel;
 use std::collections::BTreeMap;
@@ -248,6 +248,7 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
         prefill_step_overhead: None,
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: Some(slora_kernels::measurement::GEMM_TUNE_MAX_TOKENS),
+        lora_rank_mix: fit_rank_mix(c),
     };
     let fit = LoraFit {
         decode: c
@@ -377,7 +378,35 @@ fn mixed_rank_shape(rows: u32, ranks: &[u32], adapters: u32) -> slora_sim::Batch
 /// both host-timed) beside what one rank adds at the same rows and distinct adapters
 /// (`lora_steps`): a table per mix whose adapter count is on the LoRA grid, for fitting and
 /// checking how a cost model prices mixed ranks. Empty without those measurements.
-fn rank_mix_lora_tables(c: &Calibration) -> String {
+/// One measured rank-mix step beside its one-rank counterparts (same rows, same distinct
+/// adapters), each as the step minus the same step without adapters, seconds.
+struct RankMixRow<'a> {
+    mix: &'a RankMixSteps,
+    rows: u32,
+    distinct: u32,
+    mixed: f64,
+    one_rank: Vec<f64>,
+}
+
+impl RankMixRow<'_> {
+    fn mean(&self) -> f64 {
+        self.one_rank.iter().sum::<f64>() / self.one_rank.len() as f64
+    }
+
+    fn highest(&self) -> f64 {
+        self.one_rank.iter().copied().fold(f64::MIN, f64::max)
+    }
+
+    /// Where the mix lies between "each row costs what its rank costs" (0) and "every row
+    /// costs what the highest rank costs" (1); `None` when its ranks cost alike.
+    fn toward_highest(&self) -> Option<f64> {
+        let (mean, highest) = (self.mean(), self.highest());
+        (highest > mean).then(|| (self.mixed - mean) / (highest - mean))
+    }
+}
+
+/// Every rank-mix step that has all its one-rank counterparts in the LoRA steps.
+fn rank_mix_rows<'a>(mixes: &'a [RankMixSteps], c: &Calibration) -> Vec<RankMixRow<'a>> {
     let base: BTreeMap<u32, f64> = c
         .lora_base_steps
         .iter()
@@ -388,9 +417,8 @@ fn rank_mix_lora_tables(c: &Calibration) -> String {
         .iter()
         .map(|(t, a, r, s)| ((*t, *a, *r), s.median_s))
         .collect();
-    let mut out = String::new();
-    for mix in c.all_rank_mixes() {
-        let mut lines = Vec::new();
+    let mut out = Vec::new();
+    for mix in mixes {
         for (rows, step) in &mix.steps {
             let distinct = (*rows).min(mix.adapters);
             let Some(b) = base.get(rows) else { continue };
@@ -399,28 +427,64 @@ fn rank_mix_lora_tables(c: &Calibration) -> String {
                 .iter()
                 .map(|r| one_rank.get(&(*rows, distinct, *r)).map(|s| s - b))
                 .collect();
-            let Some(deltas) = deltas else { continue };
-            let mean = deltas.iter().sum::<f64>() / deltas.len() as f64;
-            let highest = deltas.iter().copied().fold(f64::MIN, f64::max);
-            let mixed = step.median_s - b;
-            // Where the mix lies between "each row costs what its rank costs" (0) and "every
-            // row costs what the highest rank costs" (1).
-            let toward_highest = if highest > mean {
-                format!("{:.2}", (mixed - mean) / (highest - mean))
-            } else {
-                "n/a".into()
-            };
-            lines.push(format!(
-                "| {rows} | {distinct} | {:.3} | {} | {:.3} | {toward_highest} |",
-                mixed * 1e3,
-                deltas
-                    .iter()
-                    .map(|d| format!("{:.3}", d * 1e3))
-                    .collect::<Vec<_>>()
-                    .join(" / "),
-                mean * 1e3,
-            ));
+            let Some(one_rank) = deltas else { continue };
+            out.push(RankMixRow {
+                mix,
+                rows: *rows,
+                distinct,
+                mixed: step.median_s - b,
+                one_rank,
+            });
         }
+    }
+    out
+}
+
+/// The profile's `lora_rank_mix`: at each measured row count, the mean over the mixes of how
+/// far the mix lies toward the highest rank, clamped to [0, 1] (a mix cheaper than its ranks'
+/// mean is noise of the five steps it is made of, not a saving the kernels can make).
+fn fit_rank_mix(c: &Calibration) -> Vec<RankMixPoint> {
+    let mixes = c.all_rank_mixes();
+    let mut by_rows: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+    for row in rank_mix_rows(&mixes, c) {
+        if let Some(t) = row.toward_highest().filter(|t| t.is_finite()) {
+            by_rows.entry(row.rows).or_default().push(t);
+        }
+    }
+    by_rows
+        .into_iter()
+        .map(|(rows, v)| RankMixPoint {
+            rows,
+            toward_highest: (v.iter().sum::<f64>() / v.len() as f64).clamp(0.0, 1.0),
+        })
+        .collect()
+}
+
+fn rank_mix_lora_tables(c: &Calibration, fitted: &[RankMixPoint]) -> String {
+    let mixes = c.all_rank_mixes();
+    let rows = rank_mix_rows(&mixes, c);
+    let mut out = String::new();
+    for mix in &mixes {
+        let lines: Vec<String> = rows
+            .iter()
+            .filter(|r| std::ptr::eq(r.mix, mix))
+            .map(|r| {
+                format!(
+                    "| {} | {} | {:.3} | {} | {:.3} | {} |",
+                    r.rows,
+                    r.distinct,
+                    r.mixed * 1e3,
+                    r.one_rank
+                        .iter()
+                        .map(|d| format!("{:.3}", d * 1e3))
+                        .collect::<Vec<_>>()
+                        .join(" / "),
+                    r.mean() * 1e3,
+                    r.toward_highest()
+                        .map_or("n/a".into(), |t| format!("{t:.2}")),
+                )
+            })
+            .collect();
         if lines.is_empty() {
             continue;
         }
@@ -434,6 +498,16 @@ fn rank_mix_lora_tables(c: &Calibration) -> String {
             "\n\n## What mixed ranks add to a step, against one rank\n\nRanks {ranks}, {} distinct adapters at most: the step minus the same step without adapters (ms), for the mix and for each rank alone at the same rows and distinct adapters. `toward highest`: (mix - mean of the ranks) / (highest rank - mean); 0 is each row costing what its own rank costs, 1 every row costing what the highest rank costs.\n\n| decode rows | distinct adapters | mix (ms) | each rank alone (ms) | their mean (ms) | toward highest |\n|---|---|---|---|---|---|\n{}",
             mix.adapters,
             lines.join("\n")
+        ));
+    }
+    if !fitted.is_empty() {
+        out.push_str(&format!(
+            "\n\nThe profile's `lora_rank_mix` (the mean over the mixes, clamped to [0, 1]; the cost model moves mixed decode rows' LoRA time that far from their mean rank toward their highest, interpolated by rows): {}.",
+            fitted
+                .iter()
+                .map(|p| format!("{} rows {:.2}", p.rows, p.toward_highest))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     out
@@ -598,7 +672,7 @@ fn whole_step_checks(
             &predict(c, profile, &shapes)?,
         ));
     }
-    report.push_str(&rank_mix_lora_tables(c));
+    report.push_str(&rank_mix_lora_tables(c, &profile.lora_rank_mix));
     if !c.decode_steps.is_empty() {
         let rows: Vec<(u32, u32, f64)> = c
             .decode_steps
@@ -1081,16 +1155,32 @@ mod tests {
         assert_eq!(shape.max_decode_rank, 64);
         assert_eq!(shape.decode_rank_histogram.requests(), 3);
         assert_eq!(shape.decode_rank_histogram.total_rows(), 80);
-        let tables = rank_mix_lora_tables(&c);
+        let fitted = fit_rank_mix(&c);
+        let tables = rank_mix_lora_tables(&c, &fitted);
         // Mix adds 0.9 ms; rank 8 alone 0.2, rank 64 alone 1.0: mean 0.6, so 0.75 of the way.
         assert!(
             tables.contains("| 16 | 16 | 0.900 | 0.200 / 1.000 | 0.600 | 0.75 |"),
             "{tables}"
         );
-        // 32 rows have no base step: no row for them.
+        // 32 rows have no base step: no row for them, and no point fitted there.
         assert!(!tables.contains("| 32 |"), "{tables}");
-        let (_, report) = derive(&c, None).unwrap();
+        assert_eq!(fitted.len(), 1);
+        assert_eq!(fitted[0].rows, 16);
+        assert!((fitted[0].toward_highest - 0.75).abs() < 1e-9);
+        let (profile, report) = derive(&c, None).unwrap();
         assert!(report.contains("toward highest"), "{report}");
+        assert!(report.contains("16 rows 0.75"), "{report}");
+        assert_eq!(profile.lora_rank_mix, fitted);
+        // A second mix at the same rows, cheaper than its ranks' mean (-0.25 of the way):
+        // the points are averaged (0.25), and an average below 0 is clamped to 0.
+        c.rank_mixes.push(RankMixSteps {
+            ranks: vec![8, 64],
+            adapters: 16,
+            steps: vec![(16, stat(5.5e-3))],
+        });
+        assert!((fit_rank_mix(&c)[0].toward_highest - 0.25).abs() < 1e-9);
+        c.rank_mixes.remove(0);
+        assert_eq!(fit_rank_mix(&c)[0].toward_highest, 0.0);
     }
 
     /// A measurement whose profile does not derive is still saved, and the error names it.

@@ -87,7 +87,7 @@ fn main() -> Result<(), String> {
     let mut next = 0usize;
     let mut drifted = 0usize;
     println!(
-        "step,measured_s,span_s,{},prefill_tokens,decode_requests,decode_context_tokens,lora_tokens,lora_token_rank,prefill_lora_tokens,distinct_adapters,distinct_rank_sum,blocking_load_bytes,prefetch_load_bytes",
+        "step,measured_s,span_s,{},prefill_tokens,decode_requests,decode_context_tokens,lora_tokens,lora_token_rank,prefill_lora_tokens,distinct_adapters,distinct_rank_sum,blocking_load_bytes,prefetch_load_bytes,max_decode_rank,decode_rank_buckets",
         StepCost::PARTS.map(|p| format!("{p}_s")).join(",")
     );
     let cost = setup.cost.as_ref();
@@ -107,7 +107,7 @@ fn main() -> Result<(), String> {
             .map_or(r.duration, |n| (n.start - r.start).max(r.duration));
         let parts = cost.step_cost(shape).parts();
         println!(
-            "{i},{:.9},{span:.9},{},{},{},{},{},{},{},{},{},{},{}",
+            "{i},{:.9},{span:.9},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             r.duration,
             parts.map(|p| format!("{:.9}", p.as_secs_f64())).join(","),
             shape.prefill_tokens,
@@ -120,6 +120,16 @@ fn main() -> Result<(), String> {
             shape.distinct_rank_sum,
             shape.blocking_load_bytes,
             shape.prefetch_load_bytes,
+            shape.max_decode_rank,
+            // rows:rank sum of each non-empty rank bucket (a power of two and above).
+            (0..slora_engine::ContextHistogram::BUCKETS)
+                .filter(|&b| shape.decode_rank_histogram.counts[b] > 0)
+                .map(|b| format!(
+                    "{}:{}",
+                    shape.decode_rank_histogram.counts[b], shape.decode_rank_histogram.rows[b]
+                ))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
         StepCost {
             fixed_overhead: Nanos::from_secs_f64(span),

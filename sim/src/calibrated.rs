@@ -312,6 +312,8 @@ pub struct CalibratedCost {
     sampling_s: f64,
     shrink_scale: f64,
     expand_scale: f64,
+    /// `(rows, toward highest)` of the profile's `lora_rank_mix`; empty: none measured.
+    rank_mix: Vec<(f64, f64)>,
 }
 
 /// Fields of two model shapes that change kernel times, as `field: profile X, wanted Y`. The
@@ -460,6 +462,11 @@ impl CalibratedCost {
             sampling_s: profile.sampling_per_token.median_s,
             shrink_scale: want_in / have_in,
             expand_scale: want_out / have_out,
+            rank_mix: profile
+                .lora_rank_mix
+                .iter()
+                .map(|p| (p.rows as f64, p.toward_highest))
+                .collect(),
         })
     }
 
@@ -581,6 +588,47 @@ impl CalibratedCost {
         }
     }
 
+    /// How far decode rows of mixed ranks cost toward all rows at the highest rank, at `rows`:
+    /// the profile's measurements interpolated, held flat beyond them.
+    fn rank_mix_toward_highest(&self, rows: f64) -> f64 {
+        let m = &self.rank_mix;
+        match m.iter().position(|&(r, _)| r >= rows) {
+            None => m.last().map_or(0.0, |p| p.1),
+            Some(0) => m[0].1,
+            Some(i) => {
+                let ((r0, v0), (r1, v1)) = (m[i - 1], m[i]);
+                v0 + (v1 - v0) * (rows - r0) / (r1 - r0)
+            }
+        }
+    }
+
+    /// One decode-row LoRA kernel's time over `tokens` rows: `lora_time` at the rows' mean
+    /// ranks, moved toward the time at the batch's highest rank as far as the profile's rank
+    /// mixes measured (see `CalibrationProfile::lora_rank_mix`). Rows of one rank are exact.
+    fn decode_lora_time(
+        &self,
+        grid: &Grid<3>,
+        b: &BatchShape,
+        tokens: f64,
+        adapters: f64,
+        token_rank: f64,
+        adapter_rank: f64,
+    ) -> f64 {
+        let mean = Self::lora_time(grid, tokens, adapters, token_rank, adapter_rank);
+        let ranks_in_batch = b
+            .decode_rank_histogram
+            .counts
+            .iter()
+            .filter(|&&c| c > 0)
+            .count();
+        if self.rank_mix.is_empty() || ranks_in_batch < 2 {
+            return mean;
+        }
+        let highest = grid.eval([tokens, adapters, b.max_decode_rank as f64]);
+        let toward = self.rank_mix_toward_highest(tokens).clamp(0.0, 1.0);
+        mean + toward * (highest - mean).max(0.0)
+    }
+
     /// LoRA shrink and expand of the step, seconds.
     fn lora(&self, b: &BatchShape) -> (f64, f64) {
         if b.lora_tokens == 0 {
@@ -602,16 +650,18 @@ impl CalibratedCost {
                     token_rank
                 };
                 total.0 += self.shrink_scale
-                    * Self::lora_time(
+                    * self.decode_lora_time(
                         &self.lora_shrink,
+                        b,
                         tokens,
                         adapters,
                         token_rank,
                         adapter_rank,
                     );
                 total.1 += self.expand_scale
-                    * Self::lora_time(
+                    * self.decode_lora_time(
                         &self.lora_expand,
+                        b,
                         tokens,
                         adapters,
                         token_rank,
@@ -640,23 +690,18 @@ impl CalibratedCost {
         } else {
             token_rank
         };
+        // One grid for decode rows and prompt tokens alike: the rank-mix term is measured on
+        // decode rows, so it applies to steps of decode rows only.
+        let time = |grid: &Grid<3>| {
+            if b.prefill_lora_tokens == 0 {
+                self.decode_lora_time(grid, b, tokens, adapters, token_rank, adapter_rank)
+            } else {
+                Self::lora_time(grid, tokens, adapters, token_rank, adapter_rank)
+            }
+        };
         (
-            self.shrink_scale
-                * Self::lora_time(
-                    &self.lora_shrink,
-                    tokens,
-                    adapters,
-                    token_rank,
-                    adapter_rank,
-                ),
-            self.expand_scale
-                * Self::lora_time(
-                    &self.lora_expand,
-                    tokens,
-                    adapters,
-                    token_rank,
-                    adapter_rank,
-                ),
+            self.shrink_scale * time(&self.lora_shrink),
+            self.expand_scale * time(&self.lora_expand),
         )
     }
 
@@ -1735,6 +1780,7 @@ pub fn profile_from_cost_model(
         prefill_step_overhead: None,
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: None,
+        lora_rank_mix: Vec::new(),
         base_gemm: grids
             .tokens
             .iter()

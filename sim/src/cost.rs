@@ -1457,6 +1457,17 @@ pub struct LoraPoint {
     pub time: Measured,
 }
 
+/// How far a step whose decode rows mix adapter ranks lies toward every row costing what the
+/// highest rank costs, at `rows` decode rows: 0 is each row costing what its own rank costs,
+/// 1 the whole batch at the highest rank. `calibrate` measures it from whole steps (a mix
+/// against each of its ranks alone, same rows and adapters).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankMixPoint {
+    pub rows: u32,
+    pub toward_highest: f64,
+}
+
 /// One host-to-device copy of `bytes` from pinned host memory, as adapter loads do it; the
 /// bandwidth at that size is `bytes / time.median_s`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -1554,6 +1565,13 @@ pub struct CalibrationProfile {
     /// quantum applies at every count (profiles before session 8).
     #[serde(default)]
     pub base_gemm_token_quantum_max_tokens: Option<u32>,
+    /// Decode rows of mixed ranks, by rows (increasing). The MBGMV kernels give each row work
+    /// in proportion to its rank; in a batch that fills about one wave of the GPU the kernel
+    /// ends with its highest-rank blocks, not at the mean, and the LoRA grid (one rank per
+    /// point) cannot see that. Absent (profiles before session 9): mixed decode rows cost
+    /// their mean rank.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_rank_mix: Vec<RankMixPoint>,
 }
 
 /// Reads and checks a calibration profile (JSON). Errors name the path and the field.
@@ -1715,6 +1733,30 @@ impl CalibrationProfile {
             "sampling_per_token".into(),
             &self.sampling_per_token,
         )?;
+        for (i, p) in self.lora_rank_mix.iter().enumerate() {
+            if !(0.0..=1.0).contains(&p.toward_highest) {
+                return Err(bad(
+                    format!("lora_rank_mix[{i}].toward_highest"),
+                    format!("must lie in [0, 1], got {}", p.toward_highest),
+                ));
+            }
+            if i > 0 && p.rows <= self.lora_rank_mix[i - 1].rows {
+                return Err(bad(
+                    format!("lora_rank_mix[{i}].rows"),
+                    format!(
+                        "must increase: {} follows {}",
+                        p.rows,
+                        self.lora_rank_mix[i - 1].rows
+                    ),
+                ));
+            }
+            if p.rows == 0 {
+                return Err(bad(
+                    format!("lora_rank_mix[{i}].rows"),
+                    "must be at least 1, got 0".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -2327,6 +2369,7 @@ mod tests {
             prefill_step_overhead: None,
             base_gemm_token_quantum: None,
             base_gemm_token_quantum_max_tokens: None,
+            lora_rank_mix: Vec::new(),
             host_to_device: [1 << 20, 64 << 20]
                 .iter()
                 .map(|&bytes| TransferPoint {

@@ -571,6 +571,110 @@ fn mismatched_model_or_tp_is_a_clear_error() {
     assert!(err.to_string().contains("targets"), "{err}");
 }
 
+/// Decode rows on adapters `(rows, rank)`, rank histogram and largest rank included.
+fn decode_on_ranks(context: u32, adapters: &[(u32, u32)]) -> BatchShape {
+    let rows: u32 = adapters.iter().map(|a| a.0).sum();
+    let mut s = with_lora(decode(&vec![context; rows as usize]), adapters);
+    for &(n, rank) in adapters {
+        for _ in 0..n {
+            s.decode_rank_histogram.add(rank);
+        }
+        s.max_decode_rank = s.max_decode_rank.max(rank);
+    }
+    s
+}
+
+#[test]
+fn mixed_decode_ranks_move_toward_the_highest_as_far_as_measured() {
+    use slora_sim::cost::RankMixPoint;
+    let plain = synthetic_profile(Efficiency::default());
+    let mut mixed = plain.clone();
+    mixed.lora_rank_mix = vec![
+        RankMixPoint {
+            rows: 16,
+            toward_highest: 1.0,
+        },
+        RankMixPoint {
+            rows: 64,
+            toward_highest: 0.0,
+        },
+    ];
+    let (plain, mixed) = (calibrated(&plain), calibrated(&mixed));
+    let lora = |c: &CalibratedCost, s: &BatchShape| {
+        let cost = c.step_cost(s);
+        secs(cost.lora_shrink) + secs(cost.lora_expand)
+    };
+    // One rank: the term does not apply, whatever the profile measured.
+    let one_rank = decode_on_ranks(300, &[(8, 64), (8, 64)]);
+    assert_eq!(lora(&plain, &one_rank), lora(&mixed, &one_rank));
+    // 16 rows, 8 on rank 8 and 8 on rank 64, measured all the way toward the highest: as
+    // the same rows all on rank 64 (same distinct adapters).
+    let mix16 = decode_on_ranks(300, &[(8, 8), (8, 64)]);
+    let all_high = decode_on_ranks(300, &[(8, 64), (8, 64)]);
+    let (at_mean, moved, high) = (
+        lora(&plain, &mix16),
+        lora(&mixed, &mix16),
+        lora(&plain, &all_high),
+    );
+    assert!(at_mean < high, "{at_mean} {high}");
+    assert!(rel(moved, high).abs() < 1e-9, "{moved} vs {high}");
+    // 40 rows: halfway between the measured 1 (16 rows) and 0 (64 rows).
+    let mix40 = decode_on_ranks(300, &[(20, 8), (20, 64)]);
+    let high40 = decode_on_ranks(300, &[(20, 64), (20, 64)]);
+    let (mean40, moved40, top40) = (
+        lora(&plain, &mix40),
+        lora(&mixed, &mix40),
+        lora(&plain, &high40),
+    );
+    let want = mean40 + 0.5 * (top40 - mean40);
+    assert!(rel(moved40, want).abs() < 1e-9, "{moved40} vs {want}");
+    // Beyond the last point it stays at 0: as at the mean rank.
+    let mix128 = decode_on_ranks(300, &[(64, 8), (64, 64)]);
+    assert_eq!(lora(&plain, &mix128), lora(&mixed, &mix128));
+    // A step with prompt tokens keeps its mean-rank price.
+    let prompt = with_prefill(mix16.clone(), &[(32, 0)]);
+    let mut prompt = with_lora(prompt, &[(32, 8)]);
+    prompt.prefill_lora_tokens = 32;
+    prompt.prefill_lora_token_rank = 32 * 8;
+    assert_eq!(lora(&plain, &prompt), lora(&mixed, &prompt));
+}
+
+#[test]
+fn rank_mix_points_out_of_range_or_order_are_named() {
+    use slora_sim::cost::RankMixPoint;
+    let mut p = synthetic_profile(Efficiency::default());
+    let point = |rows, toward_highest| RankMixPoint {
+        rows,
+        toward_highest,
+    };
+    for (points, field, says) in [
+        (
+            vec![point(16, 1.5)],
+            "lora_rank_mix[0].toward_highest",
+            "got 1.5",
+        ),
+        (
+            vec![point(16, f64::NAN)],
+            "lora_rank_mix[0].toward_highest",
+            "got NaN",
+        ),
+        (
+            vec![point(32, 0.1), point(16, 0.1)],
+            "lora_rank_mix[1].rows",
+            "16 follows 32",
+        ),
+        (vec![point(0, 0.1)], "lora_rank_mix[0].rows", "got 0"),
+    ] {
+        p.lora_rank_mix = points;
+        let err = p
+            .validate(std::path::Path::new("p.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field) && err.contains(says), "{err}");
+        assert!(err.contains("p.json"), "{err}");
+    }
+}
+
 #[test]
 fn lora_times_scale_to_other_targets() {
     let profile = synthetic_profile(Efficiency::default());
