@@ -374,10 +374,6 @@ fn mixed_rank_shape(rows: u32, ranks: &[u32], adapters: u32) -> slora_sim::Batch
     }
 }
 
-/// What each mix's adapters add to a step (the step minus the same step without adapters,
-/// both host-timed) beside what one rank adds at the same rows and distinct adapters
-/// (`lora_steps`): a table per mix whose adapter count is on the LoRA grid, for fitting and
-/// checking how a cost model prices mixed ranks. Empty without those measurements.
 /// One measured rank-mix step beside its one-rank counterparts (same rows, same distinct
 /// adapters), each as the step minus the same step without adapters, seconds.
 struct RankMixRow<'a> {
@@ -460,6 +456,11 @@ fn fit_rank_mix(c: &Calibration) -> Vec<RankMixPoint> {
         .collect()
 }
 
+/// What each mix's adapters add to a step (the step minus the same step without adapters,
+/// both host-timed) beside what one rank adds at the same rows and distinct adapters
+/// (`lora_steps`): a table per mix whose adapter count is on the LoRA grid, for fitting and
+/// checking how a cost model prices mixed ranks. Empty without those measurements; `fitted`, the
+/// profile's `lora_rank_mix`, follows the tables.
 fn rank_mix_lora_tables(c: &Calibration, fitted: &[RankMixPoint]) -> String {
     let mixes = c.all_rank_mixes();
     let rows = rank_mix_rows(&mixes, c);

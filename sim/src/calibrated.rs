@@ -312,8 +312,9 @@ pub struct CalibratedCost {
     sampling_s: f64,
     shrink_scale: f64,
     expand_scale: f64,
-    /// `(rows, toward highest)` of the profile's `lora_rank_mix`; empty: none measured.
-    rank_mix: Vec<(f64, f64)>,
+    /// The profile's `lora_rank_mix` by rows, and its row range (held flat beyond it);
+    /// `None`: none measured.
+    rank_mix: Option<(Grid<1>, f64, f64)>,
 }
 
 /// Fields of two model shapes that change kernel times, as `field: profile X, wanted Y`. The
@@ -464,9 +465,16 @@ impl CalibratedCost {
             expand_scale: want_out / have_out,
             rank_mix: profile
                 .lora_rank_mix
-                .iter()
-                .map(|p| (p.rows as f64, p.toward_highest))
-                .collect(),
+                .first()
+                .zip(profile.lora_rank_mix.last())
+                .map(|(first, last)| {
+                    let points = profile.lora_rank_mix.iter();
+                    (
+                        Grid::new(points.map(|p| ([p.rows as u64], p.toward_highest))),
+                        first.rows as f64,
+                        last.rows as f64,
+                    )
+                }),
         })
     }
 
@@ -588,23 +596,10 @@ impl CalibratedCost {
         }
     }
 
-    /// How far decode rows of mixed ranks cost toward all rows at the highest rank, at `rows`:
-    /// the profile's measurements interpolated, held flat beyond them.
-    fn rank_mix_toward_highest(&self, rows: f64) -> f64 {
-        let m = &self.rank_mix;
-        match m.iter().position(|&(r, _)| r >= rows) {
-            None => m.last().map_or(0.0, |p| p.1),
-            Some(0) => m[0].1,
-            Some(i) => {
-                let ((r0, v0), (r1, v1)) = (m[i - 1], m[i]);
-                v0 + (v1 - v0) * (rows - r0) / (r1 - r0)
-            }
-        }
-    }
-
     /// One decode-row LoRA kernel's time over `tokens` rows: `lora_time` at the rows' mean
     /// ranks, moved toward the time at the batch's highest rank as far as the profile's rank
-    /// mixes measured (see `CalibrationProfile::lora_rank_mix`). Rows of one rank are exact.
+    /// mixes measured at this many rows (see `CalibrationProfile::lora_rank_mix`). Rows of
+    /// one rank, whose highest rank is their mean, are exact.
     fn decode_lora_time(
         &self,
         grid: &Grid<3>,
@@ -615,17 +610,15 @@ impl CalibratedCost {
         adapter_rank: f64,
     ) -> f64 {
         let mean = Self::lora_time(grid, tokens, adapters, token_rank, adapter_rank);
-        let ranks_in_batch = b
-            .decode_rank_histogram
-            .counts
-            .iter()
-            .filter(|&&c| c > 0)
-            .count();
-        if self.rank_mix.is_empty() || ranks_in_batch < 2 {
+        let highest_rank = b.max_decode_rank as f64;
+        let Some((toward, first, last)) = &self.rank_mix else {
+            return mean;
+        };
+        if highest_rank <= token_rank * (1.0 + 1e-9) {
             return mean;
         }
-        let highest = grid.eval([tokens, adapters, b.max_decode_rank as f64]);
-        let toward = self.rank_mix_toward_highest(tokens).clamp(0.0, 1.0);
+        let toward = toward.eval([tokens.clamp(*first, *last)]).clamp(0.0, 1.0);
+        let highest = grid.eval([tokens, adapters, highest_rank]);
         mean + toward * (highest - mean).max(0.0)
     }
 

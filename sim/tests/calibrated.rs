@@ -604,35 +604,33 @@ fn mixed_decode_ranks_move_toward_the_highest_as_far_as_measured() {
         let cost = c.step_cost(s);
         secs(cost.lora_shrink) + secs(cost.lora_expand)
     };
+    // `rows` rows, half on rank 8 and half on rank 64: (at the mean rank, with the term, the
+    // same rows all on rank 64 with the same distinct adapters).
+    let prices = |rows: u32| {
+        let mix = decode_on_ranks(300, &[(rows / 2, 8), (rows / 2, 64)]);
+        let high = decode_on_ranks(300, &[(rows / 2, 64), (rows / 2, 64)]);
+        (lora(&plain, &mix), lora(&mixed, &mix), lora(&plain, &high))
+    };
     // One rank: the term does not apply, whatever the profile measured.
     let one_rank = decode_on_ranks(300, &[(8, 64), (8, 64)]);
     assert_eq!(lora(&plain, &one_rank), lora(&mixed, &one_rank));
-    // 16 rows, 8 on rank 8 and 8 on rank 64, measured all the way toward the highest: as
-    // the same rows all on rank 64 (same distinct adapters).
-    let mix16 = decode_on_ranks(300, &[(8, 8), (8, 64)]);
-    let all_high = decode_on_ranks(300, &[(8, 64), (8, 64)]);
-    let (at_mean, moved, high) = (
-        lora(&plain, &mix16),
-        lora(&mixed, &mix16),
-        lora(&plain, &all_high),
-    );
+    // 16 rows, measured all the way toward the highest: as the same rows all on rank 64.
+    let (at_mean, moved, high) = prices(16);
     assert!(at_mean < high, "{at_mean} {high}");
     assert!(rel(moved, high).abs() < 1e-9, "{moved} vs {high}");
+    // Below the first point it stays at 1.
+    let (_, moved8, high8) = prices(8);
+    assert!(rel(moved8, high8).abs() < 1e-9, "{moved8} vs {high8}");
     // 40 rows: halfway between the measured 1 (16 rows) and 0 (64 rows).
-    let mix40 = decode_on_ranks(300, &[(20, 8), (20, 64)]);
-    let high40 = decode_on_ranks(300, &[(20, 64), (20, 64)]);
-    let (mean40, moved40, top40) = (
-        lora(&plain, &mix40),
-        lora(&mixed, &mix40),
-        lora(&plain, &high40),
-    );
+    let (mean40, moved40, top40) = prices(40);
     let want = mean40 + 0.5 * (top40 - mean40);
     assert!(rel(moved40, want).abs() < 1e-9, "{moved40} vs {want}");
     // Beyond the last point it stays at 0: as at the mean rank.
-    let mix128 = decode_on_ranks(300, &[(64, 8), (64, 64)]);
-    assert_eq!(lora(&plain, &mix128), lora(&mixed, &mix128));
+    let (mean128, moved128, _) = prices(128);
+    assert_eq!(mean128, moved128);
     // A step with prompt tokens keeps its mean-rank price.
-    let prompt = with_prefill(mix16.clone(), &[(32, 0)]);
+    let mix16 = decode_on_ranks(300, &[(8, 8), (8, 64)]);
+    let prompt = with_prefill(mix16, &[(32, 0)]);
     let mut prompt = with_lora(prompt, &[(32, 8)]);
     prompt.prefill_lora_tokens = 32;
     prompt.prefill_lora_token_rank = 32 * 8;
