@@ -43,7 +43,8 @@
 #           its profile from an earlier call; then the live runs of J_RUNS (runs-3/host-2's
 #           scenario files, same arrivals) while the budget lasts. Every call records the GPU's
 #           UUID, so calls that landed on another machine are told apart; on a fresh machine
-#           the profiles are measured again before its runs.
+#           the profiles are measured again before its runs. With J_CHECKS=1 the live runs
+#           stop BENCH_RESERVE_S (default 120) seconds early, so bench-gpu keeps its time.
 #
 #   scripts/gpu_session.sh a|b|c|d|e|f|g|h|i|j BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
