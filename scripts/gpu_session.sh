@@ -45,6 +45,11 @@
 #           UUID, so calls that landed on another machine are told apart; on a fresh machine
 #           the profiles are measured again before its runs. With J_CHECKS=1 the live runs
 #           stop BENCH_RESERVE_S (default 120) seconds early, so bench-gpu keeps its time.
+#           J_REPLAYS (before the live runs): recorded live runs made again on this GPU with
+#           `slora-plan replay --execute`, each `RUN:PASSES[:BIN]` (RUN: a folder with
+#           `<scenario>/loadNN.yaml` and `loadNN/executed/`, given as `<folder>/<scenario>/loadNN`;
+#           PASSES as `--passes` takes them; BIN another build to replay with, for a baseline
+#           in the same call), one CSV per run and build in the archive's `replay/`.
 #
 #   scripts/gpu_session.sh a|b|c|d|e|f|g|h|i|j BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
@@ -85,6 +90,20 @@ if [ "$part" = j ]; then
             --out "$work/profiles" >>"$out/calibrate.log" 2>&1
     done
     grep -E "^Measured in" "$out/calibrate.log" 2>/dev/null
+    mkdir -p "$work/replay"
+    for entry in ${J_REPLAYS:-}; do
+        run=${entry%%:*} rest=${entry#*:}
+        passes=${rest%%:*} with=$bin
+        [ "$rest" != "$passes" ] && with=${rest#*:}
+        name=$(echo "$run" | tr / - | sed 's/^docs-fidelity-//')
+        [ "$with" != "$bin" ] && name="$name-$(basename "$with")"
+        [ "$(left)" -gt 120 ] || { echo "no time to replay $run"; break; }
+        python3 -c "import sys; sys.path.insert(0, 'scripts'); from fidelity import retarget; print(retarget('$run.yaml', '$traces'), end='')" >"$work/replay/$name.yaml"
+        timeout $(($(left) - 20)) "$with" replay "$work/replay/$name.yaml" --steps "$run/executed" \
+            --execute --passes "$passes" --out "$work/replay/$name.csv" >"$out/replay-$name.log" 2>&1
+        echo "replay $name (rc $?):"; tail -n 8 "$out/replay-$name.log"
+        [ -f "$work/replay/$name.csv" ] && gzip -f "$work/replay/$name.csv"
+    done
     # bench-gpu comes last but keeps its time: the live runs stop that much earlier.
     reserve=0; [ "${J_CHECKS:-0}" = 1 ] && reserve=${BENCH_RESERVE_S:-120}
     if [ -n "${J_RUNS:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
@@ -98,7 +117,7 @@ if [ "$part" = j ]; then
         grep -E "^\| (1|32|64|128|256) \|" "$out/bench-gpu.log" | head -n 24
     fi
     # One archive: the device tool returns a bounded number of files.
-    tar czf "$out/part-j.tgz" -C "$work" $(cd "$work" && ls -d profiles fid-j 2>/dev/null)
+    tar czf "$out/part-j.tgz" -C "$work" $(cd "$work" && ls -d profiles fid-j replay 2>/dev/null)
     echo "part j done in $(($(date +%s) - start)) s"
     exit 0
 elif [ "$part" = h ] || [ "$part" = i ]; then

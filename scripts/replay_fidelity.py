@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """A cost model checked step by step on earlier live runs, without a GPU.
 
-    cargo build --release -p slora-sim --example replay_steps
+    cargo build --release
     python3 scripts/replay_fidelity.py RUNS_DIR [--profiles DIR] [--traces DIR]
 
 `step_fidelity.py` reads the price each step got from the cost model of the binary that
 served it. This one prices the same steps with the current build and `--profiles DIR`
-(default: the embedded profiles): `sim/examples/replay_steps` replays each run's arrivals
+(default: the embedded profiles): `slora-plan replay` replays each run's arrivals
 through the simulator with every step taking the time it took live, so it makes the run's
 plans again and prints each step's full shape and the model's parts. Prints, over all runs
 and per run, the median of model/measured - 1 (signed and absolute), and by kind of step:
@@ -45,7 +45,7 @@ def replay(args, yaml_path, steps_path, work):
     opener = gzip.open if steps_path.endswith(".gz") else open
     with opener(steps_path, "rt") as src, open(steps, "w") as dst:
         dst.write(src.read())
-    r = subprocess.run([args.replay, scenario, steps], capture_output=True, text=True)
+    r = subprocess.run([args.bin, "replay", scenario, "--steps", steps], capture_output=True, text=True)
     if r.returncode != 0:
         sys.stderr.write(f"{yaml_path}: replay failed: {r.stderr}\n")
         return None
@@ -66,7 +66,7 @@ def main():
     ap.add_argument("runs")
     ap.add_argument("--profiles", help="folder of h200-<model>.json (default: the embedded profiles)")
     ap.add_argument("--traces", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces"))
-    ap.add_argument("--replay", default="target/release/examples/replay_steps")
+    ap.add_argument("--bin", default="target/release/slora-plan")
     ap.add_argument("--work", default="/tmp/replay_fidelity")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)

@@ -9,7 +9,54 @@
 //! random token ids; outputs run to the scenario's exact lengths (EOS is ignored, as the
 //! simulator assumes).
 
+use slora_sim::replay::RecordedStep;
 use slora_sim::{RunResult, RunSetup};
+
+/// One pass of `replay --execute` over a recorded run's plans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplayPass {
+    /// The plans as the run made them, launch by launch as live.
+    Recorded,
+    /// The same plans with no adapter on any row (loads still copy): the base step, for
+    /// what the adapters add to each step.
+    NoLora,
+    /// The plans as recorded with CUDA events between the phases of each step (every
+    /// kernel in line on one stream): the time of each part.
+    Phases,
+}
+
+impl ReplayPass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplayPass::Recorded => "recorded",
+            ReplayPass::NoLora => "no_lora",
+            ReplayPass::Phases => "phases",
+        }
+    }
+}
+
+/// The phase columns of a `Phases` pass, in `ReplayTiming::phases_s`' order.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub const PHASE_NAMES: [&str; 7] = [
+    "dense",
+    "attention_prefill",
+    "attention_decode",
+    "lora_shrink",
+    "lora_expand",
+    "lm_head",
+    "sampling",
+];
+
+/// One recorded step as a replay pass ran it on the GPU.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct ReplayTiming {
+    /// Row of the recording's steps.csv.
+    pub index: usize,
+    /// Host-timed, as the live driver times a step.
+    pub executed_s: f64,
+    /// GPU seconds per phase (`PHASE_NAMES`), for a `Phases` pass.
+    pub phases_s: Option<[f64; 7]>,
+}
 
 /// Why a live run failed (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -51,18 +98,44 @@ impl LiveServer {
     ) -> Result<RunResult, ExecuteError> {
         gpu::execute(&mut self.gpu, setup, progress)
     }
+
+    /// Runs a recorded live run's plans again on the GPU, back to back (`replay --execute`):
+    /// `setup` is the run's scenario; its pool is set to the recording's.
+    #[cfg(not(feature = "cuda"))]
+    pub fn replay(
+        &mut self,
+        _setup: &mut RunSetup,
+        _recorded: &[RecordedStep],
+        _origin: &str,
+        _pass: ReplayPass,
+    ) -> Result<Vec<ReplayTiming>, ExecuteError> {
+        Err(ExecuteError::Gpu(slora_kernels::Error::CudaNotCompiled))
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn replay(
+        &mut self,
+        setup: &mut RunSetup,
+        recorded: &[RecordedStep],
+        origin: &str,
+        pass: ReplayPass,
+    ) -> Result<Vec<ReplayTiming>, ExecuteError> {
+        gpu::replay(&mut self.gpu, setup, recorded, origin, pass)
+    }
 }
 
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::ExecuteError;
+    use super::{ReplayPass, ReplayTiming};
     use slora_engine::{
         AdapterId, EngineConfig, ExecError, Executor, ModelSpec, Nanos, RequestId, RequestMeta,
         Scheduler, StepPlan, StepReport, TargetModule,
     };
     use slora_kernels::executor::{ExecutorConfig, GpuExecutor, HostAdapter, ModelWeights};
-    use slora_kernels::gpu::Gpu;
+    use slora_kernels::gpu::{Gpu, Phase};
     use slora_sim::live::{serve, Backend, WallClock};
+    use slora_sim::replay::{use_recorded_pool, RecordedStep};
     use slora_sim::{Provenance, Recorder, RunResult, RunSetup};
     use std::collections::HashMap;
 
@@ -100,11 +173,29 @@ mod gpu {
         exec: &'a mut GpuExecutor,
         vocab: u32,
         seed: u64,
+        /// A replay's pass, and the phase times of each step it ran (`Phases` only).
+        pass: Option<(ReplayPass, Vec<Option<[f64; 7]>>)>,
     }
 
     impl Executor for GpuBackend<'_> {
         fn execute(&mut self, plan: &StepPlan) -> Result<StepReport, ExecError> {
-            self.exec.execute(plan)
+            match &mut self.pass {
+                None | Some((ReplayPass::Recorded, _)) => self.exec.execute(plan),
+                Some((ReplayPass::NoLora, _)) => {
+                    // The same plan with no adapter on any row: loads still copy, no LoRA
+                    // kernel runs.
+                    let mut bare = plan.clone();
+                    bare.prefill.iter_mut().for_each(|p| p.adapter = None);
+                    bare.decode.iter_mut().for_each(|d| d.adapter = None);
+                    self.exec.execute(&bare)
+                }
+                Some((ReplayPass::Phases, phases)) => {
+                    let report = self.exec.execute(plan)?;
+                    let times = self.exec.last_phase_times.take();
+                    phases.push(times.map(|t| PHASES.map(|p| t.get(p) * 1e-3)));
+                    Ok(report)
+                }
+            }
         }
     }
 
@@ -207,11 +298,13 @@ mod gpu {
         Ok(())
     }
 
-    pub fn execute(
-        slot: &mut Option<Loaded>,
+    /// The executor for `setup`'s model, reused from `slot` when it fits (else built anew),
+    /// with the engine's pool capped at what the GPU holds, the scenario's adapters
+    /// registered and every kernel warmed up.
+    fn prepare<'a>(
+        slot: &'a mut Option<Loaded>,
         setup: &mut RunSetup,
-        progress: Option<slora_sim::des::Progress<'_>>,
-    ) -> Result<RunResult, ExecuteError> {
+    ) -> Result<&'a mut Loaded, ExecuteError> {
         let model = setup.engine.model.clone();
         let sched = &setup.engine.scheduler;
         let max_step_tokens = (sched.max_prefill_tokens + sched.max_batch_size) as usize;
@@ -259,15 +352,25 @@ mod gpu {
         loaded.exec.reset();
         register(loaded, &setup.engine)?;
         warm_up(loaded, &setup.engine)?;
+        Ok(loaded)
+    }
+
+    pub fn execute(
+        slot: &mut Option<Loaded>,
+        setup: &mut RunSetup,
+        progress: Option<slora_sim::des::Progress<'_>>,
+    ) -> Result<RunResult, ExecuteError> {
+        let loaded = prepare(slot, setup)?;
         let description = format!(
             "executed live on {} (synthetic {} weights, seed 7; engine pool {} pages; launch by launch)",
-            loaded.gpu_name, model.name, setup.engine.pool_pages
+            loaded.gpu_name, setup.engine.model.name, setup.engine.pool_pages
         );
         let recorder = Recorder::with_source(setup, Provenance::Executed, description);
         let mut backend = GpuBackend {
             exec: &mut loaded.exec,
-            vocab: model.vocab_size,
+            vocab: setup.engine.model.vocab_size,
             seed: setup.scenario.seed,
+            pass: None,
         };
         let run = serve(
             setup,
@@ -279,5 +382,67 @@ mod gpu {
         )?;
         loaded.exec.reset();
         Ok(run)
+    }
+
+    /// The GPU's phases, in `ReplayTiming::phases`' order.
+    const PHASES: [Phase; 7] = [
+        Phase::Dense,
+        Phase::AttentionPrefill,
+        Phase::AttentionDecode,
+        Phase::LoraShrink,
+        Phase::LoraExpand,
+        Phase::LmHead,
+        Phase::Sampling,
+    ];
+
+    pub fn replay(
+        slot: &mut Option<Loaded>,
+        setup: &mut RunSetup,
+        recorded: &[RecordedStep],
+        origin: &str,
+        pass: ReplayPass,
+    ) -> Result<Vec<ReplayTiming>, ExecuteError> {
+        // The recorded pool, checked against this GPU's (capped by `prepare`).
+        let wanted = recorded.first().map_or(0, |r| r.pool_pages);
+        setup.engine.pool_pages = u32::try_from(wanted).unwrap_or(u32::MAX).max(1);
+        let loaded = prepare(slot, setup)?;
+        use_recorded_pool(setup, recorded, Some(loaded.pool_pages as u64), origin)
+            .map_err(|e| ExecuteError::Setup(e.to_string()))?;
+        loaded.exec.set_phase_timing(pass == ReplayPass::Phases);
+        let mut timings = Vec::new();
+        let result = {
+            let mut backend = GpuBackend {
+                exec: &mut loaded.exec,
+                vocab: setup.engine.model.vocab_size,
+                seed: setup.scenario.seed,
+                pass: Some((pass, Vec::new())),
+            };
+            let result = slora_sim::replay::replay(setup, recorded, &mut backend, &mut |s| {
+                timings.push(ReplayTiming {
+                    index: s.index,
+                    executed_s: s.executed.as_secs_f64(),
+                    phases_s: None,
+                })
+            });
+            if let Some((_, phases)) = backend.pass.take() {
+                for (t, p) in timings.iter_mut().zip(phases) {
+                    t.phases_s = p;
+                }
+            }
+            result
+        };
+        loaded.exec.set_phase_timing(false);
+        loaded.exec.reset();
+        let summary = result.map_err(|e| ExecuteError::Setup(e.to_string()))?;
+        if summary.drifted > 0 || summary.replayed < summary.recorded {
+            // The model's replay of the same recording says the same (the plans do not depend
+            // on the backend); the steps still ran, so their times are kept.
+            eprintln!(
+                "{origin}: warning: the replay drifted from the recording ({} of {} steps made \
+                 again, {} with other prompt tokens or decode rows)",
+                summary.replayed, summary.recorded, summary.drifted
+            );
+        }
+        Ok(timings)
     }
 }

@@ -7,6 +7,7 @@ mod calibrate_cmd;
 mod compare_cmd;
 mod execute;
 mod plan_cmd;
+mod replay_cmd;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -71,6 +72,11 @@ enum Command {
     /// throughput, latency percentiles and SLO attainment, per-adapter p99 TTFT, each latency
     /// against the reference's 90% sampling interval, overlaid CDFs.
     Compare(compare_cmd::CompareArgs),
+    /// Make a live run's steps again from its scenario and steps.csv (the engine is
+    /// deterministic): each step's measured time beside the cost model's parts for its exact
+    /// shape; with --execute, the same plans run again on the GPU (as recorded, without
+    /// adapters, with phase timing), to take a mispriced step apart.
+    Replay(replay_cmd::ReplayArgs),
     /// On a GPU machine: find the driver, NVRTC and cuBLAS, compile every kernel, check each
     /// against its CPU reference on random data, and optionally check the whole executor
     /// against transformers + peft outputs (see tests/gpu/README.md).
@@ -99,6 +105,8 @@ enum CliError {
     Calibrate(#[from] calibrate_cmd::CalibrateError),
     #[error(transparent)]
     Plan(#[from] plan_cmd::PlanCmdError),
+    #[error(transparent)]
+    Replay(#[from] replay_cmd::ReplayCmdError),
     #[error("{scenario}: live run: {source}")]
     Execute {
         scenario: String,
@@ -120,6 +128,7 @@ impl CliError {
             CliError::Compare(e) => e.exit_code(),
             CliError::Calibrate(e) => e.exit_code(),
             CliError::Plan(e) => e.exit_code(),
+            CliError::Replay(e) => e.exit_code(),
             CliError::Execute { .. } => 1,
             CliError::Run { .. }
             | CliError::Output { .. }
@@ -156,6 +165,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Compare(args) => compare_cmd::run(&args).map_err(CliError::from),
+        Command::Replay(args) => replay_cmd::run(&args).map_err(CliError::from),
         Command::Doctor { reference } => doctor(reference.as_deref()),
         Command::BenchGpu => slora_kernels::bench::gpu_benchmarks()
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))

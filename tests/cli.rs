@@ -615,3 +615,102 @@ fn compare_bad_input_exits_2_naming_the_file() {
     ]);
     assert_clean_failure(&o, 1, &["writing outputs"]);
 }
+
+/// A simulated run replayed with its own scenario: the replay makes every step again, and
+/// the cost model's parts of each step add up to the time the simulation gave it (the same
+/// model priced the same plan), which only holds if the replay's shapes are the run's.
+#[test]
+fn replay_makes_a_runs_steps_again_and_prices_them() {
+    let dir = tmp("replay");
+    let s = write(&dir, "s.yaml", &small_scenario(""));
+    let out = dir.join("run");
+    let o = run(&[
+        "simulate",
+        "--quiet",
+        s.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The repository keeps runs gzipped; the replay reads either, or the run folder.
+    gzip_in_place(&out, "steps.csv");
+    let table = dir.join("replay.csv");
+    let o = run(&[
+        "replay",
+        s.to_str().unwrap(),
+        "--steps",
+        out.to_str().unwrap(),
+        "--out",
+        table.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("0 with other prompt tokens or decode rows"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&table).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let parts: Vec<usize> = (0..header.len())
+        .filter(|&i| header[i].ends_with("_s") && !["measured_s", "span_s"].contains(&header[i]))
+        .collect();
+    assert!(parts.len() >= 8, "{header:?}");
+    let mut rows = 0;
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        let measured: f64 = cells[1].parse().unwrap();
+        let model: f64 = parts
+            .iter()
+            .map(|&i| cells[i].parse::<f64>().unwrap())
+            .sum();
+        assert!(
+            (model - measured).abs() < 1e-8 + 1e-6 * measured,
+            "step {}: parts sum to {model}, the simulation gave {measured}",
+            cells[0]
+        );
+        rows += 1;
+    }
+    assert!(rows > 100, "only {rows} steps");
+    assert!(
+        err.contains(&format!("{rows} of {rows} recorded steps")),
+        "{err}"
+    );
+}
+
+#[test]
+fn replay_bad_input_is_named_and_exits_2() {
+    let dir = tmp("replay-bad");
+    let s = write(&dir, "s.yaml", &small_scenario(""));
+    let o = run(&[
+        "replay",
+        s.to_str().unwrap(),
+        "--steps",
+        dir.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 2, &["without steps.csv or steps.csv.gz"]);
+    let bad = write(
+        &dir,
+        "steps.csv",
+        "start_s,duration_s,prefill_tokens\n0,1,2\n",
+    );
+    let o = run(&[
+        "replay",
+        s.to_str().unwrap(),
+        "--steps",
+        bad.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 2, &["steps.csv", "`decode_requests`"]);
+    let sweep = write(
+        &dir,
+        "sweep.yaml",
+        &small_scenario("sweep:\n  workload.arrivals.rate: [2, 4]\n"),
+    );
+    let o = run(&[
+        "replay",
+        sweep.to_str().unwrap(),
+        "--steps",
+        bad.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 2, &["sweep.yaml", "2 sweep points"]);
+}

@@ -73,6 +73,30 @@ fn gpu_commands_without_a_gpu_fail_clearly() {
         err.contains("cuda") || err.contains("CUDA") || err.contains("GPU"),
         "{err}"
     );
+    // A recorded live run replayed on the GPU: the model's side runs, the GPU's refuses, and
+    // no half table is written.
+    let recorded = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/fidelity/runs-9/host-11/s2-n100/load50"
+    );
+    let table = dir.join("replay.csv");
+    let o = run(&[
+        "replay",
+        &format!("{recorded}.yaml"),
+        "--steps",
+        &format!("{recorded}/executed"),
+        "--execute",
+        "--out",
+        table.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("6151 of 6151 recorded steps") && err.contains("on the GPU, pass recorded"),
+        "{err}"
+    );
+    assert!(!table.exists(), "no half-written table");
 }
 
 /// A measurement saved by `calibrate` on the H200 (with the profile it gave there).

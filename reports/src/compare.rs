@@ -89,6 +89,19 @@ fn open_run_file(path: &Path) -> Result<Box<dyn BufRead>, ReportError> {
     })
 }
 
+/// The whole text of a run's file (`steps.csv`, `requests.csv`, ...), decompressed when its
+/// name ends in `.gz`. Errors name the file.
+pub fn read_run_text(path: &Path) -> Result<String, ReportError> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut open_run_file(path)?, &mut text).map_err(|source| {
+        ReportError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(text)
+}
+
 /// Reads a run written by `slora-plan simulate` (or `simulate --execute`): `path` is the run
 /// folder or its `metrics.json`; `requests.csv` must sit beside it. Either file may be stored
 /// gzipped instead (`metrics.json.gz`, `requests.csv.gz`). Errors name the file and what is

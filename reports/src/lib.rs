@@ -38,8 +38,8 @@ mod tables;
 
 pub use capacity::{capacity, CapacityPoint};
 pub use compare::{
-    compare, load_run, pick_reference, relative_error, write_comparison, AdapterComparison,
-    AdapterRow, Comparison, MetricRow, RunData, RunLabel, ADAPTER_TTFT_TARGET,
+    compare, load_run, pick_reference, read_run_text, relative_error, write_comparison,
+    AdapterComparison, AdapterRow, Comparison, MetricRow, RunData, RunLabel, ADAPTER_TTFT_TARGET,
     MIN_ADAPTER_REQUESTS,
 };
 pub use error::ReportError;

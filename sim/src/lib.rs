@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod live;
 pub mod metrics;
 pub mod recorder;
+pub mod replay;
 pub mod scenario;
 pub mod workload;
 
