@@ -539,7 +539,8 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     // MBGMV kernels' blocks do work in proportion to their rank, so a mixed batch ends with
     // its highest-rank blocks. Each mix is measured with as many distinct adapters as the
     // grid's largest count, so every step has one-rank counterparts in `lora_steps`; the last
-    // mix repeats the first with every row's adapter distinct (up to 64), as live steps have.
+    // mix repeats the first with every row's adapter distinct (up to the ranks times that count:
+    // 256), as live steps of S2 with many adapters have.
     progress("decode steps with mixed ranks (the check of the rank axis)");
     let mut rank_mixes = Vec::new();
     let n_ranks = grid.lora_ranks.len();

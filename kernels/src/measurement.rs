@@ -150,7 +150,15 @@ pub const LORA_DECODE_TOKENS: [u32; 10] = [1, 4, 8, 16, 32, 64, 96, 128, 160, 25
 /// adapters than tokens (1 token, 4 adapters): a step cannot hold more distinct adapters than
 /// rows, so such a point is measured with one adapter per row and stands for every larger
 /// count (the cost model clamps a step's adapters to its tokens the same way).
-pub const LORA_DECODE_ADAPTERS: [u32; 3] = [1, 4, 16];
+///
+/// Up to 64: live decode steps of 128-256 rows hold 86-190 distinct adapters (S2 with 2,000
+/// adapters), and a grid that stopped at 16 priced them by carrying its 4-16 slope twelve
+/// times its width, so the noise of two points became a few percent of the step. Each
+/// calibration's own check showed it: its 64-adapter mix at 256 rows cost 0.47-0.80 ms more
+/// than its 16-adapter one, where the parts added 0.00-0.70 ms (docs/FIDELITY.md, session 10).
+/// The adapters of every rank of the grid are resident at once: 64 of ranks 8-64 are 15 GB
+/// for Llama-7B, 25 GB for Llama-13B.
+pub const LORA_DECODE_ADAPTERS: [u32; 4] = [1, 4, 16, 64];
 
 /// Decode context of the decode rows in `Calibration::mixed_steps`.
 pub const MIXED_CONTEXT: u32 = 256;
