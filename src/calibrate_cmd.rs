@@ -47,6 +47,10 @@ pub struct CalibrateArgs {
     /// (`<gpu>-<model>.raw.json` of an earlier run). Needs no GPU.
     #[arg(long, num_args = 1.., conflicts_with = "models")]
     pub refit: Vec<PathBuf>,
+    /// With --refit: combine the measurements (one model, one kind of GPU, the same grid;
+    /// several runs or machines) into one profile, each point the median of theirs.
+    #[arg(long, requires = "refit")]
+    pub merge: bool,
     /// The base GEMMs' token quantum above 128 tokens and up to the executor's tuning limit of
     /// 512 (`none`, 64, 128 or 256) instead of the one that best predicts the measured whole
     /// steps with a prompt (see the report).
@@ -749,7 +753,8 @@ fn read_raw(path: &Path) -> Result<Calibration, CalibrateError> {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    // Measurements kept in the repository are gzipped (`.raw.json.gz`).
+    let text = slora_reports::read_run_text(path).map_err(|e| bad(e.to_string()))?;
     let c: Calibration = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     c.model.validate().map_err(|e| bad(format!("model: {e}")))?;
     if c.date.is_empty() {
@@ -823,13 +828,43 @@ fn refit(args: &CalibrateArgs) -> Result<(), CalibrateError> {
         .iter()
         .map(|p| read_raw(p))
         .collect::<Result<Vec<_>, _>>()?;
+    let quantum_arg = args
+        .gemm_token_quantum
+        .as_ref()
+        .map_or(String::new(), |q| format!(" --gemm-token-quantum {q}"));
+    if args.merge {
+        if measurements.len() < 2 {
+            return Err(CalibrateError::BadInput(
+                "--merge combines two or more measurements; --refit names one".into(),
+            ));
+        }
+        let named: Vec<(String, Calibration)> = args
+            .refit
+            .iter()
+            .map(|p| p.display().to_string())
+            .zip(measurements)
+            .collect();
+        let merged = Calibration::median_of(&named).map_err(|e| CalibrateError::Read {
+            path: PathBuf::from(&e.origin),
+            reason: format!(
+                "cannot be combined with {}: {}: {}",
+                named[0].0, e.field, e.reason
+            ),
+        })?;
+        let footer = format!(
+            "\n\nDerived with `slora-plan calibrate --refit {} --merge{quantum_arg}`: each point the \
+             median of {} measurements ({}).\n",
+            named.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(" "),
+            named.len(),
+            named.iter().map(|(_, c)| c.date.as_str()).collect::<Vec<_>>().join(", "),
+        );
+        println!("{}", write(&merged, &args.out, quantum, &footer)?);
+        return Ok(());
+    }
     for (c, path) in measurements.iter().zip(&args.refit) {
         let footer = format!(
-            "\n\nDerived with `slora-plan calibrate --refit {}{}` from the measurement of {}.\n",
+            "\n\nDerived with `slora-plan calibrate --refit {}{quantum_arg}` from the measurement of {}.\n",
             path.display(),
-            args.gemm_token_quantum
-                .as_ref()
-                .map_or(String::new(), |q| format!(" --gemm-token-quantum {q}")),
             c.date
         );
         println!("{}", write(c, &args.out, quantum, &footer)?);
@@ -1199,5 +1234,79 @@ mod tests {
         assert_eq!(read_raw(&raw).unwrap(), c);
         assert!(!dir.join("h200-llama-7b.json").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `--merge`: each point the median of the measurements' medians (so one slow run
+    /// among three moves nothing), p10/p90 their extremes, samples their sum, the latest
+    /// date; measurements of another grid or model are refused, naming the field.
+    #[test]
+    fn measurements_combine_point_by_point_and_refuse_another_grid() {
+        let scaled = |k: f64, date: &str| {
+            let mut c = measurement();
+            c.date = date.into();
+            for p in c.base_gemm.iter_mut() {
+                p.1 = stat(p.1.median_s * k);
+            }
+            c
+        };
+        let named = vec![
+            ("a".to_string(), scaled(1.0, "2026-12-01")),
+            ("b".to_string(), scaled(1.3, "2026-12-04")),
+            ("c".to_string(), scaled(0.9, "2026-12-02")),
+        ];
+        let m = Calibration::median_of(&named).unwrap();
+        let one = measurement();
+        for (got, want) in m.base_gemm.iter().zip(&one.base_gemm) {
+            assert_eq!(got.0, want.0);
+            assert!(
+                (got.1.median_s - want.1.median_s).abs() < 1e-15,
+                "the middle one"
+            );
+            assert!((got.1.p10_s - want.1.median_s * 0.9 * 0.98).abs() < 1e-15);
+            assert!((got.1.p90_s - want.1.median_s * 1.3 * 1.03).abs() < 1e-15);
+            assert_eq!(got.1.samples, 15);
+        }
+        assert_eq!(m.date, "2026-12-04");
+        assert_eq!(
+            m.attention_decode,
+            one.attention_decode
+                .iter()
+                .map(|&(b, x, s)| (b, x, Stat { samples: 15, ..s }))
+                .collect::<Vec<_>>()
+        );
+        // An even count takes the mean of the middle two.
+        let two = Calibration::median_of(&named[..2]).unwrap();
+        assert!((two.base_gemm[0].1.median_s - one.base_gemm[0].1.median_s * 1.15).abs() < 1e-15);
+        derive(&m, None).unwrap();
+
+        // Another grid: a point missing, or a point elsewhere.
+        let mut short = measurement();
+        short.lora_shrink.pop();
+        let e = Calibration::median_of(&[
+            ("a".into(), measurement()),
+            ("short.raw.json".into(), short),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            (e.origin.as_str(), e.field.as_str()),
+            ("short.raw.json", "lora_shrink")
+        );
+        assert!(e.reason.contains("not the same grid"), "{e}");
+        let mut moved = measurement();
+        moved.attention_decode[3].1 = 999;
+        let e = Calibration::median_of(&[("a".into(), measurement()), ("moved".into(), moved)])
+            .unwrap_err();
+        assert_eq!(e.field, "attention_decode[3][1]", "{e}");
+        assert!(e.reason.contains("999"), "{e}");
+        // Another model.
+        let mut other = measurement();
+        other.model = slora_engine::ModelSpec::preset("llama-13b").unwrap();
+        let e = Calibration::median_of(&[("a".into(), measurement()), ("13b".into(), other)])
+            .unwrap_err();
+        assert_eq!(e.field, "model", "{e}");
+        assert!(
+            e.reason.contains("llama-13b") && e.reason.contains("llama-7b"),
+            "{e}"
+        );
     }
 }

@@ -219,3 +219,80 @@ fn the_embedded_profiles_are_their_measurements_refit() {
         );
     }
 }
+
+/// `--refit ... --merge` on three H200 calibrations of Llama-7B kept in the repository (one
+/// plain, two gzipped): one profile, each point the median of the three.
+#[test]
+fn refit_merges_calibrations_of_several_machines() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let raws = [
+        format!("{root}/docs/fidelity/runs-9/host-11/profiles/h200-llama-7b.raw.json"),
+        format!("{root}/docs/fidelity/runs-9/host-12/profiles/h200-llama-7b.raw.json.gz"),
+        format!("{root}/docs/fidelity/runs-10/host-13/profiles/h200-llama-7b.raw.json.gz"),
+    ];
+    let read = |path: &str| -> serde_json::Value {
+        let bytes = std::fs::read(path).unwrap();
+        let text = if path.ends_with(".gz") {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut s)
+                .unwrap();
+            s
+        } else {
+            String::from_utf8(bytes).unwrap()
+        };
+        serde_json::from_str(&text).unwrap()
+    };
+    let out = tmp("merge");
+    let mut args = vec!["calibrate", "--refit"];
+    args.extend(raws.iter().map(String::as_str));
+    args.extend(["--merge", "--out", out.to_str().unwrap()]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged = read(out.join("h200-llama-7b.raw.json").to_str().unwrap());
+    let each: Vec<serde_json::Value> = raws.iter().map(|p| read(p)).collect();
+    // A decode step and a LoRA step: the middle of the three medians.
+    for (field, i) in [("decode_steps", 17), ("lora_steps", 60)] {
+        let last = |v: &serde_json::Value| {
+            let point = v[field][i].as_array().unwrap();
+            point.last().unwrap()["median_s"].as_f64().unwrap()
+        };
+        let mut three: Vec<f64> = each.iter().map(last).collect();
+        three.sort_by(f64::total_cmp);
+        assert_eq!(last(&merged), three[1], "{field}[{i}]");
+    }
+    let report = std::fs::read_to_string(out.join("h200-llama-7b.md")).unwrap();
+    assert!(report.contains("median of 3 measurements"), "{report}");
+    assert!(out.join("h200-llama-7b.json").is_file());
+
+    // Two models do not combine; one measurement is not a merge.
+    let thirteen =
+        format!("{root}/docs/fidelity/runs-10/host-15/profiles/h200-llama-13b.raw.json.gz");
+    let bad = tmp("merge-bad");
+    let o = run(&[
+        "calibrate",
+        "--refit",
+        &raws[0],
+        &thirteen,
+        "--merge",
+        "--out",
+        bad.to_str().unwrap(),
+    ]);
+    assert_clean_failure(
+        &o,
+        2,
+        &["h200-llama-13b.raw.json.gz", "model: llama-13b where"],
+    );
+    let o = run(&[
+        "calibrate",
+        "--refit",
+        &raws[0],
+        "--merge",
+        "--out",
+        bad.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 2, &["--merge combines two or more"]);
+    assert!(
+        !bad.join("h200-llama-7b.json").exists(),
+        "nothing written for bad input"
+    );
+}
