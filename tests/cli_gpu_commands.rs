@@ -123,7 +123,8 @@ fn refit_derives_the_same_profile_from_a_saved_measurement_without_a_gpu() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     // The profile gained `base_gemm_token_quantum_max_tokens` after this measurement (session
-    // 8): a refit writes the executor's tuning limit there; everything else is as measured.
+    // 8): a refit writes the executor's tuning limit there; everything else but the newer
+    // fitted terms below is as measured.
     let read = |path: std::path::PathBuf| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     };
@@ -134,6 +135,19 @@ fn refit_derives_the_same_profile_from_a_saved_measurement_without_a_gpu() {
         .unwrap()
         .remove("base_gemm_token_quantum_max_tokens");
     assert_eq!(limit, Some(serde_json::json!(512)));
+    // And `prompt_step_excess` after session 10, fitted on the steps of one prompt alone that
+    // the measurement holds.
+    let excess = derived
+        .as_object_mut()
+        .unwrap()
+        .remove("prompt_step_excess");
+    assert!(
+        excess
+            .as_ref()
+            .and_then(|e| e.as_array())
+            .is_some_and(|e| !e.is_empty()),
+        "{excess:?}"
+    );
     assert!(
         derived == measured,
         "the refit profile differs from the one measured"
@@ -191,7 +205,8 @@ fn refit_of_a_missing_or_broken_measurement_is_bad_input() {
 fn the_embedded_profiles_are_their_measurements_refit() {
     // `sim/profiles/README.md` says where the embedded H200 profiles come from: session 9's
     // measurements of the current executor on one machine (host 11), refit (which adds the
-    // rank-mix term fitted on the measured mixes).
+    // rank-mix term fitted on the measured mixes, and session 10's prompt-step excess fitted
+    // on the measured steps of one prompt alone).
     let root = env!("CARGO_MANIFEST_DIR");
     let out = tmp("embedded");
     for model in ["llama-7b", "llama-13b", "llama-3-8b"] {
@@ -211,12 +226,12 @@ fn the_embedded_profiles_are_their_measurements_refit() {
             "{model}: the embedded profile is not its measurement refit"
         );
         let profile: serde_json::Value = serde_json::from_slice(&embedded).unwrap();
-        assert!(
-            profile["lora_rank_mix"]
-                .as_array()
-                .is_some_and(|m| !m.is_empty()),
-            "{model}: the embedded profile has no rank-mix term"
-        );
+        for term in ["lora_rank_mix", "prompt_step_excess"] {
+            assert!(
+                profile[term].as_array().is_some_and(|m| !m.is_empty()),
+                "{model}: the embedded profile has no `{term}`"
+            );
+        }
     }
 }
 

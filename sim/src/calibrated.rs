@@ -230,7 +230,10 @@ impl PrefillGrid {
 /// * `adapter_h2d`: `host_to_device(blocking bytes)` (one copy of that size, at the bandwidth
 ///   measured for that size), plus what `host_to_device(prefetch bytes)` lasts beyond the rest
 ///   of the step: prefetches overlap compute on the copy engine, as in [`AnalyticCost`].
-/// * `sampling`: `S × sampling_per_token`; `fixed_overhead`: the profile's, once per step.
+/// * `sampling`: `S × sampling_per_token`; `fixed_overhead`: the profile's, once per step,
+///   plus, in a step with `P > 0` prompt tokens, the profile's `prompt_step_excess` at `P`
+///   (linear between its points, falling linearly to zero below the first, held beyond the
+///   last).
 ///
 /// # Decode attention
 ///
@@ -315,6 +318,9 @@ pub struct CalibratedCost {
     /// The profile's `lora_rank_mix` by rows, and its row range (held flat beyond it);
     /// `None`: none measured.
     rank_mix: Option<(Grid<1>, f64, f64)>,
+    /// The profile's `prompt_step_excess` by prompt tokens, from a point (0, 0), and its last
+    /// prompt size (held flat beyond); `None`: none measured.
+    prompt_excess: Option<(Grid<1>, f64)>,
 }
 
 /// Fields of two model shapes that change kernel times, as `field: profile X, wanted Y`. The
@@ -475,6 +481,15 @@ impl CalibratedCost {
                         last.rows as f64,
                     )
                 }),
+            prompt_excess: profile.prompt_step_excess.last().map(|last| {
+                let points = std::iter::once(([0u64], 0.0)).chain(
+                    profile
+                        .prompt_step_excess
+                        .iter()
+                        .map(|p| ([p.prompt_tokens as u64], p.extra_s)),
+                );
+                (Grid::new(points), last.prompt_tokens as f64)
+            }),
         })
     }
 
@@ -747,6 +762,9 @@ impl CostModel for CalibratedCost {
         let fixed = self.fixed_s
             + if b.prefill_tokens > 0 {
                 self.prefill_step_s
+                    + self.prompt_excess.as_ref().map_or(0.0, |(grid, last)| {
+                        grid.eval([(b.prefill_tokens as f64).min(*last)])
+                    })
             } else {
                 0.0
             };
@@ -1102,6 +1120,18 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
             out,
             "| extra per step with a prompt | {} |",
             human_measured(m)
+        );
+    }
+    if !profile.prompt_step_excess.is_empty() {
+        let _ = writeln!(
+            out,
+            "| extra per step with a prompt, by prompt tokens | {} |",
+            profile
+                .prompt_step_excess
+                .iter()
+                .map(|p| format!("{}: {}", p.prompt_tokens, human_seconds(p.extra_s)))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
 
@@ -1774,6 +1804,7 @@ pub fn profile_from_cost_model(
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: None,
         lora_rank_mix: Vec::new(),
+        prompt_step_excess: Vec::new(),
         base_gemm: grids
             .tokens
             .iter()

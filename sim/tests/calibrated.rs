@@ -974,3 +974,92 @@ fn base_gemm_token_quantum_prices_the_tile_staircase() {
     assert!(base(&limited, 1100) < base(&tiled, 1100));
     assert!(base(&tiled, 288) > base(&plain, 288));
 }
+
+/// `prompt_step_excess`: a step with a prompt costs the measured excess at its prompt tokens
+/// (linear between points, falling to zero below the first, held beyond the last), in its
+/// fixed overhead; decode-only steps are unchanged.
+#[test]
+fn steps_with_a_prompt_cost_the_measured_excess() {
+    use slora_sim::cost::PromptExcessPoint;
+    let plain = synthetic_profile(Efficiency::default());
+    let mut excess = plain.clone();
+    excess.prompt_step_excess = vec![
+        PromptExcessPoint {
+            prompt_tokens: 100,
+            extra_s: 4e-4,
+        },
+        PromptExcessPoint {
+            prompt_tokens: 300,
+            extra_s: 0.0,
+        },
+    ];
+    let (plain, excess) = (calibrated(&plain), calibrated(&excess));
+    let extra = |s: &BatchShape| {
+        let (a, b) = (plain.step_cost(s), excess.step_cost(s));
+        assert_eq!(
+            (a.base_gemm, a.attention_prefill, a.lora_shrink),
+            (b.base_gemm, b.attention_prefill, b.lora_shrink),
+            "only the fixed overhead moves"
+        );
+        secs(b.fixed_overhead) - secs(a.fixed_overhead)
+    };
+    let decode_only = decode(&[300; 24]);
+    assert_eq!(extra(&decode_only), 0.0);
+    for (tokens, want) in [
+        (50, 2e-4),  // half of the first point's, on the way from zero
+        (100, 4e-4), // at the point
+        (200, 2e-4), // halfway to 0 at 300
+        (300, 0.0),  // at the last point
+        (2000, 0.0), // held beyond it
+    ] {
+        let step = with_prefill(decode(&[300; 24]), &[(tokens, 0)]);
+        let got = extra(&step);
+        assert!(
+            (got - want).abs() < 2e-9,
+            "{tokens} tokens: {got} vs {want}"
+        );
+    }
+    // Prompt tokens are what counts, however many chunks carry them.
+    let two = with_prefill(decode(&[300; 24]), &[(50, 0), (50, 0)]);
+    assert!((extra(&two) - 4e-4).abs() < 2e-9);
+}
+
+#[test]
+fn prompt_excess_points_out_of_range_or_order_are_named() {
+    use slora_sim::cost::PromptExcessPoint;
+    let mut p = synthetic_profile(Efficiency::default());
+    let point = |prompt_tokens, extra_s| PromptExcessPoint {
+        prompt_tokens,
+        extra_s,
+    };
+    for (points, field, says) in [
+        (
+            vec![point(100, -1e-4)],
+            "prompt_step_excess[0].extra_s",
+            "got -0.0001",
+        ),
+        (
+            vec![point(100, f64::INFINITY)],
+            "prompt_step_excess[0].extra_s",
+            "got inf",
+        ),
+        (
+            vec![point(200, 1e-4), point(100, 1e-4)],
+            "prompt_step_excess[1].prompt_tokens",
+            "100 follows 200",
+        ),
+        (
+            vec![point(0, 1e-4)],
+            "prompt_step_excess[0].prompt_tokens",
+            "got 0",
+        ),
+    ] {
+        p.prompt_step_excess = points;
+        let err = p
+            .validate(std::path::Path::new("p.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field) && err.contains(says), "{err}");
+        assert!(err.contains("p.json"), "{err}");
+    }
+}
