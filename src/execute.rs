@@ -23,6 +23,9 @@ pub enum ReplayPass {
     /// The plans as recorded with CUDA events between the phases of each step (every
     /// kernel in line on one stream): the time of each part.
     Phases,
+    /// The plans without their adapters, phase-timed: the parts of the base step alone
+    /// (whether a phase's excess over the profile comes with the adapters or without them).
+    NoLoraPhases,
 }
 
 impl ReplayPass {
@@ -31,7 +34,18 @@ impl ReplayPass {
             ReplayPass::Recorded => "recorded",
             ReplayPass::NoLora => "no_lora",
             ReplayPass::Phases => "phases",
+            ReplayPass::NoLoraPhases => "no_lora_phases",
         }
+    }
+
+    /// Whether the pass times each phase.
+    pub fn phase_timed(self) -> bool {
+        matches!(self, ReplayPass::Phases | ReplayPass::NoLoraPhases)
+    }
+
+    /// Whether the pass runs the plans without their adapters.
+    pub fn without_adapters(self) -> bool {
+        matches!(self, ReplayPass::NoLora | ReplayPass::NoLoraPhases)
     }
 }
 
@@ -179,23 +193,24 @@ mod gpu {
 
     impl Executor for GpuBackend<'_> {
         fn execute(&mut self, plan: &StepPlan) -> Result<StepReport, ExecError> {
-            match &mut self.pass {
-                None | Some((ReplayPass::Recorded, _)) => self.exec.execute(plan),
-                Some((ReplayPass::NoLora, _)) => {
-                    // The same plan with no adapter on any row: loads still copy, no LoRA
-                    // kernel runs.
-                    let mut bare = plan.clone();
-                    bare.prefill.iter_mut().for_each(|p| p.adapter = None);
-                    bare.decode.iter_mut().for_each(|d| d.adapter = None);
-                    self.exec.execute(&bare)
-                }
-                Some((ReplayPass::Phases, phases)) => {
-                    let report = self.exec.execute(plan)?;
-                    let times = self.exec.last_phase_times.take();
-                    phases.push(times.map(|t| PHASES.map(|p| t.get(p) * 1e-3)));
-                    Ok(report)
-                }
+            let Some((pass, phases)) = &mut self.pass else {
+                return self.exec.execute(plan);
+            };
+            let report = if pass.without_adapters() {
+                // The same plan with no adapter on any row: loads still copy, no LoRA
+                // kernel runs.
+                let mut bare = plan.clone();
+                bare.prefill.iter_mut().for_each(|p| p.adapter = None);
+                bare.decode.iter_mut().for_each(|d| d.adapter = None);
+                self.exec.execute(&bare)?
+            } else {
+                self.exec.execute(plan)?
+            };
+            if pass.phase_timed() {
+                let times = self.exec.last_phase_times.take();
+                phases.push(times.map(|t| PHASES.map(|p| t.get(p) * 1e-3)));
             }
+            Ok(report)
         }
     }
 
@@ -408,7 +423,7 @@ mod gpu {
         let loaded = prepare(slot, setup)?;
         use_recorded_pool(setup, recorded, Some(loaded.pool_pages as u64), origin)
             .map_err(|e| ExecuteError::Setup(e.to_string()))?;
-        loaded.exec.set_phase_timing(pass == ReplayPass::Phases);
+        loaded.exec.set_phase_timing(pass.phase_timed());
         let mut timings = Vec::new();
         let result = {
             let mut backend = GpuBackend {

@@ -27,7 +27,7 @@ pub struct ReplayArgs {
     pub execute: bool,
     /// With --execute, the passes in order: `recorded` (the plans as made), `no-lora` (the
     /// same plans with no adapter on any row), `phases` (as recorded, CUDA events between the
-    /// phases of each step).
+    /// phases of each step), `no-lora-phases` (without adapters, phase-timed).
     #[arg(
         long,
         value_enum,
@@ -221,9 +221,15 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayCmdError> {
                     source,
                 })?;
             let _ = write!(header, ",executed_{}_s", pass.name());
-            if pass == ReplayPass::Phases {
+            if pass.phase_timed() {
+                // `phase_*` for the pass with adapters (as in earlier tables), else prefixed.
+                let prefix = if pass.without_adapters() {
+                    "no_lora_phase"
+                } else {
+                    "phase"
+                };
                 for name in PHASE_NAMES {
-                    let _ = write!(header, ",phase_{name}_s");
+                    let _ = write!(header, ",{prefix}_{name}_s");
                 }
             }
             // Both replays make the same plans in the same order: the model's rows and the
@@ -239,7 +245,7 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayCmdError> {
                     )));
                 }
                 let mut cell = format!("{:.9}", t.executed_s);
-                if pass == ReplayPass::Phases {
+                if pass.phase_timed() {
                     for v in t.phases_s.unwrap_or([0.0; 7]) {
                         let _ = write!(cell, ",{v:.9}");
                     }
