@@ -362,6 +362,21 @@ fn simulate_default(dir: &Path, name: &str, seed: &str) -> PathBuf {
     out
 }
 
+/// `small_scenario("")` written into `dir` and simulated into `dir/name`: (scenario, run).
+fn simulate_small(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let scenario = write(dir, "s.yaml", &small_scenario(""));
+    let out = dir.join(name);
+    let o = run(&[
+        "simulate",
+        "--quiet",
+        scenario.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (scenario, out)
+}
+
 #[test]
 fn compare_two_runs_writes_every_output() {
     let dir = tmp("compare");
@@ -552,16 +567,7 @@ fn compare_reads_runs_stored_gzipped() {
 #[test]
 fn compare_bad_input_exits_2_naming_the_file() {
     let dir = tmp("compare-bad");
-    let s = write(&dir, "s.yaml", &small_scenario(""));
-    let good = dir.join("good");
-    let o = run(&[
-        "simulate",
-        "--quiet",
-        s.to_str().unwrap(),
-        "--out",
-        good.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, good) = simulate_small(&dir, "good");
     let good = good.to_str().unwrap();
 
     let missing = dir.join("no-such-run");
@@ -622,16 +628,7 @@ fn compare_bad_input_exits_2_naming_the_file() {
 #[test]
 fn replay_makes_a_runs_steps_again_and_prices_them() {
     let dir = tmp("replay");
-    let s = write(&dir, "s.yaml", &small_scenario(""));
-    let out = dir.join("run");
-    let o = run(&[
-        "simulate",
-        "--quiet",
-        s.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (s, out) = simulate_small(&dir, "run");
     // The repository keeps runs gzipped; the replay reads either, or the run folder.
     gzip_in_place(&out, "steps.csv");
     let table = dir.join("replay.csv");
