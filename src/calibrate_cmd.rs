@@ -366,6 +366,23 @@ fn mixed_shape(tokens: u32, batch: u32, rank: u32, adapters: u32) -> slora_sim::
     }
 }
 
+/// The shape of a whole step of `Calibration::lora_prefill_base_steps`: `tokens` prompt tokens
+/// spread evenly over `segments` prompts at context 0 (as `calibrate` lays them out), no
+/// adapters, no decode rows.
+fn prompts_shape(tokens: u32, segments: u32) -> slora_sim::BatchShape {
+    let segments = segments.clamp(1, tokens.max(1));
+    let chunk = |k: u32| tokens / segments + u32::from(k < tokens % segments);
+    slora_sim::BatchShape {
+        prefill_requests: segments,
+        prefill_tokens: tokens,
+        prefill_attention_pairs: (0..segments)
+            .map(|k| chunk(k) as u64 * (chunk(k) as u64 + 1) / 2)
+            .sum(),
+        max_prefill_tokens: chunk(0),
+        ..Default::default()
+    }
+}
+
 /// The shape of one step of a `RankMixSteps`: `rows` decode rows at context 16, row `i` of
 /// rank `ranks[i % len]`, the first `adapters` of them distinct.
 fn mixed_rank_shape(rows: u32, ranks: &[u32], adapters: u32) -> slora_sim::BatchShape {
@@ -685,6 +702,21 @@ fn whole_step_checks(
             mean_error(&with_excess) * 100.0,
             mean_error(&parts) * 100.0,
         );
+    }
+    if !c.lora_prefill_base_steps.is_empty() {
+        let rows: Vec<(u32, u32, f64)> = c
+            .lora_prefill_base_steps
+            .iter()
+            .map(|(t, n, s)| (*t, *n, s.median_s))
+            .collect();
+        let shapes: Vec<_> = rows.iter().map(|r| prompts_shape(r.0, r.1)).collect();
+        report.push_str(&check_table(
+            "Whole steps of one or several prompts: measured vs the parts",
+            "The prompt tokens spread evenly over that many prompts at context 0, no adapters, no decode rows; host-timed as the executor runs them (the LoRA grid's base steps).",
+            ["prompt tokens", "prompts"],
+            &rows,
+            &predict(c, profile, &shapes)?,
+        ));
     }
     for mix in c.all_rank_mixes() {
         let rows: Vec<(u32, u32, f64)> = mix

@@ -134,7 +134,7 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayCmdError> {
         let mut cells = String::new();
         let _ = write!(
             cells,
-            "{},{:.9},{:.9},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{:.9},{:.9},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             s.index,
             s.recorded.duration_s,
             s.span_s,
@@ -166,6 +166,13 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayCmdError> {
                 .decode
                 .iter()
                 .map(|d| (d.context_len + 1).to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            // Each prompt chunk as `tokens@context` (the KV rows it already holds).
+            s.plan
+                .prefill
+                .iter()
+                .map(|p| format!("{}@{}", p.tokens, p.context_start))
                 .collect::<Vec<_>>()
                 .join(" "),
         );
@@ -206,7 +213,7 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayCmdError> {
     );
 
     let mut header = format!(
-        "step,measured_s,span_s,{},prefill_tokens,decode_requests,decode_context_tokens,lora_tokens,lora_token_rank,prefill_lora_tokens,distinct_adapters,distinct_rank_sum,blocking_load_bytes,prefetch_load_bytes,max_decode_rank,decode_rank_buckets,max_decode_context,decode_contexts",
+        "step,measured_s,span_s,{},prefill_tokens,decode_requests,decode_context_tokens,lora_tokens,lora_token_rank,prefill_lora_tokens,distinct_adapters,distinct_rank_sum,blocking_load_bytes,prefetch_load_bytes,max_decode_rank,decode_rank_buckets,max_decode_context,decode_contexts,prefill_chunks",
         StepCost::PARTS.map(|p| format!("{p}_s")).join(",")
     );
     if args.execute {

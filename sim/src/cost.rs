@@ -1586,9 +1586,10 @@ pub struct CalibrationProfile {
     /// The base GEMMs' grid below 320 tokens is measured on decode steps, and a step that
     /// runs a prompt of 100-300 tokens costs 0.3-0.5 ms more than a decode step of as many
     /// rows (five Llama-7B calibrations: parts 3-8% low on one prompt alone of 100 and 200
-    /// tokens; live prompt steps of 64-255 tokens 1.7-2.7% low). Below the first point the
-    /// excess falls linearly to zero, beyond the last it stays. Absent (profiles before
-    /// session 10): none.
+    /// tokens; live prompt steps of 64-255 tokens 1.7-2.7% low). Measured on prompts with an
+    /// adapter, and charged in proportion to the prompt tokens that have one. Below the first
+    /// point the excess falls linearly to zero, beyond the last it stays. Absent (profiles
+    /// before session 10): none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prompt_step_excess: Vec<PromptExcessPoint>,
 }

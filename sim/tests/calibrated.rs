@@ -1005,6 +1005,11 @@ fn steps_with_a_prompt_cost_the_measured_excess() {
     };
     let decode_only = decode(&[300; 24]);
     assert_eq!(extra(&decode_only), 0.0);
+    // Prompts whose every token has an adapter, as the excess was measured.
+    let on_adapters = |mut s: BatchShape| {
+        s.prefill_lora_tokens = s.prefill_tokens;
+        s
+    };
     for (tokens, want) in [
         (50, 2e-4),  // half of the first point's, on the way from zero
         (100, 4e-4), // at the point
@@ -1012,7 +1017,7 @@ fn steps_with_a_prompt_cost_the_measured_excess() {
         (300, 0.0),  // at the last point
         (2000, 0.0), // held beyond it
     ] {
-        let step = with_prefill(decode(&[300; 24]), &[(tokens, 0)]);
+        let step = on_adapters(with_prefill(decode(&[300; 24]), &[(tokens, 0)]));
         let got = extra(&step);
         assert!(
             (got - want).abs() < 2e-9,
@@ -1020,8 +1025,16 @@ fn steps_with_a_prompt_cost_the_measured_excess() {
         );
     }
     // Prompt tokens are what counts, however many chunks carry them.
-    let two = with_prefill(decode(&[300; 24]), &[(50, 0), (50, 0)]);
+    let two = on_adapters(with_prefill(decode(&[300; 24]), &[(50, 0), (50, 0)]));
     assert!((extra(&two) - 4e-4).abs() < 2e-9);
+    // In proportion to the prompt tokens with an adapter: none, half.
+    let bare = with_prefill(decode(&[300; 24]), &[(100, 0)]);
+    assert_eq!(extra(&bare), 0.0);
+    let half = BatchShape {
+        prefill_lora_tokens: 50,
+        ..bare
+    };
+    assert!((extra(&half) - 2e-4).abs() < 2e-9);
 }
 
 #[test]
