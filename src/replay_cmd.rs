@@ -195,19 +195,13 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayCmdError> {
             ""
         }
     );
-    let errors = |f: &dyn Fn(&Row) -> Option<(f64, f64)>| -> (f64, f64) {
-        let e: Vec<f64> = rows
-            .iter()
-            .filter_map(f)
-            .filter(|(_, m)| *m > 0.0)
-            .map(|(p, m)| p / m - 1.0)
-            .collect();
-        (
-            median(e.clone()) * 100.0,
-            median(e.iter().map(|x| x.abs()).collect()) * 100.0,
-        )
-    };
-    let (signed, abs) = errors(&|r| Some((r.model_s, r.measured_s)));
+    let errors: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.measured_s > 0.0)
+        .map(|r| r.model_s / r.measured_s - 1.0)
+        .collect();
+    let abs = median(errors.iter().map(|e| e.abs() * 100.0).collect());
+    let signed = median(errors.into_iter().map(|e| e * 100.0).collect());
     eprintln!(
         "cost model against the recorded steps: median error {signed:+.2}%, median absolute error {abs:.2}%"
     );
