@@ -286,6 +286,30 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     let pool_pages =
         GpuExecutor::pool_pages_from_free_memory(&gpu, model, max_tokens, max_rank, 0.9)?;
     let targets = TargetModule::ATTENTION.to_vec();
+    // The decode LoRA grid's adapter counts that fit this GPU's pool with every rank resident.
+    let mut grid = grid.clone();
+    let pages_of = |rank: u32| {
+        slora_engine::AdapterSpec {
+            rank,
+            targets: targets.clone(),
+        }
+        .pages(model)
+    };
+    let fitting = crate::measurement::adapter_counts_that_fit(
+        &grid.lora_adapters,
+        &grid.lora_ranks,
+        pages_of,
+        pool_pages as u64,
+    );
+    if fitting != grid.lora_adapters {
+        progress(&format!(
+            "the pool ({pool_pages} pages) holds the LoRA grid's adapters up to {} of each rank, not {:?}: the adapters axis stops there",
+            fitting.last().copied().unwrap_or(1),
+            grid.lora_adapters
+        ));
+        grid.lora_adapters = fitting;
+    }
+    let grid = &grid;
     // Adapter region: every (rank, adapter) of the LoRA grid resident at once.
     let max_adapters = grid
         .lora_adapters

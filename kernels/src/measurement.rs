@@ -343,8 +343,32 @@ pub const LORA_DECODE_TOKENS: [u32; 10] = [1, 4, 8, 16, 32, 64, 96, 128, 160, 25
 /// calibration's own check showed it: its 64-adapter mix at 256 rows cost 0.47-0.80 ms more
 /// than its 16-adapter one, where the parts added 0.00-0.70 ms (docs/FIDELITY.md, session 10).
 /// The adapters of every rank of the grid are resident at once: 64 of ranks 8-64 are 15 GB
-/// for Llama-7B, 25 GB for Llama-13B.
+/// for Llama-7B, 25 GB for Llama-13B; where the pool cannot hold them the axis stops earlier
+/// ([`adapter_counts_that_fit`]).
 pub const LORA_DECODE_ADAPTERS: [u32; 4] = [1, 4, 16, 64];
+
+/// The counts of `wanted` (increasing) whose adapters fit the pool: `n` adapters of every rank
+/// in `ranks`, all resident at once, may take at most half of `pool_pages` (the other half
+/// holds the grids' KV rows). `pages(rank)` is one adapter's pages. The smallest count is
+/// always kept, so a GPU too small for 64 adapters of each rank (Llama-13B on an 80 GB one)
+/// still calibrates, on a shorter adapters axis; `calibrate` then says so.
+pub fn adapter_counts_that_fit(
+    wanted: &[u32],
+    ranks: &[u32],
+    pages: impl Fn(u32) -> u64,
+    pool_pages: u64,
+) -> Vec<u32> {
+    let per_adapter: u64 = ranks.iter().map(|&r| pages(r)).sum();
+    let mut fit: Vec<u32> = wanted
+        .iter()
+        .copied()
+        .filter(|&n| n as u64 * per_adapter * 2 < pool_pages)
+        .collect();
+    if fit.is_empty() {
+        fit.extend(wanted.first());
+    }
+    fit
+}
 
 /// Decode context of the decode rows in `Calibration::mixed_steps`.
 pub const MIXED_CONTEXT: u32 = 256;
@@ -376,3 +400,29 @@ pub const MIXED_SHAPES: [(u32, u32); 21] = [
     (2000, 32),
     (2000, 128),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_adapters_axis_stops_where_the_pool_does() {
+        // Llama-7B: a rank-r adapter on q, k, v, o is 4r pages; ranks 8-64, 212,000 pages.
+        let pages = |r: u32| 4 * r as u64;
+        let ranks = [8, 16, 32, 64];
+        assert_eq!(
+            adapter_counts_that_fit(&LORA_DECODE_ADAPTERS, &ranks, pages, 212_000),
+            vec![1, 4, 16, 64]
+        );
+        // 64 of each rank need 30,720 pages: with 50,000 the axis ends at 16.
+        assert_eq!(
+            adapter_counts_that_fit(&LORA_DECODE_ADAPTERS, &ranks, pages, 50_000),
+            vec![1, 4, 16]
+        );
+        // Never empty.
+        assert_eq!(
+            adapter_counts_that_fit(&LORA_DECODE_ADAPTERS, &ranks, pages, 10),
+            vec![1]
+        );
+    }
+}
