@@ -10,7 +10,7 @@ served it. This one prices the same steps with the current build and `--profiles
 through the simulator with every step taking the time it took live, so it makes the run's
 plans again and prints each step's full shape and the model's parts. Prints, over all runs
 and per run, the median of model/measured - 1 (signed and absolute), and by kind of step:
-decode-only steps by batch size, steps with a prompt by prompt tokens.
+decode-only steps by batch size, steps with a prompt by prompt tokens and by prompts.
 
 RUNS_DIR: fidelity.py's OUT (`<scenario>/loadNN.yaml` and `loadNN/executed/steps.csv[.gz]`).
 """
@@ -57,7 +57,8 @@ def replay(args, yaml_path, steps_path, work):
         if measured <= 0:
             continue
         model_s = sum(float(row[k]) for k in parts)
-        out.append((model_s / measured - 1, model_s - measured, int(row["prefill_tokens"]), int(row["decode_requests"])))
+        chunks = len(row.get("prefill_chunks", "").split())
+        out.append((model_s / measured - 1, model_s - measured, int(row["prefill_tokens"]), int(row["decode_requests"]), chunks))
     return out
 
 
@@ -103,6 +104,12 @@ def main():
         if sel:
             top = f"{hi - 1}" if hi < 1 << 20 else "+"
             print(f"| prompt tokens {lo}-{top} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} |")
+    # Steps with several prompts: the model adds each prompt's attention (docs/FIDELITY.md, session 10).
+    for n in range(1, 6):
+        sel = [g for g in everything if g[2] > 0 and (g[4] == n or (n == 5 and g[4] >= 5))]
+        if sel:
+            label = f"{n} prompts" if n < 5 else "5+ prompts"
+            print(f"| steps with {label} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} |")
 
 
 if __name__ == "__main__":
