@@ -108,7 +108,7 @@ def main():
     for n in range(1, 6):
         sel = [g for g in everything if g[2] > 0 and (g[4] == n or (n == 5 and g[4] >= 5))]
         if sel:
-            label = f"{n} prompts" if n < 5 else "5+ prompts"
+            label = {1: "1 prompt", 5: "5+ prompts"}.get(n, f"{n} prompts")
             print(f"| steps with {label} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} |")
 
 
