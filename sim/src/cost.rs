@@ -1760,23 +1760,13 @@ impl CalibrationProfile {
                     format!("must lie in [0, 1], got {}", p.toward_highest),
                 ));
             }
-            if i > 0 && p.rows <= self.lora_rank_mix[i - 1].rows {
-                return Err(bad(
-                    format!("lora_rank_mix[{i}].rows"),
-                    format!(
-                        "must increase: {} follows {}",
-                        p.rows,
-                        self.lora_rank_mix[i - 1].rows
-                    ),
-                ));
-            }
-            if p.rows == 0 {
-                return Err(bad(
-                    format!("lora_rank_mix[{i}].rows"),
-                    "must be at least 1, got 0".into(),
-                ));
-            }
         }
+        check_increasing_axis(
+            origin_bad,
+            "lora_rank_mix",
+            "rows",
+            self.lora_rank_mix.iter().map(|p| p.rows),
+        )?;
         for (i, p) in self.prompt_step_excess.iter().enumerate() {
             if !(p.extra_s.is_finite() && p.extra_s >= 0.0) {
                 return Err(bad(
@@ -1784,25 +1774,42 @@ impl CalibrationProfile {
                     format!("must be finite and at least 0, got {}", p.extra_s),
                 ));
             }
-            if p.prompt_tokens == 0 {
-                return Err(bad(
-                    format!("prompt_step_excess[{i}].prompt_tokens"),
-                    "must be at least 1, got 0".into(),
-                ));
-            }
-            if i > 0 && p.prompt_tokens <= self.prompt_step_excess[i - 1].prompt_tokens {
-                return Err(bad(
-                    format!("prompt_step_excess[{i}].prompt_tokens"),
-                    format!(
-                        "must increase: {} follows {}",
-                        p.prompt_tokens,
-                        self.prompt_step_excess[i - 1].prompt_tokens
-                    ),
-                ));
-            }
         }
+        check_increasing_axis(
+            origin_bad,
+            "prompt_step_excess",
+            "prompt_tokens",
+            self.prompt_step_excess.iter().map(|p| p.prompt_tokens),
+        )?;
         Ok(())
     }
+}
+
+/// The keys of a one-axis term of a profile (`field[i].key`): each at least 1 and larger than
+/// the one before.
+fn check_increasing_axis(
+    bad: &dyn Fn(String, String) -> CostError,
+    field: &str,
+    key: &str,
+    keys: impl Iterator<Item = u32>,
+) -> Result<(), CostError> {
+    let mut before = None;
+    for (i, k) in keys.enumerate() {
+        if k == 0 {
+            return Err(bad(
+                format!("{field}[{i}].{key}"),
+                "must be at least 1, got 0".into(),
+            ));
+        }
+        if let Some(b) = before.filter(|&b| k <= b) {
+            return Err(bad(
+                format!("{field}[{i}].{key}"),
+                format!("must increase: {k} follows {b}"),
+            ));
+        }
+        before = Some(k);
+    }
+    Ok(())
 }
 
 /// `YYYY-MM-DD`, optionally followed by `T...` or ` ...` (a time).
