@@ -84,7 +84,8 @@ if [ "$part" = j ]; then
         echo "doctor: $(grep -cE ' pass$' "$out/doctor.log") checks pass, $(grep -cE ' FAIL$' "$out/doctor.log") fail; $(tail -n 1 "$out/doctor.log")"
     fi
     for m in ${J_MODELS:-}; do
-        [ -f "$work/profiles/h200-$m.json" ] && continue
+        # Any GPU's profile of this model (h200-, h100-...): measured on this machine already.
+        compgen -G "$work/profiles/*-$m.json" >/dev/null && continue
         [ "$(left)" -gt 150 ] || { echo "no time to calibrate $m"; break; }
         timeout $(($(left) - 20)) "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
             --out "$work/profiles" >>"$out/calibrate.log" 2>&1

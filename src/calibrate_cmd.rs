@@ -27,10 +27,13 @@
 //! prompt tokens, where the base GEMMs' grid is measured on decode steps), and on 20 live
 //! cells of three machines it took latencies within 5% (up to 85% load) from 46 to 59 of 68.
 
-use slora_kernels::measurement::{Calibration, RankMixSteps, Stat, MIXED_CONTEXT};
+use slora_kernels::measurement::{
+    Calibration, RankMixSteps, SpreadDecodeStep, Stat, MIXED_CONTEXT,
+};
 use slora_sim::cost::{
     CalibrationProfile, DecodeAttentionPoint, LoraPoint, Measured, PrefillAttentionPoint,
-    PromptExcessPoint, RankMixPoint, TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
+    PromptExcessPoint, RankMixPoint, SpreadExcessPoint, TokensPoint, TransferPoint,
+    PROFILE_FORMAT_VERSION,
 };
 use slora_sim::CostModel;
 use std::collections::BTreeMap;
@@ -256,6 +259,7 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
         sampling_per_token: measured(&c.sampling_per_token),
         prefill_step_overhead: None,
         prompt_step_excess: Vec::new(),
+        decode_spread_excess: Vec::new(),
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: Some(slora_kernels::measurement::GEMM_TUNE_MAX_TOKENS),
         lora_rank_mix: fit_rank_mix(c),
@@ -381,6 +385,153 @@ fn prompts_shape(tokens: u32, segments: u32) -> slora_sim::BatchShape {
         max_prefill_tokens: chunk(0),
         ..Default::default()
     }
+}
+
+/// The shape of a decode step of one request per entry of `contexts` (cached rows; each
+/// decode row reads them and its own new one), no adapters.
+fn spread_shape(contexts: &[u32]) -> slora_sim::BatchShape {
+    let mut hist = slora_engine::ContextHistogram::default();
+    for &c in contexts {
+        hist.add(c + 1);
+    }
+    slora_sim::BatchShape {
+        decode_requests: contexts.len() as u32,
+        decode_context_tokens: contexts.iter().map(|&c| c as u64 + 1).sum(),
+        max_decode_context: contexts.iter().map(|&c| c + 1).max().unwrap_or(0),
+        decode_context_histogram: hist,
+        ..Default::default()
+    }
+}
+
+/// `1 - mean context / longest context` of a decode batch: 0 when every request reads as many
+/// rows, toward 1 when one long request sits among short ones.
+fn context_spread(shape: &slora_sim::BatchShape) -> f64 {
+    let n = shape.decode_requests as f64;
+    let longest = shape.max_decode_context as f64;
+    if n == 0.0 || longest == 0.0 {
+        return 0.0;
+    }
+    1.0 - shape.decode_context_tokens as f64 / n / longest
+}
+
+/// Whether a spread pattern is one the excess is fitted on: the even spreads from 16 rows,
+/// as a server's batch is when prompts and outputs are uniform in length. The others (a
+/// narrow spread, a quarter of long requests among short ones) check how it carries over.
+fn fits_spread_excess(step: &SpreadDecodeStep) -> bool {
+    step.pattern.starts_with("even-16-")
+}
+
+/// Fits the profile's `decode_spread_excess` on the spread steps and returns the report's
+/// section: each step's attention phase against the grid's estimate, without and with it, and
+/// the whole steps against the parts.
+fn spread_checks(
+    c: &Calibration,
+    profile: &mut CalibrationProfile,
+) -> Result<String, CalibrateError> {
+    let steps = &c.spread_decode_steps;
+    if steps.is_empty() {
+        return Ok(String::new());
+    }
+    let shapes: Vec<_> = steps.iter().map(|s| spread_shape(&s.contexts)).collect();
+    profile.decode_spread_excess.clear();
+    let grid_only = predict_costs(c, profile, &shapes)?;
+    // At each batch size: the median over the fitted patterns of (measured - the grid), and
+    // of their spreads.
+    let mut by_rows: BTreeMap<u32, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for ((step, shape), cost) in steps.iter().zip(&shapes).zip(&grid_only) {
+        if fits_spread_excess(step) {
+            let entry = by_rows.entry(shape.decode_requests).or_default();
+            entry
+                .0
+                .push(step.attention.median_s - cost.attention_decode.as_secs_f64());
+            entry.1.push(context_spread(shape));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    profile.decode_spread_excess = by_rows
+        .into_iter()
+        .filter(|(rows, _)| *rows >= 2)
+        .map(|(rows, (extra, spread))| SpreadExcessPoint {
+            rows,
+            extra_s: median(extra),
+            spread: median(spread),
+        })
+        .filter(|p| p.spread > 0.0)
+        .collect();
+    let with_excess = predict_costs(c, profile, &shapes)?;
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "\n\n## Decode steps over spread contexts\n\nRequests at different contexts, no adapters: \
+         `even-A-B` spreads them evenly over A..B cached rows, `quarter-S-L` puts a quarter at L \
+         and the rest at S. The attention phase (event-timed) against the `attention_decode` \
+         grid's estimate for the exact shape, then with the profile's `decode_spread_excess` \
+         (fitted on the `even-16-*` patterns: the median of their excess at each batch size), \
+         and the whole step (host-timed) against all the parts.\n\n\
+         | pattern | batch | spread | attention (ms) | grid (ms) | error | with excess | whole step (ms) | parts (ms) | error |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    let mut errors: BTreeMap<bool, (Vec<f64>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for (((step, shape), before), after) in steps.iter().zip(&shapes).zip(&grid_only).zip(&with_excess)
+    {
+        let measured = step.attention.median_s;
+        let grid = before.attention_decode.as_secs_f64();
+        let fitted = after.attention_decode.as_secs_f64();
+        let whole = step.step.median_s;
+        let parts = after.total().as_secs_f64();
+        let e = errors.entry(fits_spread_excess(step)).or_default();
+        e.0.push((grid / measured - 1.0).abs());
+        e.1.push((fitted / measured - 1.0).abs());
+        e.2.push((parts / whole - 1.0).abs());
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} | {:.3} | {:.3} | {:+.1}% | {:+.1}% | {:.3} | {:.3} | {:+.1}% |",
+            step.pattern,
+            shape.decode_requests,
+            context_spread(shape),
+            measured * 1e3,
+            grid * 1e3,
+            (grid / measured - 1.0) * 100.0,
+            (fitted / measured - 1.0) * 100.0,
+            whole * 1e3,
+            parts * 1e3,
+            (parts / whole - 1.0) * 100.0
+        );
+    }
+    for (fitted, (before, after, whole)) in errors {
+        let _ = write!(
+            out,
+            "\n{}: median absolute error of the attention {:.1}% with the grid alone, {:.1}% with \
+             the excess; whole steps {:.1}%.",
+            if fitted {
+                "Patterns fitted"
+            } else {
+                "Patterns not fitted (the check)"
+            },
+            median(before) * 100.0,
+            median(after) * 100.0,
+            median(whole) * 100.0
+        );
+    }
+    let _ = write!(
+        out,
+        "\n\nThe profile's `decode_spread_excess` (rows: seconds at spread): {}.\n",
+        profile
+            .decode_spread_excess
+            .iter()
+            .map(|p| format!("{}: {:+.3} ms ({:.2})", p.rows, p.extra_s * 1e3, p.spread))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(out)
 }
 
 /// The shape of one step of a `RankMixSteps`: `rows` decode rows at context 16, row `i` of
@@ -547,6 +698,18 @@ fn predict(
     profile: &CalibrationProfile,
     shapes: &[slora_sim::BatchShape],
 ) -> Result<Vec<f64>, CalibrateError> {
+    Ok(predict_costs(c, profile, shapes)?
+        .iter()
+        .map(|cost| cost.total().as_secs_f64())
+        .collect())
+}
+
+/// What `profile` predicts for each shape, part by part.
+fn predict_costs(
+    c: &Calibration,
+    profile: &CalibrationProfile,
+    shapes: &[slora_sim::BatchShape],
+) -> Result<Vec<slora_sim::StepCost>, CalibrateError> {
     let cost = slora_sim::CalibratedCost::new(
         profile,
         &c.model,
@@ -554,10 +717,7 @@ fn predict(
         &slora_engine::TargetModule::ATTENTION,
     )
     .map_err(|e| CalibrateError::Invalid(e.to_string()))?;
-    Ok(shapes
-        .iter()
-        .map(|s| cost.step_cost(s).total().as_secs_f64())
-        .collect())
+    Ok(shapes.iter().map(|s| cost.step_cost(s)).collect())
 }
 
 /// A table of whole steps measured against the parts' prediction, and the median absolute
@@ -611,7 +771,7 @@ fn whole_step_checks(
     profile: &mut CalibrationProfile,
     fixed_quantum: Option<Option<u32>>,
 ) -> Result<String, CalibrateError> {
-    let mut report = String::new();
+    let mut report = spread_checks(c, profile)?;
     if !c.mixed_steps.is_empty() {
         let rows: Vec<(u32, u32, f64)> = c
             .mixed_steps
@@ -1056,6 +1216,7 @@ mod tests {
             mixed_rank_ranks: Vec::new(),
             mixed_rank_adapters: 0,
             rank_mixes: Vec::new(),
+            spread_decode_steps: Vec::new(),
         }
     }
 
@@ -1148,6 +1309,79 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("over 3 steps: 9.1%"), "{report}");
+    }
+
+    /// Spread steps whose attention costs a known amount beyond the grid's estimate give the
+    /// profile that excess at each batch size (the median over the fitted patterns), with the
+    /// patterns' spread; the cost model then prices the fitted steps as measured, and the
+    /// patterns left out of the fit are only checked.
+    #[test]
+    fn spread_steps_measure_what_mixed_contexts_cost_beyond_the_grid() {
+        use slora_kernels::measurement::SpreadPattern;
+        let mut c = measurement();
+        let (truth, _) = to_profile(&c);
+        let patterns = [
+            SpreadPattern::Even { lo: 16, hi: 512 },
+            SpreadPattern::Even { lo: 16, hi: 1024 },
+            SpreadPattern::Even { lo: 16, hi: 2048 },
+            SpreadPattern::Quarter {
+                short: 64,
+                long: 1024,
+            },
+        ];
+        // The even spreads cost 0.2 ms (16 rows) and 0.1 ms (64 rows) beyond the grid, except
+        // one that costs 0.4 ms at 16 rows (the median keeps 0.2); the quarter pattern 1 ms.
+        let extra = |p: &SpreadPattern, batch: u32| match (p, batch) {
+            (SpreadPattern::Quarter { .. }, _) => 1e-3,
+            (SpreadPattern::Even { hi: 2048, .. }, 16) => 4e-4,
+            (_, 16) => 2e-4,
+            _ => 1e-4,
+        };
+        for p in &patterns {
+            for batch in [16u32, 64] {
+                let contexts = p.contexts(batch);
+                let shape = spread_shape(&contexts);
+                let grid = predict_costs(&c, &truth, std::slice::from_ref(&shape)).unwrap()[0]
+                    .attention_decode
+                    .as_secs_f64();
+                c.spread_decode_steps.push(SpreadDecodeStep {
+                    pattern: p.name(),
+                    contexts,
+                    attention: stat(grid + extra(p, batch)),
+                    step: stat(0.01),
+                });
+            }
+        }
+        let (profile, report) = derive(&c, Some(None)).unwrap();
+        let got = &profile.decode_spread_excess;
+        assert_eq!(
+            got.iter().map(|p| p.rows).collect::<Vec<_>>(),
+            vec![16, 64]
+        );
+        assert!((got[0].extra_s - 2e-4).abs() < 1e-9, "{got:?}");
+        assert!((got[1].extra_s - 1e-4).abs() < 1e-9, "{got:?}");
+        // Even spreads from 16 rows: about half the longest context on average.
+        for p in got {
+            assert!((0.45..0.52).contains(&p.spread), "{got:?}");
+        }
+        // The middle even spread at 64 rows is priced as measured, its spread being the
+        // median one.
+        let step = &c.spread_decode_steps[3];
+        assert_eq!(step.pattern, "even-16-1024");
+        let shape = spread_shape(&step.contexts);
+        let priced = predict_costs(&c, &profile, std::slice::from_ref(&shape)).unwrap()[0]
+            .attention_decode
+            .as_secs_f64();
+        assert!((priced - step.attention.median_s).abs() < 2e-6, "{priced}");
+        assert!(report.contains("## Decode steps over spread contexts"), "{report}");
+        assert!(report.contains("| quarter-64-1024 | 64 |"), "{report}");
+        assert!(report.contains("Patterns not fitted (the check)"), "{report}");
+        assert!(report.contains("16: +0.200 ms"), "{report}");
+        // A measurement without spread steps derives no excess and no section.
+        c.spread_decode_steps.clear();
+        let (profile, report) = derive(&c, Some(None)).unwrap();
+        assert!(profile.decode_spread_excess.is_empty());
+        assert!(!report.contains("spread contexts"));
     }
 
     /// A prompt alone that costs more than its parts gives the profile that excess at its

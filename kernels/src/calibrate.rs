@@ -28,8 +28,8 @@ use slora_engine::{
 use std::time::Instant;
 
 pub use crate::measurement::{
-    Calibration, RankMixSteps, Stat, LORA_DECODE_ADAPTERS, LORA_DECODE_TOKENS, MIXED_CONTEXT,
-    MIXED_SHAPES,
+    Calibration, RankMixSteps, SpreadDecodeStep, SpreadPattern, Stat, LORA_DECODE_ADAPTERS,
+    LORA_DECODE_TOKENS, MIXED_CONTEXT, MIXED_SHAPES, SPREAD_BATCHES, SPREAD_PATTERNS,
 };
 
 /// The axes measured. Multi-axis grids are complete (every combination).
@@ -57,6 +57,9 @@ pub struct Grid {
     /// LoRA of prompt segments (MBGMM): tokens × segments (one adapter each) × rank.
     pub lora_prefill_tokens: Vec<u32>,
     pub lora_prefill_segments: Vec<u32>,
+    /// Decode batches of spread contexts: these sizes, each in every pattern.
+    pub spread_batches: Vec<u32>,
+    pub spread_patterns: Vec<SpreadPattern>,
     /// Timed repetitions per point (after one warm-up).
     pub reps: usize,
 }
@@ -80,6 +83,8 @@ impl Default for Grid {
             lora_ranks: vec![8, 16, 32, 64],
             lora_prefill_tokens: vec![16, 64, 256, 1024, 4096],
             lora_prefill_segments: vec![1, 4, 16],
+            spread_batches: SPREAD_BATCHES.to_vec(),
+            spread_patterns: SPREAD_PATTERNS.to_vec(),
             reps: 5,
         }
     }
@@ -151,18 +156,31 @@ impl Bench {
 
     /// A decode step of `batch` requests at `context`, adapters assigned round robin.
     fn decode_plan(&mut self, batch: u32, context: u32, adapters: &[AdapterId]) -> StepPlan {
+        self.decode_plan_of(&vec![context; batch as usize], adapters)
+    }
+
+    /// A decode step of one request per entry of `contexts`, at that context, adapters
+    /// assigned round robin.
+    fn decode_plan_of(&mut self, contexts: &[u32], adapters: &[AdapterId]) -> StepPlan {
         let mut plan = StepPlan {
             step: self.next_step,
             ..StepPlan::default()
         };
         self.next_step += 1;
-        for b in 0..batch {
+        // Where the batch reads more rows than the KV region holds, pages repeat; the new
+        // tokens' pages must still differ (each is the slot one token is written to).
+        let mut new_pages = std::collections::HashSet::with_capacity(contexts.len());
+        for (b, &context) in contexts.iter().enumerate() {
             let (id, tokens, pages) = self.request(context, 1);
             self.exec.add_prefilled(id, tokens, pages);
-            let page = PageId(self.kv_page() as u32);
+            let mut page = self.kv_page();
+            while !new_pages.insert(page) {
+                page = self.kv_page();
+            }
+            let page = PageId(page as u32);
             plan.decode.push(DecodeWork {
                 request: id,
-                adapter: (!adapters.is_empty()).then(|| adapters[b as usize % adapters.len()]),
+                adapter: (!adapters.is_empty()).then(|| adapters[b % adapters.len()]),
                 context_len: context,
                 page,
             });
@@ -393,6 +411,24 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
                         .map(|p| p.get(Phase::Sampling) * 1e-3 / batch as f64),
                 );
             }
+        }
+    }
+    // ---- Decode steps over spread contexts: the check of the context axis ------------------
+    // The grid above gives every request of a batch one context; a server's batch mixes them,
+    // and live steps' attention cost more than the grid says at their rows and mean context
+    // (docs/FIDELITY.md, session 10).
+    progress("decode steps over spread contexts (the check of the context axis)");
+    let mut spread_decode_steps = Vec::new();
+    for pattern in &grid.spread_patterns {
+        for &batch in grid.spread_batches.iter().filter(|&&b| b <= max_decode) {
+            let contexts = pattern.contexts(batch);
+            let (phases, hosts) = b.measure(reps, |b| b.decode_plan_of(&contexts, &[]))?;
+            spread_decode_steps.push(SpreadDecodeStep {
+                pattern: pattern.name(),
+                contexts,
+                attention: phase_stat(&phases, |p| p.get(Phase::AttentionDecode)),
+                step: Stat::of(hosts),
+            });
         }
     }
     let fixed_overhead = Stat::of(overheads);
@@ -643,5 +679,6 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         mixed_rank_ranks: Vec::new(),
         mixed_rank_adapters: 0,
         rank_mixes,
+        spread_decode_steps,
     })
 }

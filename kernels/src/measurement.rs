@@ -100,6 +100,86 @@ pub struct Calibration {
     /// three fields above, which stay for measurements taken before).
     #[serde(default)]
     pub rank_mixes: Vec<RankMixSteps>,
+    /// Decode steps whose requests read different numbers of cached rows, without adapters
+    /// (from session 11): the `attention_decode` grid measures batches of one context, and
+    /// live batches mix contexts of 9 to 1,000 rows (docs/FIDELITY.md, session 10: their
+    /// attention cost 5-13% more at 16-47 rows than the grid says at the same rows and mean
+    /// context). Empty in measurements taken before.
+    #[serde(default)]
+    pub spread_decode_steps: Vec<SpreadDecodeStep>,
+}
+
+/// One decode step of requests at different contexts ([`SpreadPattern`]), no adapters: its
+/// attention phase (GPU time between events) and the whole step (host-timed, no events).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpreadDecodeStep {
+    /// [`SpreadPattern::name`] of the pattern the contexts follow.
+    pub pattern: String,
+    /// Each request's cached rows, in batch order (the decode row reads them and its own).
+    pub contexts: Vec<u32>,
+    pub attention: Stat,
+    pub step: Stat,
+}
+
+/// How the contexts of a measured decode batch spread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpreadPattern {
+    /// Evenly over `lo..=hi` (the midpoints of `batch` equal slices), as a server's running
+    /// requests are when prompts and outputs are uniform in length.
+    Even { lo: u32, hi: u32 },
+    /// A quarter of the requests (rounded up) at `long`, the rest at `short`: a batch of mostly
+    /// short requests with a few long ones.
+    Quarter { short: u32, long: u32 },
+}
+
+/// The patterns `calibrate` measures: three even spreads from 16 rows (S-LoRA's workloads
+/// give contexts of up to 1,024; the Azure conversation trace, up to a few thousand), one
+/// narrow spread, and mostly short requests with a few long ones.
+pub const SPREAD_PATTERNS: [SpreadPattern; 5] = [
+    SpreadPattern::Even { lo: 16, hi: 512 },
+    SpreadPattern::Even { lo: 16, hi: 1024 },
+    SpreadPattern::Even { lo: 16, hi: 2048 },
+    SpreadPattern::Even { lo: 256, hi: 512 },
+    SpreadPattern::Quarter {
+        short: 64,
+        long: 1024,
+    },
+];
+
+/// Decode batch sizes of the spread steps: where live steps lie, densest at 8-64 rows.
+pub const SPREAD_BATCHES: [u32; 10] = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
+
+impl SpreadPattern {
+    /// A stable name for the measurement file and reports (`even-16-1024`, `quarter-64-1024`).
+    pub fn name(&self) -> String {
+        match *self {
+            SpreadPattern::Even { lo, hi } => format!("even-{lo}-{hi}"),
+            SpreadPattern::Quarter { short, long } => format!("quarter-{short}-{long}"),
+        }
+    }
+
+    /// The contexts of a batch of `batch` requests, in batch order. The order is a fixed
+    /// permutation (`i -> i * 7919 mod batch`; 7919 is prime, so it is one for every batch
+    /// below it), so long and short requests alternate in the grid as in a server's batch
+    /// rather than sitting in one run of blocks.
+    pub fn contexts(&self, batch: u32) -> Vec<u32> {
+        let n = batch as u64;
+        let sorted: Vec<u32> = match *self {
+            SpreadPattern::Even { lo, hi } => (0..n)
+                .map(|i| lo + ((hi - lo) as u64 * (2 * i + 1) / (2 * n)) as u32)
+                .collect(),
+            SpreadPattern::Quarter { short, long } => {
+                let longs = n.div_ceil(4);
+                (0..n)
+                    .map(|i| if i < longs { long } else { short })
+                    .collect()
+            }
+        };
+        (0..n)
+            .map(|i| sorted[((i * 7919) % n.max(1)) as usize])
+            .collect()
+    }
 }
 
 /// Whole decode steps whose rows take adapters of several ranks: `rows` decode rows at context
@@ -424,5 +504,31 @@ mod tests {
             adapter_counts_that_fit(&LORA_DECODE_ADAPTERS, &ranks, pages, 10),
             vec![1]
         );
+    }
+
+    #[test]
+    fn spread_patterns_give_every_context_once_in_a_shuffled_order() {
+        let even = SpreadPattern::Even { lo: 16, hi: 1024 };
+        let c = even.contexts(8);
+        let mut sorted = c.clone();
+        sorted.sort();
+        // Midpoints of eight slices of 16..1024 (126 rows each).
+        assert_eq!(sorted, vec![79, 205, 331, 457, 583, 709, 835, 961]);
+        assert_ne!(c, sorted, "the batch order is shuffled");
+        let quarter = SpreadPattern::Quarter {
+            short: 64,
+            long: 1024,
+        }
+        .contexts(10);
+        assert_eq!(quarter.iter().filter(|&&x| x == 1024).count(), 3);
+        assert_eq!(quarter.iter().filter(|&&x| x == 64).count(), 7);
+        for pattern in SPREAD_PATTERNS {
+            for batch in SPREAD_BATCHES {
+                let c = pattern.contexts(batch);
+                assert_eq!(c.len(), batch as usize, "{}", pattern.name());
+                assert!(c.iter().all(|&x| x >= 16), "{}", pattern.name());
+            }
+        }
+        assert_eq!(even.name(), "even-16-1024");
     }
 }

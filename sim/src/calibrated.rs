@@ -262,6 +262,12 @@ impl PrefillGrid {
 /// longest request alone. A shape without a histogram (built by hand) is one bucket at the
 /// mean context.
 ///
+/// With the profile's `decode_spread_excess`, a batch of spread contexts then adds what
+/// `calibrate`'s batches spread evenly from 16 rows cost beyond this estimate at its rows, in
+/// proportion to its spread `s = 1 - mean context / longest context` over theirs (at most all
+/// of it; rows held flat beyond the measured range): `time + min(s / s_measured, 1) · excess`,
+/// never below zero. A batch of one context (`s = 0`) is unchanged.
+///
 /// # Prefill attention
 ///
 /// The executor runs all of a step's chunks in one variable-length launch per layer; the grid
@@ -324,6 +330,41 @@ pub struct CalibratedCost {
     /// The profile's `prompt_step_excess` by prompt tokens, from a point (0, 0), and its last
     /// prompt size (held flat beyond); `None`: none measured.
     prompt_excess: Option<(Grid<1>, f64)>,
+    /// The profile's `decode_spread_excess`: (extra seconds, spread) by rows, and the row
+    /// range (held flat beyond it); `None`: none measured.
+    spread_excess: Option<SpreadExcess>,
+}
+
+/// [`CalibratedCost`]'s form of the profile's `decode_spread_excess`.
+#[derive(Clone, Debug)]
+struct SpreadExcess {
+    /// The excess minus `lowest_s`: grids are clamped at zero, and the excess may be negative
+    /// (the grid's estimate above the measured time).
+    extra_above_lowest: Grid<1>,
+    lowest_s: f64,
+    spread: Grid<1>,
+    first_rows: f64,
+    last_rows: f64,
+}
+
+impl SpreadExcess {
+    /// What a decode batch of this shape costs beyond the grid's estimate, seconds.
+    fn of(&self, b: &BatchShape) -> f64 {
+        let n = b.decode_requests as f64;
+        let longest = b.max_decode_context as f64;
+        if n < 2.0 || longest <= 0.0 {
+            return 0.0;
+        }
+        let spread = (1.0 - b.decode_context_tokens as f64 / n / longest).clamp(0.0, 1.0);
+        let rows = n.clamp(self.first_rows, self.last_rows);
+        let reference = self.spread.eval([rows]);
+        let share = if reference > 0.0 {
+            (spread / reference).min(1.0)
+        } else {
+            0.0
+        };
+        share * (self.extra_above_lowest.eval([rows]) + self.lowest_s)
+    }
 }
 
 /// Fields of two model shapes that change kernel times, as `field: profile X, wanted Y`. The
@@ -484,6 +525,25 @@ impl CalibratedCost {
                         last.rows as f64,
                     )
                 }),
+            spread_excess: profile
+                .decode_spread_excess
+                .first()
+                .zip(profile.decode_spread_excess.last())
+                .map(|(first, last)| {
+                    let points = &profile.decode_spread_excess;
+                    let lowest_s = points.iter().map(|p| p.extra_s).fold(0.0, f64::min);
+                    SpreadExcess {
+                        extra_above_lowest: Grid::new(
+                            points
+                                .iter()
+                                .map(|p| ([p.rows as u64], p.extra_s - lowest_s)),
+                        ),
+                        lowest_s,
+                        spread: Grid::new(points.iter().map(|p| ([p.rows as u64], p.spread))),
+                        first_rows: first.rows as f64,
+                        last_rows: last.rows as f64,
+                    }
+                }),
             prompt_excess: profile.prompt_step_excess.last().map(|last| {
                 let points = std::iter::once(([0u64], 0.0)).chain(
                     profile
@@ -531,6 +591,9 @@ impl CalibratedCost {
         }
         if b.max_decode_context > 0 {
             time = time.max(self.decode.eval([1.0, b.max_decode_context as f64]));
+        }
+        if let Some(excess) = &self.spread_excess {
+            time = (time + excess.of(b)).max(0.0);
         }
         time
     }
@@ -1010,6 +1073,15 @@ fn grid_loo(g: &GridPoints) -> GridLoo {
 }
 
 /// Seconds for people: `3.71 ms`, `850 µs`, `120 ns`.
+/// [`human_seconds`] with a sign: `-0.12 ms`.
+fn human_seconds_signed(s: f64) -> String {
+    if s < 0.0 {
+        format!("-{}", human_seconds(-s))
+    } else {
+        human_seconds(s)
+    }
+}
+
 fn human_seconds(s: f64) -> String {
     let (value, unit) = if s >= 1.0 {
         (s, "s")
@@ -1127,6 +1199,23 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
             out,
             "| extra per step with a prompt | {} |",
             human_measured(m)
+        );
+    }
+    if !profile.decode_spread_excess.is_empty() {
+        let _ = writeln!(
+            out,
+            "| decode attention over spread contexts, beyond the grid, by rows (at spread) | {} |",
+            profile
+                .decode_spread_excess
+                .iter()
+                .map(|p| format!(
+                    "{}: {} ({:.2})",
+                    p.rows,
+                    human_seconds_signed(p.extra_s),
+                    p.spread
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if !profile.prompt_step_excess.is_empty() {
@@ -1812,6 +1901,7 @@ pub fn profile_from_cost_model(
         base_gemm_token_quantum_max_tokens: None,
         lora_rank_mix: Vec::new(),
         prompt_step_excess: Vec::new(),
+        decode_spread_excess: Vec::new(),
         base_gemm: grids
             .tokens
             .iter()

@@ -1478,6 +1478,18 @@ pub struct PromptExcessPoint {
     pub extra_s: f64,
 }
 
+/// What decode attention over requests of spread contexts costs beyond the `attention_decode`
+/// grid's estimate for the same shape, seconds (signed), at `rows` decode rows, measured on
+/// batches whose spread `1 - mean context / longest context` was `spread` (see
+/// [`CalibrationProfile::decode_spread_excess`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpreadExcessPoint {
+    pub rows: u32,
+    pub extra_s: f64,
+    pub spread: f64,
+}
+
 /// One host-to-device copy of `bytes` from pinned host memory, as adapter loads do it; the
 /// bandwidth at that size is `bytes / time.median_s`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -1592,6 +1604,16 @@ pub struct CalibrationProfile {
     /// before session 10): none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prompt_step_excess: Vec<PromptExcessPoint>,
+    /// Decode attention over spread contexts, by rows (increasing): what `calibrate`'s steps of
+    /// requests spread evenly from 16 rows up cost beyond the `attention_decode` grid's estimate
+    /// for their exact shape (its bucket-by-bucket share and longest-request bounds). The grid
+    /// measures batches of one context; live batches mix them, and their attention ran 5-13%
+    /// above the grid at 16-47 rows (docs/FIDELITY.md, session 10). A batch of spread `s`
+    /// (`1 - mean context / longest context`; 0 for one context) is charged
+    /// `min(s / spread, 1)` of the excess at its rows (held flat beyond the measured rows).
+    /// Absent (profiles before session 11): none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decode_spread_excess: Vec<SpreadExcessPoint>,
 }
 
 /// Reads and checks a calibration profile (JSON). Errors name the path and the field.
@@ -1780,6 +1802,26 @@ impl CalibrationProfile {
             "prompt_step_excess",
             "prompt_tokens",
             self.prompt_step_excess.iter().map(|p| p.prompt_tokens),
+        )?;
+        for (i, p) in self.decode_spread_excess.iter().enumerate() {
+            if !p.extra_s.is_finite() {
+                return Err(bad(
+                    format!("decode_spread_excess[{i}].extra_s"),
+                    format!("must be finite, got {}", p.extra_s),
+                ));
+            }
+            if !(p.spread > 0.0 && p.spread <= 1.0) {
+                return Err(bad(
+                    format!("decode_spread_excess[{i}].spread"),
+                    format!("must lie in (0, 1], got {}", p.spread),
+                ));
+            }
+        }
+        check_increasing_axis(
+            origin_bad,
+            "decode_spread_excess",
+            "rows",
+            self.decode_spread_excess.iter().map(|p| p.rows),
         )?;
         Ok(())
     }
@@ -2422,6 +2464,7 @@ mod tests {
             base_gemm_token_quantum_max_tokens: None,
             lora_rank_mix: Vec::new(),
             prompt_step_excess: Vec::new(),
+            decode_spread_excess: Vec::new(),
             host_to_device: [1 << 20, 64 << 20]
                 .iter()
                 .map(|&bytes| TransferPoint {

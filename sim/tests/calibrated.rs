@@ -1076,3 +1076,94 @@ fn prompt_excess_points_out_of_range_or_order_are_named() {
         assert!(err.contains("p.json"), "{err}");
     }
 }
+
+/// `decode_spread_excess`: a decode batch of spread contexts costs the measured excess at its
+/// rows in its attention, in proportion to its spread over the measured one (at most all of
+/// it), held flat beyond the measured rows; a batch of one context and everything but decode
+/// attention are unchanged.
+#[test]
+fn decode_batches_of_spread_contexts_cost_the_measured_excess() {
+    use slora_sim::cost::SpreadExcessPoint;
+    let plain = synthetic_profile(Efficiency::default());
+    let mut excess = plain.clone();
+    excess.decode_spread_excess = vec![
+        SpreadExcessPoint {
+            rows: 16,
+            extra_s: 2e-4,
+            spread: 0.5,
+        },
+        SpreadExcessPoint {
+            rows: 64,
+            extra_s: -1e-4,
+            spread: 0.5,
+        },
+    ];
+    let (plain, excess) = (calibrated(&plain), calibrated(&excess));
+    let extra = |s: &BatchShape| {
+        let (a, b) = (plain.step_cost(s), excess.step_cost(s));
+        assert_eq!(
+            (a.base_gemm, a.lora_shrink, a.fixed_overhead),
+            (b.base_gemm, b.lora_shrink, b.fixed_overhead),
+            "only decode attention moves"
+        );
+        secs(b.attention_decode) - secs(a.attention_decode)
+    };
+    // One context: no spread, no excess.
+    assert_eq!(extra(&decode(&[300; 24])), 0.0);
+    // Half the batch at 100 rows, half at 300: spread 1 - 200/300 = 1/3, two thirds of the
+    // measured spread. `decode` counts the rows each request reads.
+    let spread_rows = |rows: usize| {
+        let contexts: Vec<u32> = (0..rows).map(|i| if i % 2 == 0 { 100 } else { 300 }).collect();
+        decode(&contexts)
+    };
+    for (rows, full) in [(16, 2e-4), (40, 0.5e-4), (64, -1e-4), (8, 2e-4), (256, -1e-4)] {
+        let got = extra(&spread_rows(rows));
+        let want = full * 2.0 / 3.0;
+        assert!((got - want).abs() < 2e-9, "{rows} rows: {got} vs {want}");
+    }
+    // More spread than measured: the whole excess, no more.
+    let mut long_among_short = vec![20u32; 15];
+    long_among_short.push(2000);
+    assert!((extra(&decode(&long_among_short)) - 2e-4).abs() < 2e-9);
+}
+
+#[test]
+fn spread_excess_points_out_of_range_or_order_are_named() {
+    use slora_sim::cost::SpreadExcessPoint;
+    let mut p = synthetic_profile(Efficiency::default());
+    let point = |rows, extra_s, spread| SpreadExcessPoint {
+        rows,
+        extra_s,
+        spread,
+    };
+    for (points, field, says) in [
+        (
+            vec![point(16, f64::NAN, 0.5)],
+            "decode_spread_excess[0].extra_s",
+            "got NaN",
+        ),
+        (
+            vec![point(16, 1e-4, 0.0)],
+            "decode_spread_excess[0].spread",
+            "got 0",
+        ),
+        (
+            vec![point(16, 1e-4, 1.5)],
+            "decode_spread_excess[0].spread",
+            "got 1.5",
+        ),
+        (
+            vec![point(64, 1e-4, 0.5), point(16, 1e-4, 0.5)],
+            "decode_spread_excess[1].rows",
+            "16 follows 64",
+        ),
+    ] {
+        p.decode_spread_excess = points;
+        let err = p
+            .validate(std::path::Path::new("p.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field) && err.contains(says), "{err}");
+        assert!(err.contains("p.json"), "{err}");
+    }
+}
