@@ -7,7 +7,7 @@ simulated with the calibrated cost model, at fractions of its capacity, and comp
 
 Per scenario:
 1. capacity: the highest request rate at which a simulation of `--capacity-seconds` of
-   traffic (calibrated costs; `--profiles DIR/h200-<model>.json` when given, else the
+   traffic (calibrated costs; `--profiles DIR/<gpu>-<model>.json` when given, else the
    profiles embedded in the binary) keeps SLO attainment >= the scenario's target and completes
    >= 90% of the offered requests per second; found by bisection to 2%;
 2. for each load: the scenario at `load x capacity` for `--seconds` of arrivals, run with
@@ -154,14 +154,20 @@ slo:
     return s
 
 
+# The catalogue key of the GPU the scenarios name (`--gpu`); profiles are `<GPU>-<model>.json`.
+GPU = "h200"
+
+
 def render(sc, rate, seconds, profile, base_rate=None):
     prof = f"gpu_profile: {profile}\n" if profile else ""
     if sc.get("trace"):
         # The trace's own rate is base_rate at time_scale 1: stretch time to reach `rate`.
-        return sc["yaml"].format(
+        text = sc["yaml"].format(
             profile=prof, time_scale=base_rate / rate, seconds=seconds
         )
-    return sc["yaml"].format(profile=prof, rate=rate, cv=sc["cv"], seconds=seconds)
+    else:
+        text = sc["yaml"].format(profile=prof, rate=rate, cv=sc["cv"], seconds=seconds)
+    return text.replace("\ngpu: h200\n", f"\ngpu: {GPU}\n", 1)
 
 
 def run(cmd, env=None):
@@ -235,7 +241,8 @@ def retarget(yaml_path, traces, profiles=None):
     text = re.sub(r"^gpu_profile: .*\n", "", text, flags=re.M)
     if profiles:
         model = re.search(r"^model: (\S+)", text, re.M).group(1)
-        profile = os.path.abspath(os.path.join(profiles, f"h200-{model}.json"))
+        gpu = re.search(r"^gpu: (\S+)", text, re.M).group(1)
+        profile = os.path.abspath(os.path.join(profiles, f"{gpu}-{model}.json"))
         text = re.sub(r"^(gpu: .*\n)", f"\\1gpu_profile: {profile}\n", text, count=1, flags=re.M)
     trace = os.path.abspath(os.path.join(traces, TRACE))
     return re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
@@ -342,7 +349,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bin", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--profiles", help="folder of fresh h200-<model>.json profiles")
+    ap.add_argument("--profiles", help="folder of fresh <gpu>-<model>.json profiles")
+    ap.add_argument("--gpu", default="h200", help="catalogue key of the GPU the scenarios name (h200, h100-sxm, ...)")
     ap.add_argument("--traces", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces"))
     ap.add_argument("--only", help="comma-separated scenario names")
     ap.add_argument("--loads", default="0.5,0.85,0.95")
@@ -356,6 +364,8 @@ def main():
     ap.add_argument("--rerun", help="an earlier OUT folder: serve its live runs again (no simulation)")
     ap.add_argument("--busy-dir", help="while DIR/gpu<N>.busy exists, start nothing on GPU N")
     args = ap.parse_args()
+    global GPU
+    GPU = args.gpu
     if args.resimulate:
         return resimulate(args)
     if args.rerun:
@@ -376,7 +386,7 @@ def main():
         os.makedirs(work, exist_ok=True)
         profile = None
         if args.profiles:
-            p = os.path.abspath(os.path.join(args.profiles, f"h200-{sc['model']}.json"))
+            p = os.path.abspath(os.path.join(args.profiles, f"{GPU}-{sc['model']}.json"))
             profile = p if os.path.exists(p) else None
         cap, base_rate = capacity(args.bin, sc, work, profile, args.capacity_seconds)
         with open(os.path.join(work, "capacity.json"), "w") as f:

@@ -45,6 +45,8 @@
 #           UUID, so calls that landed on another machine are told apart; on a fresh machine
 #           the profiles are measured again before its runs. With J_CHECKS=1 the live runs
 #           stop BENCH_RESERVE_S (default 120) seconds early, so bench-gpu keeps its time.
+#           J_GPU (a catalogue key, e.g. h100-sxm): the machine is not an H200, so J_RUNS are
+#           new runs at fractions of the capacity its own profiles give (fidelity.py --gpu).
 #           J_REPLAYS (before the live runs): recorded live runs made again on this GPU with
 #           `slora-plan replay --execute`, each `RUN:PASSES[:BIN]` (RUN: a folder with
 #           `<scenario>/loadNN.yaml` and `loadNN/executed/`, given as `<folder>/<scenario>/loadNN`;
@@ -107,7 +109,14 @@ if [ "$part" = j ]; then
     done
     # bench-gpu comes last but keeps its time: the live runs stop that much earlier.
     reserve=0; [ "${J_CHECKS:-0}" = 1 ] && reserve=${BENCH_RESERVE_S:-120}
-    if [ -n "${J_RUNS:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
+    if [ -n "${J_RUNS:-}" ] && [ -n "${J_GPU:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
+        # Another GPU than the runs' (J_GPU: its catalogue key): new live runs at fractions
+        # of the capacity this machine's profiles give, each beside its simulation.
+        timeout $(($(left) - 10 - reserve)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-j" --traces "$traces" \
+            --profiles "$work/profiles" --gpu "$J_GPU" --runs "$J_RUNS" --seconds "$seconds" \
+            --deadline-s $(($(left) - 20 - reserve)) >"$out/fidelity.log" 2>&1
+        tail -n 14 "$out/fidelity.log"
+    elif [ -n "${J_RUNS:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
         timeout $(($(left) - 10 - reserve)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-j" --traces "$traces" \
             --rerun "$rerun_from" --runs "$J_RUNS" --seconds "$seconds" \
             --deadline-s $(($(left) - 20 - reserve)) >"$out/rerun.log" 2>&1

@@ -479,8 +479,17 @@ fn spread_checks(
          | pattern | batch | spread | attention (ms) | grid (ms) | error | with excess | whole step (ms) | parts (ms) | error |\n\
          |---|---|---|---|---|---|---|---|---|---|\n"
     );
-    let mut errors: BTreeMap<bool, (Vec<f64>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    for (((step, shape), before), after) in steps.iter().zip(&shapes).zip(&grid_only).zip(&with_excess)
+    // Absolute errors by whether the pattern was fitted: attention from the grid alone, with
+    // the excess, and whole steps.
+    #[derive(Default)]
+    struct Errors {
+        grid: Vec<f64>,
+        fitted: Vec<f64>,
+        whole: Vec<f64>,
+    }
+    let mut errors: BTreeMap<bool, Errors> = BTreeMap::new();
+    for (((step, shape), before), after) in
+        steps.iter().zip(&shapes).zip(&grid_only).zip(&with_excess)
     {
         let measured = step.attention.median_s;
         let grid = before.attention_decode.as_secs_f64();
@@ -488,9 +497,9 @@ fn spread_checks(
         let whole = step.step.median_s;
         let parts = after.total().as_secs_f64();
         let e = errors.entry(fits_spread_excess(step)).or_default();
-        e.0.push((grid / measured - 1.0).abs());
-        e.1.push((fitted / measured - 1.0).abs());
-        e.2.push((parts / whole - 1.0).abs());
+        e.grid.push((grid / measured - 1.0).abs());
+        e.fitted.push((fitted / measured - 1.0).abs());
+        e.whole.push((parts / whole - 1.0).abs());
         let _ = writeln!(
             out,
             "| {} | {} | {:.2} | {:.3} | {:.3} | {:+.1}% | {:+.1}% | {:.3} | {:.3} | {:+.1}% |",
@@ -506,7 +515,7 @@ fn spread_checks(
             (parts / whole - 1.0) * 100.0
         );
     }
-    for (fitted, (before, after, whole)) in errors {
+    for (fitted, e) in errors {
         let _ = write!(
             out,
             "\n{}: median absolute error of the attention {:.1}% with the grid alone, {:.1}% with \
@@ -516,9 +525,9 @@ fn spread_checks(
             } else {
                 "Patterns not fitted (the check)"
             },
-            median(before) * 100.0,
-            median(after) * 100.0,
-            median(whole) * 100.0
+            median(e.grid) * 100.0,
+            median(e.fitted) * 100.0,
+            median(e.whole) * 100.0
         );
     }
     let _ = write!(
@@ -1354,10 +1363,7 @@ mod tests {
         }
         let (profile, report) = derive(&c, Some(None)).unwrap();
         let got = &profile.decode_spread_excess;
-        assert_eq!(
-            got.iter().map(|p| p.rows).collect::<Vec<_>>(),
-            vec![16, 64]
-        );
+        assert_eq!(got.iter().map(|p| p.rows).collect::<Vec<_>>(), vec![16, 64]);
         assert!((got[0].extra_s - 2e-4).abs() < 1e-9, "{got:?}");
         assert!((got[1].extra_s - 1e-4).abs() < 1e-9, "{got:?}");
         // Even spreads from 16 rows: about half the longest context on average.
@@ -1373,9 +1379,15 @@ mod tests {
             .attention_decode
             .as_secs_f64();
         assert!((priced - step.attention.median_s).abs() < 2e-6, "{priced}");
-        assert!(report.contains("## Decode steps over spread contexts"), "{report}");
+        assert!(
+            report.contains("## Decode steps over spread contexts"),
+            "{report}"
+        );
         assert!(report.contains("| quarter-64-1024 | 64 |"), "{report}");
-        assert!(report.contains("Patterns not fitted (the check)"), "{report}");
+        assert!(
+            report.contains("Patterns not fitted (the check)"),
+            "{report}"
+        );
         assert!(report.contains("16: +0.200 ms"), "{report}");
         // A measurement without spread steps derives no excess and no section.
         c.spread_decode_steps.clear();

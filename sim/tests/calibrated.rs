@@ -1113,10 +1113,18 @@ fn decode_batches_of_spread_contexts_cost_the_measured_excess() {
     // Half the batch at 100 rows, half at 300: spread 1 - 200/300 = 1/3, two thirds of the
     // measured spread. `decode` counts the rows each request reads.
     let spread_rows = |rows: usize| {
-        let contexts: Vec<u32> = (0..rows).map(|i| if i % 2 == 0 { 100 } else { 300 }).collect();
+        let contexts: Vec<u32> = (0..rows)
+            .map(|i| if i % 2 == 0 { 100 } else { 300 })
+            .collect();
         decode(&contexts)
     };
-    for (rows, full) in [(16, 2e-4), (40, 0.5e-4), (64, -1e-4), (8, 2e-4), (256, -1e-4)] {
+    for (rows, full) in [
+        (16, 2e-4),
+        (40, 0.5e-4),
+        (64, -1e-4),
+        (8, 2e-4),
+        (256, -1e-4),
+    ] {
         let got = extra(&spread_rows(rows));
         let want = full * 2.0 / 3.0;
         assert!((got - want).abs() < 2e-9, "{rows} rows: {got} vs {want}");
