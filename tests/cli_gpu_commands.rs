@@ -235,6 +235,40 @@ fn the_embedded_profiles_are_their_measurements_refit() {
     }
 }
 
+#[test]
+fn the_embedded_h100_profiles_are_their_measurements_refit() {
+    // `sim/profiles/README.md`: session 11's H100 calibrations (host 16), the first with the
+    // decode steps over spread contexts, refit; each carries the term those steps give.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tmp("embedded-h100");
+    for model in ["llama-7b", "llama-3-8b"] {
+        let raw =
+            format!("{root}/docs/fidelity/runs-11/host-16/profiles/h100-sxm-{model}.raw.json.gz");
+        let o = run(&[
+            "calibrate",
+            "--refit",
+            raw.as_str(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let derived = std::fs::read(out.join(format!("h100-sxm-{model}.json"))).unwrap();
+        let embedded =
+            std::fs::read(format!("{root}/sim/profiles/h100-sxm-{model}.json")).unwrap();
+        assert!(
+            derived == embedded,
+            "{model}: the embedded profile is not its measurement refit"
+        );
+        let profile: serde_json::Value = serde_json::from_slice(&embedded).unwrap();
+        for term in ["lora_rank_mix", "prompt_step_excess", "decode_spread_excess"] {
+            assert!(
+                profile[term].as_array().is_some_and(|m| !m.is_empty()),
+                "{model}: the embedded profile has no `{term}`"
+            );
+        }
+    }
+}
+
 /// `--refit ... --merge` on three H200 calibrations of Llama-7B kept in the repository (one
 /// plain, two gzipped): one profile, each point the median of the three.
 #[test]

@@ -1683,6 +1683,14 @@ const EMBEDDED_PROFILES: &[(&str, &str)] = &[
         "h200-llama-3-8b.json",
         include_str!("../profiles/h200-llama-3-8b.json"),
     ),
+    (
+        "h100-sxm-llama-7b.json",
+        include_str!("../profiles/h100-sxm-llama-7b.json"),
+    ),
+    (
+        "h100-sxm-llama-3-8b.json",
+        include_str!("../profiles/h100-sxm-llama-3-8b.json"),
+    ),
 ];
 
 /// The calibration profiles embedded in the binary, by file name, parsed and validated.

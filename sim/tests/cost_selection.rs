@@ -154,8 +154,9 @@ fn extra_profiles_are_candidates_beside_the_embedded_ones() {
     let extra = [synthetic_profile("h200", "llama-7b")];
     let setup = build_with(&dir, &scenario_text("h200", ""), &extra).unwrap();
     assert_eq!(setup.cost.provenance(), Provenance::Calibrated);
-    // A candidate of another GPU does not make the run calibrated.
-    let setup = build_with(&dir, &scenario_text("h100", ""), &extra).unwrap();
+    // A candidate of another GPU does not make the run calibrated (the A100 has no embedded
+    // profile; the H100 has, for Llama-7B).
+    let setup = build_with(&dir, &scenario_text("a100-80g", ""), &extra).unwrap();
     assert_eq!(setup.cost.provenance(), Provenance::Derived);
 }
 
