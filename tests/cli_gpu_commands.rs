@@ -253,14 +253,17 @@ fn the_embedded_h100_profiles_are_their_measurements_refit() {
         ]);
         assert!(o.status.success(), "{model}: {}", stderr(&o));
         let derived = std::fs::read(out.join(format!("h100-sxm-{model}.json"))).unwrap();
-        let embedded =
-            std::fs::read(format!("{root}/sim/profiles/h100-sxm-{model}.json")).unwrap();
+        let embedded = std::fs::read(format!("{root}/sim/profiles/h100-sxm-{model}.json")).unwrap();
         assert!(
             derived == embedded,
             "{model}: the embedded profile is not its measurement refit"
         );
         let profile: serde_json::Value = serde_json::from_slice(&embedded).unwrap();
-        for term in ["lora_rank_mix", "prompt_step_excess", "decode_spread_excess"] {
+        for term in [
+            "lora_rank_mix",
+            "prompt_step_excess",
+            "decode_spread_excess",
+        ] {
             assert!(
                 profile[term].as_array().is_some_and(|m| !m.is_empty()),
                 "{model}: the embedded profile has no `{term}`"
