@@ -201,16 +201,13 @@ fn refit_of_a_missing_or_broken_measurement_is_bad_input() {
     );
 }
 
-#[test]
-fn the_embedded_profiles_are_their_measurements_refit() {
-    // `sim/profiles/README.md` says where the embedded H200 profiles come from: session 9's
-    // measurements of the current executor on one machine (host 11), refit (which adds the
-    // rank-mix term fitted on the measured mixes, and session 10's prompt-step excess fitted
-    // on the measured steps of one prompt alone).
+/// Refits `<runs>/profiles/<name>.raw.json[.gz]` for each name and checks that the result is
+/// `sim/profiles/<name>.json` byte for byte and carries every one of `terms`.
+fn assert_embedded_profiles_are_refits(runs: &str, names: &[&str], raw_ext: &str, terms: &[&str]) {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = tmp("embedded");
-    for model in ["llama-7b", "llama-13b", "llama-3-8b"] {
-        let raw = format!("{root}/docs/fidelity/runs-9/host-11/profiles/h200-{model}.raw.json");
+    let out = tmp(&format!("embedded-{}", names[0]));
+    for name in names {
+        let raw = format!("{root}/{runs}/profiles/{name}.raw.json{raw_ext}");
         let o = run(&[
             "calibrate",
             "--refit",
@@ -218,58 +215,47 @@ fn the_embedded_profiles_are_their_measurements_refit() {
             "--out",
             out.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{model}: {}", stderr(&o));
-        let derived = std::fs::read(out.join(format!("h200-{model}.json"))).unwrap();
-        let embedded = std::fs::read(format!("{root}/sim/profiles/h200-{model}.json")).unwrap();
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let derived = std::fs::read(out.join(format!("{name}.json"))).unwrap();
+        let embedded = std::fs::read(format!("{root}/sim/profiles/{name}.json")).unwrap();
         assert!(
             derived == embedded,
-            "{model}: the embedded profile is not its measurement refit"
+            "{name}: the embedded profile is not its measurement refit"
         );
         let profile: serde_json::Value = serde_json::from_slice(&embedded).unwrap();
-        for term in ["lora_rank_mix", "prompt_step_excess"] {
+        for term in terms {
             assert!(
                 profile[term].as_array().is_some_and(|m| !m.is_empty()),
-                "{model}: the embedded profile has no `{term}`"
+                "{name}: the embedded profile has no `{term}`"
             );
         }
     }
 }
 
 #[test]
-fn the_embedded_h100_profiles_are_their_measurements_refit() {
-    // `sim/profiles/README.md`: session 11's H100 calibrations (host 16), the first with the
-    // decode steps over spread contexts, refit; each carries the term those steps give.
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = tmp("embedded-h100");
-    for model in ["llama-7b", "llama-3-8b"] {
-        let raw =
-            format!("{root}/docs/fidelity/runs-11/host-16/profiles/h100-sxm-{model}.raw.json.gz");
-        let o = run(&[
-            "calibrate",
-            "--refit",
-            raw.as_str(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{model}: {}", stderr(&o));
-        let derived = std::fs::read(out.join(format!("h100-sxm-{model}.json"))).unwrap();
-        let embedded = std::fs::read(format!("{root}/sim/profiles/h100-sxm-{model}.json")).unwrap();
-        assert!(
-            derived == embedded,
-            "{model}: the embedded profile is not its measurement refit"
-        );
-        let profile: serde_json::Value = serde_json::from_slice(&embedded).unwrap();
-        for term in [
+fn the_embedded_profiles_are_their_measurements_refit() {
+    // `sim/profiles/README.md` says where the embedded profiles come from. The H200's: session
+    // 9's measurements of the current executor on one machine (host 11), refit (which adds the
+    // rank-mix term fitted on the measured mixes, and session 10's prompt-step excess fitted
+    // on the measured steps of one prompt alone).
+    assert_embedded_profiles_are_refits(
+        "docs/fidelity/runs-9/host-11",
+        &["h200-llama-7b", "h200-llama-13b", "h200-llama-3-8b"],
+        "",
+        &["lora_rank_mix", "prompt_step_excess"],
+    );
+    // The H100's: session 11's calibrations (host 16), the first with the decode steps over
+    // spread contexts, so each also carries the term those steps give.
+    assert_embedded_profiles_are_refits(
+        "docs/fidelity/runs-11/host-16",
+        &["h100-sxm-llama-7b", "h100-sxm-llama-3-8b"],
+        ".gz",
+        &[
             "lora_rank_mix",
             "prompt_step_excess",
             "decode_spread_excess",
-        ] {
-            assert!(
-                profile[term].as_array().is_some_and(|m| !m.is_empty()),
-                "{model}: the embedded profile has no `{term}`"
-            );
-        }
-    }
+        ],
+    );
 }
 
 /// `--refit ... --merge` on three H200 calibrations of Llama-7B kept in the repository (one
