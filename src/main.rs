@@ -66,7 +66,8 @@ enum Command {
     /// Capacity planning: which GPUs, how many, with which settings meet the scenario's SLO
     /// at its target rate for the least money, and how far that grows (runs the simulator).
     Plan(plan_cmd::PlanArgs),
-    /// List the model presets and the GPU catalogue with their sizes.
+    /// List the model presets, the GPU catalogue with their sizes, and the GPU x model
+    /// combinations that have an embedded calibration profile.
     Catalog,
     /// Compare two runs of one scenario (e.g. simulated vs executed): relative errors of
     /// throughput, latency percentiles and SLO attainment, per-adapter p99 TTFT, each latency
@@ -291,6 +292,24 @@ fn catalog() {
             g.dense_fp16_flops / 1e12,
             g.host_link_bandwidth / 1e9,
             g.price_per_hour_usd,
+        );
+    }
+    // A scenario of one of these GPU x model x TP combinations runs on measured kernel costs;
+    // every other one on the derived model above.
+    println!("\nCalibrated profiles embedded (sim/profiles; the rest is derived):");
+    println!(
+        "  {:<10} {:<14} {:>3} {:<12} measured on",
+        "gpu", "model", "TP", "date"
+    );
+    for (_, p) in slora_sim::embedded_profiles() {
+        println!(
+            "  {:<10} {:<14} {:>3} {:<12} {} (driver {})",
+            p.gpu_key.as_deref().unwrap_or("-"),
+            p.model.name,
+            p.tensor_parallel,
+            p.date,
+            p.gpu_name,
+            p.driver_version
         );
     }
 }

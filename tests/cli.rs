@@ -711,3 +711,37 @@ fn replay_bad_input_is_named_and_exits_2() {
     ]);
     assert_clean_failure(&o, 2, &["sweep.yaml", "2 sweep points"]);
 }
+
+/// `catalog` lists which GPU x model combinations run on measured costs: every embedded
+/// profile, by GPU key, model and date, and the GPU it was measured on.
+#[test]
+fn catalog_lists_the_embedded_calibration_profiles() {
+    let o = run(&["catalog"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let listed: Vec<(String, String)> = out
+        .split("Calibrated profiles embedded")
+        .nth(1)
+        .expect("a section of embedded profiles")
+        .lines()
+        .skip(2)
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            Some((words.next()?.to_string(), words.next()?.to_string()))
+        })
+        .collect();
+    for (gpu, model) in [
+        ("h200", "llama-7b"),
+        ("h200", "llama-13b"),
+        ("h200", "llama-3-8b"),
+        ("h100-sxm", "llama-7b"),
+        ("h100-sxm", "llama-3-8b"),
+    ] {
+        assert!(
+            listed.contains(&(gpu.to_string(), model.to_string())),
+            "{gpu} x {model} missing from:\n{out}"
+        );
+    }
+    assert_eq!(listed.len(), slora_sim::embedded_profiles().len(), "{out}");
+    assert!(out.contains("NVIDIA H100 80GB HBM3"), "{out}");
+}
