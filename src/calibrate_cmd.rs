@@ -403,17 +403,6 @@ fn spread_shape(contexts: &[u32]) -> slora_sim::BatchShape {
     }
 }
 
-/// `1 - mean context / longest context` of a decode batch: 0 when every request reads as many
-/// rows, toward 1 when one long request sits among short ones.
-fn context_spread(shape: &slora_sim::BatchShape) -> f64 {
-    let n = shape.decode_requests as f64;
-    let longest = shape.max_decode_context as f64;
-    if n == 0.0 || longest == 0.0 {
-        return 0.0;
-    }
-    1.0 - shape.decode_context_tokens as f64 / n / longest
-}
-
 /// Whether a spread pattern is one the excess is fitted on: the even spreads from 16 rows,
 /// as a server's batch is when prompts and outputs are uniform in length. The others (a
 /// narrow spread, a quarter of long requests among short ones) check how it carries over.
@@ -444,7 +433,7 @@ fn spread_checks(
             entry
                 .0
                 .push(step.attention.median_s - cost.attention_decode.as_secs_f64());
-            entry.1.push(context_spread(shape));
+            entry.1.push(shape.decode_context_spread());
         }
     }
     let median = |mut v: Vec<f64>| {
@@ -505,7 +494,7 @@ fn spread_checks(
             "| {} | {} | {:.2} | {:.3} | {:.3} | {:+.1}% | {:+.1}% | {:.3} | {:.3} | {:+.1}% |",
             step.pattern,
             shape.decode_requests,
-            context_spread(shape),
+            shape.decode_context_spread(),
             measured * 1e3,
             grid * 1e3,
             (grid / measured - 1.0) * 100.0,

@@ -350,13 +350,11 @@ struct SpreadExcess {
 impl SpreadExcess {
     /// What a decode batch of this shape costs beyond the grid's estimate, seconds.
     fn of(&self, b: &BatchShape) -> f64 {
-        let n = b.decode_requests as f64;
-        let longest = b.max_decode_context as f64;
-        if n < 2.0 || longest <= 0.0 {
+        let spread = b.decode_context_spread();
+        if spread == 0.0 {
             return 0.0;
         }
-        let spread = (1.0 - b.decode_context_tokens as f64 / n / longest).clamp(0.0, 1.0);
-        let rows = n.clamp(self.first_rows, self.last_rows);
+        let rows = (b.decode_requests as f64).clamp(self.first_rows, self.last_rows);
         let reference = self.spread.eval([rows]);
         let share = if reference > 0.0 {
             (spread / reference).min(1.0)
@@ -1072,7 +1070,6 @@ fn grid_loo(g: &GridPoints) -> GridLoo {
     }
 }
 
-/// Seconds for people: `3.71 ms`, `850 µs`, `120 ns`.
 /// [`human_seconds`] with a sign: `-0.12 ms`.
 fn human_seconds_signed(s: f64) -> String {
     if s < 0.0 {
@@ -1082,6 +1079,7 @@ fn human_seconds_signed(s: f64) -> String {
     }
 }
 
+/// Seconds for people: `3.71 ms`, `850 µs`, `120 ns`.
 fn human_seconds(s: f64) -> String {
     let (value, unit) = if s >= 1.0 {
         (s, "s")

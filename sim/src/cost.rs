@@ -80,6 +80,18 @@ pub struct BatchShape {
 }
 
 impl BatchShape {
+    /// How far the decode rows' contexts spread: `1 - mean context / longest context`, 0 when
+    /// every row reads as many rows (or there are none), toward 1 when one long request sits
+    /// among short ones.
+    pub fn decode_context_spread(&self) -> f64 {
+        let n = self.decode_requests as f64;
+        let longest = self.max_decode_context as f64;
+        if n == 0.0 || longest == 0.0 {
+            return 0.0;
+        }
+        (1.0 - self.decode_context_tokens as f64 / n / longest).clamp(0.0, 1.0)
+    }
+
     /// Summarises a plan in O(prefill entries + loads). `rank_of[a]` is adapter `a`'s rank.
     /// `distinct_adapters` counts the adapters of all running requests (a chunked prefill
     /// waiting for budget still holds its adapter on the device).
