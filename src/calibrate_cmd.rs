@@ -436,15 +436,7 @@ fn spread_checks(
             entry.1.push(shape.decode_context_spread());
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    };
+    let median = crate::replay_cmd::median;
     profile.decode_spread_excess = by_rows
         .into_iter()
         .filter(|(rows, _)| *rows >= 2)
@@ -1315,18 +1307,15 @@ mod tests {
     /// patterns left out of the fit are only checked.
     #[test]
     fn spread_steps_measure_what_mixed_contexts_cost_beyond_the_grid() {
-        use slora_kernels::measurement::SpreadPattern;
+        use slora_kernels::measurement::{SpreadPattern, SPREAD_PATTERNS};
         let mut c = measurement();
         let (truth, _) = to_profile(&c);
-        let patterns = [
-            SpreadPattern::Even { lo: 16, hi: 512 },
-            SpreadPattern::Even { lo: 16, hi: 1024 },
-            SpreadPattern::Even { lo: 16, hi: 2048 },
-            SpreadPattern::Quarter {
-                short: 64,
-                long: 1024,
-            },
-        ];
+        // The default patterns but the narrow spread: three fitted, one checked.
+        let patterns: Vec<SpreadPattern> = SPREAD_PATTERNS
+            .into_iter()
+            .filter(|p| p.name() != "even-256-512")
+            .collect();
+        assert_eq!(patterns.len(), 4);
         // The even spreads cost 0.2 ms (16 rows) and 0.1 ms (64 rows) beyond the grid, except
         // one that costs 0.4 ms at 16 rows (the median keeps 0.2); the quarter pattern 1 ms.
         let extra = |p: &SpreadPattern, batch: u32| match (p, batch) {

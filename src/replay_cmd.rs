@@ -86,7 +86,8 @@ fn steps_file(path: &Path) -> Result<PathBuf, ReplayCmdError> {
         })
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+/// The median of `xs` (the mean of the middle two for an even count); NaN for none.
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
     }
