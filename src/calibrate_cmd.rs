@@ -978,6 +978,21 @@ fn read_raw(path: &Path) -> Result<Calibration, CalibrateError> {
     if c.date.is_empty() {
         return Err(bad("date: missing (the measurement's date)".into()));
     }
+    for (i, step) in c.spread_decode_steps.iter().enumerate() {
+        if step.contexts.is_empty() {
+            return Err(bad(format!(
+                "spread_decode_steps[{i}].contexts: empty (a step decodes at least one request)"
+            )));
+        }
+        for (field, t) in [("attention", &step.attention), ("step", &step.step)] {
+            if !(t.median_s.is_finite() && t.median_s > 0.0) {
+                return Err(bad(format!(
+                    "spread_decode_steps[{i}].{field}.median_s: must be a positive time, got {}",
+                    t.median_s
+                )));
+            }
+        }
+    }
     Ok(c)
 }
 
@@ -1434,6 +1449,38 @@ mod tests {
         std::fs::write(&raw, serde_json::to_string(&undated).unwrap()).unwrap();
         let err = read_raw(&raw).unwrap_err().to_string();
         assert!(err.contains("date"), "{err}");
+        // Spread steps: no requests, or a time that is no time.
+        let spread = |contexts: Vec<u32>, attention: f64| SpreadDecodeStep {
+            pattern: "even-16-512".into(),
+            contexts,
+            attention: stat(attention),
+            step: stat(0.01),
+        };
+        for (step, says) in [
+            (
+                spread(Vec::new(), 1e-3),
+                "spread_decode_steps[1].contexts: empty",
+            ),
+            (
+                spread(vec![16, 512], -1e-3),
+                "spread_decode_steps[1].attention.median_s: must be a positive time, got -0.001",
+            ),
+            (
+                spread(vec![16, 512], 0.0),
+                "spread_decode_steps[1].attention.median_s: must be a positive time, got 0",
+            ),
+        ] {
+            let mut bad = c.clone();
+            bad.spread_decode_steps = vec![spread(vec![16, 512], 1e-3), step];
+            std::fs::write(&raw, serde_json::to_string(&bad).unwrap()).unwrap();
+            let err = read_raw(&raw).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let err = err.to_string();
+            assert!(
+                err.contains(says) && err.contains("h200-llama-7b.raw.json"),
+                "{err}"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
