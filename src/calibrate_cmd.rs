@@ -329,14 +329,20 @@ impl LoraFit {
 /// The shape of one of `Calibration::decode_steps`: `batch` requests reading `context` cached
 /// rows and the new one.
 fn decode_shape(batch: u32, context: u32) -> slora_sim::BatchShape {
+    decode_shape_of(&vec![context; batch as usize])
+}
+
+/// The shape of a decode step of one request per entry of `contexts` (cached rows; each
+/// decode row reads them and its own new one), no adapters.
+fn decode_shape_of(contexts: &[u32]) -> slora_sim::BatchShape {
     let mut hist = slora_engine::ContextHistogram::default();
-    for _ in 0..batch {
-        hist.add(context + 1);
+    for &c in contexts {
+        hist.add(c + 1);
     }
     slora_sim::BatchShape {
-        decode_requests: batch,
-        decode_context_tokens: batch as u64 * (context as u64 + 1),
-        max_decode_context: context + 1,
+        decode_requests: contexts.len() as u32,
+        decode_context_tokens: contexts.iter().map(|&c| c as u64 + 1).sum(),
+        max_decode_context: contexts.iter().map(|&c| c + 1).max().unwrap_or(0),
         decode_context_histogram: hist,
         ..Default::default()
     }
@@ -344,21 +350,12 @@ fn decode_shape(batch: u32, context: u32) -> slora_sim::BatchShape {
 
 /// The shape of a whole step of `Calibration::mixed_steps`.
 fn mixed_shape(tokens: u32, batch: u32, rank: u32, adapters: u32) -> slora_sim::BatchShape {
-    let context = MIXED_CONTEXT + 1;
-    let mut hist = slora_engine::ContextHistogram::default();
-    for _ in 0..batch {
-        hist.add(context);
-    }
     let distinct = (batch + 1).min(adapters.max(1));
     slora_sim::BatchShape {
         prefill_requests: 1,
         prefill_tokens: tokens,
         prefill_attention_pairs: tokens as u64 * (tokens as u64 + 1) / 2,
         max_prefill_tokens: tokens,
-        decode_requests: batch,
-        decode_context_tokens: batch as u64 * context as u64,
-        max_decode_context: if batch > 0 { context } else { 0 },
-        decode_context_histogram: hist,
         lora_tokens: tokens + batch,
         lora_token_rank: (tokens + batch) as u64 * rank as u64,
         prefill_lora_tokens: tokens,
@@ -366,7 +363,7 @@ fn mixed_shape(tokens: u32, batch: u32, rank: u32, adapters: u32) -> slora_sim::
         prefill_lora_segments: 1,
         distinct_adapters: distinct,
         distinct_rank_sum: distinct as u64 * rank as u64,
-        ..Default::default()
+        ..decode_shape(batch, MIXED_CONTEXT)
     }
 }
 
@@ -383,22 +380,6 @@ fn prompts_shape(tokens: u32, segments: u32) -> slora_sim::BatchShape {
             .map(|k| chunk(k) as u64 * (chunk(k) as u64 + 1) / 2)
             .sum(),
         max_prefill_tokens: chunk(0),
-        ..Default::default()
-    }
-}
-
-/// The shape of a decode step of one request per entry of `contexts` (cached rows; each
-/// decode row reads them and its own new one), no adapters.
-fn spread_shape(contexts: &[u32]) -> slora_sim::BatchShape {
-    let mut hist = slora_engine::ContextHistogram::default();
-    for &c in contexts {
-        hist.add(c + 1);
-    }
-    slora_sim::BatchShape {
-        decode_requests: contexts.len() as u32,
-        decode_context_tokens: contexts.iter().map(|&c| c as u64 + 1).sum(),
-        max_decode_context: contexts.iter().map(|&c| c + 1).max().unwrap_or(0),
-        decode_context_histogram: hist,
         ..Default::default()
     }
 }
@@ -421,7 +402,7 @@ fn spread_checks(
     if steps.is_empty() {
         return Ok(String::new());
     }
-    let shapes: Vec<_> = steps.iter().map(|s| spread_shape(&s.contexts)).collect();
+    let shapes: Vec<_> = steps.iter().map(|s| decode_shape_of(&s.contexts)).collect();
     profile.decode_spread_excess.clear();
     let grid_only = predict_costs(c, profile, &shapes)?;
     // At each batch size: the median over the fitted patterns of (measured - the grid), and
@@ -1342,7 +1323,7 @@ mod tests {
         for p in &patterns {
             for batch in [16u32, 64] {
                 let contexts = p.contexts(batch);
-                let shape = spread_shape(&contexts);
+                let shape = decode_shape_of(&contexts);
                 let grid = predict_costs(&c, &truth, std::slice::from_ref(&shape)).unwrap()[0]
                     .attention_decode
                     .as_secs_f64();
@@ -1367,7 +1348,7 @@ mod tests {
         // median one.
         let step = &c.spread_decode_steps[3];
         assert_eq!(step.pattern, "even-16-1024");
-        let shape = spread_shape(&step.contexts);
+        let shape = decode_shape_of(&step.contexts);
         let priced = predict_costs(&c, &profile, std::slice::from_ref(&shape)).unwrap()[0]
             .attention_decode
             .as_secs_f64();
