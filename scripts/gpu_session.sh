@@ -38,7 +38,8 @@
 #           saturation baselines named in I_BASELINES (scripts/baselines.py --execute).
 #
 #   part j: one GPU, one lease over several calls (each under the tool's ten minutes): with
-#           J_CHECKS=1 the kernel checks (doctor) and, last, bench-gpu; the models of J_MODELS
+#           J_CHECKS=1 the kernel checks (doctor), the reference check (transformers + peft)
+#           and, last, bench-gpu; the models of J_MODELS
 #           calibrated (saving the raw measurements), each unless this machine already holds
 #           its profile from an earlier call; then the live runs of J_RUNS (runs-3/host-2's
 #           scenario files, same arrivals) while the budget lasts. Every call records the GPU's
@@ -84,6 +85,11 @@ if [ "$part" = j ]; then
     if [ "${J_CHECKS:-0}" = 1 ]; then
         timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1 || { tail -n 40 "$out/doctor.log"; echo "kernel checks failed: stopping"; exit 1; }
         echo "doctor: $(grep -cE ' pass$' "$out/doctor.log") checks pass, $(grep -cE ' FAIL$' "$out/doctor.log") fail; $(tail -n 1 "$out/doctor.log")"
+        # The independent check: transformers + peft against our executor, same files.
+        timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
+        timeout 150 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1 ||
+            { grep -E "FAIL|pass|greedy|identical" "$out/reference.log" | tail -n 30; echo "reference check failed: stopping"; exit 1; }
+        grep -E "FAIL|greedy|identical" "$out/reference.log" | tail -n 8
     fi
     for m in ${J_MODELS:-}; do
         # Any GPU's profile of this model (h200-, h100-...): measured on this machine already.
