@@ -484,6 +484,36 @@ def prune(out):
                 os.remove(p)
 
 
+# Issue 5's targets: throughput within 3%; TTFT and TPOT p50 and p90 within 5% up to 85% load
+# and within 10% at 95%; per-adapter p99 TTFT within 15%.
+TARGET_LATENCIES = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")
+
+
+def score(results):
+    """Counts of the cells' figures inside issue 5's targets, one line per target."""
+    done = [r for r in results if r.get("ok")]
+    throughput = [abs(r["request_throughput_req_s"]) <= 0.03 for r in done if r["request_throughput_req_s"] is not None]
+    up_to_85, at_95 = [], []
+    for r in done:
+        for key in TARGET_LATENCIES:
+            if r[key] is None:
+                continue
+            if r["load"] <= 0.85 + 1e-9:
+                up_to_85.append(abs(r[key]) <= 0.05)
+            else:
+                at_95.append(abs(r[key]) <= 0.10)
+    adapters = [r["adapter_p99_ttft_max"] <= 0.15 for r in done if r.get("adapter_p99_ttft_max") is not None]
+    def count(name, hits):
+        return f"- {name}: {sum(hits)} of {len(hits)}" if hits else f"- {name}: none measured"
+    return [
+        "Against issue 5's targets:",
+        count("throughput within 3%", throughput),
+        count("TTFT and TPOT p50/p90 within 5%, up to 85% load", up_to_85),
+        count("TTFT and TPOT p50/p90 within 10%, at 95% load", at_95),
+        count("per-adapter p99 TTFT within 15% (the largest error over a cell's adapters)", adapters),
+    ]
+
+
 def write_summary(out, results):
     head = "| scenario | load | capacity (req/s) | rate | executed req/s | " + " | ".join(n for _, n in ROWS) + " | per-adapter p99 TTFT max (n) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -511,6 +541,7 @@ def write_summary(out, results):
                   "(`compare`'s block bootstrap: how precisely 60 s of traffic measures it); unmarked errors "
                   "of latency statistics are within it. Per-adapter: adapters compared; of them, predictions "
                   "inside the live p99's interval."]
+    lines += ["", *score(results)]
     table = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
