@@ -1807,10 +1807,19 @@ pub fn cost_model_for(
         Some(p) => {
             let eff = fit_efficiency(p, h200)?;
             let inner = AnalyticCost::new(gpu, model, tensor_parallel, eff, targets)?;
+            // The roofline scales decode attention with HBM bandwidth, but the GQA decode kernel
+            // is bound by its arithmetic: on the H100 it ran in the H200's time where the
+            // roofline says 1.43x (docs/FIDELITY.md, session 12). Say so where it applies.
+            let caveat = if model.is_gqa() {
+                "; GQA decode attention priced by HBM bandwidth, which was conservative on the H100 \
+                 (docs/scenarios.md, \"How far derived goes\")"
+            } else {
+                ""
+            };
             Ok(Box::new(FittedDerived {
                 description: format!(
                     "derived: {} x {}, TP {tensor_parallel}, roofline from datasheet numbers with \
-                     efficiency factors fitted to the H200 calibration profile of {} ({})",
+                     efficiency factors fitted to the H200 calibration profile of {} ({}){caveat}",
                     gpu.name, model.name, p.model.name, p.date
                 ),
                 inner,

@@ -854,6 +854,34 @@ fn cost_model_for_prefers_calibrated_then_fitted_then_defaults() {
     assert!(c.describe().contains("2027-02-03"), "{}", c.describe());
 }
 
+/// A derived GPU for a GQA model says that its decode attention is priced by HBM bandwidth,
+/// which the H100 calibration showed to be conservative; an MHA model's line does not.
+#[test]
+fn derived_gqa_models_carry_the_attention_caveat() {
+    let profiles: Vec<CalibrationProfile> =
+        embedded_profiles().into_iter().map(|(_, p)| p).collect();
+    let a100 = find_gpu("a100-80g").unwrap();
+    let targets = TargetModule::ATTENTION;
+    let describe = |name: &str| {
+        let model = ModelSpec::preset(name).unwrap();
+        let c = cost_model_for(a100, &model, 1, &targets, &profiles).unwrap();
+        assert_eq!(c.provenance(), Provenance::Derived, "{name}");
+        c.describe()
+    };
+    let gqa = describe("llama-3-8b");
+    assert!(
+        gqa.contains("fitted to the H200 calibration profile of llama-3-8b"),
+        "{gqa}"
+    );
+    assert!(
+        gqa.contains("GQA decode attention priced by HBM bandwidth, which was conservative"),
+        "{gqa}"
+    );
+    let mha = describe("llama-7b");
+    assert!(mha.contains("fitted to the H200"), "{mha}");
+    assert!(!mha.contains("GQA"), "{mha}");
+}
+
 #[test]
 fn embedded_profiles_parse_and_fit() {
     for (name, profile) in embedded_profiles() {
