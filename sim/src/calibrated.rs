@@ -1809,8 +1809,9 @@ pub fn cost_model_for(
             let inner = AnalyticCost::new(gpu, model, tensor_parallel, eff, targets)?;
             // The roofline scales decode attention with HBM bandwidth, but the GQA decode kernel
             // is bound by its arithmetic: on the H100 it ran in the H200's time where the
-            // roofline says 1.43x (docs/FIDELITY.md, session 12). Say so where it applies.
-            let caveat = if model.is_gqa() {
+            // roofline says 1.43x (docs/FIDELITY.md, session 12). Say so where it applies: on
+            // another GPU than the H200 (on the H200, at TP > 1, the factors are its own).
+            let caveat = if model.is_gqa() && gpu.key != h200.key {
                 "; GQA decode attention priced by HBM bandwidth, which was conservative on the H100 \
                  (docs/scenarios.md, \"How far derived goes\")"
             } else {

@@ -855,7 +855,8 @@ fn cost_model_for_prefers_calibrated_then_fitted_then_defaults() {
 }
 
 /// A derived GPU for a GQA model says that its decode attention is priced by HBM bandwidth,
-/// which the H100 calibration showed to be conservative; an MHA model's line does not.
+/// which the H100 calibration showed to be conservative; an MHA model's line does not, nor
+/// the H200's own line at TP > 1.
 #[test]
 fn derived_gqa_models_carry_the_attention_caveat() {
     let profiles: Vec<CalibrationProfile> =
@@ -880,6 +881,17 @@ fn derived_gqa_models_carry_the_attention_caveat() {
     let mha = describe("llama-7b");
     assert!(mha.contains("fitted to the H200"), "{mha}");
     assert!(!mha.contains("GQA"), "{mha}");
+    // The H200 itself at TP 2: derived from its own factors, no caveat about other GPUs.
+    let h200 = find_gpu("h200").unwrap();
+    let model = ModelSpec::preset("llama-3-8b").unwrap();
+    let tp2 = cost_model_for(h200, &model, 2, &targets, &profiles).unwrap();
+    assert_eq!(tp2.provenance(), Provenance::Derived);
+    assert!(
+        tp2.describe().contains("fitted to the H200"),
+        "{}",
+        tp2.describe()
+    );
+    assert!(!tp2.describe().contains("GQA"), "{}", tp2.describe());
 }
 
 #[test]
