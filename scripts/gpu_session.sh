@@ -66,6 +66,16 @@ seconds=${SECONDS_OF_ARRIVALS:-60}
 budget=${BUDGET_S:-560}
 start=$(date +%s)
 left() { echo $((budget - ($(date +%s) - start))); }
+# The independent check (tests/gpu/README.md): transformers + peft against our executor on the
+# same files; its status is doctor's. $1: doctor's time limit (seconds).
+reference_check() {
+    timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
+    timeout "$1" "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1
+}
+reference_check_or_stop() {
+    reference_check 150 ||
+        { grep -E "FAIL|pass|greedy|identical" "$out/reference.log" | tail -n 30; echo "reference check failed: stopping"; exit 1; }
+}
 
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm,power.limit --format=csv >"$out/gpus-$part.csv" 2>&1
 
@@ -85,10 +95,7 @@ if [ "$part" = j ]; then
     if [ "${J_CHECKS:-0}" = 1 ]; then
         timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1 || { tail -n 40 "$out/doctor.log"; echo "kernel checks failed: stopping"; exit 1; }
         echo "doctor: $(grep -cE ' pass$' "$out/doctor.log") checks pass, $(grep -cE ' FAIL$' "$out/doctor.log") fail; $(tail -n 1 "$out/doctor.log")"
-        # The independent check: transformers + peft against our executor, same files.
-        timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
-        timeout 150 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1 ||
-            { grep -E "FAIL|pass|greedy|identical" "$out/reference.log" | tail -n 30; echo "reference check failed: stopping"; exit 1; }
+        reference_check_or_stop
         grep -E "FAIL|greedy|identical" "$out/reference.log" | tail -n 8
     fi
     for m in ${J_MODELS:-}; do
@@ -141,9 +148,7 @@ if [ "$part" = j ]; then
 elif [ "$part" = h ] || [ "$part" = i ]; then
     if [ "$part" = h ]; then
         timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1 || { tail -n 40 "$out/doctor.log"; echo "kernel checks failed: stopping"; exit 1; }
-        timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
-        timeout 150 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1 ||
-            { grep -E "FAIL|pass|greedy|identical" "$out/reference.log" | tail -n 30; echo "reference check failed: stopping"; exit 1; }
+        reference_check_or_stop
         timeout 280 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
         for m in llama-7b llama-13b llama-3-8b; do
             timeout 240 "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
@@ -173,8 +178,7 @@ elif [ "$part" = h ] || [ "$part" = i ]; then
     exit 0
 elif [ "$part" = g ]; then
     timeout 90 "$bin" doctor >"$out/doctor.log" 2>&1
-    timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
-    timeout 150 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1
+    reference_check 150
     timeout 280 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
     if [ "$(left)" -gt 120 ]; then
         timeout $(($(left) - 15)) "$bin" calibrate --model llama-7b --reps "${REPS:-4}" \
@@ -190,8 +194,7 @@ elif [ "$part" = f ]; then
     touch "$busy/gpu0.busy" "$busy/gpu1.busy"
     (
         export CUDA_VISIBLE_DEVICES=0
-        timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
-        timeout 120 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1
+        reference_check 120
         timeout 200 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
         rm -f "$busy/gpu0.busy"
     ) &
@@ -261,8 +264,7 @@ elif [ "$part" = a ]; then
     (
         export CUDA_VISIBLE_DEVICES=0
         timeout 150 "$bin" calibrate --model llama-13b --model llama-3-8b --reps 3 --out "$work/fid-a/profiles" >"$out/calibrate.log" 2>&1
-        timeout 240 python3 tests/gpu/reference.py --out "$work/ref" >"$out/reference.log" 2>&1
-        timeout 120 "$bin" doctor --reference "$work/ref" >>"$out/reference.log" 2>&1
+        reference_check 120
         timeout 200 "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
         rm -f "$busy/gpu0.busy"
     ) &
