@@ -104,8 +104,9 @@ if [ "$part" = j ]; then
         [ "$(left)" -gt 150 ] || { echo "no time to calibrate $m"; break; }
         timeout $(($(left) - 20)) "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
             --out "$work/profiles" >>"$out/calibrate.log" 2>&1
-        # Into OUT at once: a call cut short at the tool's limit still returns what it measured.
-        mkdir -p "$out/profiles" && cp "$work"/profiles/*-"$m".* "$out/profiles/" 2>/dev/null
+        # Into OUT at once, as one archive (the device tool returns at most eight files): a call
+        # cut short at the tool's limit still returns what it measured.
+        tar czf "$out/profiles.tgz" -C "$work" profiles 2>/dev/null
     done
     grep -E "^Measured in" "$out/calibrate.log" 2>/dev/null
     mkdir -p "$work/replay"
