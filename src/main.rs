@@ -279,17 +279,18 @@ fn catalog() {
     }
     println!("\nGPU catalogue (derived cost model; see sim/src/cost.rs for sources):");
     println!(
-        "  {:<10} {:<28} {:>8} {:>10} {:>12} {:>10} {:>8}",
-        "key", "name", "mem GB", "HBM TB/s", "fp16 TFLOP/s", "host GB/s", "$/hour"
+        "  {:<10} {:<28} {:>8} {:>10} {:>12} {:>12} {:>10} {:>8}",
+        "key", "name", "mem GB", "HBM TB/s", "fp16 TFLOP/s", "SMs x GHz", "host GB/s", "$/hour"
     );
     for g in slora_sim::cost::gpu_catalogue() {
         println!(
-            "  {:<10} {:<28} {:>8.0} {:>10.2} {:>12.0} {:>10.0} {:>8.2}",
+            "  {:<10} {:<28} {:>8.0} {:>10.2} {:>12.0} {:>12} {:>10.0} {:>8.2}",
             g.key,
             g.name,
             g.memory_bytes as f64 / 1e9,
             g.hbm_bandwidth / 1e12,
             g.dense_fp16_flops / 1e12,
+            format!("{} x {:.2}", g.sm_count, g.sm_clock_hz / 1e9),
             g.host_link_bandwidth / 1e9,
             g.price_per_hour_usd,
         );

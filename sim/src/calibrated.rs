@@ -1522,7 +1522,10 @@ fn fit_gemms(samples: &[GemmSample]) -> (f64, f64, f64, f64) {
 ///   squares of the relative error of the derived GEMM formula over the `base_gemm` and
 ///   `lm_head` grids together (see `fit_gemms`).
 /// * `kv_read`: the median, over the slower half of the `attention_decode` grid, of (KV bytes
-///   read / peak bandwidth) / measured time.
+///   read / peak bandwidth) / measured time, but at least `weight_streaming` (see below).
+/// * `attention_flops_per_sm_cycle`: the same median of the grid's attention FLOPs per
+///   SM-cycle. KV bytes and FLOPs both grow with the context rows, so one profile cannot say
+///   which binds; a kernel slower than weight streaming is taken to wait on its SMs.
 /// * `lora_kernel`: the same median over both LoRA grids of the derived formula's time at
 ///   efficiency 1 (the longer of bytes at peak bandwidth and FLOPs at peak rate) / measured.
 /// * `host_link`: the same median over `host_to_device` of bytes / (link peak · time).
@@ -1592,11 +1595,31 @@ pub fn fit_efficiency(
             (t, p.batch as f64 * p.context as f64 * kv_bytes / bw / t)
         })
         .collect();
+    // KV bytes and FLOPs both grow with the context rows, so one profile cannot tell whether
+    // HBM or the SMs bind. A kernel that reads its KV rows slower than cuBLAS streams weights
+    // is taken to be waiting on its SMs (the GQA kernel: the H100, with the H200's SMs and 70%
+    // of its bandwidth, runs it in the H200's time): `kv_read` is never below
+    // `weight_streaming`, and the SMs' rate is what the slower half reaches.
     let kv_read = fraction(
         "kv_read",
-        median_ratio_of_slow_half(&decode).unwrap_or(d.kv_read),
+        median_ratio_of_slow_half(&decode)
+            .unwrap_or(d.kv_read)
+            .max(weight_streaming),
         gpu,
     )?;
+    let flops_per_row = 4.0 * model.hidden_size as f64 * model.num_layers as f64;
+    let sm_cycles_per_s = f64::from(gpu.sm_count) * gpu.sm_clock_hz;
+    let attention_arithmetic: Vec<(f64, f64)> = profile
+        .attention_decode
+        .iter()
+        .map(|p| {
+            let t = p.time.median_s;
+            let rows = p.batch as f64 * p.context as f64;
+            (t, rows * flops_per_row / t / sm_cycles_per_s)
+        })
+        .collect();
+    let attention_flops_per_sm_cycle =
+        median_ratio_of_slow_half(&attention_arithmetic).unwrap_or(d.attention_flops_per_sm_cycle);
 
     let dtype = model.dtype.bytes() as f64;
     let (lora_in, lora_out) = lora_elems(model, &profile.lora_targets);
@@ -1643,6 +1666,7 @@ pub fn fit_efficiency(
     let eff = Efficiency {
         weight_streaming,
         kv_read,
+        attention_flops_per_sm_cycle,
         tensor_core,
         gemm_fill_tokens: fill,
         roofline_sharpness: sharpness,
@@ -1807,13 +1831,14 @@ pub fn cost_model_for(
         Some(p) => {
             let eff = fit_efficiency(p, h200)?;
             let inner = AnalyticCost::new(gpu, model, tensor_parallel, eff, targets)?;
-            // The roofline scales decode attention with HBM bandwidth, but the GQA decode kernel
-            // is bound by its arithmetic: on the H100 it ran in the H200's time where the
-            // roofline says 1.43x (docs/FIDELITY.md, session 12). Say so where it applies: on
-            // another GPU than the H200 (on the H200, at TP > 1, the factors are its own).
+            // The GQA decode kernel is bound by its SMs, not HBM (on the H100 it ran in the
+            // H200's time), so the derived model scales it by SMs x clock; the one GPU that
+            // checked it has the H200's SMs, so how it carries to other SMs is not measured.
+            // Say so where it applies: on another GPU than the H200 (on the H200, at TP > 1,
+            // the factors are its own).
             let caveat = if model.is_gqa() && gpu.key != h200.key {
-                "; GQA decode attention priced by HBM bandwidth, which was conservative on the H100 \
-                 (docs/scenarios.md, \"How far derived goes\")"
+                "; GQA decode attention priced at the H200's SM rate scaled by SMs x clock, \
+                 checked only on the H100 (docs/scenarios.md, \"How far derived goes\")"
             } else {
                 ""
             };

@@ -231,6 +231,11 @@ pub struct GpuSpec {
     /// Dense fp16/bf16 tensor-core rate, FLOP/s, with fp32 accumulate where the datasheet
     /// distinguishes. Never the 2:4-sparsity figure (which is twice this).
     pub dense_fp16_flops: f64,
+    /// Streaming multiprocessors (SMs), and their maximum (boost) clock in Hz: together the
+    /// SM-cycles per second that kernels bound by the SMs rather than by memory scale with
+    /// (decode attention of grouped-query models: [`Efficiency::attention_flops_per_sm_cycle`]).
+    pub sm_count: u32,
+    pub sm_clock_hz: f64,
     /// Host link (PCIe) bandwidth per direction, bytes/s: half the datasheet's bidirectional
     /// figure, because adapter loads only flow host-to-device.
     pub host_link_bandwidth: f64,
@@ -265,6 +270,8 @@ static GPU_CATALOGUE: [GpuSpec; 7] = [
         memory_bytes: 141_000_000_000,
         hbm_bandwidth: 4.8e12,
         dense_fp16_flops: 989.4e12,
+        sm_count: 132,
+        sm_clock_hz: 1.98e9,
         host_link_bandwidth: 64e9,
         interconnect_bandwidth: 450e9,
         price_per_hour_usd: 7.91,
@@ -272,7 +279,9 @@ static GPU_CATALOGUE: [GpuSpec; 7] = [
             "NVIDIA H200 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/h200/), \
 H200 SXM column: 141 GB HBM3e, 4.8 TB/s, FP16/BF16 Tensor Core 1,979 TFLOPS with sparsity \
 (dense = half = 989.4), NVLink 900 GB/s (450 per direction), PCIe Gen5 128 GB/s (64 per \
-direction).",
+direction). 132 SMs at up to 1,980 MHz: the H200 is the H100 SXM5's GH100 chip (NVIDIA H100 Tensor \
+Core GPU Architecture whitepaper: 132 SMs), and 1,980 MHz is `nvidia-smi`'s clocks.max.sm on the \
+H200s this project measured (docs/fidelity/runs-9).",
             price_list!(),
             "p5en.48xlarge (8x H200) at $63.30/h = $7.91 per GPU-hour."
         ),
@@ -283,13 +292,17 @@ direction).",
         memory_bytes: 80_000_000_000,
         hbm_bandwidth: 3.35e12,
         dense_fp16_flops: 989.4e12,
+        sm_count: 132,
+        sm_clock_hz: 1.98e9,
         host_link_bandwidth: 64e9,
         interconnect_bandwidth: 450e9,
         price_per_hour_usd: 6.88,
         sources: concat!(
             "NVIDIA H100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/h100/), \
 H100 SXM column: 80 GB HBM3, 3.35 TB/s, FP16/BF16 Tensor Core 1,979 TFLOPS with sparsity \
-(dense 989.4), NVLink 900 GB/s (450 per direction), PCIe Gen5 128 GB/s.",
+(dense 989.4), NVLink 900 GB/s (450 per direction), PCIe Gen5 128 GB/s. 132 SMs (NVIDIA H100 Tensor Core GPU Architecture whitepaper, H100 SXM5) at up \
+to 1,980 MHz (`nvidia-smi`'s clocks.max.sm on the H100 this project measured, \
+docs/fidelity/runs-11).",
             price_list!(),
             "p5.48xlarge (8x H100) at \
 $55.04/h = $6.88 per GPU-hour."
@@ -301,13 +314,16 @@ $55.04/h = $6.88 per GPU-hour."
         memory_bytes: 80_000_000_000,
         hbm_bandwidth: 2.039e12,
         dense_fp16_flops: 312e12,
+        sm_count: 108,
+        sm_clock_hz: 1.41e9,
         host_link_bandwidth: 32e9,
         interconnect_bandwidth: 300e9,
         price_per_hour_usd: 3.43,
         sources: concat!(
             "NVIDIA A100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/a100/), \
 A100 80GB SXM column: 80 GB HBM2e, 2,039 GB/s, FP16/BF16 Tensor Core 312 TFLOPS dense \
-(624 with sparsity), NVLink 600 GB/s (300 per direction), PCIe Gen4 64 GB/s.",
+(624 with sparsity), NVLink 600 GB/s (300 per direction), PCIe Gen4 64 GB/s. 108 SMs at a 1,410 MHz \
+boost clock (NVIDIA A100 Tensor Core GPU Architecture whitepaper).",
             price_list!(),
             "p4de.24xlarge (8x A100 80GB) \
 at $27.45/h = $3.43 per GPU-hour."
@@ -319,13 +335,16 @@ at $27.45/h = $3.43 per GPU-hour."
         memory_bytes: 40_000_000_000,
         hbm_bandwidth: 1.555e12,
         dense_fp16_flops: 312e12,
+        sm_count: 108,
+        sm_clock_hz: 1.41e9,
         host_link_bandwidth: 32e9,
         interconnect_bandwidth: 300e9,
         price_per_hour_usd: 2.75,
         sources: concat!(
             "NVIDIA A100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/a100/), \
 A100 40GB SXM column: 40 GB HBM2, 1,555 GB/s, FP16/BF16 Tensor Core 312 TFLOPS dense \
-(624 with sparsity), NVLink 600 GB/s (300 per direction), PCIe Gen4 64 GB/s.",
+(624 with sparsity), NVLink 600 GB/s (300 per direction), PCIe Gen4 64 GB/s. 108 SMs at a 1,410 MHz \
+boost clock (NVIDIA A100 Tensor Core GPU Architecture whitepaper).",
             price_list!(),
             "p4d.24xlarge (8x A100 40GB) \
 at $21.96/h = $2.75 per GPU-hour."
@@ -337,6 +356,8 @@ at $21.96/h = $2.75 per GPU-hour."
         memory_bytes: 24_000_000_000,
         hbm_bandwidth: 600e9,
         dense_fp16_flops: 70e12,
+        sm_count: 80,
+        sm_clock_hz: 1.71e9,
         host_link_bandwidth: 32e9,
         interconnect_bandwidth: 32e9,
         price_per_hour_usd: 1.006,
@@ -347,7 +368,9 @@ GDDR6, 600 GB/s) and PCIe Gen4 64 GB/s from the NVIDIA A10 Tensor Core GPU datas
 NVLink: GPU-to-GPU traffic goes over PCIe, 32 GB/s per direction); the dense \
 FP16 tensor rate of 70 TFLOPS (the A10 has 125) is the figure AWS and third-party comparisons \
 give for the A10G (Amazon EC2 G5 page https://aws.amazon.com/ec2/instance-types/g5/; Baseten, \
-'NVIDIA A10 vs A10G for ML model inference').",
+'NVIDIA A10 vs A10G for ML model inference'). 80 SMs at 1,710 MHz: the 35 TFLOPS FP32 those \
+comparisons give is 80 SMs x 128 lanes x 2 x 1.71 GHz (the A10 has 72 SMs); an assumption, like \
+its tensor rate.",
             price_list!(),
             "g5.xlarge (1x A10G) at $1.006/h."
         ),
@@ -358,6 +381,8 @@ give for the A10G (Amazon EC2 G5 page https://aws.amazon.com/ec2/instance-types/
         memory_bytes: 24_000_000_000,
         hbm_bandwidth: 300e9,
         dense_fp16_flops: 121e12,
+        sm_count: 58,
+        sm_clock_hz: 2.04e9,
         host_link_bandwidth: 32e9,
         interconnect_bandwidth: 32e9,
         price_per_hour_usd: 0.8048,
@@ -365,7 +390,8 @@ give for the A10G (Amazon EC2 G5 page https://aws.amazon.com/ec2/instance-types/
             "NVIDIA L4 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/l4/): \
 24 GB GDDR6, 300 GB/s, FP16/BF16 Tensor Core 242 TFLOPS with sparsity (dense 121), PCIe Gen4 \
 x16 64 GB/s, no NVLink (GPU-to-GPU traffic goes \
-over PCIe, 32 GB/s per direction).",
+over PCIe, 32 GB/s per direction); 58 SMs at a 2,040 MHz boost clock (7,424 CUDA cores at 128 an \
+Ada SM; the datasheet's 30.3 TFLOPS FP32 is 7,424 x 2 x 2.04 GHz).",
             price_list!(),
             "g6.xlarge (1x L4) at $0.8048/h."
         ),
@@ -376,6 +402,8 @@ over PCIe, 32 GB/s per direction).",
         memory_bytes: 48_000_000_000,
         hbm_bandwidth: 864e9,
         dense_fp16_flops: 362.05e12,
+        sm_count: 142,
+        sm_clock_hz: 2.52e9,
         host_link_bandwidth: 32e9,
         interconnect_bandwidth: 32e9,
         price_per_hour_usd: 1.861,
@@ -383,7 +411,8 @@ over PCIe, 32 GB/s per direction).",
             "NVIDIA L40S GPU datasheet (https://www.nvidia.com/en-us/data-center/l40s/): 48 GB \
 GDDR6 with ECC, 864 GB/s, FP16/BF16 Tensor Core 362.05 TFLOPS dense (733 with sparsity), PCIe \
 Gen4 x16 64 GB/s, no NVLink (GPU-to-GPU traffic goes \
-over PCIe, 32 GB/s per direction).",
+over PCIe, 32 GB/s per direction); 142 SMs at a 2,520 MHz boost clock (18,176 CUDA cores at \
+128 an Ada SM; the datasheet's 91.6 TFLOPS FP32 is 18,176 x 2 x 2.52 GHz).",
             price_list!(),
             "g6e.xlarge (1x L40S) at $1.861/h."
         ),
@@ -454,9 +483,13 @@ impl GpuSpec {
         if self.memory_bytes == 0 {
             return Err(bad("memory_bytes", 0.0, "at least 1"));
         }
+        if self.sm_count == 0 {
+            return Err(bad("sm_count", 0.0, "at least 1"));
+        }
         for (field, value) in [
             ("hbm_bandwidth", self.hbm_bandwidth),
             ("dense_fp16_flops", self.dense_fp16_flops),
+            ("sm_clock_hz", self.sm_clock_hz),
             ("host_link_bandwidth", self.host_link_bandwidth),
         ] {
             if !(value.is_finite() && value > 0.0) {
@@ -638,6 +671,17 @@ pub struct Efficiency {
     /// measured: set equal to `weight_streaming`, since the paged kernels read whole 8 KiB
     /// (Llama-7B) K and V rows, as streaming as a GEMM's weight reads.
     pub kv_read: f64,
+    /// Decode attention's FLOPs (QK^T and PV: 4 x hidden per context row and layer) that one
+    /// SM completes per clock where the kernel waits on its SMs, not on HBM. Our decode kernel
+    /// does its dot products on the CUDA cores with warp shuffles; for a grouped-query model
+    /// (four query heads per KV row, a quarter of the bytes per FLOP) that is what binds: the
+    /// H100 and the H200, which share SMs and clocks but not HBM, run Llama-3-8B's decode
+    /// attention in the same time (docs/FIDELITY.md, session 12), where bandwidth would make
+    /// the H100 1.43x slower. Decode attention costs the longer of its KV bytes at `kv_read`
+    /// and its FLOPs at this rate times [`GpuSpec::sm_count`] x [`GpuSpec::sm_clock_hz`].
+    /// Fitted (`fit_efficiency`) on the H200 Llama-3-8B profile: 24.4; for a multi-head
+    /// model, bandwidth binds on every catalogue GPU and the rate is not identified.
+    pub attention_flops_per_sm_cycle: f64,
     /// Fraction of the dense fp16 tensor-core peak that a large GEMM reaches. Fitted: 0.847
     /// (838 TFLOP/s on the H200 before the fill penalty below).
     pub tensor_core: f64,
@@ -691,6 +735,7 @@ impl Default for Efficiency {
         Efficiency {
             weight_streaming: 0.748,
             kv_read: 0.748,
+            attention_flops_per_sm_cycle: 24.4,
             tensor_core: 0.847,
             gemm_fill_tokens: 118.0,
             roofline_sharpness: 8.0,
@@ -731,6 +776,13 @@ impl Efficiency {
         ] {
             check(field, v, v > 0.0 && v <= 1.0, FRACTION)?;
         }
+        let v = self.attention_flops_per_sm_cycle;
+        check(
+            "attention_flops_per_sm_cycle",
+            v,
+            v > 0.0 && v <= 4096.0,
+            "FLOPs per SM-cycle in (0, 4096] (a Hopper SM's tensor cores do about 3,800)",
+        )?;
         let v = self.gemm_fill_tokens;
         check(
             "gemm_fill_tokens",
@@ -990,6 +1042,9 @@ pub struct AnalyticCost {
     kv_bw: f64,
     kv_bytes_per_token: f64,
     attention_flops_per_row: f64,
+    /// Decode attention's FLOP/s where its SMs, not HBM, bind (see
+    /// [`Efficiency::attention_flops_per_sm_cycle`]).
+    attention_sm_flops: f64,
     /// Sum over adapted modules and layers of the module's input width, and output width
     /// (the whole model's).
     lora_in_elems: f64,
@@ -1094,6 +1149,9 @@ impl AnalyticCost {
             kv_bytes_per_token: model.kv_bytes_per_token() as f64 / tp,
             // QK^T and PV: 2 FLOPs per multiply-add, over num_heads * head_dim = H per layer.
             attention_flops_per_row: 4.0 * hidden * layers / tp,
+            attention_sm_flops: eff.attention_flops_per_sm_cycle
+                * f64::from(gpu.sm_count)
+                * gpu.sm_clock_hz,
             lora_in_elems,
             lora_out_elems,
             lora_weight_share: 1.0 / tp,
@@ -1237,9 +1295,11 @@ impl CostModel for AnalyticCost {
         let base =
             self.gemm_seconds(&self.layers, tokens) + self.gemm_seconds(&self.lm_head, sampled);
 
+        // The decode kernel works on the CUDA cores (no tensor cores): its FLOPs go at the
+        // SMs' rate, which binds for grouped-query models (fewer KV bytes per FLOP).
         let decode_rows = b.decode_context_tokens as f64;
         let attention_decode = (decode_rows * self.kv_bytes_per_token / self.kv_bw)
-            .max(decode_rows * self.attention_flops_per_row / self.tensor_flops);
+            .max(decode_rows * self.attention_flops_per_row / self.attention_sm_flops);
 
         let attention_prefill = (b.prefill_attention_pairs as f64 * self.attention_flops_per_row
             / self.tensor_flops)
