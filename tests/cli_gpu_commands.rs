@@ -256,6 +256,18 @@ fn the_embedded_profiles_are_their_measurements_refit() {
             "decode_spread_excess",
         ],
     );
+    // Llama-13B on the H100: session 13's calibration (host 17), the first to finish (host
+    // 16's stopped in the spread steps).
+    assert_embedded_profiles_are_refits(
+        "docs/fidelity/runs-13/host-17",
+        &["h100-sxm-llama-13b"],
+        ".gz",
+        &[
+            "lora_rank_mix",
+            "prompt_step_excess",
+            "decode_spread_excess",
+        ],
+    );
 }
 
 /// `--refit ... --merge` on three H200 calibrations of Llama-7B kept in the repository (one

@@ -1713,6 +1713,10 @@ const EMBEDDED_PROFILES: &[(&str, &str)] = &[
         "h100-sxm-llama-3-8b.json",
         include_str!("../profiles/h100-sxm-llama-3-8b.json"),
     ),
+    (
+        "h100-sxm-llama-13b.json",
+        include_str!("../profiles/h100-sxm-llama-13b.json"),
+    ),
 ];
 
 /// The calibration profiles embedded in the binary, by file name, parsed and validated.
