@@ -2272,6 +2272,32 @@ mod tests {
             err.contains("`b200`") && err.contains("alias h100"),
             "{err}"
         );
+        // The SMs and their clock: each catalogue GPU's FP32 rate (SMs x FP32 lanes x 2 x
+        // clock) gives its datasheet figure, and a GPU without them is refused by name.
+        for (key, lanes, tflops) in [
+            ("h100-sxm", 128.0, 66.9),
+            ("a100-80g", 64.0, 19.5),
+            ("l40s", 128.0, 91.6),
+            ("l4", 128.0, 30.3),
+        ] {
+            let g = find_gpu(key).unwrap();
+            let fp32 = f64::from(g.sm_count) * lanes * 2.0 * g.sm_clock_hz / 1e12;
+            assert!(
+                (fp32 / tflops - 1.0).abs() < 0.01,
+                "{key}: {fp32} TFLOP/s vs {tflops}"
+            );
+        }
+        let mut no_sms = h200.clone();
+        no_sms.sm_count = 0;
+        let err = no_sms.validate().unwrap_err().to_string();
+        assert!(err.contains("`sm_count`") && err.contains("H200"), "{err}");
+        let mut no_clock = h200.clone();
+        no_clock.sm_clock_hz = f64::NAN;
+        let err = no_clock.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("`sm_clock_hz`") && err.contains("NaN"),
+            "{err}"
+        );
     }
 
     #[test]
