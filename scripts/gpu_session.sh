@@ -87,6 +87,16 @@ runs_c=s1-n2000:0.5,s1-n2000:0.85,s1-n2000:0.95,skewed-zipf1.2-n2000:0.5,skewed-
 rerun_from=${RERUN_FROM:-docs/fidelity/runs-3/host-2}
 
 if [ "$part" = j ]; then
+    # The GPU's clocks, temperatures and power every 5 s for the whole call, and when each
+    # stage began: host 17's first calibration timed memory-bound kernels 2-4% slower than
+    # its live steps then ran (docs/FIDELITY.md, session 13), and this says whether clocks or
+    # heat moved between them.
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,temperature.memory,power.draw,utilization.gpu \
+        --format=csv -l 5 >>"$out/clocks.csv" 2>&1 &
+    sampler=$!
+    trap 'kill $sampler 2>/dev/null' EXIT
+    stage() { echo "$(date -u +%FT%T) $*" >>"$out/timeline.log"; }
+    stage start
     uuid=$(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | head -n 1)
     echo "${uuid:-unknown}" >"$out/gpu-uuid.txt"
     if [ -f "$work/uuid" ] && [ "$(cat "$work/uuid")" = "$uuid" ]; then echo "same machine as the last call: $uuid"
@@ -102,6 +112,7 @@ if [ "$part" = j ]; then
         # Any GPU's profile of this model (h200-, h100-...): measured on this machine already.
         compgen -G "$work/profiles/*-$m.json" >/dev/null && continue
         [ "$(left)" -gt 150 ] || { echo "no time to calibrate $m"; break; }
+        stage "calibrate $m"
         timeout $(($(left) - 20)) "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
             --out "$work/profiles" >>"$out/calibrate.log" 2>&1
         # Into OUT at once, as one archive (the device tool returns at most eight files): a call
@@ -128,22 +139,29 @@ if [ "$part" = j ]; then
     if [ -n "${J_RUNS:-}" ] && [ -n "${J_GPU:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
         # Another GPU than the runs' (J_GPU: its catalogue key): new live runs at fractions
         # of the capacity this machine's profiles give, each beside its simulation.
+        stage "live runs $J_RUNS"
         timeout $(($(left) - 10 - reserve)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-j" --traces "$traces" \
             --profiles "$work/profiles" --gpu "$J_GPU" --runs "$J_RUNS" --seconds "$seconds" \
             --deadline-s $(($(left) - 20 - reserve)) >"$out/fidelity.log" 2>&1
         tail -n 14 "$out/fidelity.log"
     elif [ -n "${J_RUNS:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
+        stage "live runs $J_RUNS"
         timeout $(($(left) - 10 - reserve)) python3 scripts/fidelity.py --bin "$bin" --out "$work/fid-j" --traces "$traces" \
             --rerun "$rerun_from" --runs "$J_RUNS" --seconds "$seconds" \
             --deadline-s $(($(left) - 20 - reserve)) >"$out/rerun.log" 2>&1
         tail -n 14 "$out/rerun.log"
     fi
     if [ "${J_CHECKS:-0}" = 1 ] && [ "$(left)" -gt 100 ]; then
+        stage bench-gpu
         timeout $(($(left) - 10)) "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
         grep -E "^\| (1|32|64|128|256) \|" "$out/bench-gpu.log" | head -n 24
     fi
     # One archive: the device tool returns a bounded number of files.
+    stage end
+    kill $sampler 2>/dev/null
     tar czf "$out/part-j.tgz" -C "$work" $(cd "$work" && ls -d profiles fid-j replay 2>/dev/null)
+    # The device tool returns at most eight files: the logs go back as one archive.
+    (cd "$out" && tar czf logs.tgz --remove-files $(ls | grep -v '\.tgz$'))
     echo "part j done in $(($(date +%s) - start)) s"
     exit 0
 elif [ "$part" = h ] || [ "$part" = i ]; then
