@@ -156,11 +156,11 @@ if [ "$part" = j ]; then
         timeout $(($(left) - 10)) "$bin" bench-gpu >"$out/bench-gpu.log" 2>&1
         grep -E "^\| (1|32|64|128|256) \|" "$out/bench-gpu.log" | head -n 24
     fi
-    # One archive: the device tool returns a bounded number of files.
     stage end
     kill $sampler 2>/dev/null
+    # The device tool returns at most eight files: the run folders go back as one archive,
+    # the logs as another.
     tar czf "$out/part-j.tgz" -C "$work" $(cd "$work" && ls -d profiles fid-j replay 2>/dev/null)
-    # The device tool returns at most eight files: the logs go back as one archive.
     (cd "$out" && tar czf logs.tgz --remove-files $(ls | grep -v '\.tgz$'))
     echo "part j done in $(($(date +%s) - start)) s"
     exit 0

@@ -40,8 +40,9 @@
 //! derived model: 0.05 µs), against the engine's 2.4-4.6 µs per iteration.
 
 use crate::cost::{
-    check_targets, find_gpu, gemm_groups, lora_elems, AnalyticCost, BatchShape, CalibrationProfile,
-    CostError, CostModel, Efficiency, GpuSpec, Measured, Provenance, SmoothMax, StepCost,
+    attention_flops_per_context_row, check_targets, find_gpu, gemm_groups, lora_elems,
+    AnalyticCost, BatchShape, CalibrationProfile, CostError, CostModel, Efficiency, GpuSpec,
+    Measured, Provenance, SmoothMax, StepCost,
 };
 use serde::Serialize;
 use slora_engine::plan::ContextHistogram;
@@ -1607,7 +1608,7 @@ pub fn fit_efficiency(
             .max(weight_streaming),
         gpu,
     )?;
-    let flops_per_row = 4.0 * model.hidden_size as f64 * model.num_layers as f64;
+    let flops_per_row = attention_flops_per_context_row(model);
     let sm_cycles_per_s = f64::from(gpu.sm_count) * gpu.sm_clock_hz;
     let attention_arithmetic: Vec<(f64, f64)> = profile
         .attention_decode

@@ -938,6 +938,13 @@ pub(crate) fn gemm_groups_tp(model: &ModelSpec, tp: u32) -> (GemmGroup, GemmGrou
     )
 }
 
+/// Decode attention's FLOPs per context row read, whole model: QK^T and PV, 2 FLOPs per
+/// multiply-add over num_heads * head_dim = hidden per layer. The derived model prices them and
+/// `fit_efficiency` fits their rate, so both count them here.
+pub(crate) fn attention_flops_per_context_row(model: &ModelSpec) -> f64 {
+    4.0 * model.hidden_size as f64 * model.num_layers as f64
+}
+
 /// Sum over `targets` of each module's input width and of its output width, times the layers:
 /// the elements a LoRA shrink reads per token (and per rank row of A), and an expand writes.
 pub(crate) fn lora_elems(model: &ModelSpec, targets: &[TargetModule]) -> (f64, f64) {
@@ -1147,8 +1154,7 @@ impl AnalyticCost {
             tensor_flops: eff.tensor_core * gpu.dense_fp16_flops,
             kv_bw: eff.kv_read * gpu.hbm_bandwidth,
             kv_bytes_per_token: model.kv_bytes_per_token() as f64 / tp,
-            // QK^T and PV: 2 FLOPs per multiply-add, over num_heads * head_dim = H per layer.
-            attention_flops_per_row: 4.0 * hidden * layers / tp,
+            attention_flops_per_row: attention_flops_per_context_row(model) / tp,
             attention_sm_flops: eff.attention_flops_per_sm_cycle
                 * f64::from(gpu.sm_count)
                 * gpu.sm_clock_hz,
