@@ -53,6 +53,8 @@
 #           `<scenario>/loadNN.yaml` and `loadNN/executed/`, given as `<folder>/<scenario>/loadNN`;
 #           PASSES as `--passes` takes them; BIN another build to replay with, for a baseline
 #           in the same call), one CSV per run and build in the archive's `replay/`.
+#           J_RECALIBRATE (after J_REPLAYS, before the live runs): models calibrated again into
+#           profiles-after/, for a second grid of the same machine after its live runs.
 #
 #   scripts/gpu_session.sh a|b|c|d|e|f|g|h|i|j BIN TRACES OUT [PROFILES]
 # BIN: a `--features cuda` build; TRACES: a folder holding AzureLLMInferenceTrace_conv.csv.
@@ -134,6 +136,17 @@ if [ "$part" = j ]; then
         echo "replay $name (rc $?):"; tail -n 8 "$out/replay-$name.log"
         [ -f "$work/replay/$name.csv" ] && gzip -f "$work/replay/$name.csv"
     done
+    # J_RECALIBRATE: models measured again, after the live runs of an earlier call on this
+    # machine, into profiles-after/: says whether a fresh machine's first calibration ran slow
+    # (host 17, session 13) by setting the same machine's two grids side by side.
+    for m in ${J_RECALIBRATE:-}; do
+        compgen -G "$work/profiles-after/*-$m.json" >/dev/null && continue
+        [ "$(left)" -gt 150 ] || { echo "no time to calibrate $m again"; break; }
+        stage "calibrate $m again"
+        timeout $(($(left) - 20)) "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
+            --out "$work/profiles-after" >>"$out/calibrate-after.log" 2>&1
+        tar czf "$out/profiles-after.tgz" -C "$work" profiles-after 2>/dev/null
+    done
     # bench-gpu comes last but keeps its time: the live runs stop that much earlier.
     reserve=0; [ "${J_CHECKS:-0}" = 1 ] && reserve=${BENCH_RESERVE_S:-120}
     if [ -n "${J_RUNS:-}" ] && [ -n "${J_GPU:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
@@ -160,7 +173,7 @@ if [ "$part" = j ]; then
     kill $sampler 2>/dev/null
     # The device tool returns at most eight files: the run folders go back as one archive,
     # the logs as another.
-    tar czf "$out/part-j.tgz" -C "$work" $(cd "$work" && ls -d profiles fid-j replay 2>/dev/null)
+    tar czf "$out/part-j.tgz" -C "$work" $(cd "$work" && ls -d profiles profiles-after fid-j replay 2>/dev/null)
     (cd "$out" && tar czf logs.tgz --remove-files $(ls | grep -v '\.tgz$'))
     echo "part j done in $(($(date +%s) - start)) s"
     exit 0

@@ -3,7 +3,7 @@
 # H100, and the two want different work (an H200 calibrates the embedded profiles and serves
 # the runs-3/host-2 cells again; an H100 serves new cells at fractions of its own capacity).
 #
-#   H200_MODELS=... H200_RUNS=... H200_CHECKS=0|1 \
+#   H200_MODELS=... H200_RUNS=... H200_CHECKS=0|1 H200_RECALIBRATE=... \
 #   H100_MODELS=... H100_RUNS=... H100_CHECKS=0|1 BUDGET=565 \
 #       scripts/gpu_session_any.sh BIN TRACES OUT
 #
@@ -15,9 +15,9 @@ name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 echo "GPU: $name"
 export BUDGET_S=${BUDGET:-560}
 if echo "$name" | grep -q H200; then
-    export J_MODELS="${H200_MODELS:-}" J_RUNS="${H200_RUNS:-}" J_CHECKS="${H200_CHECKS:-0}"
+    export J_MODELS="${H200_MODELS:-}" J_RUNS="${H200_RUNS:-}" J_CHECKS="${H200_CHECKS:-0}" J_RECALIBRATE="${H200_RECALIBRATE:-}"
 else
-    export J_MODELS="${H100_MODELS:-}" J_RUNS="${H100_RUNS:-}" J_CHECKS="${H100_CHECKS:-0}" J_GPU=h100-sxm
+    export J_MODELS="${H100_MODELS:-}" J_RUNS="${H100_RUNS:-}" J_CHECKS="${H100_CHECKS:-0}" J_RECALIBRATE="${H100_RECALIBRATE:-}" J_GPU=h100-sxm
 fi
-echo "models: $J_MODELS | runs: $J_RUNS | checks: $J_CHECKS"
+echo "models: $J_MODELS | runs: $J_RUNS | checks: $J_CHECKS | again: $J_RECALIBRATE"
 exec bash "$(dirname "$0")/gpu_session.sh" j "$bin" "$traces" "$out"
