@@ -59,6 +59,12 @@ pub struct CalibrateArgs {
     /// several runs or machines) into one profile, each point the median of theirs.
     #[arg(long, requires = "refit")]
     pub merge: bool,
+    /// With --refit, for a measurement without spread steps (calibrations before session 11):
+    /// take the profile's `decode_spread_excess` from this profile, a calibration of the same
+    /// model shape on a GPU with the same SM count and clock (the profile records where the
+    /// term was measured).
+    #[arg(long, requires = "refit", value_name = "PROFILE")]
+    pub spread_excess_from: Option<PathBuf>,
     /// The base GEMMs' token quantum above 128 tokens and up to the executor's tuning limit of
     /// 512 (`none`, 64, 128 or 256) instead of the one that best predicts the measured whole
     /// steps with a prompt (see the report).
@@ -260,6 +266,7 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
         prefill_step_overhead: None,
         prompt_step_excess: Vec::new(),
         decode_spread_excess: Vec::new(),
+        decode_spread_excess_from: None,
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: Some(slora_kernels::measurement::GEMM_TUNE_MAX_TOKENS),
         lora_rank_mix: fit_rank_mix(c),
@@ -977,6 +984,119 @@ fn read_raw(path: &Path) -> Result<Calibration, CalibrateError> {
     Ok(c)
 }
 
+/// `--spread-excess-from`: a calibrated profile whose `decode_spread_excess` a measurement
+/// without spread steps takes, and the path it was read from.
+struct SpreadDonor {
+    profile: CalibrationProfile,
+    path: PathBuf,
+}
+
+impl SpreadDonor {
+    fn read(path: &Path) -> Result<Self, CalibrateError> {
+        let profile = slora_sim::cost::load_profile(path).map_err(|e| CalibrateError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(SpreadDonor {
+            profile,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The catalogue GPU a profile or measurement names, or why there is none.
+    fn catalogue_gpu(
+        key: Option<String>,
+        name: &str,
+        whose: &Path,
+    ) -> Result<&'static slora_sim::cost::GpuSpec, CalibrateError> {
+        key.or_else(|| catalogue_key(name))
+            .and_then(|k| slora_sim::cost::find_gpu(&k).ok())
+            .ok_or_else(|| {
+                CalibrateError::BadInput(format!(
+                    "{}: GPU `{name}` is not in the catalogue (`slora-plan catalog`), so its SM \
+                     count and clock cannot be compared for --spread-excess-from",
+                    whose.display()
+                ))
+            })
+    }
+
+    /// Whether the term may move from the donor to measurement `c` (read from `raw`): `c` has
+    /// no spread steps of its own, the donor has the term, the same model shape at TP 1, and a
+    /// GPU with the same SMs and clock. The term is what uneven blocks of decode attention add
+    /// beyond the grid, a matter of how work spreads over SMs: on 20 live H200 cells the H100's
+    /// term took latencies within 5% from 58 to 66 of 68 (docs/FIDELITY.md, session 14).
+    fn check(&self, c: &Calibration, raw: &Path) -> Result<(), CalibrateError> {
+        let bad = |reason: String| {
+            Err(CalibrateError::BadInput(format!(
+                "--spread-excess-from {}: {reason}",
+                self.path.display()
+            )))
+        };
+        let donor = &self.profile;
+        if !c.spread_decode_steps.is_empty() {
+            return bad(format!(
+                "{} holds {} spread steps of its own; the option is for measurements without them",
+                raw.display(),
+                c.spread_decode_steps.len()
+            ));
+        }
+        if donor.decode_spread_excess.is_empty() {
+            return bad("the profile has no decode_spread_excess".into());
+        }
+        if donor.tensor_parallel != 1 {
+            return bad(format!(
+                "the profile is of TP {}; measurements are of TP 1",
+                donor.tensor_parallel
+            ));
+        }
+        let shape = slora_sim::calibrated::shape_mismatches(&donor.model, &c.model);
+        if !shape.is_empty() {
+            return bad(format!(
+                "not the model shape of {} ({})",
+                raw.display(),
+                shape.join("; ")
+            ));
+        }
+        let theirs = Self::catalogue_gpu(donor.gpu_key.clone(), &donor.gpu_name, &self.path)?;
+        let ours = Self::catalogue_gpu(None, &c.gpu_name, raw)?;
+        if (theirs.sm_count, theirs.sm_clock_hz) != (ours.sm_count, ours.sm_clock_hz) {
+            return bad(format!(
+                "its GPU ({}: {} SMs at {:.3} GHz) is not the SMs and clock of {}'s ({}: {} SMs \
+                 at {:.3} GHz)",
+                theirs.key,
+                theirs.sm_count,
+                theirs.sm_clock_hz / 1e9,
+                raw.display(),
+                ours.key,
+                ours.sm_count,
+                ours.sm_clock_hz / 1e9
+            ));
+        }
+        Ok(())
+    }
+
+    /// Puts the donor's term into `profile`, and says so in the report.
+    fn apply(&self, profile: &mut CalibrationProfile, report: &mut String) {
+        let label = slora_sim::calibrated::profile_label(&self.profile);
+        profile.decode_spread_excess = self.profile.decode_spread_excess.clone();
+        profile.decode_spread_excess_from = Some(label.clone());
+        let _ = write!(
+            report,
+            "\n\n## Decode steps over spread contexts\n\nThis measurement holds no spread steps. \
+             The profile's `decode_spread_excess` is the one measured on {label} ({}), a \
+             calibration of the same model shape on a GPU with the same SM count and clock \
+             (rows: seconds at spread): {}.\n",
+            self.path.display(),
+            profile
+                .decode_spread_excess
+                .iter()
+                .map(|p| format!("{}: {:+.3} ms ({:.2})", p.rows, p.extra_s * 1e3, p.spread))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
 /// Writes `<stem>.raw.json`, then `<stem>.json` and `.md`, for one measurement into `out`;
 /// returns the report. The measurement is written first: minutes of GPU time are never lost
 /// to a profile that fails to derive (the error names the saved file, and `--refit` derives
@@ -985,6 +1105,7 @@ fn write(
     c: &Calibration,
     out: &Path,
     fixed_quantum: Option<Option<u32>>,
+    spread_donor: Option<&SpreadDonor>,
     footer: &str,
 ) -> Result<String, CalibrateError> {
     let stem = format!(
@@ -1008,7 +1129,7 @@ fn write(
         &raw,
         &serde_json::to_string(c).expect("measurements serialize"),
     )?;
-    let (profile, mut report) = derive(c, fixed_quantum).map_err(|e| match e {
+    let (mut profile, mut report) = derive(c, fixed_quantum).map_err(|e| match e {
         CalibrateError::Invalid(reason) => CalibrateError::Invalid(format!(
             "{reason} (the measurement is saved in {}: `slora-plan calibrate --refit {}` \
              derives the profile again)",
@@ -1017,6 +1138,9 @@ fn write(
         )),
         other => other,
     })?;
+    if let Some(donor) = spread_donor {
+        donor.apply(&mut profile, &mut report);
+    }
     report.push_str(footer);
     let json = out.join(format!("{stem}.json"));
     let md = out.join(format!("{stem}.md"));
@@ -1042,10 +1166,18 @@ fn refit(args: &CalibrateArgs) -> Result<(), CalibrateError> {
         .iter()
         .map(|p| read_raw(p))
         .collect::<Result<Vec<_>, _>>()?;
+    let donor = args
+        .spread_excess_from
+        .as_deref()
+        .map(SpreadDonor::read)
+        .transpose()?;
     let quantum_arg = args
         .gemm_token_quantum
         .as_ref()
-        .map_or(String::new(), |q| format!(" --gemm-token-quantum {q}"));
+        .map_or(String::new(), |q| format!(" --gemm-token-quantum {q}"))
+        + &donor.as_ref().map_or(String::new(), |d| {
+            format!(" --spread-excess-from {}", d.path.display())
+        });
     if args.merge {
         if measurements.len() < 2 {
             return Err(CalibrateError::BadInput(
@@ -1065,6 +1197,9 @@ fn refit(args: &CalibrateArgs) -> Result<(), CalibrateError> {
                 named[0].0, e.field, e.reason
             ),
         })?;
+        if let Some(d) = &donor {
+            d.check(&merged, Path::new(&named[0].0))?;
+        }
         let footer = format!(
             "\n\nDerived with `slora-plan calibrate --refit {} --merge{quantum_arg}`: each point the \
              median of {} measurements ({}).\n",
@@ -1072,8 +1207,16 @@ fn refit(args: &CalibrateArgs) -> Result<(), CalibrateError> {
             named.len(),
             named.iter().map(|(_, c)| c.date.as_str()).collect::<Vec<_>>().join(", "),
         );
-        println!("{}", write(&merged, &args.out, quantum, &footer)?);
+        println!(
+            "{}",
+            write(&merged, &args.out, quantum, donor.as_ref(), &footer)?
+        );
         return Ok(());
+    }
+    if let Some(d) = &donor {
+        for (c, path) in measurements.iter().zip(&args.refit) {
+            d.check(c, path)?;
+        }
     }
     for (c, path) in measurements.iter().zip(&args.refit) {
         let footer = format!(
@@ -1081,7 +1224,7 @@ fn refit(args: &CalibrateArgs) -> Result<(), CalibrateError> {
             path.display(),
             c.date
         );
-        println!("{}", write(c, &args.out, quantum, &footer)?);
+        println!("{}", write(c, &args.out, quantum, donor.as_ref(), &footer)?);
     }
     Ok(())
 }
@@ -1118,7 +1261,7 @@ pub fn run(args: &CalibrateArgs) -> Result<(), CalibrateError> {
             model.name,
             args.reps
         );
-        println!("{}", write(&c, &args.out, quantum, &footer)?);
+        println!("{}", write(&c, &args.out, quantum, None, &footer)?);
     }
     Ok(())
 }
@@ -1417,7 +1560,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("slora-raw-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let c = measurement();
-        let report = write(&c, &dir, None, "").unwrap();
+        let report = write(&c, &dir, None, None, "").unwrap();
         let raw = dir.join("h200-llama-7b.raw.json");
         assert!(report.contains("h200-llama-7b.json"), "{report}");
         assert_eq!(read_raw(&raw).unwrap(), c);
@@ -1588,7 +1731,7 @@ mod tests {
             std::env::temp_dir().join(format!("slora-calibrate-invalid-{}", std::process::id()));
         let mut c = measurement();
         c.lora_expand.pop(); // an incomplete grid
-        let err = write(&c, &dir, None, "").unwrap_err().to_string();
+        let err = write(&c, &dir, None, None, "").unwrap_err().to_string();
         let raw = dir.join("h200-llama-7b.raw.json");
         assert!(err.contains("not a complete grid"), "{err}");
         assert!(err.contains(&raw.display().to_string()), "{err}");

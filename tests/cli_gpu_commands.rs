@@ -201,6 +201,100 @@ fn refit_of_a_missing_or_broken_measurement_is_bad_input() {
     );
 }
 
+/// `--spread-excess-from`: a measurement without spread steps takes the term of a profile of
+/// the same model shape on a GPU with the same SMs and clock, and the profile says where it
+/// was measured; any other donor is bad input, naming the file and the numbers, and writes
+/// nothing.
+#[test]
+fn refit_takes_the_spread_excess_of_a_gpu_with_the_same_sms_only() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tmp("refit-spread");
+    let raw = format!("{MEASURED}.raw.json");
+    let h100_7b = format!("{root}/sim/profiles/h100-sxm-llama-7b.json");
+    let refit = |donor: &str, raw: &str, out: &std::path::Path| {
+        run(&[
+            "calibrate",
+            "--refit",
+            raw,
+            "--spread-excess-from",
+            donor,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = refit(&h100_7b, &raw, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |path: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let got = read(out.join("h200-llama-7b.json"));
+    let donor = read(h100_7b.clone().into());
+    assert!(donor["decode_spread_excess"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty()));
+    assert_eq!(got["decode_spread_excess"], donor["decode_spread_excess"]);
+    let source = got["decode_spread_excess_from"].as_str().unwrap();
+    assert!(
+        source.contains("H100") && source.contains("llama-7b"),
+        "{source}"
+    );
+    let report = std::fs::read_to_string(out.join("h200-llama-7b.md")).unwrap();
+    assert!(
+        report.contains("--spread-excess-from") && report.contains(source),
+        "{report}"
+    );
+    // Without the option the same measurement has no term.
+    let plain = tmp("refit-spread-plain");
+    let o = run(&[
+        "calibrate",
+        "--refit",
+        &raw,
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plain = read(plain.join("h200-llama-7b.json"));
+    assert!(plain.get("decode_spread_excess").is_none());
+    assert!(plain.get("decode_spread_excess_from").is_none());
+
+    let bad_out = tmp("refit-spread-bad");
+    // Another model's shape: every differing field with both numbers.
+    let h100_13b = format!("{root}/sim/profiles/h100-sxm-llama-13b.json");
+    let o = refit(&h100_13b, &raw, &bad_out);
+    assert_clean_failure(
+        &o,
+        2,
+        &[
+            "h100-sxm-llama-13b.json",
+            "hidden_size: profile 5120, wanted 4096",
+        ],
+    );
+    // A GPU with other SMs: the same profile relabelled as an A100's.
+    let mut a100 = donor.clone();
+    a100["gpu_key"] = "a100-80g".into();
+    a100["gpu_name"] = "NVIDIA A100-SXM4-80GB".into();
+    let a100_path = tmp("refit-spread-a100").join("a100-llama-7b.json");
+    std::fs::write(&a100_path, serde_json::to_vec(&a100).unwrap()).unwrap();
+    let o = refit(a100_path.to_str().unwrap(), &raw, &bad_out);
+    assert_clean_failure(&o, 2, &["a100-llama-7b.json", "108 SMs", "132 SMs"]);
+    // A measurement with spread steps of its own keeps them.
+    let own =
+        format!("{root}/docs/fidelity/runs-11/host-16/profiles/h100-sxm-llama-7b.raw.json.gz");
+    let o = refit(&h100_7b, &own, &bad_out);
+    assert_clean_failure(
+        &o,
+        2,
+        &["h100-sxm-llama-7b.raw.json.gz", "spread steps of its own"],
+    );
+    // A donor that does not exist.
+    let o = refit(&format!("{root}/sim/profiles/none.json"), &raw, &bad_out);
+    assert_clean_failure(&o, 2, &["none.json"]);
+    assert!(
+        std::fs::read_dir(&bad_out).map_or(true, |mut d| d.next().is_none()),
+        "nothing is written for bad input"
+    );
+}
+
 /// Refits `<runs>/profiles/<name>.raw.json[.gz]` for each name and checks that the result is
 /// `sim/profiles/<name>.json` byte for byte and carries every one of `terms`.
 fn assert_embedded_profiles_are_refits(runs: &str, names: &[&str], raw_ext: &str, terms: &[&str]) {

@@ -368,7 +368,7 @@ impl SpreadExcess {
 
 /// Fields of two model shapes that change kernel times, as `field: profile X, wanted Y`. The
 /// name, `max_position` and `rope_theta` do not change a kernel's time and are not compared.
-fn shape_mismatches(profile: &ModelSpec, wanted: &ModelSpec) -> Vec<String> {
+pub fn shape_mismatches(profile: &ModelSpec, wanted: &ModelSpec) -> Vec<String> {
     let mut out = Vec::new();
     let mut cmp = |field: &str, a: String, b: String| {
         if a != b {
@@ -397,8 +397,8 @@ fn shape_mismatches(profile: &ModelSpec, wanted: &ModelSpec) -> Vec<String> {
     out
 }
 
-/// `GPU, model, date` of a profile, for messages.
-fn profile_label(p: &CalibrationProfile) -> String {
+/// `GPU x model, date` of a profile, for messages.
+pub fn profile_label(p: &CalibrationProfile) -> String {
     format!("{} x {}, {}", p.gpu_name, p.model.name, p.date)
 }
 
@@ -455,6 +455,12 @@ impl CalibratedCost {
             profile.driver_version,
             profile.cuda_version
         );
+        if let Some(source) = &profile.decode_spread_excess_from {
+            let _ = write!(
+                description,
+                "; decode attention over spread contexts as measured on {source}"
+            );
+        }
         if scaled {
             let _ = write!(
                 description,
@@ -1203,7 +1209,11 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
     if !profile.decode_spread_excess.is_empty() {
         let _ = writeln!(
             out,
-            "| decode attention over spread contexts, beyond the grid, by rows (at spread) | {} |",
+            "| decode attention over spread contexts, beyond the grid, by rows (at spread){} | {} |",
+            profile
+                .decode_spread_excess_from
+                .as_ref()
+                .map_or(String::new(), |source| format!("; measured on {source}")),
             profile
                 .decode_spread_excess
                 .iter()
@@ -1948,6 +1958,7 @@ pub fn profile_from_cost_model(
         lora_rank_mix: Vec::new(),
         prompt_step_excess: Vec::new(),
         decode_spread_excess: Vec::new(),
+        decode_spread_excess_from: None,
         base_gemm: grids
             .tokens
             .iter()

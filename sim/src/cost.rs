@@ -1692,6 +1692,13 @@ pub struct CalibrationProfile {
     /// Absent (profiles before session 11): none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub decode_spread_excess: Vec<SpreadExcessPoint>,
+    /// Where `decode_spread_excess` was measured when it was not measured with this profile's
+    /// grids (`GPU x model, date` of that profile): a measurement made before `calibrate` had
+    /// spread steps may take the term from a calibration of the same model shape on a GPU of
+    /// the same SM count and clock (`calibrate --refit ... --spread-excess-from`). Absent:
+    /// measured with the rest, or no term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_spread_excess_from: Option<String>,
 }
 
 /// Reads and checks a calibration profile (JSON). Errors name the path and the field.
@@ -1901,6 +1908,16 @@ impl CalibrationProfile {
             "rows",
             self.decode_spread_excess.iter().map(|p| p.rows),
         )?;
+        if let Some(source) = &self.decode_spread_excess_from {
+            if self.decode_spread_excess.is_empty() {
+                return Err(bad(
+                    "decode_spread_excess_from".into(),
+                    format!(
+                        "names `{source}` as the source of decode_spread_excess, which is empty"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -2569,6 +2586,7 @@ mod tests {
             lora_rank_mix: Vec::new(),
             prompt_step_excess: Vec::new(),
             decode_spread_excess: Vec::new(),
+            decode_spread_excess_from: None,
             host_to_device: [1 << 20, 64 << 20]
                 .iter()
                 .map(|&bytes| TransferPoint {
@@ -2675,6 +2693,15 @@ mod tests {
         );
         let err = profile_error(|p| p.host_to_device[0].bytes = 0, "zero-bytes");
         assert!(err.contains("host_to_device[0].bytes"), "{err}");
+        // A source named for a term that is not there.
+        let err = profile_error(
+            |p| p.decode_spread_excess_from = Some("NVIDIA H100 x llama-7b, 2026-12-06".into()),
+            "spread-source",
+        );
+        assert!(
+            err.contains("decode_spread_excess_from") && err.contains("H100"),
+            "{err}"
+        );
 
         // Not JSON of the right shape, and no file at all.
         let path = temp_file("garbage", r#"{"format_version": 1, "gpu_nam": "x"}"#);
