@@ -296,19 +296,33 @@ fn refit_takes_the_spread_excess_of_a_gpu_with_the_same_sms_only() {
 }
 
 /// Refits `<runs>/profiles/<name>.raw.json[.gz]` for each name and checks that the result is
-/// `sim/profiles/<name>.json` byte for byte and carries every one of `terms`.
-fn assert_embedded_profiles_are_refits(runs: &str, names: &[&str], raw_ext: &str, terms: &[&str]) {
+/// `sim/profiles/<name>.json` byte for byte and carries every one of `terms`. With
+/// `spread_from` (`<gpu>-`), the refit takes the spread excess of the embedded profile
+/// `<gpu>-<model>.json` (`--spread-excess-from`).
+fn assert_embedded_profiles_are_refits(
+    runs: &str,
+    names: &[&str],
+    raw_ext: &str,
+    spread_from: Option<&str>,
+    terms: &[&str],
+) {
     let root = env!("CARGO_MANIFEST_DIR");
     let out = tmp(&format!("embedded-{}", names[0]));
     for name in names {
         let raw = format!("{root}/{runs}/profiles/{name}.raw.json{raw_ext}");
-        let o = run(&[
-            "calibrate",
-            "--refit",
-            raw.as_str(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let mut args = vec![
+            "calibrate".to_string(),
+            "--refit".into(),
+            raw,
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ];
+        if let Some(gpu) = spread_from {
+            let model = name.split_once('-').expect("<gpu>-<model>").1;
+            args.push("--spread-excess-from".into());
+            args.push(format!("{root}/sim/profiles/{gpu}{model}.json"));
+        }
+        let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let derived = std::fs::read(out.join(format!("{name}.json"))).unwrap();
         let embedded = std::fs::read(format!("{root}/sim/profiles/{name}.json")).unwrap();
@@ -331,12 +345,18 @@ fn the_embedded_profiles_are_their_measurements_refit() {
     // `sim/profiles/README.md` says where the embedded profiles come from. The H200's: session
     // 9's measurements of the current executor on one machine (host 11), refit (which adds the
     // rank-mix term fitted on the measured mixes, and session 10's prompt-step excess fitted
-    // on the measured steps of one prompt alone).
+    // on the measured steps of one prompt alone), with the spread excess of the embedded H100
+    // profile of each model (session 14: host 11 measured no spread steps).
     assert_embedded_profiles_are_refits(
         "docs/fidelity/runs-9/host-11",
         &["h200-llama-7b", "h200-llama-13b", "h200-llama-3-8b"],
         "",
-        &["lora_rank_mix", "prompt_step_excess"],
+        Some("h100-sxm-"),
+        &[
+            "lora_rank_mix",
+            "prompt_step_excess",
+            "decode_spread_excess",
+        ],
     );
     // The H100's: session 11's calibrations (host 16), the first with the decode steps over
     // spread contexts, so each also carries the term those steps give.
@@ -344,6 +364,7 @@ fn the_embedded_profiles_are_their_measurements_refit() {
         "docs/fidelity/runs-11/host-16",
         &["h100-sxm-llama-7b", "h100-sxm-llama-3-8b"],
         ".gz",
+        None,
         &[
             "lora_rank_mix",
             "prompt_step_excess",
@@ -356,6 +377,7 @@ fn the_embedded_profiles_are_their_measurements_refit() {
         "docs/fidelity/runs-13/host-17",
         &["h100-sxm-llama-13b"],
         ".gz",
+        None,
         &[
             "lora_rank_mix",
             "prompt_step_excess",
