@@ -84,6 +84,24 @@ fn rate_text(c: &Candidate) -> String {
     }
 }
 
+/// What a deployment that meets the target with a highest meeting rate below it means: the
+/// evaluation at exactly the target met, the bisection's did not just above its lower bound,
+/// so the target lies inside the capacity bracket `[max_rate, max_rate × (1 + granularity))`
+/// and the deployment runs at its knee. `None` when there is headroom (or no rate).
+pub fn knee_note(c: &Candidate, target: f64, granularity: f64) -> Option<String> {
+    let rate = c.max_rate?;
+    if !c.meets_target || c.max_rate_is_lower_bound || rate >= target {
+        return None;
+    }
+    Some(format!(
+        "No headroom: its capacity lies between {} and {} req/s, and the target is inside \
+         that bracket; it met the SLO at exactly the target, but any more traffic, or a \
+         slower GPU than the one costed, misses it.",
+        short(rate),
+        short(rate * (1.0 + granularity))
+    ))
+}
+
 /// The terminal summary of a plan.
 pub fn summary_text(r: &PlanResult) -> String {
     let mut out = String::new();
@@ -147,6 +165,9 @@ pub fn summary_text(r: &PlanResult) -> String {
                 times(c.headroom.unwrap_or(0.0)),
                 adapters_text(c)
             );
+            if let Some(note) = knee_note(c, t.rate, s.granularity) {
+                let _ = writeln!(out, "  {note}");
+            }
             let _ = writeln!(out, "  Knobs: {}.", c.knobs_text);
             if r.recommendations.len() > 1 {
                 out.push_str("\nAlternatives:\n");

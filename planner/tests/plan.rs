@@ -175,3 +175,30 @@ fn an_impossible_slo_is_an_answer_not_a_panic() {
         "{text}"
     );
 }
+
+/// A deployment that met the SLO at exactly the target while the highest rate its search found
+/// to meet it (the capacity bracket's lower end) lies below the target runs at its knee: the
+/// summary and the report's answer say so, with the bracket; with headroom they say nothing.
+#[test]
+fn a_recommendation_at_its_knee_says_it_has_no_headroom() {
+    let text = scenario(SLO, "  target_rate: 8\n  gpus: [h200]\n  max_replicas: 1\n");
+    let mut r = plan(&text, &PlanOverrides::default());
+    assert_eq!(r.verdict, Verdict::Recommended, "{}", summary_text(&r));
+    let top = r.recommendations[0].candidate;
+    assert!(r.candidates[top].headroom.unwrap() >= 1.0);
+    assert!(
+        !summary_text(&r).contains("No headroom"),
+        "{}",
+        summary_text(&r)
+    );
+    // The same answer had the search's last meeting rate fallen just under the target (the
+    // bisection and the evaluation at the target are separate simulations).
+    r.candidates[top].max_rate = Some(7.9);
+    r.candidates[top].max_rate_is_lower_bound = false;
+    r.candidates[top].headroom = Some(7.9 / 8.0);
+    let text = summary_text(&r);
+    assert!(
+        text.contains("No headroom: its capacity lies between 7.9 and 8.295 req/s"),
+        "{text}"
+    );
+}

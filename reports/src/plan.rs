@@ -155,13 +155,21 @@ fn verdict_sentence(plan: &PlanResult) -> String {
     match &plan.verdict {
         Verdict::Recommended => {
             let r = &plan.recommendations[0];
-            format!(
+            let sentence = format!(
                 "{} at {}/hour sustains {} req/s ({:.2}× the target)",
                 r.label,
                 usd(r.usd_per_hour),
                 short(r.max_rate),
                 r.headroom
-            )
+            );
+            match slora_planner::summary::knee_note(
+                &plan.candidates[r.candidate],
+                t.rate,
+                plan.search.granularity,
+            ) {
+                Some(note) => format!("{sentence}. {note}"),
+                None => sentence,
+            }
         }
         Verdict::OverBudget {
             budget_usd_per_hour,
