@@ -267,6 +267,7 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
         prompt_step_excess: Vec::new(),
         decode_spread_excess: Vec::new(),
         decode_spread_excess_from: None,
+        lora_adapters_beyond_grid: None,
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: Some(slora_kernels::measurement::GEMM_TUNE_MAX_TOKENS),
         lora_rank_mix: fit_rank_mix(c),
@@ -856,6 +857,7 @@ fn whole_step_checks(
             &predict(c, profile, &shapes)?,
         ));
     }
+    report.push_str(&fit_adapters_beyond_grid(c, profile)?);
     for mix in c.all_rank_mixes() {
         let rows: Vec<(u32, u32, f64)> = mix
             .steps
@@ -900,6 +902,123 @@ fn whole_step_checks(
         ));
     }
     Ok(report)
+}
+
+/// Fits the profile's `lora_adapters_beyond_grid` and returns the report's section. The
+/// measurement's mixed-rank steps with more distinct adapters than the LoRA grid ("wide") are
+/// set against the same mix with the grid's largest count ("reference"), row count by row
+/// count: the wide step's measured extra time over the reference, less what the parts
+/// without any adapter beyond the grid add (other shape differences), over what the grid
+/// extrapolated linearly adds. Differencing against the reference cancels what the parts get
+/// wrong at that row count anyway. The share is the median over row counts, within [0, 1];
+/// none without such a pair of mixes.
+fn fit_adapters_beyond_grid(
+    c: &Calibration,
+    profile: &mut CalibrationProfile,
+) -> Result<String, CalibrateError> {
+    profile.lora_adapters_beyond_grid = None;
+    let Some(grid_adapters) = profile.lora_shrink.iter().map(|p| p.adapters).max() else {
+        return Ok(String::new());
+    };
+    let mixes = c.all_rank_mixes();
+    let Some((wide, reference)) = mixes.iter().find_map(|wide| {
+        (wide.adapters > grid_adapters)
+            .then(|| {
+                mixes
+                    .iter()
+                    .find(|m| m.adapters == grid_adapters && m.ranks == wide.ranks)
+                    .map(|reference| (wide, reference))
+            })
+            .flatten()
+    }) else {
+        return Ok(String::new());
+    };
+    // (rows, distinct, measured wide, measured reference) where the wide mix passes the grid.
+    let pairs: Vec<(u32, u32, f64, f64)> = wide
+        .steps
+        .iter()
+        .filter_map(|(rows, w)| {
+            let distinct = (*rows).min(wide.adapters);
+            let r = reference.steps.iter().find(|(r, _)| r == rows)?;
+            (distinct > grid_adapters).then_some((*rows, distinct, w.median_s, r.1.median_s))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return Ok(String::new());
+    }
+    let shapes = |adapters: u32| -> Vec<slora_sim::BatchShape> {
+        pairs
+            .iter()
+            .map(|p| mixed_rank_shape(p.0, &wide.ranks, adapters))
+            .collect()
+    };
+    let with_share = |share: f64| -> Result<Vec<f64>, CalibrateError> {
+        let mut p = profile.clone();
+        p.lora_adapters_beyond_grid = Some(share);
+        predict(c, &p, &shapes(wide.adapters))
+    };
+    let (linear, flat) = (with_share(1.0)?, with_share(0.0)?);
+    let reference_parts = predict(c, profile, &shapes(reference.adapters))?;
+    let shares: Vec<f64> = pairs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let extrapolated = linear[i] - flat[i];
+            let measured = (p.2 - p.3) - (flat[i] - reference_parts[i]);
+            (extrapolated > 0.0).then(|| measured / extrapolated)
+        })
+        .collect();
+    if shares.is_empty() {
+        return Ok(String::new());
+    }
+    let share = crate::replay_cmd::median(shares.clone()).clamp(0.0, 1.0);
+    profile.lora_adapters_beyond_grid = Some(share);
+    let fitted = predict(c, profile, &shapes(wide.adapters))?;
+    let ranks = wide
+        .ranks
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join("/");
+    let mut out = format!(
+        "
+
+## Decode LoRA beyond the grid's {grid_adapters} adapters
+
+Ranks {ranks},          distinct while {} adapters last, against the same mix with {grid_adapters}: what the          extra distinct adapters add to a whole step (measured; host-timed), what the grid adds          extrapolated linearly in adapters, and that share; then the whole step against the          parts with the grid extrapolated linearly and with the fitted share.
+
+         | decode rows | distinct adapters | measured extra (ms) | linear extra (ms) | share |          step (ms) | linear | fitted |
+|---|---|---|---|---|---|---|---|
+",
+        wide.adapters
+    );
+    let mut shares = shares.into_iter();
+    for (i, p) in pairs.iter().enumerate() {
+        let extrapolated = linear[i] - flat[i];
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.3} | {:.3} | {} | {:.3} | {:+.1}% | {:+.1}% |",
+            p.0,
+            p.1,
+            ((p.2 - p.3) - (flat[i] - reference_parts[i])) * 1e3,
+            extrapolated * 1e3,
+            if extrapolated > 0.0 {
+                format!("{:.2}", shares.next().unwrap_or(f64::NAN))
+            } else {
+                "n/a".into()
+            },
+            p.2 * 1e3,
+            (linear[i] / p.2 - 1.0) * 100.0,
+            (fitted[i] / p.2 - 1.0) * 100.0
+        );
+    }
+    let _ = write!(
+        out,
+        "
+The profile's `lora_adapters_beyond_grid` (the median share, within [0, 1]): {share:.2}.
+"
+    );
+    Ok(out)
 }
 
 /// The profile of a measurement and its report (Markdown).

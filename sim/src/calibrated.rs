@@ -334,6 +334,8 @@ pub struct CalibratedCost {
     /// The profile's `decode_spread_excess`: (extra seconds, spread) by rows, and the row
     /// range (held flat beyond it); `None`: none measured.
     spread_excess: Option<SpreadExcess>,
+    /// The profile's `lora_adapters_beyond_grid` (1: the grids extrapolated linearly).
+    adapters_beyond_grid: f64,
 }
 
 /// [`CalibratedCost`]'s form of the profile's `decode_spread_excess`.
@@ -530,6 +532,7 @@ impl CalibratedCost {
                         last.rows as f64,
                     )
                 }),
+            adapters_beyond_grid: profile.lora_adapters_beyond_grid.unwrap_or(1.0),
             spread_excess: profile
                 .decode_spread_excess
                 .first()
@@ -695,6 +698,14 @@ impl CalibratedCost {
         token_rank: f64,
         adapter_rank: f64,
     ) -> f64 {
+        // Distinct adapters beyond the grid's largest count add only a share of its last slope
+        // (see `CalibrationProfile::lora_adapters_beyond_grid`).
+        let measured = grid.axes[1].last().copied().unwrap_or(adapters);
+        let adapters = if adapters > measured {
+            measured + self.adapters_beyond_grid * (adapters - measured)
+        } else {
+            adapters
+        };
         let mean = Self::lora_time(grid, tokens, adapters, token_rank, adapter_rank);
         let highest_rank = b.max_decode_rank as f64;
         let Some((toward, first, last)) = &self.rank_mix else {
@@ -1225,6 +1236,12 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
                 ))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+    }
+    if let Some(share) = profile.lora_adapters_beyond_grid {
+        let _ = writeln!(
+            out,
+            "| decode LoRA beyond the grid's adapters: share of its last slope | {share:.2} |"
         );
     }
     if !profile.prompt_step_excess.is_empty() {
@@ -1959,6 +1976,7 @@ pub fn profile_from_cost_model(
         prompt_step_excess: Vec::new(),
         decode_spread_excess: Vec::new(),
         decode_spread_excess_from: None,
+        lora_adapters_beyond_grid: None,
         base_gemm: grids
             .tokens
             .iter()

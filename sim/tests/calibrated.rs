@@ -637,6 +637,54 @@ fn mixed_decode_ranks_move_toward_the_highest_as_far_as_measured() {
     assert_eq!(lora(&plain, &prompt), lora(&mixed, &prompt));
 }
 
+/// Distinct adapters beyond the LoRA grids' largest count (32 in the synthetic grids) add the
+/// profile's share of the grids' last slope: 96 rows on 96 adapters at share 0.25 cost what
+/// the same rows on 48 adapters cost (32 + 0.25 × 64); up to the grids' count the share
+/// changes nothing, and without it the grids extrapolate linearly.
+#[test]
+fn decode_lora_beyond_the_grids_adapters_adds_the_measured_share() {
+    // The derived model's LoRA reads every row's adapter per row, flat in distinct adapters:
+    // give each distinct adapter 2 µs a kernel, as a measured grid has.
+    let mut plain = synthetic_profile(Efficiency::default());
+    for p in plain
+        .lora_shrink
+        .iter_mut()
+        .chain(plain.lora_expand.iter_mut())
+    {
+        let extra = 2e-6 * f64::from(p.adapters);
+        p.time.median_s += extra;
+        p.time.p10_s += extra;
+        p.time.p90_s += extra;
+    }
+    let mut bent = plain.clone();
+    bent.lora_adapters_beyond_grid = Some(0.25);
+    let (plain, bent) = (calibrated(&plain), calibrated(&bent));
+    let lora = |c: &CalibratedCost, s: &BatchShape| {
+        let cost = c.step_cost(s);
+        secs(cost.lora_shrink) + secs(cost.lora_expand)
+    };
+    // 96 decode rows of rank 16, `n` rows on each adapter.
+    let rows = |n: u32| decode_on_ranks(300, &vec![(n, 16); (96 / n) as usize]);
+    let (on96, on48, on32) = (rows(1), rows(2), rows(3));
+    assert_eq!(on96.distinct_adapters, 96);
+    assert!(lora(&plain, &on96) > lora(&plain, &on48));
+    let (got, want) = (lora(&bent, &on96), lora(&plain, &on48));
+    assert!(rel(got, want).abs() < 1e-9, "{got} vs {want}");
+    assert_eq!(lora(&bent, &on32), lora(&plain, &on32));
+    assert!(lora(&bent, &on48) < lora(&plain, &on48));
+    // Out of [0, 1]: named.
+    let mut bad = synthetic_profile(Efficiency::default());
+    bad.lora_adapters_beyond_grid = Some(1.5);
+    let err = bad
+        .validate(std::path::Path::new("p.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lora_adapters_beyond_grid") && err.contains("1.5") && err.contains("p.json"),
+        "{err}"
+    );
+}
+
 #[test]
 fn rank_mix_points_out_of_range_or_order_are_named() {
     use slora_sim::cost::RankMixPoint;
