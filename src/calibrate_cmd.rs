@@ -981,15 +981,13 @@ fn fit_adapters_beyond_grid(
         .collect::<Vec<_>>()
         .join("/");
     let mut out = format!(
-        "
-
-## Decode LoRA beyond the grid's {grid_adapters} adapters
-
-Ranks {ranks},          distinct while {} adapters last, against the same mix with {grid_adapters}: what the          extra distinct adapters add to a whole step (measured; host-timed), what the grid adds          extrapolated linearly in adapters, and that share; then the whole step against the          parts with the grid extrapolated linearly and with the fitted share.
-
-         | decode rows | distinct adapters | measured extra (ms) | linear extra (ms) | share |          step (ms) | linear | fitted |
-|---|---|---|---|---|---|---|---|
-",
+        "\n\n## Decode LoRA beyond the grid's {grid_adapters} adapters\n\nRanks {ranks}, \
+         distinct while {} adapters last, against the same mix with {grid_adapters}: what the \
+         extra distinct adapters add to a whole step (measured; host-timed), what the grid adds \
+         extrapolated linearly in adapters, and that share; then the whole step against the \
+         parts with the grid extrapolated linearly and with the fitted share.\n\n\
+         | decode rows | distinct adapters | measured extra (ms) | linear extra (ms) | share | \
+         step (ms) | linear | fitted |\n|---|---|---|---|---|---|---|---|\n",
         wide.adapters
     );
     let mut shares = shares.into_iter();
@@ -1014,9 +1012,7 @@ Ranks {ranks},          distinct while {} adapters last, against the same mix wi
     }
     let _ = write!(
         out,
-        "
-The profile's `lora_adapters_beyond_grid` (the median share, within [0, 1]): {share:.2}.
-"
+        "\nThe profile's `lora_adapters_beyond_grid` (the median share, within [0, 1]): {share:.2}.\n"
     );
     Ok(out)
 }
