@@ -513,6 +513,15 @@ fn spread_checks(
     Ok(out)
 }
 
+/// A mix's ranks as the reports write them (`8/16/32/64`).
+fn ranks_label(ranks: &[u32]) -> String {
+    ranks
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The shape of one step of a `RankMixSteps`: `rows` decode rows at context 16, row `i` of
 /// rank `ranks[i % len]`, the first `adapters` of them distinct.
 fn mixed_rank_shape(rows: u32, ranks: &[u32], adapters: u32) -> slora_sim::BatchShape {
@@ -646,12 +655,7 @@ fn rank_mix_lora_tables(c: &Calibration, fitted: &[RankMixPoint]) -> String {
         if lines.is_empty() {
             continue;
         }
-        let ranks = mix
-            .ranks
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join("/");
+        let ranks = ranks_label(&mix.ranks);
         out.push_str(&format!(
             "\n\n## What mixed ranks add to a step, against one rank\n\nRanks {ranks}, {} distinct adapters at most: the step minus the same step without adapters (ms), for the mix and for each rank alone at the same rows and distinct adapters. `toward highest`: (mix - mean of the ranks) / (highest rank - mean); 0 is each row costing what its own rank costs, 1 every row costing what the highest rank costs.\n\n| decode rows | distinct adapters | mix (ms) | each rank alone (ms) | their mean (ms) | toward highest |\n|---|---|---|---|---|---|\n{}",
             mix.adapters,
@@ -872,11 +876,7 @@ fn whole_step_checks(
             "Whole decode steps with mixed ranks: measured vs the parts",
             &format!(
                 "Decode rows at context 16, row i on an adapter of rank {} (i modulo {}), distinct while {} adapters last; host-timed as the executor runs them.",
-                mix.ranks
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join("/"),
+                ranks_label(&mix.ranks),
                 mix.ranks.len(),
                 mix.adapters
             ),
@@ -974,12 +974,7 @@ fn fit_adapters_beyond_grid(
     let share = crate::replay_cmd::median(shares.clone()).clamp(0.0, 1.0);
     profile.lora_adapters_beyond_grid = Some(share);
     let fitted = predict(c, profile, &shapes(wide.adapters))?;
-    let ranks = wide
-        .ranks
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join("/");
+    let ranks = ranks_label(&wide.ranks);
     let mut out = format!(
         "\n\n## Decode LoRA beyond the grid's {grid_adapters} adapters\n\nRanks {ranks}, \
          distinct while {} adapters last, against the same mix with {grid_adapters}: what the \
