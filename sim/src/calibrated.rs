@@ -298,6 +298,9 @@ impl PrefillGrid {
 /// the rank `w·token_rank + (1 - w)·adapter_rank` (the two means) with the per-token share
 /// `w = 1 - c·adapters / s` clamped to `[0, 1]` (a half when neither can be read), so the result
 /// always lies between the grid at the two mean ranks, and is exact when all ranks are equal.
+/// For decode rows, distinct adapters beyond the grid's largest count `A` count as
+/// `A + share · (a - A)`, the profile's `lora_adapters_beyond_grid` (1 when absent: the grid
+/// extrapolated linearly).
 ///
 /// When the scenario's adapters target other projections than the profile measured
 /// (`lora_targets`), LoRA times are scaled by the ratio of the summed input widths (shrink) and
