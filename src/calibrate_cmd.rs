@@ -399,6 +399,15 @@ fn fits_spread_excess(step: &SpreadDecodeStep) -> bool {
     step.pattern.starts_with("even-16-")
 }
 
+/// A profile's `decode_spread_excess` as the reports write it: `rows: ±ms (spread)`, in order.
+fn spread_points_text(points: &[SpreadExcessPoint]) -> String {
+    points
+        .iter()
+        .map(|p| format!("{}: {:+.3} ms ({:.2})", p.rows, p.extra_s * 1e3, p.spread))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Fits the profile's `decode_spread_excess` on the spread steps and returns the report's
 /// section: each step's attention phase against the grid's estimate, without and with it, and
 /// the whole steps against the parts.
@@ -503,12 +512,7 @@ fn spread_checks(
     let _ = write!(
         out,
         "\n\nThe profile's `decode_spread_excess` (rows: seconds at spread): {}.\n",
-        profile
-            .decode_spread_excess
-            .iter()
-            .map(|p| format!("{}: {:+.3} ms ({:.2})", p.rows, p.extra_s * 1e3, p.spread))
-            .collect::<Vec<_>>()
-            .join(", ")
+        spread_points_text(&profile.decode_spread_excess)
     );
     Ok(out)
 }
@@ -1197,12 +1201,7 @@ impl SpreadDonor {
              calibration of the same model shape on a GPU with the same SM count and clock \
              (rows: seconds at spread): {}.\n",
             self.path.display(),
-            profile
-                .decode_spread_excess
-                .iter()
-                .map(|p| format!("{}: {:+.3} ms ({:.2})", p.rows, p.extra_s * 1e3, p.spread))
-                .collect::<Vec<_>>()
-                .join(", ")
+            spread_points_text(&profile.decode_spread_excess)
         );
     }
 }
