@@ -425,7 +425,13 @@ pub const LORA_DECODE_TOKENS: [u32; 10] = [1, 4, 8, 16, 32, 64, 96, 128, 160, 25
 /// The adapters of every rank of the grid are resident at once: 64 of ranks 8-64 are 15 GB
 /// for Llama-7B, 25 GB for Llama-13B; where the pool cannot hold them the axis stops earlier
 /// ([`adapter_counts_that_fit`]).
-pub const LORA_DECODE_ADAPTERS: [u32; 4] = [1, 4, 16, 64];
+///
+/// And 32 between them: the cost does not grow linearly from 16 to 64. Past 64 each adapter
+/// adds only 10-40% of the 16-64 slope (the profiles' `lora_adapters_beyond_grid`, H100
+/// Llama-7B), and live H100 steps of 64-95 rows with about 59 distinct adapters, interpolated
+/// on the 16-64 chord, were priced 2.6% high where the same rows with 5 or 79 adapters were
+/// within 0.5% (docs/FIDELITY.md, session 15). The point costs 40 of the grid's measurements.
+pub const LORA_DECODE_ADAPTERS: [u32; 5] = [1, 4, 16, 32, 64];
 
 /// The counts of `wanted` (increasing) whose adapters fit the pool: `n` adapters of every rank
 /// in `ranks`, all resident at once, may take at most half of `pool_pages` (the other half
@@ -492,11 +498,16 @@ mod tests {
         let ranks = [8, 16, 32, 64];
         assert_eq!(
             adapter_counts_that_fit(&LORA_DECODE_ADAPTERS, &ranks, pages, 212_000),
-            vec![1, 4, 16, 64]
+            vec![1, 4, 16, 32, 64]
         );
-        // 64 of each rank need 30,720 pages: with 50,000 the axis ends at 16.
+        // 64 of each rank need 30,720 pages, twice that may not pass the pool's half: with
+        // 50,000 the axis ends at 32 (30,720 pages for both halves), with 30,000 at 16.
         assert_eq!(
             adapter_counts_that_fit(&LORA_DECODE_ADAPTERS, &ranks, pages, 50_000),
+            vec![1, 4, 16, 32]
+        );
+        assert_eq!(
+            adapter_counts_that_fit(&LORA_DECODE_ADAPTERS, &ranks, pages, 30_000),
             vec![1, 4, 16]
         );
         // Never empty.
