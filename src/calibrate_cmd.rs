@@ -31,9 +31,9 @@ use slora_kernels::measurement::{
     Calibration, RankMixSteps, SpreadDecodeStep, Stat, MIXED_CONTEXT,
 };
 use slora_sim::cost::{
-    CalibrationProfile, DecodeAttentionPoint, LoraPoint, Measured, PrefillAttentionPoint,
-    PromptExcessPoint, RankMixPoint, SpreadExcessPoint, TokensPoint, TransferPoint,
-    PROFILE_FORMAT_VERSION,
+    CalibrationProfile, DecodeAttentionPoint, ExtraChunks, LoraPoint, Measured,
+    PrefillAttentionPoint, PromptExcessPoint, RankMixPoint, SpreadExcessPoint, TokensPoint,
+    TransferPoint, PROFILE_FORMAT_VERSION,
 };
 use slora_sim::CostModel;
 use std::collections::BTreeMap;
@@ -268,6 +268,7 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
         decode_spread_excess: Vec::new(),
         decode_spread_excess_from: None,
         lora_adapters_beyond_grid: None,
+        prefill_extra_chunks: None,
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: Some(slora_kernels::measurement::GEMM_TUNE_MAX_TOKENS),
         lora_rank_mix: fit_rank_mix(c),
@@ -857,13 +858,37 @@ fn whole_step_checks(
             .map(|(t, n, s)| (*t, *n, s.median_s))
             .collect();
         let shapes: Vec<_> = rows.iter().map(|r| prompts_shape(r.0, r.1)).collect();
+        let unfitted = predict(c, profile, &shapes)?;
+        let fit = fit_extra_chunks(c, profile, &rows, &shapes)?;
+        let fitted = predict(c, profile, &shapes)?;
         report.push_str(&check_table(
             "Whole steps of one or several prompts: measured vs the parts",
-            "The prompt tokens spread evenly over that many prompts at context 0, no adapters, no decode rows; host-timed as the executor runs them (the LoRA grid's base steps).",
+            "The prompt tokens spread evenly over that many prompts at context 0, no adapters, no decode rows; host-timed as the executor runs them (the LoRA grid's base steps). The parts with the profile's `prefill_extra_chunks`, fitted on these steps (below).",
             ["prompt tokens", "prompts"],
             &rows,
-            &predict(c, profile, &shapes)?,
+            &fitted,
         ));
+        if let Some(extra) = fit {
+            let mean_error = |pred: &[f64]| -> f64 {
+                rows.iter()
+                    .zip(pred)
+                    .map(|(r, p)| (p / r.2 - 1.0).abs())
+                    .sum::<f64>()
+                    / pred.len() as f64
+            };
+            let _ = write!(
+                report,
+                "\n\nThe profile's `prefill_extra_chunks`: each chunk after the first adds {:.2} of \
+                 its prefill attention alone beyond the launch, and {:.1} µs per prompt (least \
+                 squares on the steps of several prompts with tokens inside the attention grid, \
+                 each less its tokens' one-prompt error). Mean absolute error of the steps \
+                 above: {:.1}% (every chunk at its full time, nothing per prompt: {:.1}%).\n",
+                extra.share,
+                extra.per_prompt_s * 1e6,
+                mean_error(&fitted) * 100.0,
+                mean_error(&unfitted) * 100.0,
+            );
+        }
     }
     report.push_str(&fit_adapters_beyond_grid(c, profile)?);
     for mix in c.all_rank_mixes() {
@@ -906,6 +931,89 @@ fn whole_step_checks(
         ));
     }
     Ok(report)
+}
+
+/// Fits the profile's `prefill_extra_chunks` on the whole steps of several prompts (`rows`:
+/// prompt tokens, prompts, measured seconds; `shapes` theirs) and sets it; none without at
+/// least two such steps whose chunks have attention beyond the launch.
+///
+/// Each step of `n > 1` prompts of `T` tokens in all, with `T` inside the prefill attention
+/// grid, is set against the steps of one prompt of `T` tokens: its measured time less that
+/// prompt's error (what the parts get wrong at `T` tokens, the base GEMMs mostly, cancels)
+/// must be the parts with the extra chunks free, plus `share` of what the extra chunks cost
+/// at their full time, plus `(n - 1) · per_prompt_s`. Least squares in relative terms (steps
+/// of 16 tokens and of 1,024 weigh alike), `share` searched over [0, 1] in steps of 0.01 with
+/// the best `per_prompt_s >= 0` for each.
+fn fit_extra_chunks(
+    c: &Calibration,
+    profile: &mut CalibrationProfile,
+    rows: &[(u32, u32, f64)],
+    shapes: &[slora_sim::BatchShape],
+) -> Result<Option<ExtraChunks>, CalibrateError> {
+    profile.prefill_extra_chunks = None;
+    let with = |share: f64| -> Result<Vec<f64>, CalibrateError> {
+        let mut p = profile.clone();
+        p.prefill_extra_chunks = Some(ExtraChunks {
+            share,
+            per_prompt_s: 0.0,
+        });
+        predict(c, &p, shapes)
+    };
+    let (free, full) = (with(0.0)?, with(1.0)?);
+    let largest_chunk = profile
+        .attention_prefill
+        .iter()
+        .map(|p| p.tokens)
+        .max()
+        .unwrap_or(0);
+    let one_prompt_error = |tokens: u32| {
+        rows.iter()
+            .zip(&full)
+            .find(|(r, _)| r.0 == tokens && r.1 == 1)
+            .map(|(r, p)| r.2 - p)
+    };
+    // (extra chunks at full time, extra prompts, what is left to explain), over the measured.
+    let mut points = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let prompts = shapes[i].prefill_requests;
+        let Some(error) = one_prompt_error(r.0) else {
+            continue;
+        };
+        if prompts > 1 && r.0 <= largest_chunk {
+            let extra = (prompts - 1) as f64;
+            points.push((
+                (full[i] - free[i]) / r.2,
+                extra / r.2,
+                (r.2 - error - free[i]) / r.2,
+            ));
+        }
+    }
+    if points.len() < 2 || points.iter().all(|p| p.0 <= 0.0) {
+        return Ok(None);
+    }
+    let per_prompt_for = |share: f64| {
+        let (xy, xx) = points.iter().fold((0.0, 0.0), |(xy, xx), p| {
+            (xy + p.1 * (p.2 - share * p.0), xx + p.1 * p.1)
+        });
+        (xy / xx).max(0.0)
+    };
+    let squares = |share: f64| {
+        let q = per_prompt_for(share);
+        points
+            .iter()
+            .map(|p| (p.2 - share * p.0 - q * p.1).powi(2))
+            .sum::<f64>()
+    };
+    let share = (0..=100)
+        .map(|i| i as f64 / 100.0)
+        .min_by(|a, b| squares(*a).total_cmp(&squares(*b)))
+        .unwrap_or(1.0);
+    let extra = ExtraChunks {
+        share,
+        per_prompt_s: per_prompt_for(share),
+    };
+    profile.prefill_extra_chunks = Some(extra);
+    Ok(Some(extra))
 }
 
 /// Fits the profile's `lora_adapters_beyond_grid` and returns the report's section. The

@@ -148,6 +148,15 @@ fn refit_derives_the_same_profile_from_a_saved_measurement_without_a_gpu() {
             .is_some_and(|e| !e.is_empty()),
         "{excess:?}"
     );
+    // And `prefill_extra_chunks` after session 15, fitted on its whole steps of several prompts.
+    let extra = derived
+        .as_object_mut()
+        .unwrap()
+        .remove("prefill_extra_chunks");
+    assert!(
+        extra.as_ref().is_some_and(|e| e["share"].is_f64()),
+        "{extra:?}"
+    );
     assert!(
         derived == measured,
         "the refit profile differs from the one measured"
@@ -339,7 +348,60 @@ fn refit_fits_the_lora_share_beyond_the_grids_adapters() {
     }
 }
 
-/// Refits `<runs>/profiles/<name>.raw.json[.gz]` for each name/// Refits `<runs>/profiles/<name>.raw.json[.gz]` for each name and checks that the result is
+/// `prefill_extra_chunks` fitted on real measurements (every calibration has whole steps of
+/// 1, 4 and 16 prompts): what the chunks after the first add, and per prompt, in the ranges
+/// the H100 and the H200 measured, and the parts closer to those steps than without it.
+#[test]
+fn refit_fits_what_prompt_chunks_after_the_first_cost() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tmp("refit-extra-chunks");
+    for (raw, name) in [
+        (
+            "docs/fidelity/runs-14/host-18/profiles/h100-sxm-llama-7b.raw.json.gz",
+            "h100-sxm-llama-7b",
+        ),
+        (
+            "docs/fidelity/runs-9/host-11/profiles/h200-llama-7b.raw.json",
+            "h200-llama-7b",
+        ),
+    ] {
+        let o = run(&[
+            "calibrate",
+            "--refit",
+            &format!("{root}/{raw}"),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let profile: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join(format!("{name}.json"))).unwrap())
+                .unwrap();
+        let extra = &profile["prefill_extra_chunks"];
+        let share = extra["share"].as_f64().unwrap();
+        let per_prompt = extra["per_prompt_s"].as_f64().unwrap();
+        assert!((0.65..=0.9).contains(&share), "{name}: {share}");
+        assert!(
+            (15e-6..=40e-6).contains(&per_prompt),
+            "{name}: {per_prompt}"
+        );
+        let report = std::fs::read_to_string(out.join(format!("{name}.md"))).unwrap();
+        let line = report
+            .lines()
+            .find(|l| l.starts_with("The profile's `prefill_extra_chunks`"))
+            .unwrap_or_else(|| panic!("{name}: {report}"));
+        // "... above: 1.3% (every chunk at its full time, nothing per prompt: 3.0%)."
+        let percents: Vec<f64> = line
+            .split('%')
+            .filter_map(|p| p.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert!(
+            percents.len() == 2 && percents[0] < percents[1],
+            "{name}: {line}"
+        );
+    }
+}
+
+/// Refits `<runs>/profiles/<name>.raw.json[.gz]` for each name and checks that the result is
 /// `sim/profiles/<name>.json` byte for byte and carries every one of `terms`. With
 /// `spread_from` (`<gpu>-`), the refit takes the spread excess of the embedded profile
 /// `<gpu>-<model>.json` (`--spread-excess-from`).
@@ -377,7 +439,8 @@ fn assert_embedded_profiles_are_refits(
         let profile: serde_json::Value = serde_json::from_slice(&embedded).unwrap();
         for term in terms {
             assert!(
-                profile[term].as_array().is_some_and(|m| !m.is_empty()),
+                profile[term].as_array().is_some_and(|m| !m.is_empty())
+                    || profile[term].is_object(),
                 "{name}: the embedded profile has no `{term}`"
             );
         }
@@ -400,6 +463,7 @@ fn the_embedded_profiles_are_their_measurements_refit() {
             "lora_rank_mix",
             "prompt_step_excess",
             "decode_spread_excess",
+            "prefill_extra_chunks",
         ],
     );
     // The H100's: session 11's calibrations (host 16), the first with the decode steps over
@@ -413,6 +477,7 @@ fn the_embedded_profiles_are_their_measurements_refit() {
             "lora_rank_mix",
             "prompt_step_excess",
             "decode_spread_excess",
+            "prefill_extra_chunks",
         ],
     );
     // Llama-13B on the H100: session 13's calibration (host 17), the first to finish (host
@@ -426,6 +491,7 @@ fn the_embedded_profiles_are_their_measurements_refit() {
             "lora_rank_mix",
             "prompt_step_excess",
             "decode_spread_excess",
+            "prefill_extra_chunks",
         ],
     );
 }

@@ -41,8 +41,8 @@
 
 use crate::cost::{
     attention_flops_per_context_row, check_targets, find_gpu, gemm_groups, lora_elems,
-    AnalyticCost, BatchShape, CalibrationProfile, CostError, CostModel, Efficiency, GpuSpec,
-    Measured, Provenance, SmoothMax, StepCost,
+    AnalyticCost, BatchShape, CalibrationProfile, CostError, CostModel, Efficiency, ExtraChunks,
+    GpuSpec, Measured, Provenance, SmoothMax, StepCost,
 };
 use serde::Serialize;
 use slora_engine::plan::ContextHistogram;
@@ -278,12 +278,16 @@ impl PrefillGrid {
 /// because the causal pairs are convex in the chunk size), sharing one launch:
 ///
 /// ```text
-/// time = max( f(t, c) + (n - 1) * (f(t, c) - launch),  f(max_prefill_tokens, 0) )
+/// time = max( f(t, c) + (n - 1) * (k * (f(t, c) - launch) + q),  f(max_prefill_tokens, 0) )
 /// ```
 ///
-/// where `launch` is the grid's smallest-context column extrapolated to zero pairs. For a time
+/// where `launch` is the grid's smallest-context column extrapolated to zero pairs, and `k`,
+/// `q` the profile's `prefill_extra_chunks` (1 and 0 when absent). With `k = 1` and a time
 /// affine in tokens and pairs (launch + KV traffic per token + FLOPs per pair) this is exact
-/// whatever the mix of chunks. The second term: the step takes at least as long as its longest
+/// whatever the mix of chunks; but a chunk alone does not fill the GPU (a 256-token chunk is
+/// 4 tiles per head), and the chunks after the first run in what it leaves idle, so
+/// `calibrate` fits `k` (0.72-0.85 on the H100 and H200) and a cost per prompt `q` on whole
+/// steps of several prompts. The second term: the step takes at least as long as its longest
 /// chunk would alone (its critical path when chunks are very uneven).
 ///
 /// # LoRA
@@ -339,6 +343,8 @@ pub struct CalibratedCost {
     spread_excess: Option<SpreadExcess>,
     /// The profile's `lora_adapters_beyond_grid` (1: the grids extrapolated linearly).
     adapters_beyond_grid: f64,
+    /// The profile's `prefill_extra_chunks` (share 1 and nothing per prompt when absent).
+    extra_chunks: ExtraChunks,
 }
 
 /// [`CalibratedCost`]'s form of the profile's `decode_spread_excess`.
@@ -536,6 +542,10 @@ impl CalibratedCost {
                     )
                 }),
             adapters_beyond_grid: profile.lora_adapters_beyond_grid.unwrap_or(1.0),
+            extra_chunks: profile.prefill_extra_chunks.unwrap_or(ExtraChunks {
+                share: 1.0,
+                per_prompt_s: 0.0,
+            }),
             spread_excess: profile
                 .decode_spread_excess
                 .first()
@@ -619,7 +629,11 @@ impl CalibratedCost {
         let t = b.prefill_tokens as f64 / n;
         let context = ((b.prefill_attention_pairs as f64 / n - t * (t + 1.0) / 2.0) / t).max(0.0);
         let one = self.prefill.eval(t, context);
-        let all = one + (n - 1.0) * (one - self.prefill.launch_s).max(0.0);
+        let ExtraChunks {
+            share,
+            per_prompt_s,
+        } = self.extra_chunks;
+        let all = one + (n - 1.0) * (share * (one - self.prefill.launch_s).max(0.0) + per_prompt_s);
         if b.max_prefill_tokens > 0 {
             all.max(self.prefill.eval(b.max_prefill_tokens as f64, 0.0))
         } else {
@@ -1245,6 +1259,14 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
         let _ = writeln!(
             out,
             "| decode LoRA beyond the grid's adapters: share of its last slope | {share:.2} |"
+        );
+    }
+    if let Some(extra) = profile.prefill_extra_chunks {
+        let _ = writeln!(
+            out,
+            "| prefill attention, each chunk after the first: share of its time alone, and per prompt | {:.2}, {} |",
+            extra.share,
+            human_seconds(extra.per_prompt_s)
         );
     }
     if !profile.prompt_step_excess.is_empty() {
@@ -1980,6 +2002,7 @@ pub fn profile_from_cost_model(
         decode_spread_excess: Vec::new(),
         decode_spread_excess_from: None,
         lora_adapters_beyond_grid: None,
+        prefill_extra_chunks: None,
         base_gemm: grids
             .tokens
             .iter()

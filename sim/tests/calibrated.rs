@@ -685,6 +685,78 @@ fn decode_lora_beyond_the_grids_adapters_adds_the_measured_share() {
     );
 }
 
+/// Each prompt chunk after the first adds the profile's `prefill_extra_chunks`: `share` of its
+/// attention alone beyond the launch, plus `per_prompt_s`. One chunk is unchanged; without the
+/// term every chunk adds its full time; out-of-range values are named.
+#[test]
+fn prefill_chunks_after_the_first_add_the_profiles_share() {
+    use slora_sim::cost::ExtraChunks;
+    let plain = synthetic_profile(Efficiency::default());
+    let mut shared = plain.clone();
+    shared.prefill_extra_chunks = Some(ExtraChunks {
+        share: 0.75,
+        per_prompt_s: 30e-6,
+    });
+    let (plain, shared) = (calibrated(&plain), calibrated(&shared));
+    let attention = |c: &CalibratedCost, chunks: &[(u32, u32)]| {
+        secs(
+            c.step_cost(&with_prefill(BatchShape::default(), chunks))
+                .attention_prefill,
+        )
+    };
+    // One chunk: the grid alone, with or without the term.
+    let one = attention(&plain, &[(256, 0)]);
+    assert_eq!(attention(&shared, &[(256, 0)]), one);
+    // Four chunks of 256: the first at its full time, three more at the share plus 30 µs.
+    let four = [(256, 0); 4];
+    let full_extra = attention(&plain, &four) - one;
+    assert!(full_extra > 0.0);
+    let got = attention(&shared, &four) - one;
+    let want = 0.75 * full_extra + 3.0 * 30e-6;
+    // Step costs are whole nanoseconds.
+    assert!((got - want).abs() < 3e-9, "{got} vs {want}");
+    // A step never costs less than its longest chunk alone.
+    let uneven = [(2048, 0), (16, 0)];
+    assert!(attention(&shared, &uneven) >= attention(&shared, &[(2048, 0)]));
+    for (extra, field, says) in [
+        (
+            ExtraChunks {
+                share: 1.2,
+                per_prompt_s: 0.0,
+            },
+            "prefill_extra_chunks.share",
+            "got 1.2",
+        ),
+        (
+            ExtraChunks {
+                share: 0.5,
+                per_prompt_s: -1e-6,
+            },
+            "prefill_extra_chunks.per_prompt_s",
+            "got -0.000001",
+        ),
+        (
+            ExtraChunks {
+                share: f64::NAN,
+                per_prompt_s: 0.0,
+            },
+            "prefill_extra_chunks.share",
+            "got NaN",
+        ),
+    ] {
+        let mut bad = synthetic_profile(Efficiency::default());
+        bad.prefill_extra_chunks = Some(extra);
+        let err = bad
+            .validate(std::path::Path::new("p.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(field) && err.contains(says) && err.contains("p.json"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn rank_mix_points_out_of_range_or_order_are_named() {
     use slora_sim::cost::RankMixPoint;
