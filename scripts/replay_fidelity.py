@@ -9,7 +9,9 @@ served it. This one prices the same steps with the current build and `--profiles
 (default: the embedded profiles): `slora-plan replay` replays each run's arrivals
 through the simulator with every step taking the time it took live, so it makes the run's
 plans again and prints each step's full shape and the model's parts. Prints, over all runs
-and per run, the median of model/measured - 1 (signed and absolute), and by kind of step:
+and per run, the median of model/measured - 1 (signed and absolute) and the time-weighted
+error (summed model over summed measured, - 1: what moves a simulated run's latencies; a few
+long steps priced low can leave it negative under a positive median), and by kind of step:
 decode-only steps by batch size, steps with a prompt by prompt tokens and by prompts.
 
 RUNS_DIR: fidelity.py's OUT (`<scenario>/loadNN.yaml` and `loadNN/executed/steps.csv[.gz]`).
@@ -36,6 +38,12 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def weighted(steps):
+    """Summed model time over summed measured time, - 1."""
+    measured = sum(g[5] for g in steps)
+    return sum(g[1] for g in steps) / measured if measured > 0 else float("nan")
+
+
 def replay(args, yaml_path, steps_path, work):
     text = retarget(yaml_path, args.traces, args.profiles)
     scenario = os.path.join(work, "scenario.yaml")
@@ -58,7 +66,7 @@ def replay(args, yaml_path, steps_path, work):
             continue
         model_s = sum(float(row[k]) for k in parts)
         chunks = len(row.get("prefill_chunks", "").split())
-        out.append((model_s / measured - 1, model_s - measured, int(row["prefill_tokens"]), int(row["decode_requests"]), chunks))
+        out.append((model_s / measured - 1, model_s - measured, int(row["prefill_tokens"]), int(row["decode_requests"]), chunks, measured))
     return out
 
 
@@ -72,8 +80,8 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     everything = []
-    print("| run | steps | median error | median abs error | decode-only | with a prompt |")
-    print("|---|---|---|---|---|---|")
+    print("| run | steps | median error | median abs error | decode-only | with a prompt | time-weighted: all | decode-only | with a prompt |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for yaml_path in sorted(glob.glob(os.path.join(args.runs, "*", "load*.yaml"))):
         label = os.path.basename(yaml_path)[:-5]
         executed = os.path.join(os.path.dirname(yaml_path), label, "executed")
@@ -85,31 +93,39 @@ def main():
             continue
         everything.extend(got)
         e = [g[0] for g in got]
-        dec = [g[0] for g in got if g[2] == 0]
-        pre = [g[0] for g in got if g[2] > 0]
+        dec = [g for g in got if g[2] == 0]
+        pre = [g for g in got if g[2] > 0]
         name = f"{os.path.basename(os.path.dirname(yaml_path))} {label}"
-        print(f"| {name} | {len(got)} | {100 * median(e):+.1f}% | {100 * median([abs(x) for x in e]):.1f}% | {100 * median(dec):+.1f}% | {100 * median(pre):+.1f}% |")
+        print(
+            f"| {name} | {len(got)} | {100 * median(e):+.1f}% | {100 * median([abs(x) for x in e]):.1f}% "
+            f"| {100 * median([g[0] for g in dec]):+.1f}% | {100 * median([g[0] for g in pre]):+.1f}% "
+            f"| {100 * weighted(got):+.1f}% | {100 * weighted(dec):+.1f}% | {100 * weighted(pre):+.1f}% |"
+        )
     if not everything:
         sys.exit("no replayable runs")
     e = [g[0] for g in everything]
-    print(f"\nAll {len(e)} steps: median error {100 * median(e):+.2f}%, median absolute error {100 * median([abs(x) for x in e]):.2f}%.\n")
-    print("| steps | count | median error | median difference (ms) |")
-    print("|---|---|---|---|")
+    print(
+        f"\nAll {len(e)} steps: median error {100 * median(e):+.2f}%, median absolute error "
+        f"{100 * median([abs(x) for x in e]):.2f}%, time-weighted error {100 * weighted(everything):+.2f}%.\n"
+    )
+    print("| steps | count | median error | median difference (ms) | time-weighted error |")
+    print("|---|---|---|---|---|")
     for lo, hi in BATCHES:
         sel = [g for g in everything if g[2] == 0 and lo <= g[3] < hi]
         if sel:
-            print(f"| decode only, batch {lo}-{hi - 1} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} |")
+            print(f"| decode only, batch {lo}-{hi - 1} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} | {100 * weighted(sel):+.1f}% |")
     for lo, hi in PROMPTS:
         sel = [g for g in everything if lo <= g[2] < hi]
         if sel:
             top = f"{hi - 1}" if hi < 1 << 20 else "+"
-            print(f"| prompt tokens {lo}-{top} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} |")
-    # Steps with several prompts: the model adds each prompt's attention (docs/FIDELITY.md, session 10).
+            print(f"| prompt tokens {lo}-{top} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} | {100 * weighted(sel):+.1f}% |")
+    # Steps with several prompts: what each prompt after the first adds (the profile's
+    # `prefill_extra_chunks`, docs/FIDELITY.md, session 15).
     for n in range(1, 6):
         sel = [g for g in everything if g[2] > 0 and (g[4] == n or (n == 5 and g[4] >= 5))]
         if sel:
             label = {1: "1 prompt", 5: "5+ prompts"}.get(n, f"{n} prompts")
-            print(f"| steps with {label} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} |")
+            print(f"| steps with {label} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} | {100 * weighted(sel):+.1f}% |")
 
 
 if __name__ == "__main__":
