@@ -751,6 +751,16 @@ fn check_table(
     lines.join("\n")
 }
 
+/// The mean absolute relative error of `predicted` against measured whole steps (`rows`: two
+/// shape numbers and the measured seconds).
+fn mean_abs_error(rows: &[(u32, u32, f64)], predicted: &[f64]) -> f64 {
+    rows.iter()
+        .zip(predicted)
+        .map(|(r, p)| (p / r.2 - 1.0).abs())
+        .sum::<f64>()
+        / predicted.len().max(1) as f64
+}
+
 /// Chooses the base GEMMs' token quantum on the whole steps with a prompt and checks the
 /// parts against every whole step measured (see the module documentation); returns the
 /// report's sections.
@@ -770,13 +780,7 @@ fn whole_step_checks(
             .iter()
             .map(|r| mixed_shape(r.0, r.1, c.mixed_rank, c.mixed_adapters))
             .collect();
-        let mean_error = |pred: &[f64]| -> f64 {
-            rows.iter()
-                .zip(pred)
-                .map(|(r, p)| (p / r.2 - 1.0).abs())
-                .sum::<f64>()
-                / pred.len() as f64
-        };
+        let mean_error = |pred: &[f64]| mean_abs_error(&rows, pred);
         // The base GEMMs' token quantum: the one whose parts best predict these whole steps.
         let mut quanta = Vec::new();
         for q in [None, Some(64u32), Some(128), Some(256)] {
@@ -869,13 +873,7 @@ fn whole_step_checks(
             &fitted,
         ));
         if let Some(extra) = fit {
-            let mean_error = |pred: &[f64]| -> f64 {
-                rows.iter()
-                    .zip(pred)
-                    .map(|(r, p)| (p / r.2 - 1.0).abs())
-                    .sum::<f64>()
-                    / pred.len() as f64
-            };
+            let mean_error = |pred: &[f64]| mean_abs_error(&rows, pred);
             let _ = write!(
                 report,
                 "\n\nThe profile's `prefill_extra_chunks`: each chunk after the first adds {:.2} of \

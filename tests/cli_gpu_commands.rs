@@ -304,6 +304,24 @@ fn refit_takes_the_spread_excess_of_a_gpu_with_the_same_sms_only() {
     );
 }
 
+/// `calibrate --refit` of the repository's measurement `raw` into `out`: the profile `name`
+/// (JSON) and its report.
+fn refit(raw: &str, name: &str, out: &std::path::Path) -> (serde_json::Value, String) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let o = run(&[
+        "calibrate",
+        "--refit",
+        &format!("{root}/{raw}"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let profile =
+        serde_json::from_slice(&std::fs::read(out.join(format!("{name}.json"))).unwrap()).unwrap();
+    let report = std::fs::read_to_string(out.join(format!("{name}.md"))).unwrap();
+    (profile, report)
+}
+
 /// The share of the LoRA grid's last slope that distinct adapters beyond it add, fitted on the
 /// calibration's mixed-rank steps with 256 distinct adapters: on host 18's H100 measurement
 /// (Llama-7B, grid to 64 adapters) the linear extrapolation priced those steps 3-18% high and
@@ -311,7 +329,6 @@ fn refit_takes_the_spread_excess_of_a_gpu_with_the_same_sms_only() {
 /// the linear extrapolation. Both are real measurements, so the bounds are loose.
 #[test]
 fn refit_fits_the_lora_share_beyond_the_grids_adapters() {
-    let root = env!("CARGO_MANIFEST_DIR");
     let out = tmp("refit-beyond");
     for (raw, name, low, high) in [
         (
@@ -327,20 +344,9 @@ fn refit_fits_the_lora_share_beyond_the_grids_adapters() {
             1.0,
         ),
     ] {
-        let o = run(&[
-            "calibrate",
-            "--refit",
-            &format!("{root}/{raw}"),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let profile: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join(format!("{name}.json"))).unwrap())
-                .unwrap();
+        let (profile, report) = refit(raw, name, &out);
         let share = profile["lora_adapters_beyond_grid"].as_f64().unwrap();
         assert!((low..=high).contains(&share), "{name}: {share}");
-        let report = std::fs::read_to_string(out.join(format!("{name}.md"))).unwrap();
         assert!(
             report.contains("## Decode LoRA beyond the grid's"),
             "{name}: {report}"
@@ -353,7 +359,6 @@ fn refit_fits_the_lora_share_beyond_the_grids_adapters() {
 /// the H100 and the H200 measured, and the parts closer to those steps than without it.
 #[test]
 fn refit_fits_what_prompt_chunks_after_the_first_cost() {
-    let root = env!("CARGO_MANIFEST_DIR");
     let out = tmp("refit-extra-chunks");
     for (raw, name) in [
         (
@@ -365,17 +370,7 @@ fn refit_fits_what_prompt_chunks_after_the_first_cost() {
             "h200-llama-7b",
         ),
     ] {
-        let o = run(&[
-            "calibrate",
-            "--refit",
-            &format!("{root}/{raw}"),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let profile: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join(format!("{name}.json"))).unwrap())
-                .unwrap();
+        let (profile, report) = refit(raw, name, &out);
         let extra = &profile["prefill_extra_chunks"];
         let share = extra["share"].as_f64().unwrap();
         let per_prompt = extra["per_prompt_s"].as_f64().unwrap();
@@ -384,7 +379,6 @@ fn refit_fits_what_prompt_chunks_after_the_first_cost() {
             (15e-6..=40e-6).contains(&per_prompt),
             "{name}: {per_prompt}"
         );
-        let report = std::fs::read_to_string(out.join(format!("{name}.md"))).unwrap();
         let line = report
             .lines()
             .find(|l| l.starts_with("The profile's `prefill_extra_chunks`"))
