@@ -135,8 +135,8 @@ fn refit_derives_the_same_profile_from_a_saved_measurement_without_a_gpu() {
         .unwrap()
         .remove("base_gemm_token_quantum_max_tokens");
     assert_eq!(limit, Some(serde_json::json!(512)));
-    // And `prompt_step_excess` after session 10, fitted on the steps of one prompt alone that
-    // the measurement holds.
+    // And `prompt_step_excess` after session 10, fitted on the steps with one prompt that the
+    // measurement holds.
     let excess = derived
         .as_object_mut()
         .unwrap()

@@ -1547,8 +1547,9 @@ pub struct RankMixPoint {
 }
 
 /// What a step with `prompt_tokens` prompt tokens costs beyond the sum of its parts, seconds
-/// (never below zero): `calibrate` measures whole steps of one prompt alone and subtracts the
-/// parts' prediction.
+/// (never below zero): `calibrate` measures whole steps of one prompt alone and beside 32 and
+/// 128 decode rows, and takes the median of measured minus the parts' prediction (the prompt
+/// alone only, before session 15).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptExcessPoint {
