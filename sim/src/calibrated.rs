@@ -286,7 +286,7 @@ impl PrefillGrid {
 /// affine in tokens and pairs (launch + KV traffic per token + FLOPs per pair) this is exact
 /// whatever the mix of chunks; but a chunk alone does not fill the GPU (a 256-token chunk is
 /// 4 tiles per head), and the chunks after the first run in what it leaves idle, so
-/// `calibrate` fits `k` (0.72-0.85 on the H100 and H200) and a cost per prompt `q` on whole
+/// `calibrate` fits `k` (0.72-1.00 on the H100 and H200) and a cost per prompt `q` on whole
 /// steps of several prompts. The second term: the step takes at least as long as its longest
 /// chunk would alone (its critical path when chunks are very uneven).
 ///

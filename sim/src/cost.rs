@@ -1721,7 +1721,7 @@ pub struct CalibrationProfile {
 /// measures one chunk per launch, and a chunk alone leaves SMs idle that the other chunks of
 /// the launch fill: whole steps of 4 or 16 prompts cost 4-10% less than the chunks' full times
 /// added up, on every calibration (H100 and H200, three models), and live steps of 2-5 prompts
-/// were priced 0.9-2.5% high. `per_prompt_s` is what steps of many small prompts show
+/// were priced 0.4-4.2% high on five machines (docs/FIDELITY.md, session 15). `per_prompt_s` is what steps of many small prompts show
 /// beyond their parts (tens of µs a prompt). `calibrate` fits both on its whole steps of one
 /// or several prompts.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
