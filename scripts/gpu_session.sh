@@ -110,17 +110,24 @@ if [ "$part" = j ]; then
         reference_check_or_stop
         grep -E "FAIL|greedy|identical" "$out/reference.log" | tail -n 8
     fi
-    for m in ${J_MODELS:-}; do
-        # Any GPU's profile of this model (h200-, h100-...): measured on this machine already.
-        compgen -G "$work/profiles/*-$m.json" >/dev/null && continue
-        [ "$(left)" -gt 150 ] || { echo "no time to calibrate $m"; break; }
-        stage "calibrate $m"
-        timeout $(($(left) - 20)) "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
-            --out "$work/profiles" >>"$out/calibrate.log" 2>&1
-        # Into OUT at once, as one archive (the device tool returns at most eight files): a call
-        # cut short at the tool's limit still returns what it measured.
-        tar czf "$out/profiles.tgz" -C "$work" profiles 2>/dev/null
-    done
+    # calibrate_into DIR LOG WORD MODELS...: each model calibrated into $work/DIR unless this
+    # machine holds its profile there already (any GPU's: h200-, h100-...), while the budget
+    # lasts; the folder goes into OUT at once as DIR.tgz (the device tool returns at most
+    # eight files), so a call cut short at the tool's limit still returns what it measured.
+    calibrate_into() {
+        local dir=$1 log=$2 word=$3 m
+        shift 3
+        for m in "$@"; do
+            compgen -G "$work/$dir/*-$m.json" >/dev/null && continue
+            [ "$(left)" -gt 150 ] || { echo "no time to calibrate $m$word"; break; }
+            stage "calibrate $m$word"
+            timeout $(($(left) - 20)) "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
+                --out "$work/$dir" >>"$out/$log" 2>&1
+            tar czf "$out/$dir.tgz" -C "$work" "$dir" 2>/dev/null
+        done
+    }
+    # shellcheck disable=SC2086 # model lists are space-separated words
+    calibrate_into profiles calibrate.log "" ${J_MODELS:-}
     grep -E "^Measured in" "$out/calibrate.log" 2>/dev/null
     mkdir -p "$work/replay"
     for entry in ${J_REPLAYS:-}; do
@@ -139,14 +146,8 @@ if [ "$part" = j ]; then
     # J_RECALIBRATE: models measured again, after the live runs of an earlier call on this
     # machine, into profiles-after/: says whether a fresh machine's first calibration ran slow
     # (host 17, session 13) by setting the same machine's two grids side by side.
-    for m in ${J_RECALIBRATE:-}; do
-        compgen -G "$work/profiles-after/*-$m.json" >/dev/null && continue
-        [ "$(left)" -gt 150 ] || { echo "no time to calibrate $m again"; break; }
-        stage "calibrate $m again"
-        timeout $(($(left) - 20)) "$bin" calibrate --model "$m" --reps "${REPS:-4}" \
-            --out "$work/profiles-after" >>"$out/calibrate-after.log" 2>&1
-        tar czf "$out/profiles-after.tgz" -C "$work" profiles-after 2>/dev/null
-    done
+    # shellcheck disable=SC2086
+    calibrate_into profiles-after calibrate-after.log " again" ${J_RECALIBRATE:-}
     # bench-gpu comes last but keeps its time: the live runs stop that much earlier.
     reserve=0; [ "${J_CHECKS:-0}" = 1 ] && reserve=${BENCH_RESERVE_S:-120}
     if [ -n "${J_RUNS:-}" ] && [ -n "${J_GPU:-}" ] && [ "$(($(left) - reserve))" -gt 100 ]; then
