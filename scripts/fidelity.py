@@ -248,6 +248,13 @@ def retarget(yaml_path, traces, profiles=None):
     return re.sub(r"path: .*" + re.escape(TRACE), f"path: {trace}", text)
 
 
+def run_key(scenario, label):
+    """`--runs`' name of a run folder: `s2-n100:0.85`, or `s2-n100:0.85:tune` for `load85-tune`
+    (served with `--tune-gemms`)."""
+    load = int(label[4:].split("-")[0]) / 100
+    return f"{scenario}:{load:g}" + (":tune" if label.endswith("-tune") else "")
+
+
 def rerun(args):
     import glob
     import shutil
@@ -256,8 +263,7 @@ def rerun(args):
     for yaml_path in sorted(glob.glob(os.path.join(args.rerun, "*", "load*.yaml"))):
         scenario = os.path.basename(os.path.dirname(yaml_path))
         label = os.path.basename(yaml_path)[:-5]
-        wanted = f"{scenario}:{int(label[4:]) / 100:g}"
-        if args.runs and wanted not in args.runs.split(","):
+        if args.runs and run_key(scenario, label) not in args.runs.split(","):
             continue
         if args.only and scenario not in args.only.split(","):
             continue
@@ -265,7 +271,7 @@ def rerun(args):
     if args.runs:
         # In the order asked (the pool starts them longest-estimated first, ties in order).
         order = args.runs.split(",")
-        jobs.sort(key=lambda j: order.index(f"{j[0]}:{int(j[1][4:]) / 100:g}"))
+        jobs.sort(key=lambda j: order.index(run_key(j[0], j[1])))
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
 
     def estimate(job):
@@ -321,13 +327,17 @@ def resimulate(args):
         cmp_out = os.path.join(work, label, "compare")
         code = run([args.bin, "simulate", path, "--quiet", "--out", sim_out])
         code = code or run([args.bin, "compare", executed, sim_out, "--quiet", "--out", cmp_out])
-        load = int(label[4:]) / 100
+        load = int(label[4:].split("-")[0]) / 100
+        if label.endswith("-tune"):
+            scenario_label = f"{scenario} (--tune-gemms)"
+        else:
+            scenario_label = scenario
         cap = float("nan")
         saved = os.path.join(args.resimulate, scenario, "capacity.json")
         if os.path.exists(saved):
             with open(saved) as f:
                 cap = json.load(f)["capacity_req_s"]
-        row = {"scenario": scenario, "load": load, "capacity": cap, "rate": load * cap, "ok": code == 0}
+        row = {"scenario": scenario_label, "load": load, "capacity": cap, "rate": load * cap, "ok": code == 0}
         if code == 0:
             row.update(read_compare(os.path.join(cmp_out, "compare.json")))
         results.append(row)
@@ -404,11 +414,18 @@ def main():
         caps = list(pool.map(find_capacity, chosen))
 
     # 2. Live runs (or their stand-ins), one per GPU at a time.
+    # A run given as `name:load:tune` is served with `--tune-gemms` (the executor times its
+    # own GEMM algorithms instead of adopting the profile's): the baseline of session 16.
     jobs = []
+    wanted = args.runs.split(",") if args.runs else []
     for sc, (cap, base_rate, profile) in zip(chosen, caps):
         for load in loads:
-            if not args.runs or f"{sc['name']}:{load:g}" in args.runs.split(","):
-                jobs.append((sc["name"], load))
+            for tune in (False, True):
+                key = f"{sc['name']}:{load:g}" + (":tune" if tune else "")
+                if key in wanted or (not args.runs and not tune):
+                    jobs.append((sc["name"], load, tune))
+    if args.runs:
+        jobs.sort(key=lambda j: wanted.index(f"{j[0]}:{j[1]:g}" + (":tune" if j[2] else "")))
     by_name = {sc["name"]: (sc, c) for sc, c in zip(chosen, caps)}
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
 
@@ -420,11 +437,11 @@ def main():
         return args.seconds * 1.15 + (30 if sc["model"] == "llama-13b" else 18) + drain
 
     def live(job, env):
-        name, load = job
+        name, load, tune = job
         sc, (cap, base_rate, profile) = by_name[name]
         work = os.path.join(args.out, name)
         rate = load * cap
-        label = f"load{int(round(load * 100))}"
+        label = f"load{int(round(load * 100))}" + ("-tune" if tune else "")
         path = os.path.join(work, f"{label}.yaml")
         with open(path, "w") as f:
             f.write(render(sc, rate, args.seconds, profile, base_rate))
@@ -435,8 +452,8 @@ def main():
             code = code or run([args.bin, "simulate", path, "--quiet", "--seed", "99", "--out", os.path.join(out, "simulated")], env)
             code = code or run([args.bin, "compare", os.path.join(out, "executed"), os.path.join(out, "simulated"), "--quiet", "--out", os.path.join(out, "compare")], env)
         else:
-            code = run([args.bin, "simulate", path, "--compare", "--quiet", "--out", out], env)
-        row = {"scenario": name, "load": load, "capacity": cap, "rate": rate, "ok": code == 0,
+            code = run([args.bin, "simulate", path, "--compare", "--quiet", "--out", out] + (["--tune-gemms"] if tune else []), env)
+        row = {"scenario": name + (" (--tune-gemms)" if tune else ""), "load": load, "capacity": cap, "rate": rate, "ok": code == 0,
                "gpu": env.get("CUDA_VISIBLE_DEVICES"), "wall_s": round(time.monotonic() - started, 1)}
         if code == 0:
             row.update(read_compare(os.path.join(out, "compare", "compare.json")))
@@ -446,7 +463,7 @@ def main():
 
     rows, skipped = run_jobs(jobs, parse_gpus(args.gpus), live, deadline, estimate, args.busy_dir)
     results = [r for r in rows if r is not None]
-    for name, load in skipped:
+    for name, load, _ in skipped:
         print(f"not run (deadline): {name} at {load:.2f}", flush=True)
     write_summary(args.out, results)
 

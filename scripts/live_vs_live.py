@@ -61,7 +61,7 @@ def main():
             pair = f"{os.path.basename(a.rstrip('/'))}-vs-{os.path.basename(b.rstrip('/'))}"
             cmp_out = os.path.join(args.out, pair, scenario, label)
             code = subprocess.call([args.bin, "compare", exec_a, exec_b, "--quiet", "--out", cmp_out])
-            load = int(label[4:]) / 100
+            load = int(label[4:].split("-")[0]) / 100
             capacity = float("nan")
             saved = os.path.join(a, scenario, "capacity.json")
             if os.path.exists(saved):

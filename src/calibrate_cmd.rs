@@ -36,9 +36,9 @@ use slora_kernels::measurement::{
     Calibration, RankMixSteps, SpreadDecodeStep, Stat, MIXED_CONTEXT,
 };
 use slora_sim::cost::{
-    CalibrationProfile, DecodeAttentionPoint, ExtraChunks, LoraPoint, Measured,
-    PrefillAttentionPoint, PromptExcessPoint, RankMixPoint, SpreadExcessPoint, TokensPoint,
-    TransferPoint, PROFILE_FORMAT_VERSION,
+    CalibrationProfile, DecodeAttentionPoint, ExtraChunks, GemmAlgorithms, GemmBucketAlgorithm,
+    LoraPoint, Measured, PrefillAttentionPoint, PromptExcessPoint, RankMixPoint, SpreadExcessPoint,
+    TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
 };
 use slora_sim::CostModel;
 use std::collections::BTreeMap;
@@ -277,6 +277,26 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: Some(slora_kernels::measurement::GEMM_TUNE_MAX_TOKENS),
         lora_rank_mix: fit_rank_mix(c),
+        base_gemm_bucket_tops_to: bucket_tops_measured_to(&c.base_gemm),
+        gemm_algorithms: c
+            .cublaslt_version
+            .filter(|_| !c.gemm_algorithms.is_empty())
+            .map(|version| GemmAlgorithms {
+                cublaslt_version: version,
+                buckets: c
+                    .gemm_algorithms
+                    .iter()
+                    .map(
+                        |&(tokens, inp, out, accumulate, algo)| GemmBucketAlgorithm {
+                            tokens,
+                            inp,
+                            out,
+                            accumulate,
+                            algo,
+                        },
+                    )
+                    .collect(),
+            }),
     };
     let fit = LoraFit {
         decode: c
@@ -293,6 +313,17 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
             .collect(),
     };
     (profile, fit)
+}
+
+/// [`CalibrationProfile::base_gemm_bucket_tops_to`]: the executor's tuning limit when
+/// `base_gemm` measured the top of every GEMM token bucket up to it (calibrations from session
+/// 16), else `None` (earlier grids skip buckets, and keep their interpolation).
+fn bucket_tops_measured_to(base_gemm: &[(u32, Stat)]) -> Option<u32> {
+    use slora_kernels::measurement::{bucket_top, GEMM_TUNE_MAX_TOKENS};
+    let measured: std::collections::BTreeSet<u32> = base_gemm.iter().map(|p| p.0).collect();
+    (1..=GEMM_TUNE_MAX_TOKENS)
+        .all(|t| measured.contains(&(bucket_top(t as usize) as u32)))
+        .then_some(GEMM_TUNE_MAX_TOKENS)
 }
 
 /// The LoRA factors of [`to_profile`], by `(tokens, rank)` of each point, for the report.
@@ -1571,6 +1602,8 @@ mod tests {
             mixed_rank_adapters: 0,
             rank_mixes: Vec::new(),
             spread_decode_steps: Vec::new(),
+            cublaslt_version: None,
+            gemm_algorithms: Vec::new(),
         }
     }
 

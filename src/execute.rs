@@ -72,6 +72,36 @@ pub struct ReplayTiming {
     pub phases_s: Option<[f64; 7]>,
 }
 
+/// The profile algorithms a live run may adopt, or why it tunes its own: the profile must
+/// have recorded them, on a GPU of this name, with this cuBLASLt version (cuBLASLt's
+/// algorithms mean nothing to another version). Pure, so that it is tested without a GPU.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn adoptable<'a>(
+    profile: Option<&'a slora_sim::scenario::ProfileAlgorithms>,
+    gpu_name: &str,
+    cublaslt_version: u64,
+) -> Result<&'a slora_sim::cost::GemmAlgorithms, String> {
+    let Some(p) = profile else {
+        return Err(
+            "the run's cost model has no calibrated profile of this GPU with recorded algorithms"
+                .into(),
+        );
+    };
+    if p.gpu_name != gpu_name {
+        return Err(format!(
+            "the profile ({}) was measured on {}, this GPU is {gpu_name}",
+            p.profile, p.gpu_name
+        ));
+    }
+    if p.algorithms.cublaslt_version != cublaslt_version {
+        return Err(format!(
+            "the profile ({}) recorded them with cuBLASLt {}, this machine has {cublaslt_version}",
+            p.profile, p.algorithms.cublaslt_version
+        ));
+    }
+    Ok(&p.algorithms)
+}
+
 /// Why a live run failed (exit code 1).
 #[derive(Debug, thiserror::Error)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // only a GPU build serves
@@ -89,6 +119,10 @@ pub enum ExecuteError {
 pub struct LiveServer {
     #[cfg(feature = "cuda")]
     gpu: Option<gpu::Loaded>,
+    /// Time cuBLASLt's GEMM candidates on this machine rather than adopt the algorithms
+    /// recorded in the run's calibrated profile (`--tune-gemms`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub tune_gemms: bool,
 }
 
 impl LiveServer {
@@ -110,7 +144,7 @@ impl LiveServer {
         setup: &mut RunSetup,
         progress: Option<slora_sim::des::Progress<'_>>,
     ) -> Result<RunResult, ExecuteError> {
-        gpu::execute(&mut self.gpu, setup, progress)
+        gpu::execute(&mut self.gpu, setup, progress, self.tune_gemms)
     }
 
     /// Runs a recorded live run's plans again on the GPU, back to back (`replay --execute`):
@@ -134,7 +168,14 @@ impl LiveServer {
         origin: &str,
         pass: ReplayPass,
     ) -> Result<Vec<ReplayTiming>, ExecuteError> {
-        gpu::replay(&mut self.gpu, setup, recorded, origin, pass)
+        gpu::replay(
+            &mut self.gpu,
+            setup,
+            recorded,
+            origin,
+            pass,
+            self.tune_gemms,
+        )
     }
 }
 
@@ -147,6 +188,7 @@ mod gpu {
         Scheduler, StepPlan, StepReport, TargetModule,
     };
     use slora_kernels::executor::{ExecutorConfig, GpuExecutor, HostAdapter, ModelWeights};
+    use slora_kernels::gemm::BucketAlgorithm;
     use slora_kernels::gpu::{Gpu, Phase};
     use slora_sim::live::{serve, Backend, WallClock};
     use slora_sim::replay::{use_recorded_pool, RecordedStep};
@@ -166,6 +208,69 @@ mod gpu {
         templates: HashMap<(u32, Vec<TargetModule>), HostAdapter>,
         /// Batch sizes already warmed up.
         warmed_batch: u32,
+        /// Where the base GEMMs' algorithms come from, for the run's description.
+        gemm_source: String,
+        /// Whether the GEMMs run algorithms adopted from a profile.
+        adopted: bool,
+    }
+
+    /// Adopts the base-GEMM algorithms of the profile `setup` is priced with where
+    /// [`super::adoptable`] allows, so live steps run what the profile measured; else the
+    /// executor keeps tuning its own. Says which in `loaded.gemm_source` and on stderr.
+    fn adopt_algorithms(
+        loaded: &mut Loaded,
+        setup: &RunSetup,
+        tune_gemms: bool,
+    ) -> Result<(), ExecuteError> {
+        let version = slora_kernels::gemm::cublaslt_version();
+        let allowed = if tune_gemms {
+            Err("--tune-gemms".to_string())
+        } else {
+            super::adoptable(setup.gemm_algorithms.as_ref(), &loaded.gpu_name, version)
+        };
+        // Algorithms adopted for an earlier run of this process are not this run's.
+        if loaded.adopted {
+            loaded.exec.gpu.gemm.set_tuning(true);
+            loaded.adopted = false;
+        }
+        let source = match allowed {
+            Ok(algorithms) => {
+                let entries: Vec<BucketAlgorithm> = algorithms
+                    .buckets
+                    .iter()
+                    .map(|b| BucketAlgorithm {
+                        tokens: b.tokens as usize,
+                        inp: b.inp as usize,
+                        out: b.out as usize,
+                        accumulate: b.accumulate,
+                        algo: b.algo,
+                    })
+                    .collect();
+                let report = loaded.exec.gpu.gemm.adopt(&entries)?;
+                loaded.adopted = report.adopted > 0;
+                let profile = setup
+                    .gemm_algorithms
+                    .as_ref()
+                    .map_or("", |p| p.profile.as_str());
+                for (e, why) in &report.refused {
+                    eprintln!(
+                        "GEMM algorithm of the profile not adopted (linear {}->{}, {} tokens): {why}",
+                        e.inp, e.out, e.tokens
+                    );
+                }
+                format!(
+                    "GEMM algorithms of {} of {} token buckets from the profile ({profile}), the rest tuned here",
+                    report.adopted,
+                    entries.len()
+                )
+            }
+            Err(why) => format!("GEMM algorithms tuned here ({why})"),
+        };
+        if source != loaded.gemm_source {
+            eprintln!("{source}");
+        }
+        loaded.gemm_source = source;
+        Ok(())
     }
 
     /// Seeded prompt token ids of request `index`.
@@ -319,6 +424,7 @@ mod gpu {
     fn prepare<'a>(
         slot: &'a mut Option<Loaded>,
         setup: &mut RunSetup,
+        tune_gemms: bool,
     ) -> Result<&'a mut Loaded, ExecuteError> {
         let model = setup.engine.model.clone();
         let sched = &setup.engine.scheduler;
@@ -360,11 +466,15 @@ mod gpu {
                 gpu_name,
                 templates: HashMap::new(),
                 warmed_batch: 0,
+                gemm_source: String::new(),
+                adopted: false,
             });
         }
         let loaded = slot.as_mut().expect("set above");
         setup.engine.pool_pages = setup.engine.pool_pages.min(loaded.pool_pages);
         loaded.exec.reset();
+        // Before the warm-up, which tunes every bucket that has no algorithm yet.
+        adopt_algorithms(loaded, setup, tune_gemms)?;
         register(loaded, &setup.engine)?;
         warm_up(loaded, &setup.engine)?;
         Ok(loaded)
@@ -374,11 +484,12 @@ mod gpu {
         slot: &mut Option<Loaded>,
         setup: &mut RunSetup,
         progress: Option<slora_sim::des::Progress<'_>>,
+        tune_gemms: bool,
     ) -> Result<RunResult, ExecuteError> {
-        let loaded = prepare(slot, setup)?;
+        let loaded = prepare(slot, setup, tune_gemms)?;
         let description = format!(
-            "executed live on {} (synthetic {} weights, seed 7; engine pool {} pages; launch by launch)",
-            loaded.gpu_name, setup.engine.model.name, setup.engine.pool_pages
+            "executed live on {} (synthetic {} weights, seed 7; engine pool {} pages; launch by launch; {})",
+            loaded.gpu_name, setup.engine.model.name, setup.engine.pool_pages, loaded.gemm_source
         );
         let recorder = Recorder::with_source(setup, Provenance::Executed, description);
         let mut backend = GpuBackend {
@@ -416,11 +527,12 @@ mod gpu {
         recorded: &[RecordedStep],
         origin: &str,
         pass: ReplayPass,
+        tune_gemms: bool,
     ) -> Result<Vec<ReplayTiming>, ExecuteError> {
         // The recorded pool, checked against this GPU's (capped by `prepare`).
         let wanted = recorded.first().map_or(0, |r| r.pool_pages);
         setup.engine.pool_pages = u32::try_from(wanted).unwrap_or(u32::MAX).max(1);
-        let loaded = prepare(slot, setup)?;
+        let loaded = prepare(slot, setup, tune_gemms)?;
         use_recorded_pool(setup, recorded, Some(loaded.pool_pages as u64), origin)
             .map_err(|e| ExecuteError::Setup(e.to_string()))?;
         loaded.exec.set_phase_timing(pass.phase_timed());
@@ -459,5 +571,46 @@ mod gpu {
             );
         }
         Ok(timings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adoptable;
+    use slora_sim::cost::{GemmAlgorithms, GemmBucketAlgorithm};
+    use slora_sim::scenario::ProfileAlgorithms;
+
+    /// A live run adopts a profile's GEMM algorithms only from a profile of its GPU's name
+    /// recorded with its cuBLASLt version, and says why not otherwise.
+    #[test]
+    fn a_live_run_adopts_algorithms_of_its_own_gpu_and_cublaslt_only() {
+        let profile = ProfileAlgorithms {
+            gpu_name: "NVIDIA H200".into(),
+            profile: "NVIDIA H200 x llama-7b, 2026-12-07".into(),
+            algorithms: GemmAlgorithms {
+                cublaslt_version: 130_100,
+                buckets: vec![GemmBucketAlgorithm {
+                    tokens: 40,
+                    inp: 4096,
+                    out: 12288,
+                    accumulate: false,
+                    algo: [7; 8],
+                }],
+            },
+        };
+        let got = adoptable(Some(&profile), "NVIDIA H200", 130_100).unwrap();
+        assert_eq!(got.buckets.len(), 1);
+        let why = adoptable(Some(&profile), "NVIDIA H100 80GB HBM3", 130_100).unwrap_err();
+        assert!(
+            why.contains("measured on NVIDIA H200") && why.contains("H100"),
+            "{why}"
+        );
+        let why = adoptable(Some(&profile), "NVIDIA H200", 120_900).unwrap_err();
+        assert!(
+            why.contains("cuBLASLt 130100") && why.contains("120900"),
+            "{why}"
+        );
+        let why = adoptable(None, "NVIDIA H200", 130_100).unwrap_err();
+        assert!(why.contains("no calibrated profile"), "{why}");
     }
 }

@@ -58,6 +58,12 @@ enum Command {
         /// DIR/executed and DIR/compare (implies --execute).
         #[arg(long)]
         compare: bool,
+        /// With --execute or --compare: time cuBLASLt's GEMM candidates on this GPU instead
+        /// of adopting the algorithms recorded in the run's calibrated profile (which
+        /// `--execute` adopts on a GPU of the profile's name and cuBLASLt version, so that
+        /// live steps run what the profile measured).
+        #[arg(long)]
+        tune_gemms: bool,
     },
     /// On a GPU: time the executor's own operations over grids of shapes and write a
     /// calibration profile for the simulator (see docs/FIDELITY.md); with `--refit`, derive
@@ -152,12 +158,14 @@ fn main() -> ExitCode {
             quiet,
             execute,
             compare,
+            tune_gemms,
         } => simulate(
             &scenarios,
             out.as_deref(),
             seed,
             quiet,
             Mode::from_flags(execute, compare),
+            tune_gemms,
         ),
         Command::Calibrate(args) => calibrate_cmd::run(&args).map_err(CliError::from),
         Command::Plan(args) => plan_cmd::run(&args).map_err(CliError::from),
@@ -340,6 +348,7 @@ fn simulate(
     seed: Option<u64>,
     quiet: bool,
     mode: Mode,
+    tune_gemms: bool,
 ) -> Result<(), CliError> {
     // Load and check every scenario before running any: bad input fails fast and whole.
     let mut loaded = Vec::new();
@@ -363,6 +372,7 @@ fn simulate(
     let several = loaded.len() > 1;
     let mut summaries = Vec::new();
     let mut live = execute::LiveServer::default();
+    live.tune_gemms = tune_gemms;
     for l in &loaded {
         let dir = match (out, several) {
             (Some(dir), false) => dir.to_path_buf(),

@@ -304,14 +304,14 @@ fn refit_takes_the_spread_excess_of_a_gpu_with_the_same_sms_only() {
     );
 }
 
-/// `calibrate --refit` of the repository's measurement `raw` into `out`: the profile `name`
-/// (JSON) and its report.
+/// `calibrate --refit` of the measurement `raw` (a path in the repository, or absolute) into
+/// `out`: the profile `name` (JSON) and its report.
 fn refit(raw: &str, name: &str, out: &std::path::Path) -> (serde_json::Value, String) {
     let root = env!("CARGO_MANIFEST_DIR");
     let o = run(&[
         "calibrate",
         "--refit",
-        &format!("{root}/{raw}"),
+        &std::path::Path::new(root).join(raw).to_string_lossy(),
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -565,4 +565,87 @@ fn refit_merges_calibrations_of_several_machines() {
         !bad.join("h200-llama-7b.json").exists(),
         "nothing written for bad input"
     );
+}
+
+/// A measurement whose base-GEMM grid holds every token bucket's top and that recorded the
+/// executor's GEMM algorithms (calibrations from session 16) refits into a profile with the
+/// staircase (`base_gemm_bucket_tops_to`) and the algorithms, word for word; earlier
+/// measurements get neither. Merged measurements keep the algorithms only where all ran the
+/// same ones.
+#[test]
+fn refit_carries_the_gemm_algorithms_and_the_bucket_staircase() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let source = format!("{root}/docs/fidelity/runs-9/host-11/profiles/h200-llama-7b.raw.json");
+    let mut raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&source).unwrap()).unwrap();
+    // The bucket tops the older grid lacks, each timed like the point above it.
+    let gemm = raw["base_gemm"].as_array().unwrap().clone();
+    let mut points = gemm.clone();
+    for top in [2u64, 4, 20, 24, 28, 40, 56, 80, 112] {
+        let above = gemm.iter().find(|p| p[0].as_u64().unwrap() > top).unwrap();
+        points.push(serde_json::json!([top, above[1]]));
+    }
+    points.sort_by_key(|p| p[0].as_u64().unwrap());
+    raw["base_gemm"] = serde_json::Value::Array(points);
+    let words = [u64::MAX, 1 << 60, 3, 0, 5, 6, 7, 8];
+    raw["cublaslt_version"] = serde_json::json!(130_100);
+    raw["gemm_algorithms"] = serde_json::json!([
+        [40, 4096, 12288, false, words],
+        [48, 4096, 12288, false, words],
+        [48, 11008, 4096, true, [1, 2, 3, 4, 5, 6, 7, 8]],
+    ]);
+    let dir = tmp("refit-algorithms");
+    std::fs::create_dir_all(&dir).unwrap();
+    let with = dir.join("with.raw.json");
+    std::fs::write(&with, serde_json::to_string(&raw).unwrap()).unwrap();
+    let (profile, report) = refit(with.to_str().unwrap(), "h200-llama-7b", &dir.join("out"));
+    assert_eq!(profile["base_gemm_bucket_tops_to"], 512);
+    let recorded = &profile["gemm_algorithms"];
+    assert_eq!(recorded["cublaslt_version"], 130_100);
+    assert_eq!(recorded["buckets"].as_array().unwrap().len(), 3);
+    assert_eq!(recorded["buckets"][0]["tokens"], 40);
+    assert_eq!(recorded["buckets"][0]["algo"][0].as_u64(), Some(u64::MAX));
+    assert_eq!(recorded["buckets"][0]["algo"][1].as_u64(), Some(1 << 60));
+    assert_eq!(recorded["buckets"][2]["accumulate"], true);
+    assert!(
+        report.contains("3 buckets recorded (cuBLASLt 130100)"),
+        "{report}"
+    );
+    // The measurement as it was: no bucket staircase, no algorithms.
+    let (before, _) = refit(
+        "docs/fidelity/runs-9/host-11/profiles/h200-llama-7b.raw.json",
+        "h200-llama-7b",
+        &dir.join("before"),
+    );
+    assert!(before.get("base_gemm_bucket_tops_to").is_none());
+    assert!(before.get("gemm_algorithms").is_none());
+
+    // Merged: the same algorithms twice are kept; one that differs drops them.
+    let mut other = raw.clone();
+    other["gemm_algorithms"][0][4][2] = serde_json::json!(4);
+    let same = dir.join("same.raw.json");
+    let differs = dir.join("differs.raw.json");
+    std::fs::write(&same, serde_json::to_string(&raw).unwrap()).unwrap();
+    std::fs::write(&differs, serde_json::to_string(&other).unwrap()).unwrap();
+    for (second, kept) in [(&same, true), (&differs, false)] {
+        let out = dir.join(if kept {
+            "merged-same"
+        } else {
+            "merged-differs"
+        });
+        let o = run(&[
+            "calibrate",
+            "--refit",
+            with.to_str().unwrap(),
+            second.to_str().unwrap(),
+            "--merge",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let merged: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("h200-llama-7b.json")).unwrap())
+                .unwrap();
+        assert_eq!(merged.get("gemm_algorithms").is_some(), kept, "{second:?}");
+    }
 }

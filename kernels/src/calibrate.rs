@@ -20,6 +20,7 @@
 use crate::error::Result;
 use crate::executor::{ExecutorConfig, GpuExecutor, ModelWeights};
 use crate::gpu::{Gpu, Phase, PhaseTimes};
+use crate::measurement::{bucket_top, GEMM_TUNE_MAX_TOKENS};
 use crate::weights::synthetic_adapter;
 use slora_engine::{
     AdapterId, AdapterLoad, DecodeWork, Executor, ModelSpec, PageId, PageSpan, PrefillWork,
@@ -431,6 +432,22 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
             });
         }
     }
+    // ---- Base GEMMs at the top of every tuned token bucket ------------------------------------
+    // The executor runs one GEMM algorithm per token bucket (`gemm::bucket_top`), chosen by
+    // timing candidates, and a bucket's algorithm can cost a few percent more or less than its
+    // neighbours'. A bucket the decode grid skips (33-40 rows, 49-56, 65-80, ...) was priced
+    // by interpolating over the neighbours' algorithms (docs/FIDELITY.md, session 16): its top
+    // is measured here, as a decode step at the shortest context, of which only the dense
+    // phase and the LM head are kept.
+    progress("base GEMMs at the top of every token bucket");
+    let decode_tops: Vec<u32> = bucket_tops_missing(&grid.decode_batches, 1, max_decode);
+    for &batch in &decode_tops {
+        let context = grid.decode_contexts.first().copied().unwrap_or(64);
+        let (phases, _) = b.measure(reps, |b| b.decode_plan(batch, context, &[]))?;
+        base_gemm.push((batch, phase_stat(&phases, |p| p.get(Phase::Dense))));
+        lm_head.push((batch, phase_stat(&phases, |p| p.get(Phase::LmHead))));
+    }
+    lm_head.sort_by_key(|p| p.0);
     let fixed_overhead = Stat::of(overheads);
     // The per-token cost of sampling: at the largest batch (a lone argmax is launch-bound).
     let sampling_per_token = Stat::of(
@@ -444,7 +461,14 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
 
     // ---- Base GEMMs at prefill sizes ---------------------------------------------------------
     progress("prefill steps (dense layers at prefill sizes)");
-    for &tokens in &grid.prefill_tokens {
+    let mut prefill_tokens = grid.prefill_tokens.clone();
+    prefill_tokens.extend(bucket_tops_missing(
+        &grid.prefill_tokens,
+        max_decode + 1,
+        GEMM_TUNE_MAX_TOKENS,
+    ));
+    prefill_tokens.sort_unstable();
+    for &tokens in &prefill_tokens {
         let chunk = 512u32.min(tokens);
         let chunks: Vec<(u32, u32)> = (0..tokens.div_ceil(chunk))
             .map(|k| (chunk.min(tokens - k * chunk), 0))
@@ -680,5 +704,32 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         mixed_rank_adapters: 0,
         rank_mixes,
         spread_decode_steps,
+        cublaslt_version: Some(crate::gemm::cublaslt_version()),
+        gemm_algorithms: b
+            .exec
+            .gpu
+            .gemm
+            .algorithms()
+            .iter()
+            .map(|a| {
+                (
+                    a.tokens as u32,
+                    a.inp as u32,
+                    a.out as u32,
+                    a.accumulate,
+                    a.algo,
+                )
+            })
+            .collect(),
     })
+}
+
+/// The tops of the GEMM token buckets in `lo..=hi` that `measured` lacks, increasing.
+fn bucket_tops_missing(measured: &[u32], lo: u32, hi: u32) -> Vec<u32> {
+    let mut tops: Vec<u32> = (lo..=hi)
+        .map(|t| bucket_top(t as usize) as u32)
+        .filter(|&t| t <= hi && !measured.contains(&t))
+        .collect();
+    tops.dedup();
+    tops
 }

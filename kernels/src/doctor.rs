@@ -161,6 +161,7 @@ mod imp {
         collect!(crate::ops::sampling::check_on_gpu(&gpu)?);
         collect!(crate::ops::attention::check_on_gpu(&gpu)?);
         collect!(crate::ops::lora::check_on_gpu(&gpu)?);
+        collect!([crate::gemm::check_adoption(&gpu)?]);
         Ok(rows)
     }
 

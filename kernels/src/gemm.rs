@@ -78,6 +78,8 @@ struct Tuned {
     timed_at: usize,
     heuristic_ms: f64,
     chosen_ms: f64,
+    /// Taken from a profile ([`LtGemm::adopt`]) rather than timed here (no times then).
+    adopted: bool,
 }
 
 impl Drop for Plan {
@@ -100,6 +102,38 @@ pub struct TunedShape {
     pub out: usize,
     pub heuristic_ms: f64,
     pub chosen_ms: f64,
+}
+
+/// One token bucket's algorithm as plain data: what `calibrate` records in a profile and
+/// `--execute` adopts, so that live steps run the GEMM algorithms the profile measured.
+/// Tuning times candidates a few microseconds apart, so two processes on the same GPU can
+/// choose differently for a bucket, and the calibration then prices a step with another
+/// algorithm than the server runs (docs/FIDELITY.md, session 16). `algo` is cuBLASLt's
+/// opaque algorithm, which NVIDIA documents as serializable for the same cuBLASLt version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketAlgorithm {
+    /// The bucket's top token count ([`bucket_top`]).
+    pub tokens: usize,
+    pub inp: usize,
+    pub out: usize,
+    pub accumulate: bool,
+    pub algo: [u64; 8],
+}
+
+/// What [`LtGemm::adopt`] did with a list of [`BucketAlgorithm`]s.
+#[derive(Clone, Debug, Default)]
+pub struct Adoption {
+    pub adopted: usize,
+    /// Entries cuBLASLt refused for their shape, or that are not a tuned bucket's top, each
+    /// with the reason.
+    pub refused: Vec<(BucketAlgorithm, String)>,
+}
+
+/// The cuBLASLt library's version (`cublasLtGetVersion`, e.g. 130000 + patch): algorithms
+/// recorded with one version are adopted only under the same.
+pub fn cublaslt_version() -> u64 {
+    // SAFETY: a plain query with no arguments.
+    unsafe { sys::cublasLtGetVersion() as u64 }
 }
 
 pub struct LtGemm {
@@ -165,11 +199,13 @@ impl LtGemm {
             .clear();
     }
 
-    /// The tuned shapes so far, with the heuristic's time beside the chosen one.
+    /// The shapes tuned so far (not those adopted), with the heuristic's time beside the
+    /// chosen one.
     pub fn report(&self) -> Vec<TunedShape> {
         let tuned = self.tuned.lock().unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<TunedShape> = tuned
             .iter()
+            .filter(|(_, t)| !t.adopted)
             .map(|(b, t)| TunedShape {
                 tokens: t.timed_at,
                 inp: b.inp,
@@ -180,6 +216,85 @@ impl LtGemm {
             .collect();
         rows.sort_by_key(|r| (r.out, r.inp, r.tokens));
         rows
+    }
+
+    /// Every bucket tuned or adopted so far, with its algorithm, sorted by shape and tokens.
+    pub fn algorithms(&self) -> Vec<BucketAlgorithm> {
+        let tuned = self.tuned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<BucketAlgorithm> = tuned
+            .iter()
+            .map(|(b, t)| BucketAlgorithm {
+                tokens: b.t,
+                inp: b.inp,
+                out: b.out,
+                accumulate: b.accumulate,
+                algo: t.algo.data,
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.out, r.inp, r.accumulate, r.tokens));
+        rows
+    }
+
+    /// Takes `entries` as the buckets' algorithms instead of timing candidates: each entry
+    /// cuBLASLt accepts for its shape (`cublasLtMatmulAlgoCheck`, within the workspace)
+    /// replaces what its bucket had, and shapes planned before are planned again. Buckets
+    /// without an entry are still tuned when first met. The caller checks that the entries
+    /// were recorded with this cuBLASLt version ([`cublaslt_version`]).
+    pub fn adopt(&self, entries: &[BucketAlgorithm]) -> Result<Adoption> {
+        let mut report = Adoption::default();
+        let mut adopted = Vec::new();
+        for e in entries {
+            if e.tokens == 0 || e.tokens > TUNE_MAX_TOKENS || bucket_top(e.tokens) != e.tokens {
+                report.refused.push((
+                    *e,
+                    format!(
+                        "{} tokens is not the top of a tuned token bucket (tuned up to {TUNE_MAX_TOKENS})",
+                        e.tokens
+                    ),
+                ));
+                continue;
+            }
+            let shape = Shape {
+                t: e.tokens,
+                inp: e.inp,
+                out: e.out,
+                accumulate: e.accumulate,
+            };
+            let plan = self.describe(shape)?;
+            let algo = sys::cublasLtMatmulAlgo_t { data: e.algo };
+            if !self.runs(&plan, &algo) {
+                report.refused.push((
+                    *e,
+                    format!(
+                        "cuBLASLt refuses the algorithm for linear {}->{} over {} tokens",
+                        e.inp, e.out, e.tokens
+                    ),
+                ));
+                continue;
+            }
+            adopted.push((
+                Bucket {
+                    t: e.tokens,
+                    inp: e.inp,
+                    out: e.out,
+                    accumulate: e.accumulate,
+                },
+                Tuned {
+                    algo,
+                    timed_at: e.tokens,
+                    heuristic_ms: f64::NAN,
+                    chosen_ms: f64::NAN,
+                    adopted: true,
+                },
+            ));
+        }
+        report.adopted = adopted.len();
+        self.tuned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(adopted);
+        self.plans.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        Ok(report)
     }
 
     /// `y[t, out] (+)= x[t, inp] · w[out, inp]ᵀ` on the compute stream.
@@ -541,6 +656,7 @@ impl LtGemm {
             timed_at: shape.t,
             heuristic_ms,
             chosen_ms: best.0,
+            adopted: false,
         };
         self.tuned
             .lock()
@@ -550,50 +666,57 @@ impl LtGemm {
     }
 }
 
-/// The top of the token bucket `t` falls in: powers of two up to 16, then four buckets per
-/// octave (17..=20, 21..=24, ..., 449..=512). A GEMM's best algorithm changes with the token
-/// count; one algorithm per power-of-two octave, tuned at the first size met, cost up to 20%
-/// below the octave's top (the algorithm for 72 tokens run at 128), and which size came first
-/// depended on the traffic.
-pub fn bucket_top(t: usize) -> usize {
-    let octave = t.next_power_of_two();
-    if octave <= 16 {
-        return octave;
+pub use crate::measurement::bucket_top;
+
+/// The GPU check of [`LtGemm::adopt`] (`doctor`): one cuBLASLt instance tunes the buckets of a
+/// few token counts on random data, a second adopts what the first recorded, and the second
+/// must then hold the same algorithms (it times none) and give the same outputs (within the
+/// kernels' fp16 tolerance; the table shows the difference, which should be 0). An entry at
+/// a count that is no bucket's top must be refused, not adopted.
+pub fn check_adoption(gpu: &Gpu) -> Result<crate::ops::layers::CheckResult> {
+    use crate::ops::layers::{compare_f16, download, upload, TestRng};
+    let (inp, out) = (1024, 3072);
+    let mut rng = TestRng::new(0x0a1d_0b7e_d000);
+    let w = upload(gpu, &rng.f16s(out * inp, -0.05, 0.05))?;
+    let tuner = LtGemm::new(&gpu.stream)?;
+    let adopter = LtGemm::new(&gpu.stream)?;
+    let counts = [1usize, 37, 100, 300];
+    let mut worst: Option<crate::ops::layers::CheckResult> = None;
+    let mut outputs = Vec::new();
+    for &t in &counts {
+        let x = upload(gpu, &rng.f16s(t * inp, -1.0, 1.0))?;
+        let mut y = upload(gpu, &vec![f16::ZERO; t * out])?;
+        tuner.linear(gpu, &x, &w, &mut y, t, inp, out, false)?;
+        outputs.push((x, download(gpu, &y.as_view())?));
     }
-    let step = octave / 8;
-    t.div_ceil(step) * step
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bucket_top;
-
-    #[test]
-    fn buckets_are_powers_of_two_then_eighth_octaves() {
-        for (t, top) in [
-            (1, 1),
-            (3, 4),
-            (16, 16),
-            (17, 20),
-            (20, 20),
-            (21, 24),
-            (33, 40),
-            (64, 64),
-            (65, 80),
-            (72, 80),
-            (128, 128),
-            (129, 160),
-            (136, 160),
-            (255, 256),
-            (257, 320),
-            (384, 384),
-            (385, 448),
-            (512, 512),
-        ] {
-            assert_eq!(bucket_top(t), top, "{t}");
+    let recorded = tuner.algorithms();
+    let mut entries = recorded.clone();
+    let mut off_bucket = recorded[0];
+    off_bucket.tokens = 37; // inside the bucket 33..=40
+    entries.push(off_bucket);
+    let adoption = adopter.adopt(&entries)?;
+    let mut passed = adoption.adopted == recorded.len()
+        && adoption.refused.len() == 1
+        && adoption.refused[0].0.tokens == 37;
+    for (k, &t) in counts.iter().enumerate() {
+        let (x, want) = &outputs[k];
+        let mut y = upload(gpu, &vec![f16::ZERO; t * out])?;
+        adopter.linear(gpu, x, &w, &mut y, t, inp, out, false)?;
+        let got = download(gpu, &y.as_view())?;
+        let r = compare_f16(String::new(), &got, want);
+        if worst.as_ref().is_none_or(|w| r.max_abs_err > w.max_abs_err) {
+            worst = Some(r);
         }
-        let tops: std::collections::BTreeSet<usize> = (1..=512).map(bucket_top).collect();
-        assert_eq!(tops.len(), 25);
-        assert!((1..=512).all(|t| bucket_top(t) >= t));
     }
+    // Nothing was timed by the adopter: every bucket it ran was adopted.
+    passed &= adopter.report().is_empty() && adopter.algorithms() == recorded;
+    let mut r = worst.expect("four counts ran");
+    r.kernel = format!(
+        "GEMM algorithms adopted from a record ({} buckets, 1-300 tokens; same outputs)",
+        recorded.len()
+    );
+    // The same algorithm on the same inputs: the outputs should agree bit for bit; the
+    // kernels' fp16 tolerance is what the check demands, and the table shows the difference.
+    r.passed &= passed;
+    Ok(r)
 }

@@ -107,7 +107,18 @@ pub struct Calibration {
     /// context). Empty in measurements taken before.
     #[serde(default)]
     pub spread_decode_steps: Vec<SpreadDecodeStep>,
+    /// The cuBLASLt version (`cublasLtGetVersion`) and the base GEMMs' algorithm for each
+    /// token bucket the calibration's executor tuned: `(bucket top, in, out, accumulate,
+    /// cuBLASLt's opaque algorithm)`. The grids above were measured with these algorithms, so
+    /// a server that adopts them runs what the profile prices (from session 16; empty before).
+    #[serde(default)]
+    pub cublaslt_version: Option<u64>,
+    #[serde(default)]
+    pub gemm_algorithms: Vec<GemmBucket>,
 }
+
+/// One token bucket's base-GEMM algorithm: `(bucket top, in, out, accumulate, algorithm)`.
+pub type GemmBucket = (u32, u32, u32, bool, [u64; 8]);
 
 /// One decode step of requests at different contexts ([`SpreadPattern`]), no adapters: its
 /// attention phase (GPU time between events) and the whole step (host-timed, no events).
@@ -271,9 +282,22 @@ impl Calibration {
                 ));
             }
         }
+        // The GEMM algorithms describe the executor that measured, not a point: kept where
+        // every measurement ran the same ones, else dropped (medians over different
+        // algorithms are no one algorithm's cost, and a server adopting one set would not
+        // run what the combined grid prices).
+        let same_algorithms = measurements[1..].iter().all(|(_, c)| {
+            c.cublaslt_version == first.cublaslt_version
+                && c.gemm_algorithms == first.gemm_algorithms
+        });
         let values: Vec<(&str, serde_json::Value)> = measurements
             .iter()
-            .map(|(o, c)| (o.as_str(), serde_json::to_value(c).expect("serializes")))
+            .map(|(o, c)| {
+                let mut c = c.clone();
+                c.cublaslt_version = None;
+                c.gemm_algorithms.clear();
+                (o.as_str(), serde_json::to_value(c).expect("serializes"))
+            })
             .collect();
         let merged = merge_values(&values, "")?;
         let mut out: Calibration = serde_json::from_value(merged).map_err(|e| MergeError {
@@ -286,6 +310,10 @@ impl Calibration {
             .map(|(_, c)| c.date.clone())
             .max()
             .unwrap_or_else(|| first.date.clone());
+        if same_algorithms {
+            out.cublaslt_version = first.cublaslt_version;
+            out.gemm_algorithms = first.gemm_algorithms.clone();
+        }
         Ok(out)
     }
 }
@@ -401,6 +429,20 @@ fn merge_values(
     }
 }
 
+/// The top of the token bucket `t` falls in: powers of two up to 16, then four buckets per
+/// octave (17..=20, 21..=24, ..., 449..=512). A GEMM's best algorithm changes with the token
+/// count; one algorithm per power-of-two octave, tuned at the first size met, cost up to 20%
+/// below the octave's top (the algorithm for 72 tokens run at 128), and which size came first
+/// depended on the traffic.
+pub fn bucket_top(t: usize) -> usize {
+    let octave = t.next_power_of_two();
+    if octave <= 16 {
+        return octave;
+    }
+    let step = octave / 8;
+    t.div_ceil(step) * step
+}
+
 /// The largest token count for which the executor tunes one base-GEMM algorithm per token
 /// bucket (`gemm::bucket_top`); above it cuBLASLt's heuristic chooses per shape. Profiles
 /// carry it: up to here the GEMMs' cost is a staircase over the buckets.
@@ -490,6 +532,35 @@ pub const MIXED_SHAPES: [(u32, u32); 21] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_are_powers_of_two_then_eighth_octaves() {
+        for (t, top) in [
+            (1, 1),
+            (3, 4),
+            (16, 16),
+            (17, 20),
+            (20, 20),
+            (21, 24),
+            (33, 40),
+            (64, 64),
+            (65, 80),
+            (72, 80),
+            (128, 128),
+            (129, 160),
+            (136, 160),
+            (255, 256),
+            (257, 320),
+            (384, 384),
+            (385, 448),
+            (512, 512),
+        ] {
+            assert_eq!(bucket_top(t), top, "{t}");
+        }
+        let tops: std::collections::BTreeSet<usize> = (1..=512).map(bucket_top).collect();
+        assert_eq!(tops.len(), 25);
+        assert!((1..=512).all(|t| bucket_top(t) >= t));
+    }
 
     #[test]
     fn the_adapters_axis_stops_where_the_pool_does() {

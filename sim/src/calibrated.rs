@@ -329,6 +329,9 @@ pub struct CalibratedCost {
     gemm_quantum: f64,
     /// Above this token count the quantum does not apply (see the profile field).
     gemm_quantum_max_tokens: f64,
+    /// Up to this token count the grid holds every GEMM token bucket's top, and a count costs
+    /// what the next measured count costs (the profile's `base_gemm_bucket_tops_to`; 0 = none).
+    gemm_bucket_tops_to: f64,
     sampling_s: f64,
     shrink_scale: f64,
     expand_scale: f64,
@@ -526,6 +529,7 @@ impl CalibratedCost {
             gemm_quantum_max_tokens: profile
                 .base_gemm_token_quantum_max_tokens
                 .map_or(f64::INFINITY, f64::from),
+            gemm_bucket_tops_to: profile.base_gemm_bucket_tops_to.map_or(0.0, f64::from),
             sampling_s: profile.sampling_per_token.median_s,
             shrink_scale: want_in / have_in,
             expand_scale: want_out / have_out,
@@ -822,14 +826,23 @@ impl CalibratedCost {
     /// token bucket, and `calibrate` measures inside and at the top of the buckets). Rounding
     /// 136 decode rows to 192 crossed two buckets and priced live steps of 129-159 rows 2-4%
     /// high (docs/FIDELITY.md, session 8).
+    ///
+    /// Where the grid holds the top of every bucket (the profile's `base_gemm_bucket_tops_to`),
+    /// a count up to there costs what the next measured count costs, with no interpolation:
+    /// buckets run different algorithms, and a line between two of them priced live steps of
+    /// 41-63 rows 1-2% low and of 70-95 rows 1-2% high (docs/FIDELITY.md, session 16).
     fn gemm_tokens(&self, tokens: f64) -> f64 {
+        let axis = &self.base_gemm.axes[0];
+        let next = axis.get(axis.partition_point(|&v| v < tokens)).copied();
+        if tokens <= self.gemm_bucket_tops_to {
+            return next.unwrap_or(tokens);
+        }
         if tokens <= 128.0 || tokens > self.gemm_quantum_max_tokens {
             return tokens;
         }
         let rounded = (tokens / self.gemm_quantum).ceil() * self.gemm_quantum;
-        let axis = &self.base_gemm.axes[0];
-        match axis.get(axis.partition_point(|&v| v < tokens)) {
-            Some(&next) => rounded.min(next),
+        match next {
+            Some(next) => rounded.min(next),
             None => rounded,
         }
     }
@@ -1226,6 +1239,20 @@ pub fn profile_report(profile: &CalibrationProfile) -> String {
                 let _ = writeln!(out, "| base GEMM token quantum (above 128 tokens) | {q} |");
             }
         }
+    }
+    if let Some(to) = profile.base_gemm_bucket_tops_to {
+        let _ = writeln!(
+            out,
+            "| base GEMMs up to {to} tokens | every token bucket's top measured: a count costs its bucket's |"
+        );
+    }
+    if let Some(a) = &profile.gemm_algorithms {
+        let _ = writeln!(
+            out,
+            "| base GEMM algorithms | {} buckets recorded (cuBLASLt {}): `--execute` on this GPU adopts them |",
+            a.buckets.len(),
+            a.cublaslt_version
+        );
     }
     if let Some(m) = &profile.prefill_step_overhead {
         let _ = writeln!(
@@ -1823,6 +1850,24 @@ impl CostModel for FittedDerived {
     }
 }
 
+/// The profile [`cost_model_for`] prices with as calibrated: the newest of `profiles` measured
+/// on `gpu` for this model shape at this TP degree.
+pub fn calibrated_profile<'a>(
+    gpu: &GpuSpec,
+    model: &ModelSpec,
+    tensor_parallel: u32,
+    profiles: &'a [CalibrationProfile],
+) -> Option<&'a CalibrationProfile> {
+    profiles
+        .iter()
+        .filter(|p| {
+            profile_gpu(p) == Some(gpu.key)
+                && p.tensor_parallel == tensor_parallel
+                && shape_mismatches(&p.model, model).is_empty()
+        })
+        .max_by(|a, b| a.date.cmp(&b.date))
+}
+
 /// The cost model for `model` at `tensor_parallel` on `gpu`, given the available `profiles`
 /// (usually [`embedded_profiles`] plus any the user passed):
 ///
@@ -1848,16 +1893,7 @@ pub fn cost_model_for(
     targets: &[TargetModule],
     profiles: &[CalibrationProfile],
 ) -> Result<Box<dyn CostModel>, CostError> {
-    let newest = |a: &&CalibrationProfile, b: &&CalibrationProfile| a.date.cmp(&b.date);
-    let calibrated = profiles
-        .iter()
-        .filter(|p| {
-            profile_gpu(p) == Some(gpu.key)
-                && p.tensor_parallel == tensor_parallel
-                && shape_mismatches(&p.model, model).is_empty()
-        })
-        .max_by(newest);
-    if let Some(p) = calibrated {
+    if let Some(p) = calibrated_profile(gpu, model, tensor_parallel, profiles) {
         return Ok(Box::new(CalibratedCost::new(
             p,
             model,
@@ -2003,6 +2039,8 @@ pub fn profile_from_cost_model(
         decode_spread_excess_from: None,
         lora_adapters_beyond_grid: None,
         prefill_extra_chunks: None,
+        base_gemm_bucket_tops_to: None,
+        gemm_algorithms: None,
         base_gemm: grids
             .tokens
             .iter()

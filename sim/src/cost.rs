@@ -1714,6 +1714,46 @@ pub struct CalibrationProfile {
     /// per prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_extra_chunks: Option<ExtraChunks>,
+    /// Up to this many tokens the `base_gemm` grid holds the top of every token bucket the
+    /// executor tunes one GEMM algorithm for, so a count costs what the next measured count
+    /// at or above it costs (its bucket's top, or a point inside the bucket): a staircase, in
+    /// place of interpolating between buckets that run different algorithms and of the
+    /// quantum. Absent (profiles before session 16, whose grids skip buckets): interpolation
+    /// up to 128 tokens and the quantum above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_gemm_bucket_tops_to: Option<u32>,
+    /// The base GEMMs' algorithms the grids were measured with, one per token bucket and
+    /// weight shape. `--execute` adopts them on a GPU of the profile's name with the same
+    /// cuBLASLt version instead of timing its own, so a live step runs what the profile
+    /// prices: tuning picks among candidates a few microseconds apart, and two processes on
+    /// one GPU could choose differently for a bucket (docs/FIDELITY.md, session 16). Absent:
+    /// the server tunes its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemm_algorithms: Option<GemmAlgorithms>,
+}
+
+/// [`CalibrationProfile::gemm_algorithms`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GemmAlgorithms {
+    /// `cublasLtGetVersion()` of the calibration: cuBLASLt's algorithms are only meaningful to
+    /// the version that made them.
+    pub cublaslt_version: u64,
+    pub buckets: Vec<GemmBucketAlgorithm>,
+}
+
+/// One token bucket's algorithm for one weight shape (`y[t, out] (+)= x[t, inp] · wᵀ`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GemmBucketAlgorithm {
+    /// The bucket's top token count.
+    pub tokens: u32,
+    pub inp: u32,
+    pub out: u32,
+    /// Whether the GEMM adds to its output (a residual) rather than overwriting it.
+    pub accumulate: bool,
+    /// cuBLASLt's opaque `cublasLtMatmulAlgo_t`, its eight words.
+    pub algo: [u64; 8],
 }
 
 /// [`CalibrationProfile::prefill_extra_chunks`]: a chunk after the first adds `share` of what
@@ -1960,6 +2000,34 @@ impl CalibrationProfile {
                     "prefill_extra_chunks.per_prompt_s".into(),
                     format!("must be a time of at least 0 s, got {}", extra.per_prompt_s),
                 ));
+            }
+        }
+        if self.base_gemm_bucket_tops_to == Some(0) {
+            return Err(bad(
+                "base_gemm_bucket_tops_to".into(),
+                "must be at least 1 token, got 0".into(),
+            ));
+        }
+        if let Some(algorithms) = &self.gemm_algorithms {
+            let mut seen = std::collections::HashSet::new();
+            for (i, b) in algorithms.buckets.iter().enumerate() {
+                for (field, v) in [("tokens", b.tokens), ("inp", b.inp), ("out", b.out)] {
+                    if v == 0 {
+                        return Err(bad(
+                            format!("gemm_algorithms.buckets[{i}].{field}"),
+                            "must be at least 1, got 0".into(),
+                        ));
+                    }
+                }
+                if !seen.insert((b.tokens, b.inp, b.out, b.accumulate)) {
+                    return Err(bad(
+                        format!("gemm_algorithms.buckets[{i}]"),
+                        format!(
+                            "a second algorithm for linear {}->{} at {} tokens (accumulate {})",
+                            b.inp, b.out, b.tokens, b.accumulate
+                        ),
+                    ));
+                }
             }
         }
         if let Some(source) = &self.decode_spread_excess_from {
@@ -2643,6 +2711,8 @@ mod tests {
             decode_spread_excess_from: None,
             lora_adapters_beyond_grid: None,
             prefill_extra_chunks: None,
+            base_gemm_bucket_tops_to: None,
+            gemm_algorithms: None,
             host_to_device: [1 << 20, 64 << 20]
                 .iter()
                 .map(|&bytes| TransferPoint {

@@ -695,7 +695,7 @@ impl Scenario {
             path: path.to_path_buf(),
             source: Box::new(source),
         })?;
-        let cost = self.cost_model(path, gpu, &model, extra)?;
+        let (cost, gemm_algorithms) = self.cost_model(path, gpu, &model, extra)?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
         let arrivals = workload::generate(
             &self.workload,
@@ -714,17 +714,20 @@ impl Scenario {
             cost,
             arrivals,
             ranks,
+            gemm_algorithms,
         })
     }
 
-    /// The run's cost model (see the module documentation); `path` is the scenario file.
+    /// The run's cost model (see the module documentation), and the GEMM algorithms of the
+    /// profile it prices with when that profile was measured on the scenario's GPU; `path`
+    /// is the scenario file.
     fn cost_model(
         &self,
         path: &Path,
         gpu: &'static GpuSpec,
         model: &ModelSpec,
         extra: &[CalibrationProfile],
-    ) -> Result<Box<dyn CostModel>, ScenarioError> {
+    ) -> Result<(Box<dyn CostModel>, Option<ProfileAlgorithms>), ScenarioError> {
         let cost_err = |source| ScenarioError::Cost {
             path: path.to_path_buf(),
             source: Box::new(source),
@@ -739,10 +742,11 @@ impl Scenario {
                  efficiency factors",
                 gpu.name, model.name
             );
-            return Ok(Box::new(Described {
+            let cost: Box<dyn CostModel> = Box::new(Described {
                 inner: Box::new(inner),
                 description,
-            }));
+            });
+            return Ok((cost, None));
         }
         if let Some(file) = &self.gpu_profile {
             return self.named_profile_cost(path, file, gpu, model);
@@ -753,7 +757,11 @@ impl Scenario {
         } else {
             [embedded, extra].concat().into()
         };
-        calibrated::cost_model_for(gpu, model, tp, targets, &profiles).map_err(cost_err)
+        let cost =
+            calibrated::cost_model_for(gpu, model, tp, targets, &profiles).map_err(cost_err)?;
+        let algorithms = calibrated::calibrated_profile(gpu, model, tp, &profiles)
+            .and_then(ProfileAlgorithms::of);
+        Ok((cost, algorithms))
     }
 
     /// The cost model from the scenario's `gpu_profile: file`. Errors name the scenario file,
@@ -764,7 +772,7 @@ impl Scenario {
         file: &Path,
         gpu: &'static GpuSpec,
         model: &ModelSpec,
-    ) -> Result<Box<dyn CostModel>, ScenarioError> {
+    ) -> Result<(Box<dyn CostModel>, Option<ProfileAlgorithms>), ScenarioError> {
         let resolved = path.parent().unwrap_or(Path::new(".")).join(file);
         let bad = |reason: String| ScenarioError::Invalid {
             path: path.to_path_buf(),
@@ -783,8 +791,12 @@ impl Scenario {
             .as_deref()
             .and_then(|k| cost::find_gpu(k).ok());
         let h200 = cost::find_gpu("h200").map_err(in_profile)?;
+        let mut algorithms = None;
         let inner: Box<dyn CostModel> = match measured_on {
-            Some(g) if g.key == gpu.key => Box::new(calibrated),
+            Some(g) if g.key == gpu.key => {
+                algorithms = ProfileAlgorithms::of(&profile);
+                Box::new(calibrated)
+            }
             Some(g) if g.key == h200.key && tp == 1 => {
                 calibrated::cost_model_for(gpu, model, tp, targets, std::slice::from_ref(&profile))
                     .map_err(in_profile)?
@@ -805,7 +817,7 @@ impl Scenario {
             }
         };
         let description = format!("{}; profile {}", inner.describe(), resolved.display());
-        Ok(Box::new(Described { inner, description }))
+        Ok((Box::new(Described { inner, description }), algorithms))
     }
 
     fn draw_ranks(&self, rng: &mut ChaCha8Rng) -> Vec<u32> {
@@ -871,6 +883,31 @@ pub struct RunSetup {
     pub arrivals: Vec<workload::Arrival>,
     /// Rank of each adapter, by id.
     pub ranks: Vec<u32>,
+    /// The base-GEMM algorithms of the calibrated profile `cost` prices with, when it was
+    /// measured on the scenario's GPU and recorded them: `--execute` adopts them.
+    pub gemm_algorithms: Option<ProfileAlgorithms>,
+}
+
+/// A calibrated profile's base-GEMM algorithms
+/// ([`CalibrationProfile::gemm_algorithms`](crate::cost::CalibrationProfile)) and where they
+/// come from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileAlgorithms {
+    /// The GPU's name as the profile's driver reported it (`NVIDIA H200`).
+    pub gpu_name: String,
+    /// `GPU x model, date` of the profile.
+    pub profile: String,
+    pub algorithms: cost::GemmAlgorithms,
+}
+
+impl ProfileAlgorithms {
+    fn of(p: &CalibrationProfile) -> Option<ProfileAlgorithms> {
+        Some(ProfileAlgorithms {
+            gpu_name: p.gpu_name.clone(),
+            profile: calibrated::profile_label(p),
+            algorithms: p.gemm_algorithms.clone()?,
+        })
+    }
 }
 
 /// serde_yaml's message already carries the field path and the line and column; make the

@@ -1429,3 +1429,134 @@ fn derived_h100_decode_attention_against_the_h100_calibration() {
         );
     }
 }
+
+/// A profile whose base-GEMM grid holds every token bucket's top (`base_gemm_bucket_tops_to`)
+/// prices a count at the next measured count, as the executor runs its bucket's algorithm;
+/// without the field the same grid is interpolated. The GEMM algorithms a profile records are
+/// checked: a zero shape or two algorithms for one bucket are named.
+#[test]
+fn base_gemms_cost_their_buckets_top_where_every_top_is_measured() {
+    use slora_sim::cost::{GemmAlgorithms, GemmBucketAlgorithm, Measured, TokensPoint};
+    let exact = |s: f64| Measured {
+        median_s: s,
+        p10_s: s,
+        p90_s: s,
+        samples: 1,
+    };
+    let tops = [
+        1, 2, 4, 8, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+        384, 448, 512, 1024, 2048, 4096, 8192,
+    ];
+    let mut interpolated = synthetic_profile(Efficiency::default());
+    // Buckets alternate between a slower and a faster algorithm; the LM head costs the same
+    // at every count, so a step's `base_gemm` differs by the dense layers only.
+    interpolated.base_gemm = tops
+        .iter()
+        .enumerate()
+        .map(|(i, &tokens)| TokensPoint {
+            tokens,
+            time: exact(4.5e-3 + tokens as f64 * 1e-6 + if i % 2 == 1 { 0.2e-3 } else { 0.0 }),
+        })
+        .collect();
+    for p in &mut interpolated.lm_head {
+        p.time = exact(80e-6);
+    }
+    let mut staircase = interpolated.clone();
+    staircase.base_gemm_bucket_tops_to = Some(512);
+    let gemm = |p: &CalibrationProfile, rows: u32| {
+        secs(
+            calibrated(p)
+                .step_cost(&decode(&vec![100; rows as usize]))
+                .base_gemm,
+        )
+    };
+    for (rows, top) in [
+        (33, 40),
+        (41, 48),
+        (44, 48),
+        (65, 80),
+        (97, 112),
+        (129, 160),
+        (300, 320),
+    ] {
+        assert_eq!(gemm(&staircase, rows), gemm(&staircase, top), "{rows} rows");
+    }
+    // Interpolation lands between the neighbouring buckets' algorithms instead.
+    let (at40, at44, at48) = (
+        gemm(&interpolated, 40),
+        gemm(&interpolated, 44),
+        gemm(&interpolated, 48),
+    );
+    assert!(at44 < at40.max(at48) && at44 > at40.min(at48) && at40 != at48);
+    // Measured counts cost the same either way; above the field's limit nothing changes.
+    for rows in [40, 48, 112, 256] {
+        assert_eq!(
+            gemm(&staircase, rows),
+            gemm(&interpolated, rows),
+            "{rows} rows"
+        );
+    }
+    let prompt = |p: &CalibrationProfile, t: u32| {
+        secs(
+            calibrated(p)
+                .step_cost(&with_prefill(BatchShape::default(), &[(t, 0)]))
+                .base_gemm,
+        )
+    };
+    assert_eq!(prompt(&staircase, 3000), prompt(&interpolated, 3000));
+
+    let algorithm = |tokens: u32, inp: u32| GemmBucketAlgorithm {
+        tokens,
+        inp,
+        out: 12288,
+        accumulate: false,
+        algo: [u64::MAX, 1, 2, 3, 4, 5, 6, 7],
+    };
+    for (buckets, field, says) in [
+        (
+            vec![algorithm(40, 0)],
+            "gemm_algorithms.buckets[0].inp",
+            "got 0",
+        ),
+        (
+            vec![
+                algorithm(40, 4096),
+                algorithm(48, 4096),
+                algorithm(40, 4096),
+            ],
+            "gemm_algorithms.buckets[2]",
+            "a second algorithm for linear 4096->12288 at 40 tokens",
+        ),
+    ] {
+        let mut bad = staircase.clone();
+        bad.gemm_algorithms = Some(GemmAlgorithms {
+            cublaslt_version: 130_100,
+            buckets,
+        });
+        let err = bad
+            .validate(std::path::Path::new("p.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(field) && err.contains(says) && err.contains("p.json"),
+            "{err}"
+        );
+    }
+    let mut bad = staircase.clone();
+    bad.base_gemm_bucket_tops_to = Some(0);
+    let err = bad
+        .validate(std::path::Path::new("p.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("base_gemm_bucket_tops_to"), "{err}");
+    // The words of an algorithm survive the profile's JSON exactly (u64, not f64).
+    let mut good = staircase.clone();
+    good.gemm_algorithms = Some(GemmAlgorithms {
+        cublaslt_version: 130_100,
+        buckets: vec![algorithm(40, 4096), algorithm(48, 4096)],
+    });
+    good.validate(std::path::Path::new("p.json")).unwrap();
+    let back: CalibrationProfile =
+        serde_json::from_str(&serde_json::to_string(&good).unwrap()).unwrap();
+    assert_eq!(back.gemm_algorithms, good.gemm_algorithms);
+}
