@@ -34,6 +34,16 @@ BATCHES = [(1, 8), (8, 32), (32, 64), (64, 96), (96, 128), (128, 160), (160, 200
 PROMPTS = [(1, 64), (64, 256), (256, 512), (512, 1024), (1024, 2048), (2048, 1 << 20)]
 
 
+def bucket_top(t):
+    """The top of the executor's GEMM token bucket of `t` rows (`gemm::bucket_top`): powers of
+    two up to 16, then four buckets per octave."""
+    octave = 1 << (t - 1).bit_length()
+    if octave <= 16:
+        return octave
+    step = octave // 8
+    return -(-t // step) * step
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -114,6 +124,16 @@ def main():
         sel = [g for g in everything if g[2] == 0 and lo <= g[3] < hi]
         if sel:
             print(f"| decode only, batch {lo}-{hi - 1} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} | {100 * weighted(sel):+.1f}% |")
+    # By the GEMM token bucket of the rows: the executor runs one cuBLASLt algorithm per
+    # bucket, and errors that change at a bucket's first row point at the base GEMMs
+    # (docs/FIDELITY.md, session 16). Buckets of fewer than 30 steps are left out.
+    tops = sorted({bucket_top(g[3]) for g in everything if g[2] == 0 and g[3] > 0})
+    below = 0
+    for top in tops:
+        sel = [g for g in everything if g[2] == 0 and g[3] > 0 and bucket_top(g[3]) == top]
+        if len(sel) >= 30:
+            print(f"| decode only, GEMM bucket {below + 1}-{top} | {len(sel)} | {100 * median([g[0] for g in sel]):+.1f}% | {1e3 * median([g[1] for g in sel]):+.3f} | {100 * weighted(sel):+.1f}% |")
+        below = top
     for lo, hi in PROMPTS:
         sel = [g for g in everything if lo <= g[2] < hi]
         if sel:
