@@ -83,6 +83,18 @@ fn with_lora(mut s: BatchShape, adapters: &[(u32, u32)]) -> BatchShape {
     s
 }
 
+/// `profile` fails validation with an error that names the file, `field` and `says`.
+fn assert_invalid(profile: &CalibrationProfile, field: &str, says: &str) {
+    let err = profile
+        .validate(std::path::Path::new("p.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(field) && err.contains(says) && err.contains("p.json"),
+        "{err}"
+    );
+}
+
 fn secs(n: Nanos) -> f64 {
     n.as_secs_f64()
 }
@@ -746,14 +758,7 @@ fn prefill_chunks_after_the_first_add_the_profiles_share() {
     ] {
         let mut bad = synthetic_profile(Efficiency::default());
         bad.prefill_extra_chunks = Some(extra);
-        let err = bad
-            .validate(std::path::Path::new("p.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(field) && err.contains(says) && err.contains("p.json"),
-            "{err}"
-        );
+        assert_invalid(&bad, field, says);
     }
 }
 
@@ -1533,22 +1538,11 @@ fn base_gemms_cost_their_buckets_top_where_every_top_is_measured() {
             cublaslt_version: 130_100,
             buckets,
         });
-        let err = bad
-            .validate(std::path::Path::new("p.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(field) && err.contains(says) && err.contains("p.json"),
-            "{err}"
-        );
+        assert_invalid(&bad, field, says);
     }
     let mut bad = staircase.clone();
     bad.base_gemm_bucket_tops_to = Some(0);
-    let err = bad
-        .validate(std::path::Path::new("p.json"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("base_gemm_bucket_tops_to"), "{err}");
+    assert_invalid(&bad, "base_gemm_bucket_tops_to", "got 0");
     // The words of an algorithm survive the profile's JSON exactly (u64, not f64).
     let mut good = staircase.clone();
     good.gemm_algorithms = Some(GemmAlgorithms {
