@@ -9,7 +9,7 @@ mod execute;
 mod plan_cmd;
 mod replay_cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use slora_sim::metrics::{SweepPoint, SweepResult};
@@ -159,14 +159,26 @@ fn main() -> ExitCode {
             execute,
             compare,
             tune_gemms,
-        } => simulate(
-            &scenarios,
-            out.as_deref(),
-            seed,
-            quiet,
-            Mode::from_flags(execute, compare),
-            tune_gemms,
-        ),
+        } => {
+            if tune_gemms && !(execute || compare) {
+                // What it changes happens only on the GPU: without a live run it would be
+                // silently ignored.
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "--tune-gemms changes how a live run picks its GEMM algorithms: give it with --execute or --compare",
+                    )
+                    .exit();
+            }
+            simulate(
+                &scenarios,
+                out.as_deref(),
+                seed,
+                quiet,
+                Mode::from_flags(execute, compare),
+                tune_gemms,
+            )
+        }
         Command::Calibrate(args) => calibrate_cmd::run(&args).map_err(CliError::from),
         Command::Plan(args) => plan_cmd::run(&args).map_err(CliError::from),
         Command::Catalog => {

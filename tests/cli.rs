@@ -745,3 +745,16 @@ fn catalog_lists_the_embedded_calibration_profiles() {
     assert_eq!(listed.len(), slora_sim::embedded_profiles().len(), "{out}");
     assert!(out.contains("NVIDIA H100 80GB HBM3"), "{out}");
 }
+
+/// `--tune-gemms` only changes a live run: without `--execute` or `--compare` it is a usage
+/// error, not silently ignored, and nothing is written.
+#[test]
+fn tune_gemms_without_a_live_run_is_a_usage_error() {
+    let dir = tmp("tune-gemms");
+    let o = run(&["simulate", "--tune-gemms", "--out", dir.to_str().unwrap()]);
+    assert_clean_failure(&o, 2, &["--tune-gemms", "--execute or --compare"]);
+    assert!(
+        std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none()),
+        "nothing is written for a usage error"
+    );
+}
