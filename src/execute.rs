@@ -259,7 +259,7 @@ mod gpu {
                     );
                 }
                 format!(
-                    "GEMM algorithms of {} of {} token buckets from the profile ({profile}), the rest tuned here",
+                    "GEMM algorithms of {} of {} recorded token buckets adopted from the profile ({profile}); buckets without one tuned here",
                     report.adopted,
                     entries.len()
                 )
