@@ -122,10 +122,19 @@ pub struct LiveServer {
     /// Time cuBLASLt's GEMM candidates on this machine rather than adopt the algorithms
     /// recorded in the run's calibrated profile (`--tune-gemms`).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub tune_gemms: bool,
+    tune_gemms: bool,
 }
 
 impl LiveServer {
+    /// A server that, with `tune_gemms`, times its own GEMM algorithms (`--tune-gemms`).
+    pub fn new(tune_gemms: bool) -> LiveServer {
+        LiveServer {
+            #[cfg(feature = "cuda")]
+            gpu: None,
+            tune_gemms,
+        }
+    }
+
     /// Serves `setup` live. The engine's pool is first capped at what the GPU holds, in
     /// `setup` itself, so that a simulation of the same setup (for `--compare`) plans with the
     /// same pool.

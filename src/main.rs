@@ -383,8 +383,7 @@ fn simulate(
     }
     let several = loaded.len() > 1;
     let mut summaries = Vec::new();
-    let mut live = execute::LiveServer::default();
-    live.tune_gemms = tune_gemms;
+    let mut live = execute::LiveServer::new(tune_gemms);
     for l in &loaded {
         let dir = match (out, several) {
             (Some(dir), false) => dir.to_path_buf(),
