@@ -237,10 +237,13 @@ mod gpu {
         } else {
             super::adoptable(setup.gemm_algorithms.as_ref(), &loaded.gpu_name, version)
         };
-        // Algorithms adopted for an earlier run of this process are not this run's.
+        // Algorithms adopted for an earlier run of this process are not this run's: forget
+        // every bucket, and warm up again so that the buckets this run does not adopt are
+        // tuned before its timed window, not in it.
         if loaded.adopted {
             loaded.exec.gpu.gemm.set_tuning(true);
             loaded.adopted = false;
+            loaded.warmed_batch = 0;
         }
         let source = match allowed {
             Ok(algorithms) => {
