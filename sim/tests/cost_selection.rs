@@ -247,3 +247,49 @@ fn invalid_gpu_profile_is_an_error_naming_the_path() {
         "{e}"
     );
 }
+
+/// The GEMM algorithms a run's calibrated profile recorded reach its `RunSetup` (for
+/// `--execute` to adopt) only where the run is calibrated on that profile: named or among the
+/// extra profiles, measured on the scenario's GPU; a derived run (another GPU, or
+/// `efficiency:`) and a profile without them give none.
+#[test]
+fn a_calibrated_runs_setup_carries_its_profiles_gemm_algorithms() {
+    use slora_sim::cost::{GemmAlgorithms, GemmBucketAlgorithm};
+    let dir = temp_dir("gemm-algorithms");
+    let mut h200 = synthetic_profile("h200", "llama-7b");
+    h200.gemm_algorithms = Some(GemmAlgorithms {
+        cublaslt_version: 130_100,
+        buckets: vec![GemmBucketAlgorithm {
+            tokens: 48,
+            inp: 4096,
+            out: 12288,
+            accumulate: false,
+            algo: [u64::MAX, 1, 2, 3, 4, 5, 6, 7],
+        }],
+    });
+    write_profile(&dir, "with.json", &h200);
+    write_profile(&dir, "without.json", &synthetic_profile("h200", "llama-7b"));
+
+    let named = build_in(&dir, &scenario_text("h200", "gpu_profile: with.json")).unwrap();
+    let got = named
+        .gemm_algorithms
+        .expect("a calibrated run on its profile's GPU");
+    assert_eq!(got.algorithms, h200.gemm_algorithms.clone().unwrap());
+    assert_eq!(got.gpu_name, h200.gpu_name);
+    assert!(got.profile.contains("llama-7b"), "{}", got.profile);
+
+    // The same profile among the extra ones (as `--profiles` gives them), newest of its GPU.
+    let mut newest = h200.clone();
+    newest.date = "2999-01-01".into();
+    let extra = build_with(&dir, &scenario_text("h200", ""), &[newest]).unwrap();
+    assert!(extra.gemm_algorithms.is_some());
+
+    for (gpu, extra_line) in [
+        ("h200", "gpu_profile: without.json"),
+        ("h100-sxm", "gpu_profile: with.json"),
+        ("h200", "efficiency: {}"),
+    ] {
+        let setup = build_in(&dir, &scenario_text(gpu, extra_line)).unwrap();
+        assert!(setup.gemm_algorithms.is_none(), "{gpu}, {extra_line}");
+    }
+}
