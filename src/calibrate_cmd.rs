@@ -319,10 +319,10 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
 /// `base_gemm` measured the top of every GEMM token bucket up to it (calibrations from session
 /// 16), else `None` (earlier grids skip buckets, and keep their interpolation).
 fn bucket_tops_measured_to(base_gemm: &[(u32, Stat)]) -> Option<u32> {
-    use slora_kernels::measurement::{bucket_top, GEMM_TUNE_MAX_TOKENS};
-    let measured: std::collections::BTreeSet<u32> = base_gemm.iter().map(|p| p.0).collect();
-    (1..=GEMM_TUNE_MAX_TOKENS)
-        .all(|t| measured.contains(&(bucket_top(t as usize) as u32)))
+    use slora_kernels::measurement::{bucket_tops, GEMM_TUNE_MAX_TOKENS};
+    bucket_tops(GEMM_TUNE_MAX_TOKENS)
+        .iter()
+        .all(|top| base_gemm.iter().any(|p| p.0 == *top))
         .then_some(GEMM_TUNE_MAX_TOKENS)
 }
 

@@ -80,7 +80,7 @@ fn adoptable<'a>(
     profile: Option<&'a slora_sim::scenario::ProfileAlgorithms>,
     gpu_name: &str,
     cublaslt_version: u64,
-) -> Result<&'a slora_sim::cost::GemmAlgorithms, String> {
+) -> Result<&'a slora_sim::scenario::ProfileAlgorithms, String> {
     let Some(p) = profile else {
         return Err(
             "the run's cost model has no calibrated profile of this GPU with recorded algorithms"
@@ -99,7 +99,7 @@ fn adoptable<'a>(
             p.profile, p.algorithms.cublaslt_version
         ));
     }
-    Ok(&p.algorithms)
+    Ok(p)
 }
 
 /// Why a live run failed (exit code 1).
@@ -246,8 +246,9 @@ mod gpu {
             loaded.warmed_batch = 0;
         }
         let source = match allowed {
-            Ok(algorithms) => {
-                let entries: Vec<BucketAlgorithm> = algorithms
+            Ok(recorded) => {
+                let entries: Vec<BucketAlgorithm> = recorded
+                    .algorithms
                     .buckets
                     .iter()
                     .map(|b| BucketAlgorithm {
@@ -260,10 +261,6 @@ mod gpu {
                     .collect();
                 let report = loaded.exec.gpu.gemm.adopt(&entries)?;
                 loaded.adopted = report.adopted > 0;
-                let profile = setup
-                    .gemm_algorithms
-                    .as_ref()
-                    .map_or("", |p| p.profile.as_str());
                 for (e, why) in &report.refused {
                     eprintln!(
                         "GEMM algorithm of the profile not adopted (linear {}->{}, {} tokens): {why}",
@@ -273,7 +270,8 @@ mod gpu {
                 format!(
                     "GEMM algorithms of {} of {} recorded token buckets adopted from the profile ({profile}); buckets without one tuned here",
                     report.adopted,
-                    entries.len()
+                    entries.len(),
+                    profile = recorded.profile
                 )
             }
             Err(why) => format!("GEMM algorithms tuned here ({why})"),
@@ -390,11 +388,7 @@ mod gpu {
             return Ok(());
         }
         let mut next_id = u64::MAX / 2;
-        let mut sizes: Vec<u32> = (1..=max_batch)
-            .map(|b| slora_kernels::gemm::bucket_top(b as usize) as u32)
-            .collect();
-        sizes.dedup();
-        for b in sizes {
+        for b in slora_kernels::measurement::bucket_tops(max_batch) {
             let mut scheduler = Scheduler::new(engine.clone()).map_err(setup_err)?;
             for k in 0..b {
                 let id = RequestId(next_id);
@@ -611,7 +605,7 @@ mod tests {
             },
         };
         let got = adoptable(Some(&profile), "NVIDIA H200", 130_100).unwrap();
-        assert_eq!(got.buckets.len(), 1);
+        assert_eq!(got.algorithms.buckets.len(), 1);
         let why = adoptable(Some(&profile), "NVIDIA H100 80GB HBM3", 130_100).unwrap_err();
         assert!(
             why.contains("measured on NVIDIA H200") && why.contains("H100"),

@@ -20,7 +20,7 @@
 use crate::error::Result;
 use crate::executor::{ExecutorConfig, GpuExecutor, ModelWeights};
 use crate::gpu::{Gpu, Phase, PhaseTimes};
-use crate::measurement::{bucket_top, GEMM_TUNE_MAX_TOKENS};
+use crate::measurement::{bucket_tops, GEMM_TUNE_MAX_TOKENS};
 use crate::weights::synthetic_adapter;
 use slora_engine::{
     AdapterId, AdapterLoad, DecodeWork, Executor, ModelSpec, PageId, PageSpan, PrefillWork,
@@ -440,8 +440,10 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     // is measured here, as a decode step at the shortest context, of which only the dense
     // phase and the LM head are kept.
     progress("base GEMMs at the top of every token bucket");
-    let decode_tops: Vec<u32> = bucket_tops_missing(&grid.decode_batches, 1, max_decode);
-    for &batch in &decode_tops {
+    let decode_tops = bucket_tops(max_decode)
+        .into_iter()
+        .filter(|t| !grid.decode_batches.contains(t));
+    for batch in decode_tops {
         let context = grid.decode_contexts.first().copied().unwrap_or(64);
         let (phases, _) = b.measure(reps, |b| b.decode_plan(batch, context, &[]))?;
         base_gemm.push((batch, phase_stat(&phases, |p| p.get(Phase::Dense))));
@@ -462,11 +464,11 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     // ---- Base GEMMs at prefill sizes ---------------------------------------------------------
     progress("prefill steps (dense layers at prefill sizes)");
     let mut prefill_tokens = grid.prefill_tokens.clone();
-    prefill_tokens.extend(bucket_tops_missing(
-        &grid.prefill_tokens,
-        max_decode + 1,
-        GEMM_TUNE_MAX_TOKENS,
-    ));
+    prefill_tokens.extend(
+        bucket_tops(GEMM_TUNE_MAX_TOKENS)
+            .into_iter()
+            .filter(|&t| t > max_decode && !grid.prefill_tokens.contains(&t)),
+    );
     prefill_tokens.sort_unstable();
     for &tokens in &prefill_tokens {
         let chunk = 512u32.min(tokens);
@@ -722,14 +724,4 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
             })
             .collect(),
     })
-}
-
-/// The tops of the GEMM token buckets in `lo..=hi` that `measured` lacks, increasing.
-fn bucket_tops_missing(measured: &[u32], lo: u32, hi: u32) -> Vec<u32> {
-    let mut tops: Vec<u32> = (lo..=hi)
-        .map(|t| bucket_top(t as usize) as u32)
-        .filter(|&t| t <= hi && !measured.contains(&t))
-        .collect();
-    tops.dedup();
-    tops
 }

@@ -443,6 +443,14 @@ pub fn bucket_top(t: usize) -> usize {
     t.div_ceil(step) * step
 }
 
+/// The tops of the token buckets of 1 to `max` tokens, increasing: the counts at which the
+/// executor tunes its GEMM algorithms (its warm-up) and `calibrate` measures them.
+pub fn bucket_tops(max: u32) -> Vec<u32> {
+    let mut tops: Vec<u32> = (1..=max).map(|t| bucket_top(t as usize) as u32).collect();
+    tops.dedup();
+    tops
+}
+
 /// The largest token count for which the executor tunes one base-GEMM algorithm per token
 /// bucket (`gemm::bucket_top`); above it cuBLASLt's heuristic chooses per shape. Profiles
 /// carry it: up to here the GEMMs' cost is a staircase over the buckets.
@@ -557,8 +565,9 @@ mod tests {
         ] {
             assert_eq!(bucket_top(t), top, "{t}");
         }
-        let tops: std::collections::BTreeSet<usize> = (1..=512).map(bucket_top).collect();
+        let tops = bucket_tops(512);
         assert_eq!(tops.len(), 25);
+        assert_eq!(tops[..6], [1, 2, 4, 8, 16, 20]);
         assert!((1..=512).all(|t| bucket_top(t) >= t));
     }
 

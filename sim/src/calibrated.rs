@@ -832,19 +832,18 @@ impl CalibratedCost {
     /// buckets run different algorithms, and a line between two of them priced live steps of
     /// 41-63 rows 1-2% low and of 70-95 rows 1-2% high (docs/FIDELITY.md, session 16).
     fn gemm_tokens(&self, tokens: f64) -> f64 {
-        let axis = &self.base_gemm.axes[0];
-        let next = axis.get(axis.partition_point(|&v| v < tokens)).copied();
+        let next_measured = || {
+            let axis = &self.base_gemm.axes[0];
+            axis.get(axis.partition_point(|&v| v < tokens)).copied()
+        };
         if tokens <= self.gemm_bucket_tops_to {
-            return next.unwrap_or(tokens);
+            return next_measured().unwrap_or(tokens);
         }
         if tokens <= 128.0 || tokens > self.gemm_quantum_max_tokens {
             return tokens;
         }
         let rounded = (tokens / self.gemm_quantum).ceil() * self.gemm_quantum;
-        match next {
-            Some(next) => rounded.min(next),
-            None => rounded,
-        }
+        next_measured().map_or(rounded, |next| rounded.min(next))
     }
 
     fn copy_seconds(&self, bytes: u64) -> f64 {
