@@ -108,6 +108,8 @@ enum CliError {
     Run { scenario: String, source: SimError },
     #[error("doctor: {0}")]
     Gpu(#[from] slora_kernels::Error),
+    #[error("bench-gpu: {0}")]
+    BenchGpu(slora_kernels::Error),
     #[error(transparent)]
     Calibrate(#[from] calibrate_cmd::CalibrateError),
     #[error(transparent)]
@@ -140,6 +142,7 @@ impl CliError {
             CliError::Run { .. }
             | CliError::Output { .. }
             | CliError::Gpu(_)
+            | CliError::BenchGpu(_)
             | CliError::ChecksFailed { .. } => 1,
         }
     }
@@ -190,7 +193,7 @@ fn main() -> ExitCode {
         Command::Doctor { reference } => doctor(reference.as_deref()),
         Command::BenchGpu => slora_kernels::bench::gpu_benchmarks()
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
-            .map_err(CliError::from),
+            .map_err(CliError::BenchGpu),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

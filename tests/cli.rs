@@ -301,6 +301,8 @@ fn doctor_without_a_gpu_says_what_is_missing() {
             err.contains("--features cuda") || err.contains("no usable NVIDIA GPU"),
             "{err}"
         );
+        // The message names the command that failed, not another one.
+        assert!(err.contains(&format!("slora-plan: {}:", args[0])), "{err}");
     }
 }
 

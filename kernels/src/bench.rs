@@ -9,6 +9,36 @@ pub fn gpu_benchmarks() -> Result<Vec<String>> {
     imp::gpu_benchmarks()
 }
 
+/// Output tokens of each request in the decode benchmark: enough for 15 timed steps.
+#[cfg(any(feature = "cuda", test))]
+const DECODE_OUTPUT: u32 = 40;
+
+/// The adapter of the decode benchmark's request `b` when every request has its own: spread
+/// over the 1,000 registered adapters so that the ranks cycle (ids `3b` are distinct for
+/// `b < 334`).
+#[cfg(any(feature = "cuda", test))]
+fn distinct_adapter(b: usize) -> slora_engine::AdapterId {
+    slora_engine::AdapterId((b * 3 % 1000) as u32)
+}
+
+/// Pool pages the decode benchmark's batch holds at its largest when every request has its
+/// own adapter (the case with the most adapter rows): each request's KV rows (the prompt and
+/// every output token but the last) and its adapter's rows.
+#[cfg(any(feature = "cuda", test))]
+fn decode_batch_pages(
+    model: &slora_engine::ModelSpec,
+    specs: &[slora_engine::AdapterSpec],
+    batch: usize,
+    prompt: u32,
+    output: u32,
+) -> u64 {
+    let kv = batch as u64 * (prompt as u64 + output as u64 - 1);
+    let adapters: u64 = (0..batch)
+        .map(|b| specs[distinct_adapter(b).0 as usize].pages(model))
+        .sum();
+    kv + adapters
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use crate::error::{Error, Result};
@@ -236,7 +266,12 @@ mod imp {
         let ranks = [8u32, 16, 32, 64];
         let max_batch = 256usize;
         let prompt = 512u32;
-        let pool_pages = 200_000u32;
+        // 200,000 pages hold batch 256 at this context with its distinct adapters; a GPU with
+        // less memory (an H100's 80 GB) gets what its free memory holds, and the batch sizes
+        // that do not fit are reported as such rather than failing the whole benchmark.
+        let pool_pages =
+            GpuExecutor::pool_pages_from_free_memory(&gpu, &model, 8192 + max_batch, 64, 0.9)?
+                .min(200_000);
         let cfg = ExecutorConfig {
             model: model.clone(),
             rms_norm_eps: 1e-5,
@@ -305,6 +340,16 @@ mod imp {
         let mut next_id = 0u64;
         let dependent_default = exec.gpu.dependent_launch_enabled();
         for batch in [1usize, 32, 64, 128, 256] {
+            let needed =
+                super::decode_batch_pages(&model, &specs, batch, prompt, super::DECODE_OUTPUT);
+            if needed > pool_pages as u64 {
+                let skipped = format!(
+                    "| {batch} | not run: the batch holds {needed} pool pages at its largest; this GPU's free memory gives the pool {pool_pages} |"
+                );
+                lines.push(skipped.clone());
+                phase_lines.push(skipped);
+                continue;
+            }
             let mut times = [0.0f64; 9];
             let mut adapter_bytes = 0f64;
             let mut zipf_distinct = 0u32;
@@ -355,7 +400,7 @@ mod imp {
                     exec.add_request(id, tokens)?;
                     let adapter = match adapters {
                         0 => None,
-                        1 => Some(AdapterId((b * 3 % 1000) as u32)),
+                        1 => Some(super::distinct_adapter(b)),
                         _ => Some(AdapterId(zipf_adapter(b, batch))),
                     };
                     engine
@@ -365,7 +410,7 @@ mod imp {
                                 adapter,
                                 tenant: None,
                                 prompt_tokens: prompt,
-                                output_tokens: 40,
+                                output_tokens: super::DECODE_OUTPUT,
                             },
                             Nanos::ZERO,
                         )
@@ -631,5 +676,38 @@ mod imp {
             }
         }
         Err(plan_err(0, "no prefill planned".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slora_engine::{AdapterSpec, ModelSpec, TargetModule};
+
+    #[test]
+    fn decode_batch_pages_counts_kv_rows_and_each_distinct_adapter() {
+        let model = ModelSpec::preset("llama-7b").unwrap();
+        let ranks = [8u32, 16, 32, 64];
+        let specs: Vec<_> = (0..1000)
+            .map(|i| AdapterSpec {
+                rank: ranks[i % 4],
+                targets: TargetModule::ATTENTION.to_vec(),
+            })
+            .collect();
+        // Llama-7B's page is one 4,096-wide row, so a rank-r adapter on q, k, v and o holds
+        // 4r pages; request b has adapter 3b, whose rank is ranks[3b % 4].
+        assert_eq!(decode_batch_pages(&model, &specs, 1, 512, 40), 551 + 4 * 8);
+        assert_eq!(
+            decode_batch_pages(&model, &specs, 4, 512, 40),
+            4 * 551 + 4 * (8 + 64 + 32 + 16)
+        );
+        // Batch 256: 64 of each rank. It fits the 200,000 pages an H200 gives the benchmark,
+        // not the ~120,000 an H100's 80 GB give after the weights.
+        let batch_256 = decode_batch_pages(&model, &specs, 256, 512, 40);
+        assert_eq!(batch_256, 256 * 551 + 4 * 64 * (8 + 16 + 32 + 64));
+        assert!((150_000..200_000).contains(&batch_256), "{batch_256}");
+        // Distinct ids: every request of the largest batch has its own adapter.
+        let ids: std::collections::BTreeSet<_> = (0..256).map(distinct_adapter).collect();
+        assert_eq!(ids.len(), 256);
     }
 }
