@@ -696,14 +696,19 @@ mod tests {
             .collect();
         // Llama-7B's page is one 4,096-wide row, so a rank-r adapter on q, k, v and o holds
         // 4r pages; request b has adapter 3b, whose rank is ranks[3b % 4].
-        assert_eq!(decode_batch_pages(&model, &specs, 1, 512, 40), 551 + 4 * 8);
+        // 512 + 40 - 1 = 551 KV rows a request at its largest.
+        assert_eq!(DECODE_OUTPUT, 40);
         assert_eq!(
-            decode_batch_pages(&model, &specs, 4, 512, 40),
+            decode_batch_pages(&model, &specs, 1, 512, DECODE_OUTPUT),
+            551 + 4 * 8
+        );
+        assert_eq!(
+            decode_batch_pages(&model, &specs, 4, 512, DECODE_OUTPUT),
             4 * 551 + 4 * (8 + 64 + 32 + 16)
         );
         // Batch 256: 64 of each rank. It fits the 200,000 pages an H200 gives the benchmark,
         // not the ~120,000 an H100's 80 GB give after the weights.
-        let batch_256 = decode_batch_pages(&model, &specs, 256, 512, 40);
+        let batch_256 = decode_batch_pages(&model, &specs, 256, 512, DECODE_OUTPUT);
         assert_eq!(batch_256, 256 * 551 + 4 * 64 * (8 + 16 + 32 + 64));
         assert!((150_000..200_000).contains(&batch_256), "{batch_256}");
         // Distinct ids: every request of the largest batch has its own adapter.
