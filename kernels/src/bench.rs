@@ -22,8 +22,8 @@ fn distinct_adapter(b: usize) -> slora_engine::AdapterId {
 }
 
 /// Pool pages the decode benchmark's batch holds at its largest when every request has its
-/// own adapter (the case with the most adapter rows): each request's KV rows (the prompt and
-/// every output token but the last) and its adapter's rows.
+/// own adapter (the case with the most adapter rows): each request's KV rows, as the engine
+/// reserves them, and its adapter's rows.
 #[cfg(any(feature = "cuda", test))]
 fn decode_batch_pages(
     model: &slora_engine::ModelSpec,
@@ -32,7 +32,8 @@ fn decode_batch_pages(
     prompt: u32,
     output: u32,
 ) -> u64 {
-    let kv = batch as u64 * (prompt as u64 + output as u64 - 1);
+    let request = slora_engine::RequestMeta::new(0, None, prompt, output);
+    let kv = batch as u64 * request.worst_case_pages();
     let adapters: u64 = (0..batch)
         .map(|b| specs[distinct_adapter(b).0 as usize].pages(model))
         .sum();
