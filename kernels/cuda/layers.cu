@@ -128,19 +128,17 @@ extern "C" __global__ void rms_norm(const half_t* __restrict__ x, const half_t* 
 // x[t] = f16(x[t] + delta[t - delta_row0]): the o projection's LoRA delta of the decode rows,
 // computed on a second stream while the o GEMM runs, added where the in-line expand adds it
 // (to the projection's output, before the residual) with the same operations, so the same bits.
-// Each delta element is set back to zero once read: the expand accumulates into it, and a
-// delta left zero by its consumer needs no memset before the next layer's expand (a memset
-// would sit at the head of the LoRA stream's chain, beside a GEMM of a few microseconds).
 extern "C" __global__ void add_rms_norm(half_t* __restrict__ residual, const half_t* __restrict__ x,
                                         const half_t* __restrict__ w, half_t* __restrict__ out,
-                                        int hidden, float eps, float* __restrict__ delta,
+                                        int hidden, float eps, const float* __restrict__ delta,
                                         int delta_row0) {
     const long long row = blockIdx.x;
     half_t* rr = residual + row * hidden;
     const half_t* xr = x + row * hidden;
     half_t* outr = out + row * hidden;
-    float* dr = delta != nullptr && row >= delta_row0 ? delta + (row - delta_row0) * hidden
-                                                      : nullptr;
+    const float* dr = delta != nullptr && row >= delta_row0
+                           ? delta + (row - delta_row0) * hidden
+                           : nullptr;
     const bool vec = (hidden & 7) == 0 && aligned16(residual) && aligned16(x) && aligned16(w) &&
                      aligned16(out) && (dr == nullptr || aligned16(dr));
     float ss = 0.0f;
@@ -150,11 +148,8 @@ extern "C" __global__ void add_rms_norm(half_t* __restrict__ residual, const hal
             load8(rr + i, rs);
             load8(xr + i, xs);
             if (dr != nullptr) {
-                float4* d4 = reinterpret_cast<float4*>(dr + i);
-                const float4 d0 = d4[0];
-                const float4 d1 = d4[1];
-                d4[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                d4[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                const float4 d0 = reinterpret_cast<const float4*>(dr + i)[0];
+                const float4 d1 = reinterpret_cast<const float4*>(dr + i)[1];
                 const float ds[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
 #pragma unroll
                 for (int k = 0; k < 8; ++k) xs[k] = f2h(__fadd_rn(h2f(xs[k]), ds[k]));
@@ -169,11 +164,7 @@ extern "C" __global__ void add_rms_norm(half_t* __restrict__ residual, const hal
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-            half_t xi = xr[i];
-            if (dr != nullptr) {
-                xi = f2h(__fadd_rn(h2f(xi), dr[i]));
-                dr[i] = 0.0f;
-            }
+            const half_t xi = dr != nullptr ? f2h(__fadd_rn(h2f(xr[i]), dr[i])) : xr[i];
             const half_t s = f2h(h2f(rr[i]) + h2f(xi));
             rr[i] = s;
             const float f = h2f(s);
@@ -320,12 +311,12 @@ extern "C" __global__ void add(half_t* __restrict__ x, const half_t* __restrict_
 // q[r] = f16(qkv[r, q cols] + dq[r - delta_row0]) (dk, dv alike): the very operations, so the
 // very bits, of the LoRA expand adding in place (lora_out_store in lora.cu). The deltas are
 // computed on a second stream while the q/k/v GEMM runs (see GpuExecutor::forward), so adding
-// them here costs no launch of its own; each element read is set back to zero, ready for the
-// next layer's expand to accumulate into (as add_rms_norm does with the o delta).
+// them here costs no launch of its own.
 extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __restrict__ q,
                                      half_t* __restrict__ k, half_t* __restrict__ v, int qw,
-                                     int kvw, float* __restrict__ dq, float* __restrict__ dk,
-                                     float* __restrict__ dv, int delta_row0) {
+                                     int kvw, const float* __restrict__ dq,
+                                     const float* __restrict__ dk,
+                                     const float* __restrict__ dv, int delta_row0) {
     const long long row = blockIdx.x;
     const int total = qw + 2 * kvw;
     const half_t* src = qkv + row * total;
@@ -342,16 +333,13 @@ extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __r
                         : j < qw + kvw ? k + row * kvw + (j - qw)
                                        : v + row * kvw + (j - qw - kvw);
             if (with_delta) {
-                float* d = j < qw ? dq + drow * qw + j
-                         : j < qw + kvw ? dk + drow * kvw + (j - qw)
-                                        : dv + drow * kvw + (j - qw - kvw);
+                const float* d = j < qw ? dq + drow * qw + j
+                               : j < qw + kvw ? dk + drow * kvw + (j - qw)
+                                              : dv + drow * kvw + (j - qw - kvw);
                 half_t xs[8];
                 load8(src + j, xs);
-                float4* d4 = reinterpret_cast<float4*>(d);
-                const float4 d0 = d4[0];
-                const float4 d1 = d4[1];
-                d4[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                d4[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                const float4 d0 = reinterpret_cast<const float4*>(d)[0];
+                const float4 d1 = reinterpret_cast<const float4*>(d)[1];
                 const float ds[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
 #pragma unroll
                 for (int e = 0; e < 8; ++e) xs[e] = f2h(__fadd_rn(h2f(xs[e]), ds[e]));
@@ -367,11 +355,10 @@ extern "C" __global__ void split_qkv(const half_t* __restrict__ qkv, half_t* __r
                         : j < qw + kvw ? k + row * kvw + (j - qw)
                                        : v + row * kvw + (j - qw - kvw);
             if (with_delta) {
-                float* d = j < qw ? dq + drow * qw + j
-                         : j < qw + kvw ? dk + drow * kvw + (j - qw)
-                                        : dv + drow * kvw + (j - qw - kvw);
+                const float* d = j < qw ? dq + drow * qw + j
+                               : j < qw + kvw ? dk + drow * kvw + (j - qw)
+                                              : dv + drow * kvw + (j - qw - kvw);
                 *dst = f2h(__fadd_rn(h2f(src[j]), *d));
-                *d = 0.0f;
             } else {
                 *dst = src[j];
             }

@@ -104,9 +104,7 @@ struct Buffers {
     lora_scratch: CudaSlice<f32>,
     /// The decode rows' LoRA deltas of q, k, v and o, computed on the LoRA stream while the
     /// base GEMMs run, and added by `split_qkv` and `add_rms_norm` (see `forward`). f32, so
-    /// that adding them later rounds exactly as the in-line expand does. The expand
-    /// accumulates into them and the kernels that add them leave them zero, so between steps
-    /// they hold zeros (`GpuExecutor::lora_deltas_zero`) and no layer needs a memset.
+    /// that adding them later rounds exactly as the in-line expand does.
     lora_dq: CudaSlice<f32>,
     lora_dk: CudaSlice<f32>,
     lora_dv: CudaSlice<f32>,
@@ -154,10 +152,6 @@ pub struct GpuExecutor {
     /// first, so it stays 0; never read on the hot path).
     bad_ids: CudaSlice<i32>,
     pub last_logits: RecordedLogits,
-    /// Whether the LoRA delta buffers hold only zeros: true from allocation, false while a
-    /// step that uses them is in flight, true again once it has completed. A step that
-    /// failed half-way may leave deltas behind, so the next one zeroes them first.
-    lora_deltas_zero: bool,
     /// Whether steps record per-phase GPU times (runs launch by launch while on).
     phase_timing: bool,
     /// Per-phase GPU times of the last step run with phase timing on.
@@ -352,7 +346,6 @@ impl GpuExecutor {
             last_eager_key: None,
             buffer_generation: 0,
             graph_replays: 0,
-            lora_deltas_zero: true,
             last_logits: Vec::new(),
             phase_timing: false,
             last_phase_times: None,
@@ -937,24 +930,6 @@ impl GpuExecutor {
                     kv_offset: r_kv_start,
                     generation: self.buffer_generation,
                 });
-        if overlap_lora {
-            if !self.lora_deltas_zero {
-                // Outside any capture: a graph must not zero what its own kernels leave zero.
-                let b = &mut self.buffers;
-                for (what, d) in [
-                    ("q", &mut b.lora_dq),
-                    ("k", &mut b.lora_dk),
-                    ("v", &mut b.lora_dv),
-                    ("o", &mut b.lora_do),
-                ] {
-                    self.gpu
-                        .stream
-                        .memset_zeros(d)
-                        .map_err(driver_err(format!("zeroing the LoRA delta of {what}")))?;
-                }
-            }
-            self.lora_deltas_zero = false;
-        }
         let replay = graph_key.is_some()
             && self.graph.as_ref().map(|(k, _)| Some(k)) == Some(graph_key.as_ref());
         if replay {
@@ -1048,16 +1023,20 @@ impl GpuExecutor {
                     let (p_rows, n_rows) = (prefill_rows, decode_rows);
                     if overlap_lora {
                         // The decode rows' q/k/v deltas, beside the q/k/v GEMM (both read
-                        // `normed`); split_qkv adds them after the join and leaves them zero
-                        // for the next layer's expand to accumulate into.
+                        // `normed`); split_qkv adds them after the join.
                         g.fork_lora()?;
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
-                        let dq = b.lora_dq.slice_mut(..n_rows * qw);
-                        let dk = b.lora_dk.slice_mut(..n_rows * kvw);
-                        let dv = b.lora_dv.slice_mut(..n_rows * kvw);
+                        let s = &g.lora_stream;
+                        let mut dq = b.lora_dq.slice_mut(..n_rows * qw);
+                        let mut dk = b.lora_dk.slice_mut(..n_rows * kvw);
+                        let mut dv = b.lora_dv.slice_mut(..n_rows * kvw);
+                        for (what, d) in [("q", &mut dq), ("k", &mut dk), ("v", &mut dv)] {
+                            s.memset_zeros(d)
+                                .map_err(driver_err(format!("zeroing the LoRA delta of {what}")))?;
+                        }
                         lora_qkv_decode(
                             &ctx,
-                            &g.lora_stream,
+                            s,
                             h,
                             [
                                 (TargetModule::Q, qw),
@@ -1079,11 +1058,11 @@ impl GpuExecutor {
                         qw + 2 * kvw,
                         false,
                     )?;
-                    let mut qkv_delta = overlap_lora.then(|| layers::QkvDelta {
+                    let qkv_delta = overlap_lora.then(|| layers::QkvDelta {
                         first_row: p_rows,
-                        dq: b.lora_dq.slice_mut(..n_rows * qw),
-                        dk: b.lora_dk.slice_mut(..n_rows * kvw),
-                        dv: b.lora_dv.slice_mut(..n_rows * kvw),
+                        dq: b.lora_dq.slice(..n_rows * qw),
+                        dk: b.lora_dk.slice(..n_rows * kvw),
+                        dv: b.lora_dv.slice(..n_rows * kvw),
                     });
                     if overlap_lora {
                         g.join_lora()?;
@@ -1099,7 +1078,7 @@ impl GpuExecutor {
                         rows,
                         qw,
                         kvw,
-                        qkv_delta.as_mut(),
+                        qkv_delta.as_ref(),
                     )?;
                     if any_lora {
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
@@ -1195,11 +1174,13 @@ impl GpuExecutor {
                     g.mark(Phase::Dense)?;
                     if overlap_lora {
                         // The decode rows' o delta, beside the o GEMM (both read `attn`);
-                        // add_rms_norm adds it to the GEMM's output after the join and leaves
-                        // it zero.
+                        // add_rms_norm adds it to the GEMM's output after the join.
                         g.fork_lora()?;
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
                         let mut d_o = b.lora_do.slice_mut(..n_rows * h);
+                        g.lora_stream
+                            .memset_zeros(&mut d_o)
+                            .map_err(driver_err("zeroing the LoRA delta of o"))?;
                         lora_decode_on(
                             &ctx,
                             &g.lora_stream,
@@ -1234,9 +1215,9 @@ impl GpuExecutor {
                             !overlap_lora,
                         )?;
                     }
-                    let mut o_delta = overlap_lora.then(|| layers::RowDelta {
+                    let o_delta = overlap_lora.then(|| layers::RowDelta {
                         first_row: p_rows,
-                        delta: b.lora_do.slice_mut(..n_rows * h),
+                        delta: b.lora_do.slice(..n_rows * h),
                     });
                     if overlap_lora {
                         g.join_lora()?;
@@ -1252,7 +1233,7 @@ impl GpuExecutor {
                         rows,
                         h,
                         eps,
-                        o_delta.as_mut(),
+                        o_delta.as_ref(),
                     )?;
                     device::linear(
                         g,
@@ -1373,9 +1354,6 @@ impl GpuExecutor {
                 .collect();
         }
         g.synchronize()?;
-        if overlap_lora {
-            self.lora_deltas_zero = true;
-        }
         for (k, s) in sample.iter().enumerate() {
             if s.3 {
                 if let Some(r) = self.requests.get_mut(&s.1) {
