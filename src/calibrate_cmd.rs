@@ -716,6 +716,79 @@ fn rank_mix_lora_tables(c: &Calibration, fitted: &[RankMixPoint]) -> String {
     out
 }
 
+/// What the LoRA adds to the steps of `lora_condition_steps` (with adapters − without, both
+/// host-timed), by rank, rows and popularity across contexts, beside what the grid's own step
+/// at context 16 added; empty without those steps. Context 16 round robin is the grid's own
+/// condition measured again, so it also shows how far the grid drifted in the meantime.
+fn lora_condition_table(c: &Calibration) -> String {
+    let steps = &c.lora_condition_steps;
+    if steps.is_empty() {
+        return String::new();
+    }
+    let mut contexts: Vec<u32> = steps.iter().map(|s| s.context).collect();
+    contexts.sort_unstable();
+    contexts.dedup();
+    let mut rows: Vec<(u32, u32, bool, u32)> = steps
+        .iter()
+        .map(|s| (s.rank, s.tokens, s.zipf, s.adapters))
+        .collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let base: BTreeMap<u32, f64> = c
+        .lora_base_steps
+        .iter()
+        .map(|(t, s)| (*t, s.median_s))
+        .collect();
+    let ms = |x: f64| format!("{:.3}", x * 1e3);
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|&(rank, tokens, zipf, adapters)| {
+            let added = |context: u32| {
+                steps
+                    .iter()
+                    .find(|s| {
+                        (s.rank, s.tokens, s.zipf, s.adapters, s.context)
+                            == (rank, tokens, zipf, adapters, context)
+                    })
+                    .map(|s| s.with.median_s - s.without.median_s)
+            };
+            let first = added(contexts[0]);
+            let cells: Vec<String> = contexts
+                .iter()
+                .map(|&x| match (added(x), first) {
+                    (Some(a), Some(f)) if x != contexts[0] && f > 0.0 => {
+                        format!("{} ({:+.0}%)", ms(a), (a / f - 1.0) * 100.0)
+                    }
+                    (Some(a), _) => ms(a),
+                    (None, _) => "n/a".into(),
+                })
+                .collect();
+            let grid = c
+                .lora_steps
+                .iter()
+                .find(|(t, a, r, _)| (*t, *a, *r) == (tokens, adapters, rank))
+                .zip(base.get(&tokens))
+                .map_or("n/a".into(), |((.., s), b)| ms(s.median_s - b));
+            format!(
+                "| {rank} | {tokens} | {} | {} | {grid} |",
+                if zipf { "Zipf(1)" } else { "round robin" },
+                cells.join(" | ")
+            )
+        })
+        .collect();
+    let heads: Vec<String> = contexts
+        .iter()
+        .map(|x| format!("context {x} (ms)"))
+        .collect();
+    format!(
+        "\n\n## Decode LoRA under other conditions than the grid's\n\nWhat the adapters add to a decode step (the step minus the same rows without adapters, both host-timed, measured together), at other contexts and with the rows on {} adapters by Zipf(1) popularity, beside the grid's own step (context 16, round robin, measured earlier). Not used by the fit: it checks whether the grid's condition prices live steps (docs/FIDELITY.md, session 18). In brackets: against the first context of the row.\n\n| rank | decode rows | rows on adapters | {} | the grid's step (ms) |\n|{}\n{}",
+        rows.first().map_or(0, |r| r.3),
+        heads.join(" | "),
+        "---|".repeat(4 + contexts.len()),
+        lines.join("\n")
+    )
+}
+
 /// What `profile` predicts for each shape, seconds.
 fn predict(
     c: &Calibration,
@@ -954,6 +1027,7 @@ fn whole_step_checks(
         ));
     }
     report.push_str(&rank_mix_lora_tables(c, &profile.lora_rank_mix));
+    report.push_str(&lora_condition_table(c));
     if !c.decode_steps.is_empty() {
         let rows: Vec<(u32, u32, f64)> = c
             .decode_steps
@@ -1602,6 +1676,7 @@ mod tests {
             mixed_rank_adapters: 0,
             rank_mixes: Vec::new(),
             spread_decode_steps: Vec::new(),
+            lora_condition_steps: Vec::new(),
             cublaslt_version: None,
             gemm_algorithms: Vec::new(),
         }
@@ -1940,6 +2015,63 @@ mod tests {
         let shape = mixed_rank_shape(3, &[8, 64], 2);
         assert_eq!(shape.lora_token_rank, 8 + 64 + 8);
         assert_eq!((shape.distinct_adapters, shape.distinct_rank_sum), (2, 72));
+    }
+
+    /// The LoRA condition steps: what the adapters add at each context and popularity,
+    /// against the first context, beside the grid's own step; absent steps write nothing,
+    /// and a measurement without them reads and writes as before.
+    #[test]
+    fn lora_condition_steps_are_set_beside_the_grid() {
+        use slora_kernels::measurement::LoraConditionStep;
+        let mut c = measurement();
+        assert_eq!(lora_condition_table(&c), "");
+        let raw = serde_json::to_string(&c).unwrap();
+        assert!(
+            !raw.contains("lora_condition_steps"),
+            "an empty list is not written"
+        );
+        let back: Calibration = serde_json::from_str(&raw).unwrap();
+        assert!(back.lora_condition_steps.is_empty());
+
+        c.lora_base_steps.push((64, stat(7e-3)));
+        c.lora_steps.push((64, 4, 8, stat(8.2e-3)));
+        for (context, zipf, with, without) in [
+            (16, false, 8.0e-3, 7.0e-3),
+            (256, false, 9.5e-3, 8.75e-3),
+            (512, false, 11.6e-3, 11.0e-3),
+            (16, true, 7.9e-3, 7.0e-3),
+        ] {
+            c.lora_condition_steps.push(LoraConditionStep {
+                tokens: 64,
+                adapters: 4,
+                rank: 8,
+                context,
+                zipf,
+                with: stat(with),
+                without: stat(without),
+            });
+        }
+        let table = lora_condition_table(&c);
+        assert!(
+            table.contains("| rank | decode rows | rows on adapters | context 16 (ms) | context 256 (ms) | context 512 (ms) | the grid's step (ms) |"),
+            "{table}"
+        );
+        // Round robin: 1.0 ms at 16, 0.75 at 256 (-25%), 0.6 at 512 (-40%); the grid's 1.2.
+        assert!(
+            table
+                .contains("| 8 | 64 | round robin | 1.000 | 0.750 (-25%) | 0.600 (-40%) | 1.200 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 8 | 64 | Zipf(1) | 0.900 | n/a | n/a | 1.200 |"),
+            "{table}"
+        );
+        let raw = serde_json::to_string(&c).unwrap();
+        let back: Calibration = serde_json::from_str(&raw).unwrap();
+        assert_eq!(back.lora_condition_steps, c.lora_condition_steps);
+        // The report of a measurement with them carries the table.
+        let (_, report) = derive(&c, None).unwrap();
+        assert!(report.contains("## Decode LoRA under other conditions than the grid's"));
     }
 
     /// A mix measured with a grid adapter count is set beside its one-rank counterparts: what

@@ -29,7 +29,8 @@ use slora_engine::{
 use std::time::Instant;
 
 pub use crate::measurement::{
-    Calibration, RankMixSteps, SpreadDecodeStep, SpreadPattern, Stat, LORA_DECODE_ADAPTERS,
+    zipf_rows, Calibration, LoraConditionStep, RankMixSteps, SpreadDecodeStep, SpreadPattern, Stat,
+    LORA_CONDITION_ADAPTERS, LORA_CONDITION_CONTEXTS, LORA_CONDITION_TOKENS, LORA_DECODE_ADAPTERS,
     LORA_DECODE_TOKENS, MIXED_CONTEXT, MIXED_SHAPES, SPREAD_BATCHES, SPREAD_PATTERNS,
 };
 
@@ -662,6 +663,51 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         }
     }
 
+    // ---- Decode LoRA under conditions the grid holds fixed -------------------------------
+    // The grid's steps run at context 16 with rows on their adapters round robin. A live S1
+    // cell's rank-8 LoRA added 22-38% less at 64-159 rows than its grid priced, while the
+    // base step was priced within 0.4% (docs/FIDELITY.md, session 18): the context and the
+    // popularity are varied here one at a time, for the lowest and the highest rank, each
+    // step beside the same rows without adapters measured in the same minute.
+    progress("decode LoRA at other contexts and popularities (the check of the LoRA grid)");
+    let mut lora_condition_steps = Vec::new();
+    let condition_adapters = LORA_CONDITION_ADAPTERS.min(max_adapters).max(1);
+    let mut condition_ranks: Vec<(usize, u32)> = grid
+        .lora_ranks
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(i, _)| i == 0 || i + 1 == grid.lora_ranks.len())
+        .collect();
+    condition_ranks.dedup_by_key(|r| r.1);
+    for &tokens in &LORA_CONDITION_TOKENS {
+        let popular = zipf_rows(tokens, condition_adapters);
+        for &context in &LORA_CONDITION_CONTEXTS {
+            let (_, without) = b.measure(reps, |b| b.decode_plan(tokens, context, &[]))?;
+            let without = Stat::of(without);
+            for &(ri, rank) in &condition_ranks {
+                let ids: Vec<AdapterId> = (0..condition_adapters)
+                    .map(|j| AdapterId(ri as u32 * 100_000 + j))
+                    .collect();
+                // One adapter per row: `decode_plan` gives row b `adapters[b % len]`.
+                let by_popularity: Vec<AdapterId> =
+                    popular.iter().map(|&a| ids[a as usize]).collect();
+                for (zipf, rows) in [(false, &ids), (true, &by_popularity)] {
+                    let (_, with) = b.measure(reps, |b| b.decode_plan(tokens, context, rows))?;
+                    lora_condition_steps.push(LoraConditionStep {
+                        tokens,
+                        adapters: condition_adapters,
+                        rank,
+                        context,
+                        zipf,
+                        with: Stat::of(with),
+                        without,
+                    });
+                }
+            }
+        }
+    }
+
     host_to_device.sort_by_key(|p| p.0);
     host_to_device.dedup_by_key(|p| p.0);
     // Grids sorted lexicographically by their axes, as the profile format wants.
@@ -706,6 +752,7 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         mixed_rank_adapters: 0,
         rank_mixes,
         spread_decode_steps,
+        lora_condition_steps,
         cublaslt_version: Some(crate::gemm::cublaslt_version()),
         gemm_algorithms: b
             .exec

@@ -107,6 +107,13 @@ pub struct Calibration {
     /// context). Empty in measurements taken before.
     #[serde(default)]
     pub spread_decode_steps: Vec<SpreadDecodeStep>,
+    /// What decode rows' LoRA adds to a step under conditions the LoRA grid holds fixed (from
+    /// session 18; absent before, and not written when empty). The grid's whole steps are at
+    /// context 16 with rows on their adapters round robin; a live S1 cell's rank-8 LoRA added
+    /// 22-38% less at 64-159 rows than the grid prices (docs/FIDELITY.md, session 18), so
+    /// these steps vary the context and the popularity one at a time. Not used by the fit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_condition_steps: Vec<LoraConditionStep>,
     /// The cuBLASLt version (`cublasLtGetVersion`) and the base GEMMs' algorithm for each
     /// token bucket the calibration's executor tuned: `(bucket top, in, out, accumulate,
     /// cuBLASLt's opaque algorithm)`. The grids above were measured with these algorithms, so
@@ -115,6 +122,54 @@ pub struct Calibration {
     pub cublaslt_version: Option<u64>,
     #[serde(default)]
     pub gemm_algorithms: Vec<GemmBucket>,
+}
+
+/// One decode step of [`Calibration::lora_condition_steps`]: `tokens` rows at `context`
+/// cached rows each, on `adapters` adapters of `rank`, round robin or by Zipf(1) popularity
+/// ([`zipf_rows`]); the step with its adapters and the same rows without (host-timed, no
+/// events, as the grid's `lora_steps` and `lora_base_steps`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConditionStep {
+    pub tokens: u32,
+    pub adapters: u32,
+    pub rank: u32,
+    pub context: u32,
+    /// Rows on the adapters by Zipf(1) popularity instead of round robin.
+    pub zipf: bool,
+    pub with: Stat,
+    pub without: Stat,
+}
+
+/// Decode rows and contexts of [`Calibration::lora_condition_steps`]: the rows where live
+/// rank-8 LoRA parted from the grid, the grid's own context and two a server's requests have.
+pub const LORA_CONDITION_TOKENS: [u32; 2] = [64, 128];
+pub const LORA_CONDITION_CONTEXTS: [u32; 3] = [16, 256, 512];
+/// Distinct adapters of [`Calibration::lora_condition_steps`] (on the grid's adapters axis).
+pub const LORA_CONDITION_ADAPTERS: u32 = 4;
+
+/// Which of `adapters` adapters each of `rows` rows takes under Zipf(1) popularity: the
+/// `k`-th row of a fixed shuffle takes the adapter at quantile `(k + 0.5) / rows` of the
+/// distribution, so the shares are exact up to rounding (4 adapters: 48, 24, 16 and 12% of
+/// the rows), no seed is needed, and rows of one adapter are scattered over the batch as a
+/// server's are (not side by side, which would change what the kernels find in L2).
+pub fn zipf_rows(rows: u32, adapters: u32) -> Vec<u32> {
+    let weights: Vec<f64> = (1..=adapters.max(1)).map(|k| 1.0 / f64::from(k)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut cdf = Vec::with_capacity(weights.len());
+    let mut acc = 0.0;
+    for w in &weights {
+        acc += w / total;
+        cdf.push(acc);
+    }
+    let mut order: Vec<u32> = (0..rows).collect();
+    order.sort_by_key(|&b| b.wrapping_mul(0x9E37_79B1));
+    let mut adapter_of = vec![0; rows as usize];
+    for (k, &row) in order.iter().enumerate() {
+        let u = (k as f64 + 0.5) / f64::from(rows);
+        adapter_of[row as usize] = cdf.partition_point(|&c| c < u).min(cdf.len() - 1) as u32;
+    }
+    adapter_of
 }
 
 /// One token bucket's base-GEMM algorithm: `(bucket top, in, out, accumulate, algorithm)`.
@@ -595,6 +650,28 @@ mod tests {
             adapter_counts_that_fit(&LORA_DECODE_ADAPTERS, &ranks, pages, 10),
             vec![1]
         );
+    }
+
+    #[test]
+    fn zipf_rows_give_exact_shares_scattered_over_the_batch() {
+        let rows = zipf_rows(128, 4);
+        let count = |a: u32| rows.iter().filter(|&&x| x == a).count();
+        // Zipf(1) over 4: 12/25, 6/25, 4/25, 3/25 of 128 rows (61.4, 30.7, 20.5, 15.4),
+        // rounded where the quantiles (k + 0.5) / 128 cross the CDF's steps.
+        assert_eq!([count(0), count(1), count(2), count(3)], [61, 31, 21, 15]);
+        assert_eq!(rows.len(), 128);
+        // Scattered: the most popular adapter's rows are not one block.
+        let first = rows.iter().position(|&a| a == 0).unwrap();
+        let last = rows.iter().rposition(|&a| a == 0).unwrap();
+        assert!(
+            last - first + 1 > count(0),
+            "adapter 0's rows are side by side"
+        );
+        assert!(rows[..8].iter().any(|&a| a != 0));
+        // One adapter takes every row; no rows, no adapters.
+        assert!(zipf_rows(10, 1).iter().all(|&a| a == 0));
+        assert!(zipf_rows(0, 4).is_empty());
+        assert_eq!(zipf_rows(3, 0), vec![0, 0, 0]);
     }
 
     #[test]
