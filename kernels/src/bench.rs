@@ -321,23 +321,6 @@ mod imp {
             "| batch | dense (ms) | dense GB/s | attention (ms) | attention GB/s | LoRA shrink (ms) | LoRA expand (ms) | LM head + sampling (ms) | sum of phases (ms) | step, host-timed (ms) |".into(),
             "|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
-        // Zipf(1) popularity over the 1,000 adapters, sampled deterministically at the batch's
-        // quantiles: the typical batch of a skewed population, where popular adapters share
-        // rows (S-LoRA's power-law workloads).
-        let zipf_cdf: Vec<f64> = {
-            let w: Vec<f64> = (1..=1000).map(|k| 1.0 / k as f64).collect();
-            let total: f64 = w.iter().sum();
-            w.iter()
-                .scan(0.0, |acc, x| {
-                    *acc += x / total;
-                    Some(*acc)
-                })
-                .collect()
-        };
-        let zipf_adapter = |b: usize, batch: usize| -> u32 {
-            let u = (b as f64 + 0.5) / batch as f64;
-            zipf_cdf.partition_point(|&c| c < u).min(999) as u32
-        };
         let mut next_id = 0u64;
         let dependent_default = exec.gpu.dependent_launch_enabled();
         for batch in [1usize, 32, 64, 128, 256] {
@@ -354,6 +337,10 @@ mod imp {
             let mut times = [0.0f64; 9];
             let mut adapter_bytes = 0f64;
             let mut zipf_distinct = 0u32;
+            // Zipf(1) popularity over the 1,000 adapters, sampled deterministically at the
+            // batch's quantiles: the typical batch of a skewed population, where popular
+            // adapters share rows (S-LoRA's power-law workloads).
+            let zipf = crate::measurement::zipf_quantiles(batch as u32, 1000);
             let mut phases: Vec<PhaseTimes> = Vec::new();
             // (adapters: 0 none, 1 distinct, 2 Zipf; CUDA graphs; phase timing; the decode
             // rows' LoRA on its own stream beside the base GEMMs, or in line after them; the
@@ -392,7 +379,7 @@ mod imp {
                     step: 0,
                     reason: e.to_string(),
                 })?;
-                for b in 0..batch {
+                for (b, &popular) in zipf.iter().enumerate() {
                     let id = RequestId(next_id);
                     next_id += 1;
                     let tokens: Vec<u32> = (0..prompt)
@@ -402,7 +389,7 @@ mod imp {
                     let adapter = match adapters {
                         0 => None,
                         1 => Some(super::distinct_adapter(b)),
-                        _ => Some(AdapterId(zipf_adapter(b, batch))),
+                        _ => Some(AdapterId(popular)),
                     };
                     engine
                         .submit(

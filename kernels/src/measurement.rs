@@ -148,26 +148,38 @@ pub const LORA_CONDITION_CONTEXTS: [u32; 3] = [16, 256, 512];
 /// Distinct adapters of [`Calibration::lora_condition_steps`] (on the grid's adapters axis).
 pub const LORA_CONDITION_ADAPTERS: u32 = 4;
 
-/// Which of `adapters` adapters each of `rows` rows takes under Zipf(1) popularity: the
-/// `k`-th row of a fixed shuffle takes the adapter at quantile `(k + 0.5) / rows` of the
-/// distribution, so the shares are exact up to rounding (4 adapters: 48, 24, 16 and 12% of
-/// the rows), no seed is needed, and rows of one adapter are scattered over the batch as a
-/// server's are (not side by side, which would change what the kernels find in L2).
-pub fn zipf_rows(rows: u32, adapters: u32) -> Vec<u32> {
+/// Which of `adapters` adapters each of `rows` rows takes under Zipf(1) popularity, in
+/// order: row `b` takes the adapter at quantile `(b + 0.5) / rows` of the distribution, so
+/// the shares are exact up to rounding (4 adapters: 48, 24, 16 and 12% of the rows) and no
+/// seed is needed. `bench-gpu`'s Zipf column draws its batches so.
+pub fn zipf_quantiles(rows: u32, adapters: u32) -> Vec<u32> {
     let weights: Vec<f64> = (1..=adapters.max(1)).map(|k| 1.0 / f64::from(k)).collect();
     let total: f64 = weights.iter().sum();
-    let mut cdf = Vec::with_capacity(weights.len());
-    let mut acc = 0.0;
-    for w in &weights {
-        acc += w / total;
-        cdf.push(acc);
-    }
+    let cdf: Vec<f64> = weights
+        .iter()
+        .scan(0.0, |acc, w| {
+            *acc += w / total;
+            Some(*acc)
+        })
+        .collect();
+    (0..rows)
+        .map(|b| {
+            let u = (f64::from(b) + 0.5) / f64::from(rows);
+            cdf.partition_point(|&c| c < u).min(cdf.len() - 1) as u32
+        })
+        .collect()
+}
+
+/// [`zipf_quantiles`] over a fixed shuffle of the rows: the same shares, with the rows of one
+/// adapter scattered over the batch as a server's are (not side by side, which would change
+/// what the kernels find in L2).
+pub fn zipf_rows(rows: u32, adapters: u32) -> Vec<u32> {
+    let in_order = zipf_quantiles(rows, adapters);
     let mut order: Vec<u32> = (0..rows).collect();
     order.sort_by_key(|&b| b.wrapping_mul(0x9E37_79B1));
     let mut adapter_of = vec![0; rows as usize];
     for (k, &row) in order.iter().enumerate() {
-        let u = (k as f64 + 0.5) / f64::from(rows);
-        adapter_of[row as usize] = cdf.partition_point(|&c| c < u).min(cdf.len() - 1) as u32;
+        adapter_of[row as usize] = in_order[k];
     }
     adapter_of
 }
@@ -668,6 +680,18 @@ mod tests {
             "adapter 0's rows are side by side"
         );
         assert!(rows[..8].iter().any(|&a| a != 0));
+        // The same shares as in order, where adapter 0's rows come first.
+        let mut sorted = rows.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, zipf_quantiles(128, 4));
+        assert!(zipf_quantiles(128, 4)[..61].iter().all(|&a| a == 0));
+        // bench-gpu's batches over 1,000 adapters: the distinct counts its logs record
+        // (BENCHMARKS.md, sessions 9-18).
+        for (batch, distinct) in [(1, 1), (32, 27), (64, 49), (128, 86), (256, 149)] {
+            let mut d = zipf_quantiles(batch, 1000);
+            d.dedup();
+            assert_eq!(d.len(), distinct, "batch {batch}");
+        }
         // One adapter takes every row; no rows, no adapters.
         assert!(zipf_rows(10, 1).iter().all(|&a| a == 0));
         assert!(zipf_rows(0, 4).is_empty());
