@@ -647,7 +647,14 @@ fn rank_mix_rows<'a>(mixes: &'a [RankMixSteps], c: &Calibration) -> Vec<RankMixR
 /// far the mix lies toward the highest rank, clamped to [0, 1] (a mix cheaper than its ranks'
 /// mean is noise of the five steps it is made of, not a saving the kernels can make).
 fn fit_rank_mix(c: &Calibration) -> Vec<RankMixPoint> {
-    let mixes = c.all_rank_mixes();
+    // The mixes on fewer adapters than the grid's largest count are a check, reported beside
+    // the others: the cost model's term is fitted on those with as many distinct adapters.
+    let most = c.lora_steps.iter().map(|p| p.1).max().unwrap_or(0);
+    let mixes: Vec<RankMixSteps> = c
+        .all_rank_mixes()
+        .into_iter()
+        .filter(|m| m.adapters >= most)
+        .collect();
     let mut by_rows: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
     for row in rank_mix_rows(&mixes, c) {
         if let Some(t) = row.toward_highest().filter(|t| t.is_finite()) {

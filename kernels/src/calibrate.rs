@@ -638,7 +638,15 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         if n_ranks > 2 {
             mixes.push((extremes, max_adapters));
         }
-        mixes.push((all, max_adapters * n_ranks as u32));
+        mixes.push((all.clone(), max_adapters * n_ranks as u32));
+        // Few adapters, each of its own rank, with many rows each, as S2's cells with 5
+        // adapters have: there live steps added 6-21% more LoRA than the mixes on many
+        // adapters predict (docs/FIDELITY.md, session 19). Not in the fit: it says whether
+        // the rank mix depends on how many adapters carry it.
+        let few = LORA_CONDITION_ADAPTERS.min(max_adapters);
+        if few as usize >= n_ranks && few < max_adapters {
+            mixes.push((all, few));
+        }
         for (rank_indices, adapters) in mixes {
             let len = rank_indices.len() as u32;
             // Element k: rank rank_indices[k % len], the (k / len)-th adapter of that rank.
