@@ -649,6 +649,86 @@ fn mixed_decode_ranks_move_toward_the_highest_as_far_as_measured() {
     assert_eq!(lora(&plain, &prompt), lora(&mixed, &prompt));
 }
 
+/// Few distinct adapters mix ranks otherwise than many: the profile's few-adapter curve holds
+/// at its adapter count and below, the many-adapter curve at the grids' largest count (32 in
+/// the synthetic grids) and above, and between them the term is linear in distinct adapters.
+#[test]
+fn mixed_decode_ranks_on_few_adapters_follow_their_own_curve() {
+    use slora_sim::cost::{FewAdapterRankMix, RankMixPoint};
+    let point = |rows, toward_highest| RankMixPoint {
+        rows,
+        toward_highest,
+    };
+    let plain = synthetic_profile(Efficiency::default());
+    let mut few = plain.clone();
+    few.lora_rank_mix = vec![point(16, 0.0), point(64, 0.0)];
+    few.lora_rank_mix_few_adapters = Some(FewAdapterRankMix {
+        adapters: 2,
+        points: vec![point(16, 1.0), point(64, 1.0)],
+    });
+    let (plain, few) = (calibrated(&plain), calibrated(&few));
+    let lora = |c: &CalibratedCost, s: &BatchShape| {
+        let cost = c.step_cost(s);
+        secs(cost.lora_shrink) + secs(cost.lora_expand)
+    };
+    // `n` adapters of rank 8 and `n` of rank 64, `rows` rows each: (at the mean rank, with
+    // the term, the same adapters all of rank 64).
+    let prices = |n: usize, rows: u32| {
+        let mix: Vec<(u32, u32)> = (0..2 * n)
+            .map(|i| (rows, if i < n { 8 } else { 64 }))
+            .collect();
+        let high: Vec<(u32, u32)> = (0..2 * n).map(|_| (rows, 64)).collect();
+        let (mix, high) = (decode_on_ranks(300, &mix), decode_on_ranks(300, &high));
+        (lora(&plain, &mix), lora(&few, &mix), lora(&plain, &high))
+    };
+    // 2 adapters (the curve's count), 16 rows each: all the way toward rank 64.
+    let (mean, moved, high) = prices(1, 16);
+    assert!(mean < high, "{mean} {high}");
+    assert!(rel(moved, high).abs() < 1e-9, "{moved} vs {high}");
+    // 32 adapters (the grids' largest count), one row each: the many-adapter curve, 0.
+    let (mean, moved, _) = prices(16, 1);
+    assert_eq!(mean, moved);
+    // 17 adapters: (17 - 2) / (32 - 2) = half way from the few-adapter curve (1) to the
+    // many-adapter curve (0).
+    let mix: Vec<(u32, u32)> = (0..17).map(|i| (2, if i < 8 { 8 } else { 64 })).collect();
+    let high: Vec<(u32, u32)> = (0..17).map(|_| (2, 64)).collect();
+    let (mix, high) = (decode_on_ranks(300, &mix), decode_on_ranks(300, &high));
+    let (mean, moved, top) = (lora(&plain, &mix), lora(&few, &mix), lora(&plain, &high));
+    let want = mean + 0.5 * (top - mean);
+    // Step costs are whole nanoseconds.
+    assert!(rel(moved, want).abs() < 1e-6, "{moved} vs {want}");
+    assert!(moved > mean && moved < top, "{mean} {moved} {top}");
+}
+
+#[test]
+fn few_adapter_rank_mix_out_of_range_is_named() {
+    use slora_sim::cost::{FewAdapterRankMix, RankMixPoint};
+    let mut p = synthetic_profile(Efficiency::default());
+    for (adapters, toward_highest, field, says) in [
+        (
+            4,
+            1.5,
+            "lora_rank_mix_few_adapters.points[0].toward_highest",
+            "got 1.5",
+        ),
+        (0, 0.5, "lora_rank_mix_few_adapters.adapters", "got 0"),
+    ] {
+        p.lora_rank_mix_few_adapters = Some(FewAdapterRankMix {
+            adapters,
+            points: vec![RankMixPoint {
+                rows: 16,
+                toward_highest,
+            }],
+        });
+        let err = p
+            .validate(std::path::Path::new("p.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field) && err.contains(says), "{err}");
+        assert!(err.contains("p.json"), "{err}");
+    }
+}
+
 /// Distinct adapters beyond the LoRA grids' largest count (32 in the synthetic grids) add the
 /// profile's share of the grids' last slope: 96 rows on 96 adapters at share 0.25 cost what
 /// the same rows on 48 adapters cost (32 + 0.25 × 64); up to the grids' count the share
