@@ -25,7 +25,9 @@ profiles measured beside them (live runs and calibration on one host).
 `--resimulate RUNS` re-runs only the simulations (no GPU) of an earlier run folder RUNS
 (OUT of an earlier call: its `<scenario>/loadNN.yaml` and `<scenario>/loadNN/executed/`),
 with this binary's cost model and `--profiles` (default: the profiles embedded in the
-binary), against the same executed runs: how a model change moves the errors.
+binary), against the same executed runs: how a model change moves the errors. With
+`--step-time-scale F` every simulated step takes F times as long: how far the errors move
+when the model prices steps a share high or low.
 """
 
 import argparse
@@ -325,7 +327,8 @@ def resimulate(args):
             f.write(text)
         sim_out = os.path.join(work, label, "simulated")
         cmp_out = os.path.join(work, label, "compare")
-        code = run([args.bin, "simulate", path, "--quiet", "--out", sim_out])
+        scale = ["--step-time-scale", str(args.step_time_scale)] if args.step_time_scale else []
+        code = run([args.bin, "simulate", path, "--quiet", "--out", sim_out] + scale)
         code = code or run([args.bin, "compare", executed, sim_out, "--quiet", "--out", cmp_out])
         load = int(label[4:].split("-")[0]) / 100
         if label.endswith("-tune"):
@@ -368,6 +371,7 @@ def main():
     ap.add_argument("--capacity-seconds", type=float, default=120.0)
     ap.add_argument("--simulate-only", action="store_true")
     ap.add_argument("--resimulate", help="an earlier OUT folder: re-simulate its executed runs")
+    ap.add_argument("--step-time-scale", type=float, help="with --resimulate: every simulated step time times this factor (how far the errors move with the model's)")
     ap.add_argument("--gpus", help="GPU indices to run live runs on at once, e.g. 0,1,2,3 (default: one at a time, on the visible GPU)")
     ap.add_argument("--deadline-s", type=float, help="start no live run that would end later than this many seconds from now")
     ap.add_argument("--runs", help="only these runs, e.g. s2-n100:0.85,s2-n5:0.95 (instead of --only x --loads)")

@@ -64,6 +64,10 @@ enum Command {
         /// live steps run what the profile measured).
         #[arg(long)]
         tune_gemms: bool,
+        /// Simulate with every step time multiplied by this factor (e.g. 1.01: the cost
+        /// model 1% slow): how far the results move with the model's error. Simulation only.
+        #[arg(long, value_name = "FACTOR", value_parser = parse_step_time_scale)]
+        step_time_scale: Option<f64>,
     },
     /// On a GPU: time the executor's own operations over grids of shapes and write a
     /// calibration profile for the simulator (see docs/FIDELITY.md); with `--refit`, derive
@@ -148,6 +152,15 @@ impl CliError {
     }
 }
 
+/// `--step-time-scale`'s value: a finite factor above zero.
+fn parse_step_time_scale(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("the factor must be finite and above 0, got {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
 /// The default scenario, embedded so `slora-plan simulate` works from any folder.
 const DEFAULT_SCENARIO: &str = include_str!("../scenarios/default.yaml");
 
@@ -162,7 +175,18 @@ fn main() -> ExitCode {
             execute,
             compare,
             tune_gemms,
+            step_time_scale,
         } => {
+            if step_time_scale.is_some() && (execute || compare) {
+                // A live run's steps take the time they take, and the policy must see the
+                // model the live run saw: scaling is for simulations alone.
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "--step-time-scale scales simulated step times: it cannot be given with --execute or --compare",
+                    )
+                    .exit();
+            }
             if tune_gemms && !(execute || compare) {
                 // What it changes happens only on the GPU: without a live run it would be
                 // silently ignored.
@@ -180,6 +204,7 @@ fn main() -> ExitCode {
                 quiet,
                 Mode::from_flags(execute, compare),
                 tune_gemms,
+                step_time_scale,
             )
         }
         Command::Calibrate(args) => calibrate_cmd::run(&args).map_err(CliError::from),
@@ -364,6 +389,7 @@ fn simulate(
     quiet: bool,
     mode: Mode,
     tune_gemms: bool,
+    step_time_scale: Option<f64>,
 ) -> Result<(), CliError> {
     // Load and check every scenario before running any: bad input fails fast and whole.
     let mut loaded = Vec::new();
@@ -393,7 +419,7 @@ fn simulate(
             (Some(dir), true) => dir.join(&l.base.name),
             (None, _) => Path::new("out").join(&l.base.name),
         };
-        let metrics = run_scenario(l, &dir, quiet, mode, &mut live)?;
+        let metrics = run_scenario(l, &dir, quiet, mode, &mut live, step_time_scale)?;
         summaries.push((l.base.name.clone(), dir, metrics));
     }
     if !quiet {
@@ -498,6 +524,7 @@ fn run_scenario(
     quiet: bool,
     mode: Mode,
     live: &mut execute::LiveServer,
+    step_time_scale: Option<f64>,
 ) -> Result<Metrics, CliError> {
     let name = l.base.name.clone();
     let run_err = |source| CliError::Run {
@@ -512,8 +539,14 @@ fn run_scenario(
     let mut setups = l
         .points
         .iter()
-        .map(|p| p.scenario.build(&l.path))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|p| {
+            let mut setup = p.scenario.build(&l.path)?;
+            if let Some(scale) = step_time_scale {
+                setup.cost = Box::new(slora_sim::cost::ScaledCost::new(setup.cost, scale));
+            }
+            Ok(setup)
+        })
+        .collect::<Result<Vec<_>, ScenarioError>>()?;
 
     if mode != Mode::Simulate {
         // Live runs one after another on the one GPU.

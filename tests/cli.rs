@@ -760,3 +760,57 @@ fn tune_gemms_without_a_live_run_is_a_usage_error() {
         "nothing is written for a usage error"
     );
 }
+
+/// `--step-time-scale F` simulates with every step F times as long: the same plans at light
+/// load take F times as long per token, the cost model's line says so, and a factor that is
+/// not a finite number above 0, or given with a live run, is a usage error.
+#[test]
+fn step_time_scale_multiplies_every_simulated_step() {
+    let dir = tmp("step-time-scale");
+    let scenario = write(&dir, "small.yaml", &small_scenario(""));
+    let metrics = |args: &[&str], out: &str| {
+        let out = dir.join(out);
+        let mut all = vec!["simulate", scenario.to_str().unwrap(), "--quiet", "--out"];
+        all.push(out.to_str().unwrap());
+        all.extend_from_slice(args);
+        let o = run(&all);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+        m
+    };
+    let plain = metrics(&[], "plain");
+    let slow = metrics(&["--step-time-scale", "1.5"], "slow");
+    assert!(
+        slow["cost_model"]
+            .as_str()
+            .unwrap()
+            .ends_with("every step time x 1.5 (--step-time-scale)"),
+        "{}",
+        slow["cost_model"]
+    );
+    // 5 req/s on an H200 is far from any queue: a token takes 1.5 times as long.
+    let (a, b) = (
+        plain["tpot_s"]["p50"].as_f64().unwrap(),
+        slow["tpot_s"]["p50"].as_f64().unwrap(),
+    );
+    assert!((b / a - 1.5).abs() < 0.05, "TPOT p50 {a} -> {b}");
+    for (value, says) in [
+        ("0", "finite and above 0, got 0"),
+        ("-1", "finite and above 0, got -1"),
+        ("inf", "finite and above 0, got inf"),
+        ("fast", "not a number"),
+    ] {
+        let flag = format!("--step-time-scale={value}");
+        let o = run(&["simulate", scenario.to_str().unwrap(), &flag]);
+        assert_clean_failure(&o, 2, &["--step-time-scale", says]);
+    }
+    let o = run(&[
+        "simulate",
+        scenario.to_str().unwrap(),
+        "--execute",
+        "--step-time-scale",
+        "1.1",
+    ]);
+    assert_clean_failure(&o, 2, &["--step-time-scale", "--execute or --compare"]);
+}

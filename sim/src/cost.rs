@@ -1380,6 +1380,53 @@ impl CostModel for AnalyticCost {
     }
 }
 
+/// Another cost model with every step time multiplied by `scale`: how far a simulation's
+/// results move when the model prices steps a given share high or low (`simulate
+/// --step-time-scale`). Near a system's knee a percent of step time moves the latency tail by
+/// tens of percent (docs/FIDELITY.md, session 19), and this measures by how much.
+pub struct ScaledCost {
+    inner: Box<dyn CostModel>,
+    scale: f64,
+}
+
+impl ScaledCost {
+    /// `scale` must be finite and above zero (the command line checks it).
+    pub fn new(inner: Box<dyn CostModel>, scale: f64) -> ScaledCost {
+        debug_assert!(scale.is_finite() && scale > 0.0, "scale {scale}");
+        ScaledCost { inner, scale }
+    }
+}
+
+impl CostModel for ScaledCost {
+    fn step_cost(&self, batch: &BatchShape) -> StepCost {
+        let c = self.inner.step_cost(batch);
+        let s = |t: Nanos| Nanos::from_secs_f64(t.as_secs_f64() * self.scale);
+        StepCost {
+            base_gemm: s(c.base_gemm),
+            attention_prefill: s(c.attention_prefill),
+            attention_decode: s(c.attention_decode),
+            lora_shrink: s(c.lora_shrink),
+            lora_expand: s(c.lora_expand),
+            adapter_h2d: s(c.adapter_h2d),
+            sampling: s(c.sampling),
+            fixed_overhead: s(c.fixed_overhead),
+            tp_communication: s(c.tp_communication),
+        }
+    }
+
+    fn provenance(&self) -> Provenance {
+        self.inner.provenance()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}; every step time x {} (--step-time-scale)",
+            self.inner.describe(),
+            self.scale
+        )
+    }
+}
+
 /// Pages of `model.page_bytes()` that fit in `memory_bytes * memory_utilization - weights -
 /// activation_reserve_bytes` on one GPU: [`kv_pool_pages_tp`] at `tensor_parallel = 1`.
 pub fn kv_pool_pages(
