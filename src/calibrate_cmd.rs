@@ -36,9 +36,9 @@ use slora_kernels::measurement::{
     Calibration, RankMixSteps, SpreadDecodeStep, Stat, MIXED_CONTEXT,
 };
 use slora_sim::cost::{
-    CalibrationProfile, DecodeAttentionPoint, ExtraChunks, FewAdapterRankMix, GemmAlgorithms,
-    GemmBucketAlgorithm, LoraPoint, Measured, PrefillAttentionPoint, PromptExcessPoint,
-    RankMixPoint, SpreadExcessPoint, TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
+    CalibrationProfile, DecodeAttentionPoint, ExtraChunks, GemmAlgorithms, GemmBucketAlgorithm,
+    LoraPoint, Measured, PrefillAttentionPoint, PromptExcessPoint, RankMixPoint, SpreadExcessPoint,
+    TokensPoint, TransferPoint, PROFILE_FORMAT_VERSION,
 };
 use slora_sim::CostModel;
 use std::collections::BTreeMap;
@@ -277,7 +277,6 @@ fn to_profile(c: &Calibration) -> (CalibrationProfile, LoraFit) {
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: Some(slora_kernels::measurement::GEMM_TUNE_MAX_TOKENS),
         lora_rank_mix: fit_rank_mix(c),
-        lora_rank_mix_few_adapters: fit_rank_mix_few_adapters(c),
         base_gemm_bucket_tops_to: bucket_tops_measured_to(&c.base_gemm),
         gemm_algorithms: c
             .cublaslt_version
@@ -646,34 +645,15 @@ fn rank_mix_rows<'a>(mixes: &'a [RankMixSteps], c: &Calibration) -> Vec<RankMixR
 
 /// The profile's `lora_rank_mix`: at each measured row count, the mean over the mixes of how
 /// far the mix lies toward the highest rank, clamped to [0, 1] (a mix cheaper than its ranks'
-/// mean is noise of the five steps it is made of, not a saving the kernels can make). Fitted
-/// on the mixes with as many distinct adapters as the grid's largest count.
+/// mean is noise of the five steps it is made of, not a saving the kernels can make).
 fn fit_rank_mix(c: &Calibration) -> Vec<RankMixPoint> {
+    // The mixes on fewer adapters than the grid's largest count are a check, reported beside
+    // the others: the cost model's term is fitted on those with as many distinct adapters.
     let most = c.lora_steps.iter().map(|p| p.1).max().unwrap_or(0);
-    rank_mix_points(c, |adapters| adapters >= most)
-}
-
-/// The profile's `lora_rank_mix_few_adapters`: the same fit on the mixes with the fewest
-/// distinct adapters, when that is fewer than the grid's largest count.
-fn fit_rank_mix_few_adapters(c: &Calibration) -> Option<FewAdapterRankMix> {
-    let most = c.lora_steps.iter().map(|p| p.1).max().unwrap_or(0);
-    let few = c.all_rank_mixes().iter().map(|m| m.adapters).min()?;
-    if few >= most {
-        return None;
-    }
-    let points = rank_mix_points(c, |adapters| adapters == few);
-    (!points.is_empty()).then_some(FewAdapterRankMix {
-        adapters: few,
-        points,
-    })
-}
-
-/// `toward_highest` by rows, the mean over the mixes whose adapter count `keep` accepts.
-fn rank_mix_points(c: &Calibration, keep: impl Fn(u32) -> bool) -> Vec<RankMixPoint> {
     let mixes: Vec<RankMixSteps> = c
         .all_rank_mixes()
         .into_iter()
-        .filter(|m| keep(m.adapters))
+        .filter(|m| m.adapters >= most)
         .collect();
     let mut by_rows: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
     for row in rank_mix_rows(&mixes, c) {
@@ -695,11 +675,7 @@ fn rank_mix_points(c: &Calibration, keep: impl Fn(u32) -> bool) -> Vec<RankMixPo
 /// (`lora_steps`): a table per mix whose adapter count is on the LoRA grid, for fitting and
 /// checking how a cost model prices mixed ranks. Empty without those measurements; `fitted`, the
 /// profile's `lora_rank_mix`, follows the tables.
-fn rank_mix_lora_tables(
-    c: &Calibration,
-    fitted: &[RankMixPoint],
-    fitted_few: Option<&FewAdapterRankMix>,
-) -> String {
+fn rank_mix_lora_tables(c: &Calibration, fitted: &[RankMixPoint]) -> String {
     let mixes = c.all_rank_mixes();
     let rows = rank_mix_rows(&mixes, c);
     let mut out = String::new();
@@ -734,24 +710,14 @@ fn rank_mix_lora_tables(
             lines.join("\n")
         ));
     }
-    let curve = |points: &[RankMixPoint]| {
-        points
-            .iter()
-            .map(|p| format!("{} rows {:.2}", p.rows, p.toward_highest))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     if !fitted.is_empty() {
         out.push_str(&format!(
-            "\n\nThe profile's `lora_rank_mix` (the mean over the mixes with the grid's largest adapter count, clamped to [0, 1]; the cost model moves mixed decode rows' LoRA time that far from their mean rank toward their highest, interpolated by rows): {}.",
-            curve(fitted)
-        ));
-    }
-    if let Some(few) = fitted_few {
-        out.push_str(&format!(
-            "\n\nIts `lora_rank_mix_few_adapters` (the same on the mixes of {} adapters; between the two adapter counts the cost model interpolates linearly in distinct adapters): {}.",
-            few.adapters,
-            curve(&few.points)
+            "\n\nThe profile's `lora_rank_mix` (the mean over the mixes, clamped to [0, 1]; the cost model moves mixed decode rows' LoRA time that far from their mean rank toward their highest, interpolated by rows): {}.",
+            fitted
+                .iter()
+                .map(|p| format!("{} rows {:.2}", p.rows, p.toward_highest))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     out
@@ -1067,11 +1033,7 @@ fn whole_step_checks(
             &predict(c, profile, &shapes)?,
         ));
     }
-    report.push_str(&rank_mix_lora_tables(
-        c,
-        &profile.lora_rank_mix,
-        profile.lora_rank_mix_few_adapters.as_ref(),
-    ));
+    report.push_str(&rank_mix_lora_tables(c, &profile.lora_rank_mix));
     report.push_str(&lora_condition_table(c));
     if !c.decode_steps.is_empty() {
         let rows: Vec<(u32, u32, f64)> = c
@@ -2139,7 +2101,7 @@ mod tests {
         assert_eq!(shape.decode_rank_histogram.requests(), 3);
         assert_eq!(shape.decode_rank_histogram.total_rows(), 80);
         let fitted = fit_rank_mix(&c);
-        let tables = rank_mix_lora_tables(&c, &fitted, None);
+        let tables = rank_mix_lora_tables(&c, &fitted);
         // Mix adds 0.9 ms; rank 8 alone 0.2, rank 64 alone 1.0: mean 0.6, so 0.75 of the way.
         assert!(
             tables.contains("| 16 | 16 | 0.900 | 0.200 / 1.000 | 0.600 | 0.75 |"),
@@ -2164,29 +2126,6 @@ mod tests {
         assert!((fit_rank_mix(&c)[0].toward_highest - 0.25).abs() < 1e-9);
         c.rank_mixes.remove(0);
         assert_eq!(fit_rank_mix(&c)[0].toward_highest, 0.0);
-        assert_eq!(fit_rank_mix_few_adapters(&c), None);
-        // A mix on fewer adapters than the grid's largest count (2 of 16): fitted apart, and
-        // kept out of `lora_rank_mix`.
-        c.lora_steps
-            .extend([(16, 2, 8, stat(5.1e-3)), (16, 2, 64, stat(5.5e-3))]);
-        c.rank_mixes.push(RankMixSteps {
-            ranks: vec![8, 64],
-            adapters: 2,
-            steps: vec![(16, stat(5.4e-3))],
-        });
-        // Rank 8 alone adds 0.1 ms, 64 alone 0.5: mean 0.3, the mix 0.4, so half way.
-        let few = fit_rank_mix_few_adapters(&c).unwrap();
-        assert_eq!(few.adapters, 2);
-        assert_eq!(few.points.len(), 1);
-        assert!((few.points[0].toward_highest - 0.5).abs() < 1e-9, "{few:?}");
-        assert_eq!(fit_rank_mix(&c)[0].toward_highest, 0.0);
-        let (profile, report) = derive(&c, None).unwrap();
-        assert_eq!(profile.lora_rank_mix_few_adapters, Some(few));
-        assert!(
-            report.contains("`lora_rank_mix_few_adapters` (the same on the mixes of 2 adapters"),
-            "{report}"
-        );
-        assert!(report.contains("2 distinct adapters at most"), "{report}");
     }
 
     /// A measurement whose profile does not derive is still saved, and the error names it.

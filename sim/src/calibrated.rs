@@ -42,7 +42,7 @@
 use crate::cost::{
     attention_flops_per_context_row, check_targets, find_gpu, gemm_groups, lora_elems,
     AnalyticCost, BatchShape, CalibrationProfile, CostError, CostModel, Efficiency, ExtraChunks,
-    GpuSpec, Measured, Provenance, RankMixPoint, SmoothMax, StepCost,
+    GpuSpec, Measured, Provenance, SmoothMax, StepCost,
 };
 use serde::Serialize;
 use slora_engine::plan::ContextHistogram;
@@ -309,32 +309,6 @@ impl PrefillGrid {
 /// When the scenario's adapters target other projections than the profile measured
 /// (`lora_targets`), LoRA times are scaled by the ratio of the summed input widths (shrink) and
 /// output widths (expand): an approximation, named in [`CostModel::describe`].
-/// A profile's rank-mix term by decode rows, held flat beyond its measured rows.
-#[derive(Clone, Debug)]
-struct RowCurve {
-    grid: Grid<1>,
-    first: f64,
-    last: f64,
-}
-
-impl RowCurve {
-    fn of(points: &[RankMixPoint]) -> Option<RowCurve> {
-        let (first, last) = (points.first()?, points.last()?);
-        Some(RowCurve {
-            grid: Grid::new(points.iter().map(|p| ([p.rows as u64], p.toward_highest))),
-            first: first.rows as f64,
-            last: last.rows as f64,
-        })
-    }
-
-    /// How far toward the highest rank, in [0, 1], at `rows` decode rows.
-    fn at(&self, rows: f64) -> f64 {
-        self.grid
-            .eval([rows.clamp(self.first, self.last)])
-            .clamp(0.0, 1.0)
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct CalibratedCost {
     description: String,
@@ -361,10 +335,9 @@ pub struct CalibratedCost {
     sampling_s: f64,
     shrink_scale: f64,
     expand_scale: f64,
-    /// The profile's `lora_rank_mix` by rows; `None`: none measured.
-    rank_mix: Option<RowCurve>,
-    /// The profile's `lora_rank_mix_few_adapters`: its adapter count and curve.
-    rank_mix_few: Option<(f64, RowCurve)>,
+    /// The profile's `lora_rank_mix` by rows, and its row range (held flat beyond it);
+    /// `None`: none measured.
+    rank_mix: Option<(Grid<1>, f64, f64)>,
     /// The profile's `prompt_step_excess` by prompt tokens, from a point (0, 0), and its last
     /// prompt size (held flat beyond); `None`: none measured.
     prompt_excess: Option<(Grid<1>, f64)>,
@@ -560,11 +533,18 @@ impl CalibratedCost {
             sampling_s: profile.sampling_per_token.median_s,
             shrink_scale: want_in / have_in,
             expand_scale: want_out / have_out,
-            rank_mix: RowCurve::of(&profile.lora_rank_mix),
-            rank_mix_few: profile
-                .lora_rank_mix_few_adapters
-                .as_ref()
-                .and_then(|few| Some((f64::from(few.adapters), RowCurve::of(&few.points)?))),
+            rank_mix: profile
+                .lora_rank_mix
+                .first()
+                .zip(profile.lora_rank_mix.last())
+                .map(|(first, last)| {
+                    let points = profile.lora_rank_mix.iter();
+                    (
+                        Grid::new(points.map(|p| ([p.rows as u64], p.toward_highest))),
+                        first.rows as f64,
+                        last.rows as f64,
+                    )
+                }),
             adapters_beyond_grid: profile.lora_adapters_beyond_grid.unwrap_or(1.0),
             extra_chunks: profile.prefill_extra_chunks.unwrap_or(ExtraChunks {
                 share: 1.0,
@@ -749,22 +729,13 @@ impl CalibratedCost {
         };
         let mean = Self::lora_time(grid, tokens, adapters, token_rank, adapter_rank);
         let highest_rank = b.max_decode_rank as f64;
-        let Some(many) = &self.rank_mix else {
+        let Some((toward, first, last)) = &self.rank_mix else {
             return mean;
         };
         if highest_rank <= token_rank * (1.0 + 1e-9) {
             return mean;
         }
-        // Few distinct adapters mix otherwise than many (see the profile field): linear in
-        // adapters between the count the few-adapter curve was measured at and the grid's
-        // largest count (the many-adapter curve's), flat outside.
-        let toward = match &self.rank_mix_few {
-            Some((few, curve)) if adapters < measured && *few < measured => {
-                let w = ((adapters - few) / (measured - few)).clamp(0.0, 1.0);
-                curve.at(tokens) + w * (many.at(tokens) - curve.at(tokens))
-            }
-            _ => many.at(tokens),
-        };
+        let toward = toward.eval([tokens.clamp(*first, *last)]).clamp(0.0, 1.0);
         let highest = grid.eval([tokens, adapters, highest_rank]);
         mean + toward * (highest - mean).max(0.0)
     }
@@ -2062,7 +2033,6 @@ pub fn profile_from_cost_model(
         base_gemm_token_quantum: None,
         base_gemm_token_quantum_max_tokens: None,
         lora_rank_mix: Vec::new(),
-        lora_rank_mix_few_adapters: None,
         prompt_step_excess: Vec::new(),
         decode_spread_excess: Vec::new(),
         decode_spread_excess_from: None,

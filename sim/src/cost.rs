@@ -1593,15 +1593,6 @@ pub struct RankMixPoint {
     pub toward_highest: f64,
 }
 
-/// [`CalibrationProfile::lora_rank_mix_few_adapters`]: the rank mix measured with `adapters`
-/// distinct adapters, by rows (increasing).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FewAdapterRankMix {
-    pub adapters: u32,
-    pub points: Vec<RankMixPoint>,
-}
-
 /// What a step with `prompt_tokens` prompt tokens costs beyond the sum of its parts, seconds
 /// (never below zero): `calibrate` measures whole steps of one prompt alone and beside 32 and
 /// 128 decode rows, and takes the median of measured minus the parts' prediction (the prompt
@@ -1729,15 +1720,6 @@ pub struct CalibrationProfile {
     /// their mean rank.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lora_rank_mix: Vec<RankMixPoint>,
-    /// The same measured on few distinct adapters (each with many rows), by rows; `lora_rank_mix`
-    /// is measured with as many distinct adapters as the LoRA grid's largest count. With few
-    /// adapters their rows' A and B stay in L2, each row's work is the kernel's, and the
-    /// highest-rank rows finish last at more rows than with many adapters (S2 with 5 adapters:
-    /// live steps of 64-127 rows added 12-18% more LoRA than the mean rank; docs/FIDELITY.md,
-    /// session 19). Between the two adapter counts the cost model interpolates linearly in
-    /// adapters. Absent: every step uses `lora_rank_mix`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora_rank_mix_few_adapters: Option<FewAdapterRankMix>,
     /// Steps with a prompt, by prompt tokens (increasing): what they cost beyond their parts.
     /// The base GEMMs' grid below 320 tokens is measured on decode steps, and a step that
     /// runs a prompt of 100-300 tokens costs 0.3-0.5 ms more than a decode step of as many
@@ -2011,28 +1993,6 @@ impl CalibrationProfile {
             "rows",
             self.lora_rank_mix.iter().map(|p| p.rows),
         )?;
-        if let Some(few) = &self.lora_rank_mix_few_adapters {
-            if few.adapters == 0 {
-                return Err(bad(
-                    "lora_rank_mix_few_adapters.adapters".into(),
-                    "must be at least 1, got 0".into(),
-                ));
-            }
-            for (i, p) in few.points.iter().enumerate() {
-                if !(0.0..=1.0).contains(&p.toward_highest) {
-                    return Err(bad(
-                        format!("lora_rank_mix_few_adapters.points[{i}].toward_highest"),
-                        format!("must lie in [0, 1], got {}", p.toward_highest),
-                    ));
-                }
-            }
-            check_increasing_axis(
-                origin_bad,
-                "lora_rank_mix_few_adapters.points",
-                "rows",
-                few.points.iter().map(|p| p.rows),
-            )?;
-        }
         for (i, p) in self.prompt_step_excess.iter().enumerate() {
             if !(p.extra_s.is_finite() && p.extra_s >= 0.0) {
                 return Err(bad(
@@ -2793,7 +2753,6 @@ mod tests {
             base_gemm_token_quantum: None,
             base_gemm_token_quantum_max_tokens: None,
             lora_rank_mix: Vec::new(),
-            lora_rank_mix_few_adapters: None,
             prompt_step_excess: Vec::new(),
             decode_spread_excess: Vec::new(),
             decode_spread_excess_from: None,
