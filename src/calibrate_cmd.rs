@@ -712,7 +712,7 @@ fn rank_mix_lora_tables(c: &Calibration, fitted: &[RankMixPoint]) -> String {
     }
     if !fitted.is_empty() {
         out.push_str(&format!(
-            "\n\nThe profile's `lora_rank_mix` (the mean over the mixes, clamped to [0, 1]; the cost model moves mixed decode rows' LoRA time that far from their mean rank toward their highest, interpolated by rows): {}.",
+            "\n\nThe profile's `lora_rank_mix` (the mean over the mixes with the grid's largest adapter count or more, clamped to [0, 1]; the cost model moves mixed decode rows' LoRA time that far from their mean rank toward their highest, interpolated by rows): {}.",
             fitted
                 .iter()
                 .map(|p| format!("{} rows {:.2}", p.rows, p.toward_highest))
@@ -2126,6 +2126,22 @@ mod tests {
         assert!((fit_rank_mix(&c)[0].toward_highest - 0.25).abs() < 1e-9);
         c.rank_mixes.remove(0);
         assert_eq!(fit_rank_mix(&c)[0].toward_highest, 0.0);
+        // A mix on fewer distinct adapters than the grid's largest count (2 of 16) is
+        // reported beside its one-rank steps but left out of the fit.
+        c.lora_steps
+            .extend([(16, 2, 8, stat(5.1e-3)), (16, 2, 64, stat(5.5e-3))]);
+        c.rank_mixes.push(RankMixSteps {
+            ranks: vec![8, 64],
+            adapters: 2,
+            steps: vec![(16, stat(5.5e-3))],
+        });
+        assert_eq!(fit_rank_mix(&c)[0].toward_highest, 0.0);
+        let tables = rank_mix_lora_tables(&c, &fit_rank_mix(&c));
+        // Rank 8 alone adds 0.1 ms, 64 alone 0.5: mean 0.3; the mix 0.5, all the way.
+        assert!(
+            tables.contains("| 16 | 2 | 0.500 | 0.100 / 0.500 | 0.300 | 1.00 |"),
+            "{tables}"
+        );
     }
 
     /// A measurement whose profile does not derive is still saved, and the error names it.

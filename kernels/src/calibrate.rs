@@ -640,9 +640,10 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         }
         mixes.push((all.clone(), max_adapters * n_ranks as u32));
         // Few adapters, each of its own rank, with many rows each, as S2's cells with 5
-        // adapters have: there live steps added 6-21% more LoRA than the mixes on many
-        // adapters predict (docs/FIDELITY.md, session 19). Not in the fit: it says whether
-        // the rank mix depends on how many adapters carry it.
+        // adapters have. A check, not fitted: on one H100 such a mix lay further toward its
+        // highest rank at 16-32 rows than the mixes on many adapters (0.71 and 0.44 against
+        // 0.19 and 0.13), yet the cost model without a term for it priced these steps within
+        // 0.9% (median), and with one 1.9% (docs/FIDELITY.md, session 19).
         let few = LORA_CONDITION_ADAPTERS.min(max_adapters);
         if few as usize >= n_ranks && few < max_adapters {
             mixes.push((all, few));
