@@ -677,7 +677,10 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     // cell's rank-8 LoRA added 22-38% less at 64-159 rows than its grid priced, while the
     // base step was priced within 0.4% (docs/FIDELITY.md, session 18): the context and the
     // popularity are varied here one at a time, for the lowest and the highest rank, each
-    // step beside the same rows without adapters measured in the same minute.
+    // step beside the same rows without adapters measured in the same minute. On two H100s
+    // neither moved the increment by more than -7% to +14%, with no consistent sign: the
+    // cause was the executor's rank columns (docs/FIDELITY.md, session 19). Kept as the
+    // check that the grid's conditions price live ones.
     progress("decode LoRA at other contexts and popularities (the check of the LoRA grid)");
     let mut lora_condition_steps = Vec::new();
     let condition_adapters = LORA_CONDITION_ADAPTERS.min(max_adapters).max(1);
