@@ -26,17 +26,12 @@ import csv
 import gzip
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fidelity import retarget  # noqa: E402
+from replay_fidelity import model_parts, priced_steps  # noqa: E402
 
-PARTS = [
-    "base_gemm_s", "attention_prefill_s", "attention_decode_s", "lora_shrink_s", "lora_expand_s",
-    "adapter_h2d_s", "sampling_s", "fixed_overhead_s", "tp_communication_s",
-]
 LIVE = ["executed_recorded_s", "executed_no_lora_s"]
 ROWS = [(1, 16), (16, 32), (32, 64), (64, 96), (96, 128), (128, 160), (160, 200), (200, 257)]
 
@@ -52,21 +47,14 @@ def read_table(path):
 
 def priced(args, profiles, work):
     """The run's steps priced by `profiles` (None: the embedded profiles), one dict a step."""
-    scenario = os.path.join(work, "scenario.yaml")
-    with open(scenario, "w") as f:
-        f.write(retarget(args.run + ".yaml", args.traces, profiles))
-    out = os.path.join(work, "priced.csv")
-    done = subprocess.run(
-        [args.bin, "replay", scenario, "--steps", os.path.join(args.run, "executed"), "--out", out],
-        capture_output=True, text=True,
-    )
-    if done.returncode != 0:
-        sys.exit(f"lora_increments: pricing {args.run} with {profiles or 'the embedded profiles'}: {done.stderr.strip()}")
-    return read_table(out)
+    rows = priced_steps(args.bin, args.run + ".yaml", os.path.join(args.run, "executed"), args.traces, profiles, work)
+    if isinstance(rows, str):
+        sys.exit(f"lora_increments: pricing {args.run} with {profiles or 'the embedded profiles'}: {rows}")
+    return rows
 
 
 def total(step):
-    return sum(float(step[k]) for k in PARTS)
+    return sum(float(step[k]) for k in model_parts(step))
 
 
 def lora(step):

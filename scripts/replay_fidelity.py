@@ -20,7 +20,6 @@ RUNS_DIR: fidelity.py's OUT (`<scenario>/loadNN.yaml` and `loadNN/executed/steps
 import argparse
 import csv
 import glob
-import gzip
 import io
 import os
 import statistics
@@ -54,21 +53,30 @@ def weighted(steps):
     return sum(g[1] for g in steps) / measured if measured > 0 else float("nan")
 
 
-def replay(args, yaml_path, steps_path, work):
-    text = retarget(yaml_path, args.traces, args.profiles)
+def model_parts(row):
+    """The cost model's part columns of a `slora-plan replay` row: every `*_s` but the
+    measured time, the span and the GPU passes' `executed_*` columns."""
+    return [k for k in row if k.endswith("_s") and k not in ("measured_s", "span_s") and not k.startswith("executed_")]
+
+
+def priced_steps(bin_path, yaml_path, steps_path, traces, profiles, work):
+    """A recorded run's steps made again by `slora-plan replay` and priced by `profiles` (None:
+    the embedded profiles): one dict a step, or an error text."""
     scenario = os.path.join(work, "scenario.yaml")
     with open(scenario, "w") as f:
-        f.write(text)
-    steps = os.path.join(work, "steps.csv")
-    opener = gzip.open if steps_path.endswith(".gz") else open
-    with opener(steps_path, "rt") as src, open(steps, "w") as dst:
-        dst.write(src.read())
-    r = subprocess.run([args.bin, "replay", scenario, "--steps", steps], capture_output=True, text=True)
+        f.write(retarget(yaml_path, traces, profiles))
+    r = subprocess.run([bin_path, "replay", scenario, "--steps", steps_path], capture_output=True, text=True)
     if r.returncode != 0:
-        sys.stderr.write(f"{yaml_path}: replay failed: {r.stderr}\n")
+        return r.stderr.strip()
+    return list(csv.DictReader(io.StringIO(r.stdout)))
+
+
+def replay(args, yaml_path, steps_path, work):
+    rows = priced_steps(args.bin, yaml_path, steps_path, args.traces, args.profiles, work)
+    if isinstance(rows, str):
+        sys.stderr.write(f"{yaml_path}: replay failed: {rows}\n")
         return None
-    rows = list(csv.DictReader(io.StringIO(r.stdout)))
-    parts = [k for k in rows[0] if k.endswith("_s") and k not in ("measured_s", "span_s")]
+    parts = model_parts(rows[0])
     out = []
     for row in rows:
         measured = float(row["measured_s"])
