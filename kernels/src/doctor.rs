@@ -196,7 +196,10 @@ mod imp {
                     rms_norm_eps: extras.rms_norm_eps,
                     pool_pages,
                     max_step_tokens: max_prompt + config.requests.len() + 8,
-                    max_rank: adapters.iter().map(|a| a.rank).max().unwrap_or(1),
+                    // Twice the highest rank: every step then runs its LoRA kernels with
+                    // fewer rank columns than the executor holds (the step's own highest
+                    // rank), as a live executor sized for a scenario's ranks does.
+                    max_rank: 2 * adapters.iter().map(|a| a.rank).max().unwrap_or(1),
                     record_prompt_logits: true,
                 },
                 ModelWeights::Host(&weights),

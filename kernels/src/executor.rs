@@ -177,6 +177,7 @@ pub const LORA_OVERLAP_MAX_DECODE_ROWS: usize = 48;
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct GraphKey {
     rows: usize,
+    max_rank: usize,
     adapter_pages: usize,
     lora: Vec<(u8, bool)>,
     partitions: usize,
@@ -774,12 +775,19 @@ impl GpuExecutor {
         let sample_rows: Vec<i32> = sample.iter().map(|s| s.0).collect();
         let r_sample = arena.ints(&sample_rows);
         let mut lora_ranges: HashMap<(TargetModule, bool), LoraRanges> = HashMap::new();
+        // The LoRA kernels' rank columns: the highest rank this step's rows have, not the
+        // executor's largest. The MBGMV shrink launches ceil(max_rank / 4) blocks per row and
+        // the rows of lower ranks leave the rest idle, so a batch of rank-8 rows in an
+        // executor sized for rank 64 paid for 16 blocks a row (calibrate's rank-8 grid ran
+        // 34-44% above live S1 steps served with max rank 8; docs/FIDELITY.md, session 19).
+        let mut step_max_rank = 0usize;
         for module in TargetModule::ATTENTION {
             for (is_decode, list) in [(false, &seg_adapter), (true, &dec_adapter)] {
                 if list.is_empty() {
                     continue;
                 }
                 let (o, r, sc) = module_tables(module, list);
+                step_max_rank = step_max_rank.max(r.iter().copied().max().unwrap_or(0) as usize);
                 lora_ranges.insert(
                     (module, is_decode),
                     LoraRanges {
@@ -918,6 +926,7 @@ impl GpuExecutor {
             (decode_rows > 0 && prefill_rows == 0 && self.graphs_enabled && !self.phase_timing)
                 .then(|| GraphKey {
                     rows,
+                    max_rank: step_max_rank,
                     adapter_pages: adapter_pages.len(),
                     lora: {
                         let mut k: Vec<(u8, bool)> =
@@ -955,7 +964,8 @@ impl GpuExecutor {
                 let b = &mut self.buffers;
                 let w = &self.weights;
                 let eps = self.cfg.rms_norm_eps;
-                let max_rank = self.cfg.max_rank as usize;
+                // At least 1: the LoRA shapes are checked even where no row has an adapter.
+                let max_rank = step_max_rank.clamp(1, self.cfg.max_rank.max(1) as usize);
                 g.mark(Phase::Dense)?;
                 layers::embedding(
                     g,
