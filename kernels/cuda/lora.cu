@@ -382,8 +382,26 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
     }
 }
 
-// grid.x = n * ceil(max_rank / DS_ROWS), block DS_THREADS, dynamic shared memory
-// DS_ROWS * slots ints.
+// Which (request b, rank-row group) this shrink block computes. Without a work list
+// (work == nullptr) the grid is every request's ceil(max_rank / DS_ROWS) groups and block x is
+// group x % groups of request x / groups. With one, the grid is the list's length and block x
+// computes entry work[x] = b * groups + g: the host lists only the groups below each row's
+// own rank, so a batch of mixed ranks launches no block that would exit at once (in a rank
+// 8..64 batch about half of the full grid's). An entry out of range computes nothing.
+__device__ __forceinline__ void lora_shrink_item(const int* __restrict__ work, int n, int groups,
+                                                 int* b, int* row0) {
+    const int e = work ? work[blockIdx.x] : (int)blockIdx.x;
+    if (e < 0 || e >= n * groups) {  // n * groups: the full grid, which the plan fit in int
+        *b = n;
+        *row0 = 0;
+        return;
+    }
+    *b = e / groups;
+    *row0 = (e - *b * groups) * DS_ROWS;
+}
+
+// grid.x = n * ceil(max_rank / DS_ROWS), or the length of `work` (lora_shrink_item), block
+// DS_THREADS, dynamic shared memory DS_ROWS * slots ints.
 extern "C" __global__ void __launch_bounds__(DS_THREADS)
 lora_mbgmv_shrink(const half_t* __restrict__ x,            // [n, in]
                   const half_t* __restrict__ k_pool,       // [num_pages, W], K side of the layer
@@ -392,10 +410,11 @@ lora_mbgmv_shrink(const half_t* __restrict__ x,            // [n, in]
                   const int* __restrict__ rank,            // [n]
                   float* __restrict__ v,                   // [n, max_rank]
                   int n, int in_features, int max_rank, int slots, int page_width,
-                  int num_pages, int num_adapter_pages) {
+                  int num_pages, int num_adapter_pages,
+                  const int* __restrict__ work) {          // [grid.x] or null
     const int groups = (max_rank + DS_ROWS - 1) / DS_ROWS;
-    const int b = blockIdx.x / groups;
-    const int row0 = (blockIdx.x - b * groups) * DS_ROWS;
+    int b, row0;
+    lora_shrink_item(work, n, groups, &b, &row0);
     lora_mbgmv_shrink_block(x, k_pool, adapter_pages, page_offset, rank, v, b, row0, n,
                             in_features, max_rank, slots, page_width, num_pages,
                             num_adapter_pages);
@@ -452,8 +471,10 @@ lora_mbgmv_expand_f32(const float* __restrict__ v, const half_t* __restrict__ v_
 // may be null). v is module-major, [count, n, max_rank]: module m's part [n, max_rank] is laid
 // out as for the single-module kernels. Numerics are the single-module kernels' (same bodies).
 //
-// Shrink: grid (n * ceil(max_rank / DS_ROWS), count), block DS_THREADS, dynamic shared memory
-// DS_ROWS * max(slots) ints; block (x, m) is the single-module shrink's block x for module m.
+// Shrink: grid (n * ceil(max_rank / DS_ROWS) or the length of `work`, count), block
+// DS_THREADS, dynamic shared memory DS_ROWS * max(slots) ints; block (x, m) is the
+// single-module shrink's block x for module m (one work list for all modules: the host lists
+// each row's groups below its highest rank over the modules).
 extern "C" __global__ void __launch_bounds__(DS_THREADS)
 lora_mbgmv_shrink_multi(const half_t* __restrict__ x,          // [n, in]
                         const half_t* __restrict__ k_pool,     // [num_pages, W], K side
@@ -467,15 +488,16 @@ lora_mbgmv_shrink_multi(const half_t* __restrict__ x,          // [n, in]
                         float* __restrict__ v,                 // [count, n, max_rank]
                         int n, int in_features, int max_rank, int slots0, int slots1,
                         int slots2, int page_width, int num_pages, int num_adapter_pages,
-                        int count) {
+                        int count,
+                        const int* __restrict__ work) {        // [grid.x] or null
     const int m = blockIdx.y;
     if (m >= count || m >= LORA_MAX_MODULES) return;
     const int* page_offset = m == 0 ? po0 : (m == 1 ? po1 : po2);
     const int* rank = m == 0 ? rk0 : (m == 1 ? rk1 : rk2);
     const int slots = m == 0 ? slots0 : (m == 1 ? slots1 : slots2);
     const int groups = (max_rank + DS_ROWS - 1) / DS_ROWS;
-    const int b = blockIdx.x / groups;
-    const int row0 = (blockIdx.x - b * groups) * DS_ROWS;
+    int b, row0;
+    lora_shrink_item(work, n, groups, &b, &row0);
     // m * n * max_rank < count * n * max_rank, which the plan checked fits in int.
     lora_mbgmv_shrink_block(x, k_pool, adapter_pages, page_offset, rank, v + m * n * max_rank,
                             b, row0, n, in_features, max_rank, slots, page_width, num_pages,

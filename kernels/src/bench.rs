@@ -169,8 +169,8 @@ mod imp {
         let ranks = [8usize, 16, 32, 64];
         let mut lines = vec![
             String::new(),
-            "| batch | bytes (MB) | launched alone (µs) | GB/s | % of copy bandwidth | in a CUDA graph (µs) | GB/s | % of copy bandwidth | in a graph, no dependent launch (µs) | its % of copy bandwidth |".into(),
-            "|---|---|---|---|---|---|---|---|---|---|".into(),
+            "| batch | bytes (MB) | launched alone (µs) | GB/s | % of copy bandwidth | in a CUDA graph (µs) | GB/s | % of copy bandwidth | in a graph, no dependent launch (µs) | its % of copy bandwidth | in a graph, shrink over the work list (µs) | its % of copy bandwidth |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         for batch in [1usize, 8, 32, 64, 128, 256] {
             let rank: Vec<i32> = (0..batch).map(|i| ranks[i % 4] as i32).collect();
@@ -203,6 +203,11 @@ mod imp {
                 .clone_htod(&offset)
                 .map_err(driver_err("offsets"))?;
             let d_rank = gpu.stream.clone_htod(&rank).map_err(driver_err("ranks"))?;
+            let work = lora::shrink_work(rank.iter().map(|&r| r as usize), 64);
+            let d_work = gpu
+                .stream
+                .clone_htod(&work)
+                .map_err(driver_err("shrink work"))?;
             let d_scale = gpu
                 .stream
                 .clone_htod(&vec![0.5f32; batch])
@@ -211,11 +216,14 @@ mod imp {
             let k_side = pool.slice(..pool_pages * w);
             let v_side = pool.slice(pool_pages * w..);
             let mut next = 0usize;
-            let mut call = |next: &mut usize| -> Result<()> {
+            let work_view = d_work.slice(..);
+            // Over the full grid (`listed` false) or the work list, as the executor runs it.
+            let mut call = |next: &mut usize, listed: bool| -> Result<()> {
                 let table = &page_tables[*next % sets];
                 *next += 1;
-                lora::lora_decode(
+                lora::lora_decode_with(
                     gpu,
+                    &gpu.stream,
                     &x.slice(..),
                     &k_side,
                     &v_side,
@@ -225,22 +233,25 @@ mod imp {
                     &d_scale.slice(..),
                     &mut scratch.slice_mut(..),
                     &mut y.slice_mut(..),
+                    listed.then_some(&work_view),
                     shape,
+                    lora::DecodePath::Split,
                 )
             };
-            let alone = time_ms(gpu, 50, || call(&mut next))?;
+            let alone = time_ms(gpu, 50, || call(&mut next, false))?;
             // The same calls captured into a graph, as in a decode step, with the expand as
             // the shrink's dependent and (the baseline, in the same run) launched after it the
-            // classic way.
-            let in_graph = graph_ms_per_call(gpu, || call(&mut next))?;
+            // classic way; then the shrink over the work list.
+            let in_graph = graph_ms_per_call(gpu, || call(&mut next, false))?;
             let was_dependent = gpu.dependent_launch_enabled();
             gpu.set_dependent_launch(false);
-            let plain = graph_ms_per_call(gpu, || call(&mut next));
+            let plain = graph_ms_per_call(gpu, || call(&mut next, false));
             gpu.set_dependent_launch(was_dependent);
             let plain = plain?;
+            let listed = graph_ms_per_call(gpu, || call(&mut next, true))?;
             let (bw_alone, bw_graph) = (bytes / (alone * 1e-3), bytes / (in_graph * 1e-3));
             lines.push(format!(
-                "| {batch} | {:.2} | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0}% |",
+                "| {batch} | {:.2} | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0} | {:.0}% | {:.1} | {:.0}% | {:.1} | {:.0}% |",
                 bytes / 1e6,
                 alone * 1e3,
                 bw_alone / 1e9,
@@ -249,7 +260,9 @@ mod imp {
                 bw_graph / 1e9,
                 100.0 * bw_graph / copy_bw,
                 plain * 1e3,
-                100.0 * bytes / (plain * 1e-3) / copy_bw
+                100.0 * bytes / (plain * 1e-3) / copy_bw,
+                listed * 1e3,
+                100.0 * bytes / (listed * 1e-3) / copy_bw
             ));
         }
         lines.insert(1, "MBGMV, Llama-7B q_proj shape (4096 -> 4096), all-distinct adapters, ranks 8/16/32/64, L2-cold rotation:".into());
@@ -312,8 +325,8 @@ mod imp {
         let mut lines = vec![
             String::new(),
             format!("Decode step, synthetic Llama-7B, context 512, engine-driven (host-timed, uploads and sync included); \"with adapters\" is the executor's default, the decode rows' LoRA beside the base GEMMs up to {} decode rows and in line above:", crate::executor::LORA_OVERLAP_MAX_DECODE_ROWS),
-            "| batch | with adapters (ms) | without (ms) | adapter overhead | LoRA in line, same run (ms) | its overhead | Zipf(1) adapters (ms) | Zipf overhead | distinct (Zipf) | with adapters, no CUDA graph (ms) | no graph, LoRA in line (ms) | no dependent launch: with adapters / in line (ms) | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
+            "| batch | with adapters (ms) | without (ms) | adapter overhead | LoRA in line, same run (ms) | its overhead | Zipf(1) adapters (ms) | Zipf overhead | distinct (Zipf) | with adapters, no CUDA graph (ms) | no graph, LoRA in line (ms) | no dependent launch: with adapters / in line (ms) | shrink over the full grid, same run (ms) | its overhead | bytes moved (GB) | GB/s | % of copy bandwidth |".into(),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         let mut phase_lines = vec![
             String::new(),
@@ -334,7 +347,7 @@ mod imp {
                 phase_lines.push(skipped);
                 continue;
             }
-            let mut times = [0.0f64; 9];
+            let mut times = [0.0f64; 10];
             let mut adapter_bytes = 0f64;
             let mut zipf_distinct = 0u32;
             // Zipf(1) popularity over the 1,000 adapters, sampled deterministically at the
@@ -344,23 +357,26 @@ mod imp {
             let mut phases: Vec<PhaseTimes> = Vec::new();
             // (adapters: 0 none, 1 distinct, 2 Zipf; CUDA graphs; phase timing; the decode
             // rows' LoRA on its own stream beside the base GEMMs, or in line after them; the
-            // MBGMV expand launched as the shrink's dependent, the default from sm_90)
-            for (k, (adapters, graphs, timing, overlap, dependent)) in [
-                (1u8, true, false, true, true),
-                (0, true, false, true, true),
-                (2, true, false, true, true),
-                (1, false, false, true, true),
-                (1, false, true, false, true),
-                (1, true, false, false, true),
-                (1, false, false, false, true),
-                (1, true, false, true, false),
-                (1, true, false, false, false),
+            // MBGMV expand launched as the shrink's dependent, the default from sm_90; the
+            // MBGMV shrink over the step's work list, the default, or the full grid)
+            for (k, (adapters, graphs, timing, overlap, dependent, listed)) in [
+                (1u8, true, false, true, true, true),
+                (0, true, false, true, true, true),
+                (2, true, false, true, true, true),
+                (1, false, false, true, true, true),
+                (1, false, true, false, true, true),
+                (1, true, false, false, true, true),
+                (1, false, false, false, true, true),
+                (1, true, false, true, false, true),
+                (1, true, false, false, false, true),
+                (1, true, false, true, true, false),
             ]
             .into_iter()
             .enumerate()
             {
                 exec.reset();
                 exec.gpu.set_dependent_launch(dependent);
+                exec.set_shrink_work_list(listed);
                 exec.set_cuda_graphs(graphs);
                 exec.set_phase_timing(timing);
                 exec.set_lora_overlap(overlap);
@@ -448,12 +464,13 @@ mod imp {
                 times[k] = median(&mut decode_ms[skip..].to_vec());
             }
             exec.set_phase_timing(false);
+            exec.set_shrink_work_list(true);
             exec.gpu.set_dependent_launch(dependent_default);
             let kv_bytes = batch as f64 * (prompt as f64 + 8.0) * model.kv_bytes_per_token() as f64;
             let bytes = weight_bytes + kv_bytes + adapter_bytes;
             let bw = bytes / (times[0] * 1e-3);
             lines.push(format!(
-                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {zipf_distinct} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {:.0} | {:.0}% |",
+                "| {batch} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {zipf_distinct} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {:+.1}% | {:.2} | {:.0} | {:.0}% |",
                 times[0],
                 times[1],
                 100.0 * (times[0] / times[1] - 1.0),
@@ -465,6 +482,8 @@ mod imp {
                 times[6],
                 times[7],
                 times[8],
+                times[9],
+                100.0 * (times[9] / times[1] - 1.0),
                 bytes / 1e9,
                 bw / 1e9,
                 100.0 * bw / copy_bw

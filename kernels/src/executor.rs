@@ -160,6 +160,10 @@ pub struct GpuExecutor {
     /// default) or in line on the compute stream (always so while phase timing is on, so
     /// that each phase's events bracket its own kernels).
     lora_overlap: bool,
+    /// Whether the decode rows' MBGMV shrink runs over the step's work list (only the rank-row
+    /// groups each row has: the default) or over the full grid of `ceil(max_rank / 4)` groups
+    /// a row (the baseline `bench-gpu` compares against).
+    shrink_work_list: bool,
     /// Which MBGMM kernels run the prompt rows' LoRA (tensor cores unless `bench-gpu` asks
     /// for the SIMT baseline).
     prefill_lora_path: lora::PrefillPath,
@@ -178,6 +182,7 @@ pub const LORA_OVERLAP_MAX_DECODE_ROWS: usize = 48;
 struct GraphKey {
     rows: usize,
     max_rank: usize,
+    shrink_blocks: usize,
     adapter_pages: usize,
     lora: Vec<(u8, bool)>,
     partitions: usize,
@@ -351,6 +356,7 @@ impl GpuExecutor {
             phase_timing: false,
             last_phase_times: None,
             lora_overlap: true,
+            shrink_work_list: true,
             prefill_lora_path: lora::PrefillPath::default(),
         })
     }
@@ -374,6 +380,14 @@ impl GpuExecutor {
     /// `bench-gpu` compares against).
     pub fn set_lora_overlap(&mut self, on: bool) {
         self.lora_overlap = on;
+        self.graph = None;
+    }
+
+    /// Launches the decode rows' MBGMV shrink over the step's work list of rank-row groups
+    /// (the default) or over every row's `ceil(max_rank / 4)` groups, the blocks past a row's
+    /// rank exiting at once (the baseline `bench-gpu` compares against).
+    pub fn set_shrink_work_list(&mut self, on: bool) {
+        self.shrink_work_list = on;
         self.graph = None;
     }
 
@@ -781,6 +795,8 @@ impl GpuExecutor {
         // executor sized for rank 64 paid for 16 blocks a row (calibrate's rank-8 grid ran
         // 34-44% above live S1 steps served with max rank 8; docs/FIDELITY.md, session 19).
         let mut step_max_rank = 0usize;
+        // Each decode row's highest rank over the modules: the MBGMV shrink's work list.
+        let mut dec_row_rank = vec![0usize; dec_adapter.len()];
         for module in TargetModule::ATTENTION {
             for (is_decode, list) in [(false, &seg_adapter), (true, &dec_adapter)] {
                 if list.is_empty() {
@@ -788,6 +804,11 @@ impl GpuExecutor {
                 }
                 let (o, r, sc) = module_tables(module, list);
                 step_max_rank = step_max_rank.max(r.iter().copied().max().unwrap_or(0) as usize);
+                if is_decode {
+                    for (highest, &rank) in dec_row_rank.iter_mut().zip(&r) {
+                        *highest = (*highest).max(rank as usize);
+                    }
+                }
                 lora_ranges.insert(
                     (module, is_decode),
                     LoraRanges {
@@ -798,6 +819,13 @@ impl GpuExecutor {
                 );
             }
         }
+        // At least 1: the LoRA shapes are checked even where no row has an adapter.
+        let max_rank = step_max_rank.clamp(1, self.cfg.max_rank.max(1) as usize);
+        // The decode rows' MBGMV shrink launches only the rank-row groups each row has (the
+        // full grid, ceil(max_rank / 4) groups a row, left about half its blocks idle in a
+        // batch of ranks 8..64).
+        let r_shrink_work = (self.shrink_work_list && !dec_adapter.is_empty())
+            .then(|| arena.ints(&lora::shrink_work(dec_row_rank, max_rank)));
         // Last: it grows every decode step, and everything before it keeps its offsets, so a
         // captured decode graph stays valid while the batch is unchanged.
         let r_kv = arena.ints(&kv_table);
@@ -859,6 +887,8 @@ impl GpuExecutor {
         let d_dec_len = ti.slice(r_dec_len);
         let d_apages = ti.slice(r_apages);
         let d_sample = ti.slice(r_sample);
+        let shrink_blocks = r_shrink_work.as_ref().map_or(0, |r| r.len());
+        let d_shrink_work = r_shrink_work.map(|r| ti.slice(r));
         let lora_dev: HashMap<(TargetModule, bool), LoraTablesDev<'_>> = lora_ranges
             .iter()
             .map(|(k, r)| {
@@ -927,6 +957,7 @@ impl GpuExecutor {
                 .then(|| GraphKey {
                     rows,
                     max_rank: step_max_rank,
+                    shrink_blocks,
                     adapter_pages: adapter_pages.len(),
                     lora: {
                         let mut k: Vec<(u8, bool)> =
@@ -964,8 +995,6 @@ impl GpuExecutor {
                 let b = &mut self.buffers;
                 let w = &self.weights;
                 let eps = self.cfg.rms_norm_eps;
-                // At least 1: the LoRA shapes are checked even where no row has an adapter.
-                let max_rank = step_max_rank.clamp(1, self.cfg.max_rank.max(1) as usize);
                 g.mark(Phase::Dense)?;
                 layers::embedding(
                     g,
@@ -992,6 +1021,7 @@ impl GpuExecutor {
                     prefill_rows,
                     decode_rows,
                     max_rank,
+                    shrink_work: d_shrink_work.as_ref(),
                     max_segment_len,
                     pool_pages,
                     page_w: kvw,
@@ -1399,6 +1429,8 @@ struct LoraStep<'a> {
     prefill_rows: usize,
     decode_rows: usize,
     max_rank: usize,
+    /// The decode rows' MBGMV shrink work list (`lora::shrink_work`), or none: the full grid.
+    shrink_work: Option<&'a CudaView<'a, i32>>,
     max_segment_len: usize,
     pool_pages: usize,
     page_w: usize,
@@ -1510,6 +1542,7 @@ fn lora_decode_on<Y: lora::LoraOut>(
         &t.scale.slice(..),
         &mut scratch.slice_mut(..n * c.max_rank),
         y,
+        c.shrink_work,
         shape,
         lora::DecodePath::Split,
     )
@@ -1564,6 +1597,7 @@ fn lora_qkv_decode<Y: lora::LoraOut>(
         &c.pages.slice(..),
         &mut outs,
         &mut scratch.slice_mut(..count * n * c.max_rank),
+        c.shrink_work,
         shape,
     )
 }

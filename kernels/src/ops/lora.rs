@@ -266,6 +266,53 @@ impl LoraDecodePlan {
     pub fn is_empty(&self) -> bool {
         self.n == 0
     }
+
+    /// The plan with the shrink launched over a work list of `blocks` entries (see
+    /// [`shrink_work`]) instead of every request's `ceil(max_rank / 4)` row groups.
+    pub fn with_shrink_work(mut self, blocks: usize) -> Result<LoraDecodePlan> {
+        self.shrink.grid.0 = shrink_work_blocks("lora_mbgmv", self.shrink.grid.0, blocks)?;
+        Ok(self)
+    }
+}
+
+/// The MBGMV shrink's work list for decode requests of ranks `ranks` (per request, in order;
+/// 0 for none) and rank columns `max_rank`: one entry `b * groups + g` (`groups =
+/// ceil(max_rank / 4)`) for each row group `g < ceil(rank_b / 4)` of each request `b`. Launched
+/// over this list, the shrink runs only blocks that have rank rows to compute; over the full
+/// grid a batch of mixed ranks launches every request `groups` blocks, and those past its own
+/// rank exit at once (about half in a batch of ranks 8..64: at 1.7-2.4 ns each, what made
+/// rank-8 steps in a rank-64 executor cost a third more; docs/FIDELITY.md, session 19).
+/// Requests whose rank exceeds `max_rank` get no entry (the kernels skip them anyway). Never
+/// empty: a batch with no rank rows gets the one entry 0, a block that computes nothing (every
+/// rank is 0 or skipped), so that the launch still has a grid.
+pub fn shrink_work(ranks: impl IntoIterator<Item = usize>, max_rank: usize) -> Vec<i32> {
+    let groups = max_rank.div_ceil(DECODE_SHRINK_ROWS);
+    let mut work = Vec::new();
+    for (b, rank) in ranks.into_iter().enumerate() {
+        if rank > max_rank {
+            continue;
+        }
+        let first = b * groups;
+        work.extend((first..first + rank.div_ceil(DECODE_SHRINK_ROWS)).map(|e| e as i32));
+    }
+    if work.is_empty() {
+        work.push(0);
+    }
+    work
+}
+
+/// A shrink grid of `blocks` work-list entries, checked against the full grid's `full` blocks:
+/// a list is never empty and never longer than the full grid (each entry is one of its blocks).
+fn shrink_work_blocks(kernel: &'static str, full: u32, blocks: usize) -> Result<u32> {
+    if blocks == 0 || blocks > full as usize {
+        return Err(Error::Launch {
+            kernel,
+            reason: format!(
+                "a shrink work list of {blocks} entries; it holds 1 to {full} (the full grid's blocks)"
+            ),
+        });
+    }
+    Ok(blocks as u32)
 }
 
 /// Which MBGMV kernels run a decode step.
@@ -451,6 +498,13 @@ impl LoraDecodeMultiPlan {
     /// Elements of the `v` scratch the launch writes: `modules * n * max_rank`.
     pub fn v_len(&self) -> usize {
         self.modules.len() * self.n * self.modules[0].max_rank
+    }
+
+    /// The plan with the shrink launched over a work list of `blocks` entries, one for all
+    /// modules (see [`shrink_work`]; give each request its highest rank over the modules).
+    pub fn with_shrink_work(mut self, blocks: usize) -> Result<LoraDecodeMultiPlan> {
+        self.shrink.grid.0 = shrink_work_blocks("lora_mbgmv_multi", self.shrink.grid.0, blocks)?;
+        Ok(self)
     }
 }
 
@@ -1647,6 +1701,7 @@ mod launch {
             scale,
             v_scratch,
             y,
+            None,
             shape,
             DecodePath::Split,
         )
@@ -1654,7 +1709,9 @@ mod launch {
 
     /// [`lora_decode`] on a chosen stream and path; [`DecodePath::Fused`] on a device older
     /// than sm_90 is a launch error. The caller orders `stream` against the work that writes
-    /// `x` and reads `y` (e.g. [`Gpu::fork_lora`] / [`Gpu::join_lora`]).
+    /// `x` and reads `y` (e.g. [`Gpu::fork_lora`] / [`Gpu::join_lora`]). `shrink_work`: the
+    /// split path's shrink runs over this list (from [`shrink_work`] on the requests' ranks and
+    /// `shape.max_rank`) instead of the full grid; the fused path ignores it.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_decode_with<Y: LoraOut>(
         gpu: &Gpu,
@@ -1668,12 +1725,16 @@ mod launch {
         scale: &CudaView<f32>,
         v_scratch: &mut CudaViewMut<f32>,
         y: &mut CudaViewMut<Y>,
+        shrink_work: Option<&CudaView<i32>>,
         shape: LoraShape,
         path: DecodePath,
     ) -> Result<()> {
         const KERNEL: &str = "lora_mbgmv";
         let n = page_offset.len();
-        let plan = LoraDecodePlan::new(shape, n)?;
+        let mut plan = LoraDecodePlan::new(shape, n)?;
+        if let (Some(work), false) = (shrink_work, plan.is_empty()) {
+            plan = plan.with_shrink_work(work.len())?;
+        }
         check_device_buffers(
             KERNEL,
             &shape,
@@ -1762,12 +1823,18 @@ mod launch {
             .arg(&w_i)
             .arg(&pages_i)
             .arg(&adapter_pages_i);
-        // SAFETY: the arguments match `lora_mbgmv_shrink`'s parameters in order and type. The
-        // plan checked the shape (i32 indexing, multiples of 8, dynamic shared memory for
-        // 4 x slots ints) and we checked every buffer's length and alignment above; the kernel
-        // bounds-checks each table entry and page index before using it, so it reads
-        // `x[n, in]`, the pool sides and the tables and writes `v_scratch[n, max_rank]` only
-        // within those lengths.
+        let null: u64 = 0;
+        match shrink_work {
+            Some(work) => b.arg(work),
+            None => b.arg(&null),
+        };
+        // SAFETY: the arguments match `lora_mbgmv_shrink`'s parameters in order and type (the
+        // work list, or a null pointer for the full grid). The plan checked the shape (i32
+        // indexing, multiples of 8, dynamic shared memory for 4 x slots ints) and that a work
+        // list has one entry per block of the grid; we checked every buffer's length and
+        // alignment above; the kernel bounds-checks each work entry, table entry and page
+        // index before using it, so it reads `x[n, in]`, the pool sides and the tables and
+        // writes `v_scratch[n, max_rank]` only within those lengths.
         unsafe { b.launch(config(&plan.shrink)) }
             .map_err(driver_err("launching lora_mbgmv_shrink"))?;
 
@@ -1843,7 +1910,8 @@ mod launch {
     /// times the single-module scratch). Each module must be a valid [`LoraShape`]
     /// (`shape.module(out_m)`), whose `slots` locate its rows; check each module's tables on
     /// the host with [`validate_tables`] and that shape before uploading. Alignment as for
-    /// [`lora_decode`].
+    /// [`lora_decode`]. `shrink_work` as for [`lora_decode_with`], one list for all modules
+    /// (each request's highest rank over the modules).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_decode_multi<Y: LoraOut>(
         gpu: &Gpu,
@@ -1854,12 +1922,16 @@ mod launch {
         adapter_pages: &CudaView<i32>,
         modules: &mut [ModuleOut<'_, Y>],
         v_scratch: &mut CudaViewMut<f32>,
+        shrink_work: Option<&CudaView<i32>>,
         shape: LoraMultiShape,
     ) -> Result<()> {
         const KERNEL: &str = "lora_mbgmv_multi";
         let n = modules.first().map_or(0, |m| m.page_offset.len());
         let outs: Vec<usize> = modules.iter().map(|m| m.out_features).collect();
-        let plan = LoraDecodeMultiPlan::new(shape, &outs, n)?;
+        let mut plan = LoraDecodeMultiPlan::new(shape, &outs, n)?;
+        if let (Some(work), false) = (shrink_work, plan.is_empty()) {
+            plan = plan.with_shrink_work(work.len())?;
+        }
         let side = shape.num_pages * shape.page_width;
         check_len(
             KERNEL,
@@ -1965,9 +2037,14 @@ mod launch {
             .arg(&pages_i)
             .arg(&adapter_pages_i)
             .arg(&count_i);
+        match shrink_work {
+            Some(work) => b.arg(work),
+            None => b.arg(&null),
+        };
         // SAFETY: the arguments match `lora_mbgmv_shrink_multi`'s parameters in order and type
         // (a null u64 for the pointer of each module slot past `count`, which the kernel never
-        // reads: grid.y = count). The plan checked every module's shape (i32 indexing,
+        // reads: grid.y = count; the work list or a null pointer for the full grid, one
+        // bounds-checked entry per block of grid.x). The plan checked every module's shape (i32 indexing,
         // multiples of 8, shared memory for 4 x the largest slots ints) and that
         // `modules * n * max_rank` fits in i32; lengths were checked above; the kernel
         // bounds-checks each table entry and page index, so it reads `x[n, in]`, the pool
@@ -2327,13 +2404,26 @@ mod launch {
                 .map(|u| u.map_or(0, |k| sc.adapters[k].rank))
                 .collect();
             let touched: Vec<bool> = DECODE_USES.iter().map(Option::is_some).collect();
-            // Both paths where the device has both, so the fallback stays tested.
+            // The split path's shrink over a work list as the executor builds it, plus two
+            // entries out of range that must compute nothing.
+            let mut work = shrink_work(ranks.iter().copied(), shape.max_rank);
+            work.extend([-1, i32::MAX]);
+            let work_d = gpu.stream.clone_htod(&work).map_err(copy("shrink work"))?;
+            // Both paths where the device has both, so the fallback stays tested; the split
+            // one over the full grid and over the work list.
             let (major, minor) = compute_capability(gpu);
-            let paths = [DecodePath::Split, DecodePath::Fused];
-            let paths = paths.into_iter().filter(|p| p.is_supported(major, minor));
-            for path in paths {
+            let paths = [
+                (DecodePath::Split, false),
+                (DecodePath::Split, true),
+                (DecodePath::Fused, false),
+            ];
+            let paths = paths
+                .into_iter()
+                .filter(|(p, _)| p.is_supported(major, minor));
+            for (path, listed) in paths {
                 let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
                 let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
+                let work_view = work_d.as_view();
                 lora_decode_with(
                     gpu,
                     &gpu.stream,
@@ -2346,14 +2436,19 @@ mod launch {
                     &scale_d.as_view(),
                     &mut v_d.as_view_mut(),
                     &mut y_d.as_view_mut(),
+                    listed.then_some(&work_view),
                     shape,
                     path,
                 )?;
                 let v_got = gpu.stream.clone_dtoh(&v_d).map_err(copy("v back"))?;
                 let y_got = gpu.stream.clone_dtoh(&y_d).map_err(copy("y back"))?;
-                let (v_name, y_name) = match path {
-                    DecodePath::Split => ("lora_mbgmv_shrink", "lora_mbgmv_expand"),
-                    DecodePath::Fused => ("lora_mbgmv_fused (v)", "lora_mbgmv_fused (y)"),
+                let (v_name, y_name) = match (path, listed) {
+                    (DecodePath::Split, false) => ("lora_mbgmv_shrink", "lora_mbgmv_expand"),
+                    (DecodePath::Split, true) => (
+                        "lora_mbgmv_shrink, work list",
+                        "lora_mbgmv_expand, after the work list",
+                    ),
+                    (DecodePath::Fused, _) => ("lora_mbgmv_fused (v)", "lora_mbgmv_fused (y)"),
                 };
                 results.push(compare_v(
                     format!("{v_name} ({tag})"),
@@ -2555,10 +2650,27 @@ mod launch {
                     gpu.stream.clone_htod(scale).map_err(copy("scale"))?,
                 ));
             }
+            // The shrink's work list as the executor builds it: each request's highest rank
+            // over the modules.
+            let highest: Vec<usize> = (0..n)
+                .map(|b| {
+                    tables
+                        .iter()
+                        .map(|(po, rank, _)| if po[b] < 0 { 0 } else { rank[b] as usize })
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let work_d = gpu
+                .stream
+                .clone_htod(&shrink_work(highest, shape.max_rank))
+                .map_err(copy("shrink work"))?;
+            let work_view = work_d.as_view();
             // One run of the fused kernels on fresh copies of `y0` and a poisoned `v`: (`v`,
             // every module's `y`) read back. On the LoRA stream it is forked and joined as the
             // executor runs it, so the check also covers that ordering (the inputs were
-            // written on the compute stream).
+            // written on the compute stream); there its shrink runs over the work list, as in
+            // the executor, and on the compute stream over the full grid.
             let run = |on_lora_stream: bool| -> Result<(Vec<f32>, Vec<Vec<f16>>)> {
                 let mut y_d = Vec::new();
                 for y0_m in &y0 {
@@ -2592,6 +2704,7 @@ mod launch {
                     &pages.as_view(),
                     &mut modules,
                     &mut v_d.as_view_mut(),
+                    on_lora_stream.then_some(&work_view),
                     shape,
                 )?;
                 if on_lora_stream {
@@ -2638,8 +2751,8 @@ mod launch {
             }
 
             // The same launched the classic way (the expand after the shrink, not as its
-            // programmatic dependent): the arithmetic is the same, so must be the bits. On a
-            // device without dependent launches both runs are classic.
+            // programmatic dependent) and over the full grid: the arithmetic is the same, so
+            // must be the bits. On a device without dependent launches both runs are classic.
             let was_dependent = gpu.dependent_launch_enabled();
             gpu.set_dependent_launch(!was_dependent);
             let classic = run(false);
@@ -2662,7 +2775,7 @@ mod launch {
                 let passed = differing == 0 && same_v;
                 results.push(CheckResult {
                     kernel: format!(
-                        "lora_mbgmv_expand_multi module {m}: dependent launch == classic, bit for bit ({tag}; {differing} differ{})",
+                        "lora_mbgmv_expand_multi module {m}: dependent launch over the work list == classic over the full grid, bit for bit ({tag}; {differing} differ{})",
                         if same_v { "" } else { ", v differs" }
                     ),
                     max_abs_err: 0.0,
@@ -2706,6 +2819,7 @@ mod launch {
                     &pages.as_view(),
                     &mut modules,
                     &mut v_d.as_view_mut(),
+                    Some(&work_view),
                     shape,
                 )?;
                 gpu.join_lora()?;
@@ -2859,6 +2973,67 @@ mod tests {
         assert_eq!(plan.shrink.grid.0, 3 * 4);
         assert_eq!(plan.expand.grid.0, 3 * 4);
         assert!(LoraDecodePlan::new(shape(), 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn shrink_work_lists_only_the_groups_below_each_rank() {
+        // max rank 64: 16 groups a request. Ranks 8, 0 (no adapter), 64, 13, and 80 (above
+        // the rank columns: the kernels skip it, so no block for it).
+        let work = shrink_work([8, 0, 64, 13, 80], 64);
+        let mut want = vec![0, 1];
+        want.extend(2 * 16..3 * 16);
+        want.extend([3 * 16, 3 * 16 + 1, 3 * 16 + 2, 3 * 16 + 3]);
+        assert_eq!(work, want);
+        // Every entry is a block of the full grid, and no group of the full grid that has
+        // rank rows is missing.
+        let full = LoraDecodePlan::new(shape(), 5).unwrap();
+        assert!(work.iter().all(|&e| (e as u32) < full.shrink.grid.0));
+        // Nothing to compute: one entry, a block that computes nothing.
+        assert_eq!(shrink_work([0, 0, 0], 64), vec![0]);
+        assert_eq!(shrink_work(std::iter::empty(), 64), vec![0]);
+        // A batch of rank-8 rows in rank-64 columns launches 2 blocks a row, not 16.
+        assert_eq!(shrink_work([8; 32], 64).len(), 64);
+    }
+
+    #[test]
+    fn plans_launch_the_shrink_over_a_work_list() {
+        let plan = LoraDecodePlan::new(shape(), 64)
+            .unwrap()
+            .with_shrink_work(100)
+            .unwrap();
+        assert_eq!(plan.shrink.grid, (100, 1, 1));
+        // The expand and the fused path keep their grids.
+        assert_eq!(plan.expand.grid, (64 * 4, 1, 1));
+        assert_eq!(plan.fused.grid, (64 * 8, 1, 1));
+        let full = 64 * 16;
+        for bad in [0, full + 1] {
+            let reason = launch_reason(
+                LoraDecodePlan::new(shape(), 64)
+                    .unwrap()
+                    .with_shrink_work(bad)
+                    .unwrap_err(),
+            );
+            assert!(
+                reason.contains(&format!("{bad} entries")) && reason.contains("1 to 1024"),
+                "{reason}"
+            );
+        }
+        let shared = LoraMultiShape {
+            in_features: 4096,
+            page_width: 1024,
+            max_rank: 64,
+            num_pages: 10_000,
+        };
+        let multi = LoraDecodeMultiPlan::new(shared, &[4096, 1024, 1024], 64)
+            .unwrap()
+            .with_shrink_work(7)
+            .unwrap();
+        assert_eq!(multi.shrink.grid, (7, 3, 1));
+        assert_eq!(multi.expand.grid, (64 * 24, 1, 1));
+        assert!(LoraDecodeMultiPlan::new(shared, &[4096], 2)
+            .unwrap()
+            .with_shrink_work(33)
+            .is_err());
     }
 
     #[test]
