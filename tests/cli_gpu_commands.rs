@@ -397,18 +397,18 @@ fn refit_fits_what_prompt_chunks_after_the_first_cost() {
 
 /// Refits `<runs>/profiles/<name>.raw.json[.gz]` for each name and checks that the result is
 /// `sim/profiles/<name>.json` byte for byte and carries every one of `terms`. With
-/// `spread_from` (`<gpu>-`), the refit takes the spread excess of the embedded profile
-/// `<gpu>-<model>.json` (`--spread-excess-from`).
+/// `spread_from`, the refit of `names[i]` takes the spread excess of the profile
+/// `spread_from[i]` (a path in the repository; `--spread-excess-from`).
 fn assert_embedded_profiles_are_refits(
     runs: &str,
     names: &[&str],
     raw_ext: &str,
-    spread_from: Option<&str>,
+    spread_from: Option<&[&str]>,
     terms: &[&str],
 ) {
     let root = env!("CARGO_MANIFEST_DIR");
     let out = tmp(&format!("embedded-{}", names[0]));
-    for name in names {
+    for (i, name) in names.iter().enumerate() {
         let raw = format!("{root}/{runs}/profiles/{name}.raw.json{raw_ext}");
         let mut args = vec![
             "calibrate".to_string(),
@@ -417,10 +417,9 @@ fn assert_embedded_profiles_are_refits(
             "--out".into(),
             out.to_str().unwrap().into(),
         ];
-        if let Some(gpu) = spread_from {
-            let model = name.split_once('-').expect("<gpu>-<model>").1;
+        if let Some(donors) = spread_from {
             args.push("--spread-excess-from".into());
-            args.push(format!("{root}/sim/profiles/{gpu}{model}.json"));
+            args.push(format!("{root}/{}", donors[i]));
         }
         let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(o.status.success(), "{name}: {}", stderr(&o));
@@ -446,13 +445,20 @@ fn the_embedded_profiles_are_their_measurements_refit() {
     // `sim/profiles/README.md` says where the embedded profiles come from. The H200's: session
     // 9's measurements of the current executor on one machine (host 11), refit (which adds the
     // rank-mix term fitted on the measured mixes, and session 10's prompt-step excess fitted
-    // on the measured steps of one prompt alone), with the spread excess of the embedded H100
-    // profile of each model (session 14: host 11 measured no spread steps).
+    // on the measured steps of one prompt alone), with the spread excess of an H100 profile
+    // of each model (session 14: host 11 measured no spread steps): session 11's (host 16) for
+    // Llama-7B and Llama-3-8B, session 13's (host 17) for Llama-13B. Llama-7B's stays host
+    // 16's although session 20 embedded another H100 Llama-7B profile (host 27), so that the
+    // H200 files, which their executor's runs were predicted with, do not move.
     assert_embedded_profiles_are_refits(
         "docs/fidelity/runs-9/host-11",
         &["h200-llama-7b", "h200-llama-13b", "h200-llama-3-8b"],
         "",
-        Some("h100-sxm-"),
+        Some(&[
+            "docs/fidelity/runs-11/host-16/profiles/h100-sxm-llama-7b.json",
+            "sim/profiles/h100-sxm-llama-13b.json",
+            "sim/profiles/h100-sxm-llama-3-8b.json",
+        ]),
         &[
             "lora_rank_mix",
             "prompt_step_excess",
@@ -460,11 +466,26 @@ fn the_embedded_profiles_are_their_measurements_refit() {
             "prefill_extra_chunks",
         ],
     );
-    // The H100's: session 11's calibrations (host 16), the first with the decode steps over
-    // spread contexts, so each also carries the term those steps give.
+    // The H100's Llama-3-8B: session 11's calibration (host 16), among the first with the
+    // decode steps over spread contexts, so it also carries the term those steps give.
     assert_embedded_profiles_are_refits(
         "docs/fidelity/runs-11/host-16",
-        &["h100-sxm-llama-7b", "h100-sxm-llama-3-8b"],
+        &["h100-sxm-llama-3-8b"],
+        ".gz",
+        None,
+        &[
+            "lora_rank_mix",
+            "prompt_step_excess",
+            "decode_spread_excess",
+            "prefill_extra_chunks",
+        ],
+    );
+    // The H100's Llama-7B: session 20's calibration (host 27), the first of the executor that
+    // gives the LoRA kernels each step's own highest rank and launches the MBGMV shrink over
+    // a work list (session 11's priced rank-8 LoRA 30-45% above live steps).
+    assert_embedded_profiles_are_refits(
+        "docs/fidelity/runs-20/host-27/call-1",
+        &["h100-sxm-llama-7b"],
         ".gz",
         None,
         &[
