@@ -440,6 +440,14 @@ fn assert_embedded_profiles_are_refits(
     }
 }
 
+/// The fitted terms every embedded profile carries.
+const EVERY_TERM: &[&str] = &[
+    "lora_rank_mix",
+    "prompt_step_excess",
+    "decode_spread_excess",
+    "prefill_extra_chunks",
+];
+
 #[test]
 fn the_embedded_profiles_are_their_measurements_refit() {
     // `sim/profiles/README.md` says where the embedded profiles come from. The H200's: session
@@ -459,56 +467,23 @@ fn the_embedded_profiles_are_their_measurements_refit() {
             "sim/profiles/h100-sxm-llama-13b.json",
             "sim/profiles/h100-sxm-llama-3-8b.json",
         ]),
-        &[
-            "lora_rank_mix",
-            "prompt_step_excess",
-            "decode_spread_excess",
-            "prefill_extra_chunks",
-        ],
+        EVERY_TERM,
     );
-    // The H100's Llama-3-8B: session 11's calibration (host 16), among the first with the
-    // decode steps over spread contexts, so it also carries the term those steps give.
-    assert_embedded_profiles_are_refits(
-        "docs/fidelity/runs-11/host-16",
-        &["h100-sxm-llama-3-8b"],
-        ".gz",
-        None,
-        &[
-            "lora_rank_mix",
-            "prompt_step_excess",
-            "decode_spread_excess",
-            "prefill_extra_chunks",
-        ],
-    );
-    // The H100's Llama-7B: session 20's calibration (host 27), the first of the executor that
-    // gives the LoRA kernels each step's own highest rank and launches the MBGMV shrink over
-    // a work list (session 11's priced rank-8 LoRA 30-45% above live steps).
-    assert_embedded_profiles_are_refits(
-        "docs/fidelity/runs-20/host-27/call-1",
-        &["h100-sxm-llama-7b"],
-        ".gz",
-        None,
-        &[
-            "lora_rank_mix",
-            "prompt_step_excess",
-            "decode_spread_excess",
-            "prefill_extra_chunks",
-        ],
-    );
-    // Llama-13B on the H100: session 13's calibration (host 17), the first to finish (host
-    // 16's stopped in the spread steps).
-    assert_embedded_profiles_are_refits(
-        "docs/fidelity/runs-13/host-17",
-        &["h100-sxm-llama-13b"],
-        ".gz",
-        None,
-        &[
-            "lora_rank_mix",
-            "prompt_step_excess",
-            "decode_spread_excess",
-            "prefill_extra_chunks",
-        ],
-    );
+    // The H100's, one calibration each, all with the decode steps over spread contexts, so
+    // each also carries the term those steps give:
+    // - Llama-3-8B: session 11's (host 16), among the first with those steps;
+    // - Llama-7B: session 20's (host 27), the first of the executor that gives the LoRA
+    //   kernels each step's own highest rank and launches the MBGMV shrink over a work list
+    //   (earlier calibrations priced rank-8 LoRA 19-45% above live steps);
+    // - Llama-13B: session 13's (host 17), the first to finish (host 16's stopped in the
+    //   spread steps).
+    for (runs, name) in [
+        ("docs/fidelity/runs-11/host-16", "h100-sxm-llama-3-8b"),
+        ("docs/fidelity/runs-20/host-27/call-1", "h100-sxm-llama-7b"),
+        ("docs/fidelity/runs-13/host-17", "h100-sxm-llama-13b"),
+    ] {
+        assert_embedded_profiles_are_refits(runs, &[name], ".gz", None, EVERY_TERM);
+    }
 }
 
 /// `--refit ... --merge` on three H200 calibrations of Llama-7B kept in the repository (one
