@@ -119,8 +119,8 @@ __device__ __forceinline__ float lora_dot8(uint4 a, uint4 b, float acc) {
 // Programmatic dependent launch (sm_90+; no-ops on older devices and when a kernel was launched
 // without the attribute). The MBGMV expand is launched as the shrink's dependent: it may start
 // once every shrink block has called lora_launch_dependents, and before lora_wait_prerequisite
-// it reads only what was complete before the shrink started (the step's tables, the pool, y or
-// the zeroed delta), so its page lookups and first B rows are in flight while the shrink's last
+// it reads only what was complete before the shrink started (the step's tables, the pool and an
+// fp16 y), so its page lookups and first B rows are in flight while the shrink's last
 // blocks run. v is read, and y written, only after the wait, which returns once the shrink has
 // finished and its writes are visible. Every expand thread waits, also on its early exits, so
 // the expand never finishes before the shrink and the next kernel of the stream sees both.
@@ -256,18 +256,20 @@ lora_mbgmv_shrink_block(const half_t* __restrict__ x,            // [n, in]
     }
 }
 
-// Where the expand adds its result: y += scale * t, in place. Into fp16 y (the in-line path),
-// rounded once; into an f32 delta (zeroed before, added later by split_qkv / add_rms_norm with
-// the same two operations), unrounded. The multiply and the add are not fused, so the two paths
+// Where the expand puts its result. Into fp16 y (the in-line path): y += scale * t, in place,
+// rounded once. Into an f32 delta (the LoRA stream's; added later by split_qkv / add_rms_norm):
+// delta = scale * t, written whole, zeros for a row without an adapter for the module, so the
+// delta needs no zeroing before (a memset node on the LoRA stream's critical path every layer)
+// and a stale value can never leak in. The multiply and the add are not fused, so the two paths
 // give the same bits: f2h(y + (scale * t)) either way.
+template <typename OutT> struct LoraOutMode;
+template <> struct LoraOutMode<half_t> { static constexpr bool overwrite = false; };
+template <> struct LoraOutMode<float> { static constexpr bool overwrite = true; };
 __device__ __forceinline__ float lora_out_load(const half_t* p) { return h2f(*p); }
-__device__ __forceinline__ float lora_out_load(const float* p) { return *p; }
 __device__ __forceinline__ void lora_out_store(half_t* p, float old, float add) {
     *p = f2h(__fadd_rn(old, add));
 }
-__device__ __forceinline__ void lora_out_store(float* p, float old, float add) {
-    *p = __fadd_rn(old, add);
-}
+__device__ __forceinline__ void lora_out_store(float* p, float, float add) { *p = add; }
 
 // One round of the expand's loads for a warp: rank rows i0 + u * DE_WARPS (u < DE_UNROLL) of
 // the lane's output chunk (slot, col): their page indices (-1 past the rank or for a bad page)
@@ -288,7 +290,7 @@ __device__ __forceinline__ void lora_expand_round(const half_t* __restrict__ v_p
 }
 
 // Expand body: outputs [tile0, tile0 + DE_TILE) of request b; block DE_THREADS, no dynamic
-// shared memory. OutT: half_t (y in place) or float (an f32 delta).
+// shared memory. OutT: half_t (y in place) or float (an f32 delta, overwritten: LoraOutMode).
 template <typename OutT>
 __device__ __forceinline__ void
 lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank], from the shrink
@@ -297,7 +299,7 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
                         const int* __restrict__ page_offset,
                         const int* __restrict__ rank,
                         const float* __restrict__ scale,         // [n]
-                        OutT* __restrict__ y,                    // [n, out], added to in place
+                        OutT* __restrict__ y,                    // [n, out], added to / overwritten
                         int b, int tile0,
                         int n, int out_features, int max_rank, int slots, int page_width,
                         int num_pages, int num_adapter_pages) {
@@ -307,19 +309,30 @@ lora_mbgmv_expand_block(const float* __restrict__ v,             // [n, max_rank
         lora_wait_prerequisite();
         return;
     }
-    // y is read before the tables so that its latency overlaps theirs (and before the wait:
-    // it was written before the shrink started).
+    constexpr bool overwrite = LoraOutMode<OutT>::overwrite;
+    // An fp16 y is read before the tables so that its latency overlaps theirs (and before the
+    // wait: it was written before the shrink started). An f32 delta is not read at all.
     OutT* yb = y + b * out_features;
     float y_old[DE_OUT_PER_THREAD];
 #pragma unroll
     for (int k = 0; k < DE_OUT_PER_THREAD; ++k) {
         const int o = tile0 + threadIdx.x + k * DE_THREADS;
-        y_old[k] = o < out_features ? lora_out_load(yb + o) : 0.f;
+        y_old[k] = 0.f;
+        if constexpr (!overwrite) {
+            if (o < out_features) y_old[k] = lora_out_load(yb + o);
+        }
     }
     int po = 0;
     const int r = lora_entry(page_offset, rank, b, max_rank, slots, num_adapter_pages, &po);
-    if (r == 0) {  // block-uniform: no adapter, y stays the base output
+    if (r == 0) {  // block-uniform: no adapter; y stays the base output, a delta is zero
         lora_wait_prerequisite();
+        if constexpr (overwrite) {
+#pragma unroll
+            for (int k = 0; k < DE_OUT_PER_THREAD; ++k) {
+                const int o = tile0 + threadIdx.x + k * DE_THREADS;
+                if (o < out_features) yb[o] = 0.f;
+            }
+        }
         return;
     }
     const float sc = scale[b];
@@ -451,7 +464,8 @@ lora_mbgmv_expand(const float* __restrict__ v,             // [n, max_rank], fro
                            num_adapter_pages);
 }
 
-// The same into an f32 delta y [n, out] (added to in place, unrounded).
+// The same into an f32 delta y [n, out] (overwritten with scale * t, unrounded; zeros for a row
+// without an adapter).
 extern "C" __global__ void __launch_bounds__(DE_THREADS)
 lora_mbgmv_expand_f32(const float* __restrict__ v, const half_t* __restrict__ v_pool,
                       const int* __restrict__ adapter_pages, const int* __restrict__ page_offset,
@@ -522,7 +536,7 @@ lora_mbgmv_expand_multi_grid(const float* __restrict__ v,           // [count, n
                         const float* __restrict__ sc0,         // [n] each
                         const float* __restrict__ sc1,
                         const float* __restrict__ sc2,
-                        OutT* __restrict__ y0,                 // [n, out0], added to in place
+                        OutT* __restrict__ y0,                 // [n, out0], added to / overwritten
                         OutT* __restrict__ y1,                 // [n, out1]
                         OutT* __restrict__ y2,                 // [n, out2]
                         int n, int out0, int out1, int out2, int max_rank, int slots0,
@@ -575,7 +589,8 @@ lora_mbgmv_expand_multi(LORA_EXPAND_MULTI_PARAMS(half_t)) {
     lora_mbgmv_expand_multi_grid(LORA_EXPAND_MULTI_ARGS);
 }
 
-// The same into f32 deltas y0..y2 (added to in place, unrounded): the executor's LoRA stream.
+// The same into f32 deltas y0..y2 (overwritten, unrounded; zeros for a row without an adapter
+// for the module): the executor's LoRA stream.
 extern "C" __global__ void __launch_bounds__(DE_THREADS)
 lora_mbgmv_expand_multi_f32(LORA_EXPAND_MULTI_PARAMS(float)) {
     lora_mbgmv_expand_multi_grid(LORA_EXPAND_MULTI_ARGS);

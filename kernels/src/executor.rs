@@ -1070,9 +1070,19 @@ impl GpuExecutor {
                         let mut dq = b.lora_dq.slice_mut(..n_rows * qw);
                         let mut dk = b.lora_dk.slice_mut(..n_rows * kvw);
                         let mut dv = b.lora_dv.slice_mut(..n_rows * kvw);
-                        for (what, d) in [("q", &mut dq), ("k", &mut dk), ("v", &mut dv)] {
-                            s.memset_zeros(d)
-                                .map_err(driver_err(format!("zeroing the LoRA delta of {what}")))?;
+                        // The expands write the deltas whole (zeros for a row without an
+                        // adapter), so only a module that no decode row's adapter targets (it
+                        // launches nothing) needs its delta zeroed.
+                        for (module, d) in [
+                            (TargetModule::Q, &mut dq),
+                            (TargetModule::K, &mut dk),
+                            (TargetModule::V, &mut dv),
+                        ] {
+                            if !lora_step.tables.contains_key(&(module, true)) {
+                                s.memset_zeros(d).map_err(driver_err(format!(
+                                    "zeroing the LoRA delta of {module}"
+                                )))?;
+                            }
                         }
                         lora_qkv_decode(
                             &ctx,
@@ -1218,9 +1228,12 @@ impl GpuExecutor {
                         g.fork_lora()?;
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
                         let mut d_o = b.lora_do.slice_mut(..n_rows * h);
-                        g.lora_stream
-                            .memset_zeros(&mut d_o)
-                            .map_err(driver_err("zeroing the LoRA delta of o"))?;
+                        if !lora_step.tables.contains_key(&(TargetModule::O, true)) {
+                            // Written whole by the expand otherwise (see q/k/v above).
+                            g.lora_stream
+                                .memset_zeros(&mut d_o)
+                                .map_err(driver_err("zeroing the LoRA delta of o"))?;
+                        }
                         lora_decode_on(
                             &ctx,
                             &g.lora_stream,

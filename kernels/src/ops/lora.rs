@@ -1557,9 +1557,10 @@ mod launch {
     };
     use half::f16;
 
-    /// What a decode expand adds its result into: fp16 `y` in place (the in-line path, rounded
-    /// once) or an f32 delta, zeroed before and added later by `split_qkv` / `add_rms_norm`
-    /// with the same two operations, so that both paths give the same bits.
+    /// Where a decode expand puts its result: added to fp16 `y` in place (the in-line path,
+    /// rounded once), or written whole into an f32 delta (zeros for a row without an adapter
+    /// for the module; no zeroing before) that `split_qkv` / `add_rms_norm` add later with the
+    /// same two operations, so that both paths give the same bits.
     pub trait LoraOut: DeviceRepr {
         /// The single-module expand kernel for this output type.
         const EXPAND: &'static str;
@@ -1891,7 +1892,7 @@ mod launch {
         pub scale: CudaView<'a, f32>,
         /// `out` of the module.
         pub out_features: usize,
-        /// `[n, out]` exactly, added to in place (fp16, or an f32 delta); 16-byte aligned.
+        /// `[n, out]` exactly: fp16, added to in place, or an f32 delta, written whole; 16-byte aligned.
         pub y: CudaViewMut<'a, Y>,
     }
 
@@ -2420,6 +2421,7 @@ mod launch {
             let paths = paths
                 .into_iter()
                 .filter(|(p, _)| p.is_supported(major, minor));
+            let mut y_split_listed = None;
             for (path, listed) in paths {
                 let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
                 let mut y_d = gpu.stream.clone_htod(&y0).map_err(copy("y"))?;
@@ -2464,6 +2466,46 @@ mod launch {
                     &y0,
                     outf,
                     &touched,
+                ));
+                if (path, listed) == (DecodePath::Split, true) {
+                    y_split_listed = Some(y_got);
+                }
+            }
+            // The same into an f32 delta (the executor's o delta on the LoRA stream), poisoned
+            // with NaN before: the expand must write it whole (zeros for the request without
+            // an adapter), and y0 + delta must be the in-place result's very bits.
+            if let Some(in_place) = y_split_listed {
+                let mut v_d = gpu.stream.clone_htod(&poison).map_err(copy("v"))?;
+                let mut delta_d = gpu
+                    .stream
+                    .clone_htod(&vec![f32::NAN; n * outf])
+                    .map_err(copy("delta"))?;
+                let work_view = work_d.as_view();
+                lora_decode_with(
+                    gpu,
+                    &gpu.stream,
+                    &x_d.as_view(),
+                    &k_pool.as_view(),
+                    &v_pool.as_view(),
+                    &pages.as_view(),
+                    &po_d.as_view(),
+                    &rank_d.as_view(),
+                    &scale_d.as_view(),
+                    &mut v_d.as_view_mut(),
+                    &mut delta_d.as_view_mut(),
+                    Some(&work_view),
+                    shape,
+                    DecodePath::Split,
+                )?;
+                let delta = gpu
+                    .stream
+                    .clone_dtoh(&delta_d)
+                    .map_err(copy("delta back"))?;
+                results.push(delta_matches_in_place(
+                    format!("lora_mbgmv_expand_f32: y0 + delta == in place, bit for bit ({tag}"),
+                    &y0,
+                    &delta,
+                    &in_place,
                 ));
             }
 
@@ -2571,6 +2613,34 @@ mod launch {
         }
         results.extend(check_multi_on_gpu(gpu, &mut rng)?);
         Ok(results)
+    }
+
+    /// Adds an f32 `delta` to `y0` the way `split_qkv` and `add_rms_norm` do (one f32 add,
+    /// rounded once) and counts the values whose bits differ from the expand's in-place result.
+    /// `name` is completed with the count and a closing parenthesis.
+    fn delta_matches_in_place(
+        name: String,
+        y0: &[f16],
+        delta: &[f32],
+        in_place: &[f16],
+    ) -> CheckResult {
+        let mut differing = 0usize;
+        let mut max_abs = 0f64;
+        for ((&before, &d), &want) in y0.iter().zip(delta).zip(in_place) {
+            let added = f16::from_f32(before.to_f32() + d);
+            if added.to_bits() != want.to_bits() {
+                differing += 1;
+                let err = (added.to_f64() - want.to_f64()).abs();
+                // A NaN (a value the expand left unwritten) counts as an infinite error.
+                max_abs = max_abs.max(if err.is_nan() { f64::INFINITY } else { err });
+            }
+        }
+        CheckResult {
+            kernel: format!("{name}; {differing} differ)"),
+            max_abs_err: max_abs,
+            rel_err: differing as f64 / delta.len().max(1) as f64,
+            passed: differing == 0 && delta.len() == in_place.len(),
+        }
     }
 
     /// The multi-module MBGMV on [`MULTI_CHECK_GEOMETRIES`]: adapters of ranks
@@ -2784,14 +2854,15 @@ mod launch {
                 });
             }
 
-            // The same into zeroed f32 deltas (the executor's LoRA stream): adding each delta
-            // to y0 the way split_qkv and add_rms_norm do must give the in-place result's very
-            // bits.
+            // The same into f32 deltas (the executor's LoRA stream), poisoned with NaN before:
+            // the expand must write them whole (zeros for a request without an adapter for the
+            // module), and adding each delta to y0 the way split_qkv and add_rms_norm do must
+            // give the in-place result's very bits.
             let mut deltas_d = Vec::new();
             for &out in outs {
                 deltas_d.push(
                     gpu.stream
-                        .clone_htod(&vec![0f32; n * out])
+                        .clone_htod(&vec![f32::NAN; n * out])
                         .map_err(copy("delta"))?,
                 );
             }
@@ -2829,23 +2900,14 @@ mod launch {
                     .stream
                     .clone_dtoh(&deltas_d[m])
                     .map_err(copy("delta back"))?;
-                let mut differing = 0usize;
-                let mut max_abs = 0f64;
-                for ((&before, &d), &in_place) in y0[m].iter().zip(&delta).zip(&y_in_place[m]) {
-                    let added = f16::from_f32(before.to_f32() + d);
-                    if added.to_bits() != in_place.to_bits() {
-                        differing += 1;
-                        max_abs = max_abs.max((added.to_f64() - in_place.to_f64()).abs());
-                    }
-                }
-                results.push(CheckResult {
-                    kernel: format!(
-                        "lora_mbgmv_expand_multi_f32 module {m}: y0 + delta == in place, bit for bit ({tag}; {differing} differ)"
+                results.push(delta_matches_in_place(
+                    format!(
+                        "lora_mbgmv_expand_multi_f32 module {m}: y0 + delta == in place, bit for bit ({tag}"
                     ),
-                    max_abs_err: max_abs,
-                    rel_err: differing as f64 / delta.len().max(1) as f64,
-                    passed: differing == 0,
-                });
+                    &y0[m],
+                    &delta,
+                    &y_in_place[m],
+                ));
             }
         }
         Ok(results)
