@@ -24,6 +24,7 @@ import io
 import os
 import statistics
 import subprocess
+import tempfile
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +95,11 @@ def main():
     ap.add_argument("--profiles", help="folder of h200-<model>.json (default: the embedded profiles)")
     ap.add_argument("--traces", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces"))
     ap.add_argument("--bin", default="target/release/slora-plan")
-    ap.add_argument("--work", default="/tmp/replay_fidelity")
+    # A fresh folder by default: two runs at once must not overwrite each other's scenario files.
+    ap.add_argument("--work", default=None, help="scratch folder (default: a fresh temporary one)")
     args = ap.parse_args()
+    if args.work is None:
+        args.work = tempfile.mkdtemp(prefix="replay_fidelity-")
     os.makedirs(args.work, exist_ok=True)
     everything = []
     print("| run | steps | median error | median abs error | decode-only | with a prompt | time-weighted: all | decode-only | with a prompt |")
