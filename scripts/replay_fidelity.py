@@ -24,8 +24,8 @@ import io
 import os
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fidelity import retarget  # noqa: E402
