@@ -1067,23 +1067,9 @@ impl GpuExecutor {
                         g.fork_lora()?;
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
                         let s = &g.lora_stream;
-                        let mut dq = b.lora_dq.slice_mut(..n_rows * qw);
-                        let mut dk = b.lora_dk.slice_mut(..n_rows * kvw);
-                        let mut dv = b.lora_dv.slice_mut(..n_rows * kvw);
-                        // The expands write the deltas whole (zeros for a row without an
-                        // adapter), so only a module that no decode row's adapter targets (it
-                        // launches nothing) needs its delta zeroed.
-                        for (module, d) in [
-                            (TargetModule::Q, &mut dq),
-                            (TargetModule::K, &mut dk),
-                            (TargetModule::V, &mut dv),
-                        ] {
-                            if !lora_step.tables.contains_key(&(module, true)) {
-                                s.memset_zeros(d).map_err(driver_err(format!(
-                                    "zeroing the LoRA delta of {module}"
-                                )))?;
-                            }
-                        }
+                        let dq = b.lora_dq.slice_mut(..n_rows * qw);
+                        let dk = b.lora_dk.slice_mut(..n_rows * kvw);
+                        let dv = b.lora_dv.slice_mut(..n_rows * kvw);
                         lora_qkv_decode(
                             &ctx,
                             s,
@@ -1228,12 +1214,6 @@ impl GpuExecutor {
                         g.fork_lora()?;
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
                         let mut d_o = b.lora_do.slice_mut(..n_rows * h);
-                        if !lora_step.tables.contains_key(&(TargetModule::O, true)) {
-                            // Written whole by the expand otherwise (see q/k/v above).
-                            g.lora_stream
-                                .memset_zeros(&mut d_o)
-                                .map_err(driver_err("zeroing the LoRA delta of o"))?;
-                        }
                         lora_decode_on(
                             &ctx,
                             &g.lora_stream,
@@ -1523,13 +1503,13 @@ fn lora_apply(
     Ok(())
 }
 
-/// Adds the decode rows' LoRA delta of `module` to `y [decode rows, out_w]` (fp16 in place,
-/// or an f32 delta; MBGMV on `stream`; `x [decode rows, in_w]`). Nothing when the step has no
-/// decode tables.
+/// Adds the decode rows' LoRA delta of `module` to `y [decode rows, out_w]` (fp16 in place),
+/// or writes it whole into an f32 delta (MBGMV on `stream`; `x [decode rows, in_w]`). Without
+/// decode tables for the module: nothing, or the delta zeroed.
 #[allow(clippy::too_many_arguments)] // one module on one stream: its shapes, input, output, scratch
 fn lora_decode_on<Y: lora::LoraOut>(
     layer: &LoraLayer<'_>,
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
     module: TargetModule,
     in_w: usize,
     out_w: usize,
@@ -1540,6 +1520,11 @@ fn lora_decode_on<Y: lora::LoraOut>(
     let c = layer.step;
     let n = c.decode_rows;
     let Some(t) = c.tables.get(&(module, true)) else {
+        if Y::WRITES_WHOLE {
+            stream
+                .memset_zeros(y)
+                .map_err(driver_err(format!("zeroing the LoRA delta of {module}")))?;
+        }
         return Ok(());
     };
     let shape = lora::LoraShape::new(in_w, out_w, c.page_w, c.max_rank, c.pool_pages);
@@ -1563,11 +1548,12 @@ fn lora_decode_on<Y: lora::LoraOut>(
 
 /// The decode rows' LoRA deltas of up to three modules sharing the input `x` (q, k, v): one
 /// fused shrink launch and one fused expand launch on `stream` instead of three of each, added
-/// to `ys` (each `[decode rows, out]`).
+/// to `ys` (each `[decode rows, out]`), or written whole into f32 deltas (zeroed for a module
+/// without decode tables).
 #[allow(clippy::too_many_arguments)] // three modules on one stream: shapes, input, outputs, scratch
 fn lora_qkv_decode<Y: lora::LoraOut>(
     layer: &LoraLayer<'_>,
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
     in_w: usize,
     modules: [(TargetModule, usize); 3],
     x: &CudaSlice<f16>,
@@ -1589,6 +1575,11 @@ fn lora_qkv_decode<Y: lora::LoraOut>(
                 out_features: out_w,
                 y,
             });
+        } else if Y::WRITES_WHOLE {
+            let mut y = y;
+            stream
+                .memset_zeros(&mut y)
+                .map_err(driver_err(format!("zeroing the LoRA delta of {module}")))?;
         }
     }
     if outs.is_empty() {

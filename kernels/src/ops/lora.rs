@@ -1561,7 +1561,10 @@ mod launch {
     /// rounded once), or written whole into an f32 delta (zeros for a row without an adapter
     /// for the module; no zeroing before) that `split_qkv` / `add_rms_norm` add later with the
     /// same two operations, so that both paths give the same bits.
-    pub trait LoraOut: DeviceRepr {
+    pub trait LoraOut: DeviceRepr + cudarc::driver::ValidAsZeroBits {
+        /// Whether the expand writes the output whole rather than adding to it: then a module
+        /// that no request's adapter targets, which launches nothing, must be zeroed instead.
+        const WRITES_WHOLE: bool;
         /// The single-module expand kernel for this output type.
         const EXPAND: &'static str;
         /// The multi-module expand kernel for this output type.
@@ -1571,12 +1574,14 @@ mod launch {
     }
 
     impl LoraOut for f16 {
+        const WRITES_WHOLE: bool = false;
         const EXPAND: &'static str = "lora_mbgmv_expand";
         const EXPAND_MULTI: &'static str = "lora_mbgmv_expand_multi";
         const FUSED: bool = true;
     }
 
     impl LoraOut for f32 {
+        const WRITES_WHOLE: bool = true;
         const EXPAND: &'static str = "lora_mbgmv_expand_f32";
         const EXPAND_MULTI: &'static str = "lora_mbgmv_expand_multi_f32";
         const FUSED: bool = false;
