@@ -539,28 +539,9 @@ impl Scheduler {
             if !self.reclaim(PageKind::Kv, chunk, plan) {
                 continue;
             }
-            let start = plan.pages.len() as u32;
-            let mut pages = std::mem::take(&mut plan.pages);
-            let ok = self.alloc_kv(i, chunk, &mut pages);
-            plan.pages = pages;
-            if !ok {
-                continue;
+            if self.plan_prefill_chunk(i, chunk, plan) {
+                *budget -= chunk;
             }
-            *budget -= chunk;
-            let r = &mut self.running[i];
-            let emits = chunk == remaining;
-            r.work = Work::Prefill {
-                tokens: chunk,
-                emits,
-            };
-            plan.prefill.push(PrefillWork {
-                request: r.meta.id,
-                adapter: r.meta.adapter,
-                context_start: r.kv_len,
-                tokens: chunk,
-                pages: PageSpan { start, len: chunk },
-                emits_token: emits,
-            });
         }
         self.prefill_order = order;
     }
@@ -782,17 +763,23 @@ impl Scheduler {
         });
         let index = self.running.len() - 1;
         let room = self.reclaim(PageKind::Kv, chunk, plan);
+        // Cannot fail after `fits`; if it did, the request would stay correct, waiting idle.
+        let planned = room && self.plan_prefill_chunk(index, chunk, plan);
+        debug_assert!(planned, "admission checked the first chunk's pages");
+    }
+
+    /// Gives running request `index` the KV pages of its next `chunk` prompt tokens and puts
+    /// that chunk in the plan; false, with nothing planned, when the pool has no room.
+    fn plan_prefill_chunk(&mut self, index: usize, chunk: u32, plan: &mut StepPlan) -> bool {
         let start = plan.pages.len() as u32;
         let mut pages = std::mem::take(&mut plan.pages);
-        let ok = room && self.alloc_kv(index, chunk, &mut pages);
+        let ok = self.alloc_kv(index, chunk, &mut pages);
         plan.pages = pages;
-        debug_assert!(ok, "admission checked the first chunk's pages");
         if !ok {
-            // Cannot happen after `fits`; stay correct anyway: the request waits idle.
-            return;
+            return false;
         }
         let r = &mut self.running[index];
-        let emits = chunk == target;
+        let emits = r.kv_len + chunk == r.prefill_target;
         r.work = Work::Prefill {
             tokens: chunk,
             emits,
@@ -800,11 +787,12 @@ impl Scheduler {
         plan.prefill.push(PrefillWork {
             request: r.meta.id,
             adapter: r.meta.adapter,
-            context_start: 0,
+            context_start: r.kv_len,
             tokens: chunk,
             pages: PageSpan { start, len: chunk },
             emits_token: emits,
         });
+        true
     }
 
     fn issue_load(&mut self, adapter: AdapterId, blocking: bool, plan: &mut StepPlan) -> bool {
