@@ -990,33 +990,42 @@ pub fn lora_decode_ref<T: Copy + Into<f32>>(
     validate_tables(KERNEL, shape, tables)?;
     let n = tables.len();
     check_host_buffers(KERNEL, shape, &pool, n, x.len(), v.len(), y.len())?;
-    let (inf, outf, mr) = (shape.in_features, shape.out_features, shape.max_rank);
     for b in 0..n {
-        let Some((po, r, scale)) = tables.entry(b) else {
-            continue;
-        };
-        let vb = shrink_row(
-            shape,
-            pool.k,
-            tables.adapter_pages,
-            po,
-            r,
-            &x[b * inf..(b + 1) * inf],
-        );
-        for (dst, &src) in v[b * mr..b * mr + r].iter_mut().zip(&vb) {
-            *dst = src as f32;
+        if let Some(entry) = tables.entry(b) {
+            lora_row_ref(shape, &pool, tables.adapter_pages, entry, b, x, v, y);
         }
-        expand_row(
-            shape,
-            pool.v,
-            tables.adapter_pages,
-            po,
-            scale,
-            &vb,
-            &mut y[b * outf..(b + 1) * outf],
-        );
     }
     Ok(())
+}
+
+/// The reference for one row (a decode request or a prompt token) `t` with table entry
+/// `(page offset, rank, scale)`: `v[t, ..rank] = x[t] · A^T` and `y[t] += scale * v[t] · B^T`,
+/// both computed in f64.
+#[allow(clippy::too_many_arguments)]
+fn lora_row_ref<T: Copy + Into<f32>>(
+    shape: &LoraShape,
+    pool: &HostPool<'_, T>,
+    pages: &[i32],
+    (po, r, scale): (usize, usize, f32),
+    t: usize,
+    x: &[T],
+    v: &mut [f32],
+    y: &mut [f32],
+) {
+    let (inf, outf, mr) = (shape.in_features, shape.out_features, shape.max_rank);
+    let vt = shrink_row(shape, pool.k, pages, po, r, &x[t * inf..(t + 1) * inf]);
+    for (dst, &src) in v[t * mr..t * mr + r].iter_mut().zip(&vt) {
+        *dst = src as f32;
+    }
+    expand_row(
+        shape,
+        pool.v,
+        pages,
+        po,
+        scale,
+        &vt,
+        &mut y[t * outf..(t + 1) * outf],
+    );
 }
 
 /// One module of [`lora_decode_multi_ref`], on the host.
@@ -1095,32 +1104,12 @@ pub fn lora_prefill_ref<T: Copy + Into<f32>>(
     validate_segments(KERNEL, seg_start, tokens)?;
     check_len(KERNEL, "seg_start", seg_start.len(), tables.len() + 1)?;
     check_host_buffers(KERNEL, shape, &pool, tokens, x.len(), v.len(), y.len())?;
-    let (inf, outf, mr) = (shape.in_features, shape.out_features, shape.max_rank);
     for s in 0..tables.len() {
-        let Some((po, r, scale)) = tables.entry(s) else {
+        let Some(entry) = tables.entry(s) else {
             continue;
         };
         for t in seg_start[s] as usize..seg_start[s + 1] as usize {
-            let vt = shrink_row(
-                shape,
-                pool.k,
-                tables.adapter_pages,
-                po,
-                r,
-                &x[t * inf..(t + 1) * inf],
-            );
-            for (dst, &src) in v[t * mr..t * mr + r].iter_mut().zip(&vt) {
-                *dst = src as f32;
-            }
-            expand_row(
-                shape,
-                pool.v,
-                tables.adapter_pages,
-                po,
-                scale,
-                &vt,
-                &mut y[t * outf..(t + 1) * outf],
-            );
+            lora_row_ref(shape, &pool, tables.adapter_pages, entry, t, x, v, y);
         }
     }
     Ok(())
