@@ -11,7 +11,8 @@ through the simulator with every step taking the time it took live, so it makes 
 plans again and prints each step's full shape and the model's parts. Prints, over all runs
 and per run, the median of model/measured - 1 (signed and absolute) and the time-weighted
 error (summed model over summed measured, - 1: what moves a simulated run's latencies; a few
-long steps priced low can leave it negative under a positive median), and by kind of step:
+long steps priced low can leave it negative under a positive median); per run, how far a
+step's error persists over the next steps (autocorrelation); and by kind of step:
 decode-only steps by batch size, steps with a prompt by prompt tokens and by prompts.
 
 RUNS_DIR: fidelity.py's OUT (`<scenario>/loadNN.yaml` and `loadNN/executed/steps.csv[.gz]`).
@@ -21,6 +22,7 @@ import argparse
 import csv
 import glob
 import io
+import math
 import os
 import statistics
 import subprocess
@@ -46,6 +48,16 @@ def bucket_top(t):
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def autocorrelation(xs, lag):
+    """Sample autocorrelation of `xs` at `lag` steps (nan for too short or constant series)."""
+    if len(xs) <= lag + 1:
+        return float("nan")
+    mean = statistics.fmean(xs)
+    d = [x - mean for x in xs]
+    var = sum(x * x for x in d)
+    return sum(d[i] * d[i + lag] for i in range(len(d) - lag)) / var if var > 0 else float("nan")
 
 
 def weighted(steps):
@@ -102,6 +114,7 @@ def main():
         args.work = tempfile.mkdtemp(prefix="replay_fidelity-")
     os.makedirs(args.work, exist_ok=True)
     everything = []
+    serial = []  # (run, sd, lag-1, lag-20) of each run's log error, in step order
     print("| run | steps | median error | median abs error | decode-only | with a prompt | time-weighted: all | decode-only | with a prompt |")
     print("|---|---|---|---|---|---|---|---|---|")
     for yaml_path in sorted(glob.glob(os.path.join(args.runs, "*", "load*.yaml"))):
@@ -118,6 +131,8 @@ def main():
         dec = [g for g in got if g[2] == 0]
         pre = [g for g in got if g[2] > 0]
         name = f"{os.path.basename(os.path.dirname(yaml_path))} {label}"
+        log_error = [math.log1p(x) for x in e]
+        serial.append((name, statistics.pstdev(log_error), autocorrelation(log_error, 1), autocorrelation(log_error, 20)))
         print(
             f"| {name} | {len(got)} | {100 * median(e):+.1f}% | {100 * median([abs(x) for x in e]):.1f}% "
             f"| {100 * median([g[0] for g in dec]):+.1f}% | {100 * median([g[0] for g in pre]):+.1f}% "
@@ -130,6 +145,15 @@ def main():
         f"\nAll {len(e)} steps: median error {100 * median(e):+.2f}%, median absolute error "
         f"{100 * median([abs(x) for x in e]):.2f}%, time-weighted error {100 * weighted(everything):+.2f}%.\n"
     )
+    # Whether a run's step errors vary from step to step or follow the steps' shapes:
+    # consecutive steps share most of their shape (rows, contexts, adapters), so an error that
+    # belongs to the shape persists for tens of steps (docs/FIDELITY.md, session 22). A request
+    # waits through many steps, so it is the persistent part that moves its latency.
+    print("| run | spread of the step error (sd of log) | autocorrelation, lag 1 | lag 20 |")
+    print("|---|---|---|---|")
+    for name, sd, lag1, lag20 in serial:
+        print(f"| {name} | {100 * sd:.1f}% | {lag1:.2f} | {lag20:.2f} |")
+    print()
     print("| steps | count | median error | median difference (ms) | time-weighted error |")
     print("|---|---|---|---|---|")
     for lo, hi in BATCHES:
