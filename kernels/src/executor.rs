@@ -1566,7 +1566,7 @@ fn lora_qkv_decode<Y: lora::LoraOut>(
         return Ok(());
     }
     let mut outs = Vec::with_capacity(3);
-    for ((module, out_w), y) in modules.into_iter().zip(ys) {
+    for ((module, out_w), mut y) in modules.into_iter().zip(ys) {
         if let Some(t) = c.tables.get(&(module, true)) {
             outs.push(lora::ModuleOut {
                 page_offset: t.offset.slice(..),
@@ -1576,7 +1576,6 @@ fn lora_qkv_decode<Y: lora::LoraOut>(
                 y,
             });
         } else if Y::WRITES_WHOLE {
-            let mut y = y;
             stream
                 .memset_zeros(&mut y)
                 .map_err(driver_err(format!("zeroing the LoRA delta of {module}")))?;
