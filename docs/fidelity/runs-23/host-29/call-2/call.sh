@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 23, call 2 (asked for an H200; the H100 of call 1 was still held, so it ran there):
+# Session 23, call 2 (asked for an H200; the H100 of call 1 was still held, so it ran there): doctor (health and
 # correctness on this GPU), the three models calibrated with this build into /tmp/profiles,
 # bench-gpu (the adapter overhead on an H200), then transformers + peft at batch 32 with the
 # time that is left (never measured on an H200).
