@@ -566,6 +566,12 @@ fn ranks_label(ranks: &[u32]) -> String {
 /// The shape of one step of a `RankMixSteps`: `rows` decode rows at context 16, row `i` of
 /// rank `ranks[i % len]`, the first `adapters` of them distinct.
 fn mixed_rank_shape(rows: u32, ranks: &[u32], adapters: u32) -> slora_sim::BatchShape {
+    mixed_rank_shape_of(&vec![16; rows as usize], ranks, adapters)
+}
+
+/// [`mixed_rank_shape`] with one decode row per entry of `contexts` (cached rows).
+fn mixed_rank_shape_of(contexts: &[u32], ranks: &[u32], adapters: u32) -> slora_sim::BatchShape {
+    let rows = contexts.len() as u32;
     let rank = |i: u32| ranks[i as usize % ranks.len()];
     let distinct = rows.min(adapters.max(1));
     let mut histogram = slora_engine::ContextHistogram::default();
@@ -577,7 +583,7 @@ fn mixed_rank_shape(rows: u32, ranks: &[u32], adapters: u32) -> slora_sim::Batch
         max_decode_rank: (0..rows).map(rank).max().unwrap_or(0),
         distinct_adapters: distinct,
         distinct_rank_sum: (0..distinct).map(|i| u64::from(rank(i))).sum(),
-        ..decode_shape(rows, 16)
+        ..decode_shape_of(contexts)
     }
 }
 
@@ -794,6 +800,67 @@ fn lora_condition_table(c: &Calibration) -> String {
         "---|".repeat(4 + contexts.len()),
         lines.join("\n")
     )
+}
+
+/// What the LoRA of mixed ranks adds to the steps of `lora_spread_steps` (with adapters −
+/// without, measured together) against what `profile` prices it (shrink + expand), and the
+/// whole steps against the parts; empty without those steps. The grid's own context (16 for
+/// every row) comes first, so the rows below it say how far context and spread move the
+/// adapters' cost from what the grid measured.
+fn lora_spread_table(
+    c: &Calibration,
+    profile: &CalibrationProfile,
+) -> Result<String, CalibrateError> {
+    let steps = &c.lora_spread_steps;
+    if steps.is_empty() {
+        return Ok(String::new());
+    }
+    let shapes: Vec<_> = steps
+        .iter()
+        .map(|s| mixed_rank_shape_of(&s.contexts, &s.ranks, s.adapters))
+        .collect();
+    let costs = predict_costs(c, profile, &shapes)?;
+    let ms = |x: f64| format!("{:.3}", x * 1e3);
+    let mut lines = Vec::new();
+    let mut lora_errors: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for ((step, shape), cost) in steps.iter().zip(&shapes).zip(&costs) {
+        let added = step.with.median_s - step.without.median_s;
+        let priced = (cost.lora_shrink + cost.lora_expand).as_secs_f64();
+        let whole = cost.total().as_secs_f64();
+        let lora_error = if added > 0.0 {
+            let e = priced / added - 1.0;
+            lora_errors.entry(step.pattern.clone()).or_default().push(e);
+            format!("{:+.1}%", e * 100.0)
+        } else {
+            "n/a".into()
+        };
+        lines.push(format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {lora_error} | {:+.1}% |",
+            step.pattern,
+            step.contexts.len(),
+            shape.distinct_adapters,
+            ms(step.without.median_s),
+            ms(step.with.median_s),
+            ms(added),
+            ms(priced),
+            (whole / step.with.median_s - 1.0) * 100.0,
+        ));
+    }
+    let medians: Vec<String> = lora_errors
+        .into_iter()
+        .map(|(pattern, mut e)| {
+            e.sort_by(f64::total_cmp);
+            format!("{pattern} {:+.1}%", e[e.len() / 2] * 100.0)
+        })
+        .collect();
+    Ok(format!(
+        "\n\n## Decode LoRA of mixed ranks at spread contexts: measured vs priced\n\nRow i on an adapter of rank {} (i modulo {}), distinct while {} adapters last, at the contexts of the pattern (`even-LO-HI`: evenly over LO..=HI; `even-16-16` is the grid's own context); what the adapters add (the step minus the same rows without adapters, host-timed, measured together) against the LoRA the profile prices, and the whole step against the parts. Not used by the fit: it checks whether the grid's context prices live steps' LoRA (docs/FIDELITY.md, session 23).\n\n| contexts | decode rows | distinct adapters | without (ms) | with (ms) | adapters add (ms) | priced LoRA (ms) | priced against added | whole step, parts against measured |\n|---|---|---|---|---|---|---|---|---|\n{}\n\nMedian of the priced LoRA against what the adapters add, by pattern: {}.",
+        ranks_label(&steps[0].ranks),
+        steps[0].ranks.len(),
+        steps[0].adapters,
+        lines.join("\n"),
+        medians.join(", ")
+    ))
 }
 
 /// What `profile` predicts for each shape, seconds.
@@ -1035,6 +1102,7 @@ fn whole_step_checks(
     }
     report.push_str(&rank_mix_lora_tables(c, &profile.lora_rank_mix));
     report.push_str(&lora_condition_table(c));
+    report.push_str(&lora_spread_table(c, profile)?);
     if !c.decode_steps.is_empty() {
         let rows: Vec<(u32, u32, f64)> = c
             .decode_steps
@@ -1318,6 +1386,27 @@ fn read_raw(path: &Path) -> Result<Calibration, CalibrateError> {
             if !(t.median_s.is_finite() && t.median_s > 0.0) {
                 return Err(bad(format!(
                     "spread_decode_steps[{i}].{field}.median_s: must be a positive time, got {}",
+                    t.median_s
+                )));
+            }
+        }
+    }
+    for (i, step) in c.lora_spread_steps.iter().enumerate() {
+        if step.contexts.is_empty() {
+            return Err(bad(format!(
+                "lora_spread_steps[{i}].contexts: empty (a step decodes at least one request)"
+            )));
+        }
+        if step.ranks.is_empty() || step.ranks.contains(&0) {
+            return Err(bad(format!(
+                "lora_spread_steps[{i}].ranks: must list the rows' ranks, each at least 1, got {:?}",
+                step.ranks
+            )));
+        }
+        for (field, t) in [("with", &step.with), ("without", &step.without)] {
+            if !(t.median_s.is_finite() && t.median_s > 0.0) {
+                return Err(bad(format!(
+                    "lora_spread_steps[{i}].{field}.median_s: must be a positive time, got {}",
                     t.median_s
                 )));
             }
@@ -1684,6 +1773,7 @@ mod tests {
             rank_mixes: Vec::new(),
             spread_decode_steps: Vec::new(),
             lora_condition_steps: Vec::new(),
+            lora_spread_steps: Vec::new(),
             cublaslt_version: None,
             gemm_algorithms: Vec::new(),
         }
@@ -1952,7 +2042,109 @@ mod tests {
                 "{err}"
             );
         }
+        use slora_kernels::measurement::LoraSpreadStep;
+        // LoRA spread steps: no requests, no ranks (the report cycles over them), a rank of 0,
+        // or a time that is no time.
+        let lora_spread = |contexts: Vec<u32>, ranks: Vec<u32>, with: f64| LoraSpreadStep {
+            pattern: "even-16-1024".into(),
+            contexts,
+            ranks,
+            adapters: 256,
+            with: stat(with),
+            without: stat(0.01),
+        };
+        for (step, says) in [
+            (
+                lora_spread(Vec::new(), vec![8, 64], 0.012),
+                "lora_spread_steps[1].contexts: empty",
+            ),
+            (
+                lora_spread(vec![16, 1024], Vec::new(), 0.012),
+                "lora_spread_steps[1].ranks: must list the rows' ranks, each at least 1, got []",
+            ),
+            (
+                lora_spread(vec![16, 1024], vec![8, 0], 0.012),
+                "lora_spread_steps[1].ranks: must list the rows' ranks, each at least 1, got [8, 0]",
+            ),
+            (
+                lora_spread(vec![16, 1024], vec![8, 64], 0.0),
+                "lora_spread_steps[1].with.median_s: must be a positive time, got 0",
+            ),
+        ] {
+            let mut bad = c.clone();
+            bad.lora_spread_steps = vec![lora_spread(vec![16, 1024], vec![8, 64], 0.012), step];
+            std::fs::write(&raw, serde_json::to_string(&bad).unwrap()).unwrap();
+            let err = read_raw(&raw).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let err = err.to_string();
+            assert!(
+                err.contains(says) && err.contains("h200-llama-7b.raw.json"),
+                "{err}"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The LoRA spread steps are set beside what the profile prices for the same shape: what
+    /// the adapters add, the priced LoRA and the whole step, with a median by pattern.
+    #[test]
+    fn lora_spread_steps_are_set_beside_their_price() {
+        use slora_kernels::measurement::LoraSpreadStep;
+        let mut c = measurement();
+        let (profile, _) = derive(&c, None).unwrap();
+        assert_eq!(lora_spread_table(&c, &profile).unwrap(), "");
+        let raw = serde_json::to_string(&c).unwrap();
+        assert!(
+            !raw.contains("lora_spread_steps"),
+            "an empty list is not written"
+        );
+        let ranks = vec![8, 16, 32, 64];
+        for (pattern, contexts, with) in [
+            ("even-16-16", vec![16; 32], 9.0e-3),
+            ("even-16-1024", vec![16, 1024, 272, 528], 8.5e-3),
+        ] {
+            c.lora_spread_steps.push(LoraSpreadStep {
+                pattern: pattern.into(),
+                contexts,
+                ranks: ranks.clone(),
+                adapters: 256,
+                with: stat(with),
+                without: stat(8.0e-3),
+            });
+        }
+        let table = lora_spread_table(&c, &profile).unwrap();
+        assert!(
+            table.contains("Row i on an adapter of rank 8/16/32/64 (i modulo 4), distinct while 256 adapters last"),
+            "{table}"
+        );
+        // Each line's price is the cost model's for the step's shape: the same rows, ranks,
+        // distinct adapters and contexts.
+        for (step, added) in c.lora_spread_steps.iter().zip([1.0, 0.5]) {
+            let shape = mixed_rank_shape_of(&step.contexts, &step.ranks, step.adapters);
+            assert_eq!(shape.distinct_adapters, step.contexts.len() as u32);
+            assert_eq!(
+                shape.max_decode_context,
+                step.contexts.iter().max().unwrap() + 1
+            );
+            let cost = &predict_costs(&c, &profile, &[shape]).unwrap()[0];
+            let priced = (cost.lora_shrink + cost.lora_expand).as_secs_f64() * 1e3;
+            assert!(priced > 0.0);
+            let line = format!(
+                "| {} | {} | {} | 8.000 | {:.3} | {added:.3} | {priced:.3} | {:+.1}% |",
+                step.pattern,
+                step.contexts.len(),
+                step.contexts.len(),
+                step.with.median_s * 1e3,
+                (priced / added - 1.0) * 100.0
+            );
+            assert!(table.contains(&line), "{line}\n{table}");
+        }
+        assert!(table.contains("by pattern: even-16-1024 "), "{table}");
+        let raw = serde_json::to_string(&c).unwrap();
+        let back: Calibration = serde_json::from_str(&raw).unwrap();
+        assert_eq!(back.lora_spread_steps, c.lora_spread_steps);
+        let (_, report) = derive(&c, None).unwrap();
+        assert!(report.contains("## Decode LoRA of mixed ranks at spread contexts"));
     }
 
     /// The default grid of decode rows holds points with more adapters than tokens (1 row, 4

@@ -29,9 +29,10 @@ use slora_engine::{
 use std::time::Instant;
 
 pub use crate::measurement::{
-    zipf_rows, Calibration, LoraConditionStep, RankMixSteps, SpreadDecodeStep, SpreadPattern, Stat,
-    LORA_CONDITION_ADAPTERS, LORA_CONDITION_CONTEXTS, LORA_CONDITION_TOKENS, LORA_DECODE_ADAPTERS,
-    LORA_DECODE_TOKENS, MIXED_CONTEXT, MIXED_SHAPES, SPREAD_BATCHES, SPREAD_PATTERNS,
+    zipf_rows, Calibration, LoraConditionStep, LoraSpreadStep, RankMixSteps, SpreadDecodeStep,
+    SpreadPattern, Stat, LORA_CONDITION_ADAPTERS, LORA_CONDITION_CONTEXTS, LORA_CONDITION_TOKENS,
+    LORA_DECODE_ADAPTERS, LORA_DECODE_TOKENS, LORA_SPREAD_PATTERNS, LORA_SPREAD_TOKENS,
+    MIXED_CONTEXT, MIXED_SHAPES, SPREAD_BATCHES, SPREAD_PATTERNS,
 };
 
 /// The axes measured. Multi-axis grids are complete (every combination).
@@ -672,6 +673,42 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         }
     }
 
+    // ---- Decode LoRA of mixed ranks at spread contexts ------------------------------------
+    // The grid and the rank mixes run at context 16. Host 29's live replays of S2 and GQA
+    // cells (contexts spread over 9 to 1,000 rows) found the adapters adding 10-15% less than
+    // the grid prices at 96-199 rows (docs/FIDELITY.md, session 23), and the condition steps
+    // above vary one context for all rows only. Here every rank of the grid, the rows'
+    // adapters distinct while the widest mix's last, at the grid's context, at one long
+    // context and at two spreads; each step beside the same rows without adapters, measured
+    // together.
+    progress("decode LoRA of mixed ranks at spread contexts (the check of the LoRA grid)");
+    let mut lora_spread_steps = Vec::new();
+    let spread_ranks = grid.lora_ranks.clone();
+    let spread_cycle: Vec<AdapterId> = (0..max_adapters * spread_ranks.len() as u32)
+        .map(|k| {
+            let len = spread_ranks.len() as u32;
+            AdapterId((k % len) * 100_000 + k / len)
+        })
+        .collect();
+    if !spread_cycle.is_empty() {
+        for pattern in &LORA_SPREAD_PATTERNS {
+            for &tokens in LORA_SPREAD_TOKENS.iter().filter(|&&t| t <= max_decode) {
+                let contexts = pattern.contexts(tokens);
+                let used = &spread_cycle[..(tokens as usize).min(spread_cycle.len())];
+                let (_, without) = b.measure(reps, |b| b.decode_plan_of(&contexts, &[]))?;
+                let (_, with) = b.measure(reps, |b| b.decode_plan_of(&contexts, used))?;
+                lora_spread_steps.push(LoraSpreadStep {
+                    pattern: pattern.name(),
+                    contexts,
+                    ranks: spread_ranks.clone(),
+                    adapters: spread_cycle.len() as u32,
+                    with: Stat::of(with),
+                    without: Stat::of(without),
+                });
+            }
+        }
+    }
+
     // ---- Decode LoRA under conditions the grid holds fixed -------------------------------
     // The grid's steps run at context 16 with rows on their adapters round robin. A live S1
     // cell's rank-8 LoRA added 22-38% less at 64-159 rows than its grid priced, while the
@@ -765,6 +802,7 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         rank_mixes,
         spread_decode_steps,
         lora_condition_steps,
+        lora_spread_steps,
         cublaslt_version: Some(crate::gemm::cublaslt_version()),
         gemm_algorithms: b
             .exec

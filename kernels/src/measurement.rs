@@ -114,6 +114,14 @@ pub struct Calibration {
     /// these steps vary the context and the popularity one at a time. Not used by the fit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lora_condition_steps: Vec<LoraConditionStep>,
+    /// What decode rows' LoRA of mixed ranks adds to steps whose requests read different
+    /// numbers of cached rows, as a server's do (from session 23; absent before, and not
+    /// written when empty). Host 29's live replays of S2 and GQA cells (docs/FIDELITY.md,
+    /// session 23) found the adapters adding 10-15% less than the grid prices at 96-199 rows,
+    /// while the grid's own mixed-rank steps at context 16 match it within 1-3%. Not used by
+    /// the fit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_spread_steps: Vec<LoraSpreadStep>,
     /// The cuBLASLt version (`cublasLtGetVersion`) and the base GEMMs' algorithm for each
     /// token bucket the calibration's executor tuned: `(bucket top, in, out, accumulate,
     /// cuBLASLt's opaque algorithm)`. The grids above were measured with these algorithms, so
@@ -140,6 +148,36 @@ pub struct LoraConditionStep {
     pub with: Stat,
     pub without: Stat,
 }
+
+/// One decode step of [`Calibration::lora_spread_steps`]: one request per entry of
+/// `contexts` (cached rows, batch order), row `i` on an adapter of rank `ranks[i % len]`,
+/// the first `min(rows, adapters)` rows on distinct adapters (as the widest of
+/// [`Calibration::rank_mixes`]); the step with its adapters and the same rows without, measured
+/// together (host-timed, no events).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpreadStep {
+    /// [`SpreadPattern::name`] of the pattern the contexts follow.
+    pub pattern: String,
+    pub contexts: Vec<u32>,
+    pub ranks: Vec<u32>,
+    pub adapters: u32,
+    pub with: Stat,
+    pub without: Stat,
+}
+
+/// Context patterns of [`Calibration::lora_spread_steps`]: the LoRA grid's own context (16,
+/// every row), one long context for every row, and two spreads a server's batches have.
+pub const LORA_SPREAD_PATTERNS: [SpreadPattern; 4] = [
+    SpreadPattern::Even { lo: 16, hi: 16 },
+    SpreadPattern::Even { lo: 512, hi: 512 },
+    SpreadPattern::Even { lo: 16, hi: 1024 },
+    SpreadPattern::Even { lo: 256, hi: 512 },
+];
+
+/// Decode rows of [`Calibration::lora_spread_steps`]: where live LoRA parted from the grid,
+/// and below it where it did not.
+pub const LORA_SPREAD_TOKENS: [u32; 6] = [32, 64, 96, 128, 160, 192];
 
 /// Decode rows and contexts of [`Calibration::lora_condition_steps`]: the rows where live
 /// rank-8 LoRA parted from the grid, the grid's own context and two a server's requests have.

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Session 23, call 3: calibrate's new check, decode LoRA of mixed ranks at spread contexts
+# (`lora_spread_steps`), on Llama-7B and Llama-3-8B: does the grid's context (16) price the
+# LoRA of live-like batches, which host 29's replays found adding 10-15% less at 96-199 rows?
+# Then host 28's S1 n=100 85% cell replayed as recorded and without adapters (rank 8 only).
+#   BUDGET=460 bash docs/fidelity/runs-23/call-3/call.sh $OUT   (.devx as in runs-21's calls)
+set -u
+OUT=$1
+start=$(date +%s); budget=${BUDGET:-460}
+left() { echo $((budget - ($(date +%s) - start))); }
+mkdir -p .dev && tar xJf .devx/bins.tar.xz -C .dev && cp .devx/AzureLLMInferenceTrace_conv.csv .dev/
+B=.dev/slora-plan
+nvidia-smi --query-gpu=name,uuid,clocks.max.sm,power.limit,driver_version --format=csv > $OUT/gpu.csv
+cat $OUT/gpu.csv
+stage() { echo "$(date -u +%FT%T) $*" >> $OUT/timeline.log; }
+finish() {
+  stage end
+  [ -d /tmp/profiles ] && tar czf $OUT/profiles.tgz -C /tmp profiles
+  (cd $OUT && tar czf logs.tgz --remove-files $(ls | grep -v '\.tgz$\|\.csv\.gz$'))
+  echo "call done in $(($(date +%s) - start)) s"
+}
+for m in llama-7b llama-3-8b; do
+  [ "$(left)" -gt 130 ] || { echo "no time to calibrate $m"; break; }
+  stage calibrate $m
+  timeout $(($(left) - 10)) $B calibrate --model $m --reps 4 --out /tmp/profiles > $OUT/calibrate-$m.log 2>&1; echo "calibrate $m rc $?"
+  f=$(ls /tmp/profiles/*-$m.md 2>/dev/null | head -1)
+  [ -n "$f" ] && grep -A 40 "^## Decode LoRA of mixed ranks at spread" $f | grep -E "^\| even|^Median"
+done
+run=docs/fidelity/runs-21/host-28/call-2/fid-j/s1-n100/load85
+if [ "$(left)" -gt 150 ]; then
+  stage replay s1-n100
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); from fidelity import retarget; print(retarget('$run.yaml', '.dev'), end='')" > /tmp/s1.yaml
+  timeout $(($(left) - 10)) $B replay /tmp/s1.yaml --steps $run/executed --execute --passes recorded,no-lora \
+      --out $OUT/replay-s1-n100-load85.csv > $OUT/replay-s1-n100.log 2>&1; echo "replay s1-n100 rc $?"; tail -n 4 $OUT/replay-s1-n100.log
+  [ -f $OUT/replay-s1-n100-load85.csv ] && gzip -f $OUT/replay-s1-n100-load85.csv
+fi
+finish
