@@ -15,7 +15,6 @@ cat $OUT/gpu.csv
 stage() { echo "$(date -u +%FT%T) $*" >> $OUT/timeline.log; }
 finish() {
   stage end
-  [ -d /tmp/profiles ] && tar czf $OUT/profiles.tgz -C /tmp profiles
   (cd $OUT && tar czf logs.tgz --remove-files $(ls | grep -v '\.tgz$\|\.csv\.gz$'))
   echo "call done in $(($(date +%s) - start)) s"
 }
@@ -25,6 +24,8 @@ for m in llama-7b llama-3-8b; do
   timeout $(($(left) - 10)) $B calibrate --model $m --reps 4 --out /tmp/profiles > $OUT/calibrate-$m.log 2>&1; echo "calibrate $m rc $?"
   f=$(ls /tmp/profiles/*-$m.md 2>/dev/null | head -1)
   [ -n "$f" ] && grep -A 40 "^## Decode LoRA of mixed ranks at spread" $f | grep -E "^\| even|^Median"
+  # Each model's profile comes back even if the call is cut short after it.
+  tar czf $OUT/profiles-$m.tgz -C /tmp profiles
 done
 run=docs/fidelity/runs-21/host-28/call-2/fid-j/s1-n100/load85
 if [ "$(left)" -gt 150 ]; then
