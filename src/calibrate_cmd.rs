@@ -2010,6 +2010,17 @@ mod tests {
         std::fs::write(&raw, serde_json::to_string(&undated).unwrap()).unwrap();
         let err = read_raw(&raw).unwrap_err().to_string();
         assert!(err.contains("date"), "{err}");
+        // A measurement that must be refused, with the field and the file named.
+        let refused = |bad: &Calibration, says: &str| {
+            std::fs::write(&raw, serde_json::to_string(bad).unwrap()).unwrap();
+            let err = read_raw(&raw).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let err = err.to_string();
+            assert!(
+                err.contains(says) && err.contains("h200-llama-7b.raw.json"),
+                "{err}"
+            );
+        };
         // Spread steps: no requests, or a time that is no time.
         let spread = |contexts: Vec<u32>, attention: f64| SpreadDecodeStep {
             pattern: "even-16-512".into(),
@@ -2033,14 +2044,7 @@ mod tests {
         ] {
             let mut bad = c.clone();
             bad.spread_decode_steps = vec![spread(vec![16, 512], 1e-3), step];
-            std::fs::write(&raw, serde_json::to_string(&bad).unwrap()).unwrap();
-            let err = read_raw(&raw).unwrap_err();
-            assert_eq!(err.exit_code(), 2);
-            let err = err.to_string();
-            assert!(
-                err.contains(says) && err.contains("h200-llama-7b.raw.json"),
-                "{err}"
-            );
+            refused(&bad, says);
         }
         use slora_kernels::measurement::LoraSpreadStep;
         // LoRA spread steps: no requests, no ranks (the report cycles over them), a rank of 0,
@@ -2073,14 +2077,7 @@ mod tests {
         ] {
             let mut bad = c.clone();
             bad.lora_spread_steps = vec![lora_spread(vec![16, 1024], vec![8, 64], 0.012), step];
-            std::fs::write(&raw, serde_json::to_string(&bad).unwrap()).unwrap();
-            let err = read_raw(&raw).unwrap_err();
-            assert_eq!(err.exit_code(), 2);
-            let err = err.to_string();
-            assert!(
-                err.contains(says) && err.contains("h200-llama-7b.raw.json"),
-                "{err}"
-            );
+            refused(&bad, says);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
