@@ -802,11 +802,11 @@ fn lora_condition_table(c: &Calibration) -> String {
     )
 }
 
-/// What the LoRA of mixed ranks adds to the steps of `lora_spread_steps` (with adapters −
-/// without, measured together) against what `profile` prices it (shrink + expand), and the
-/// whole steps against the parts; empty without those steps. The grid's own context (16 for
-/// every row) comes first, so the rows below it say how far context and spread move the
-/// adapters' cost from what the grid measured.
+/// What the LoRA adds to the steps of `lora_spread_steps` (with adapters − without, measured
+/// together) against what `profile` prices it (shrink + expand), and the whole steps against
+/// the parts; empty without those steps. The grid's own context (16 for every row) comes first
+/// for each set of ranks, so the rows below it say how far context and spread move the
+/// adapters' cost from what the grid measured, rank by rank.
 fn lora_spread_table(
     c: &Calibration,
     profile: &CalibrationProfile,
@@ -822,20 +822,25 @@ fn lora_spread_table(
     let costs = predict_costs(c, profile, &shapes)?;
     let ms = |x: f64| format!("{:.3}", x * 1e3);
     let mut lines = Vec::new();
-    let mut lora_errors: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // (ranks, pattern) -> the priced LoRA's errors against what the adapters add.
+    let mut lora_errors: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     for ((step, shape), cost) in steps.iter().zip(&shapes).zip(&costs) {
+        let ranks = ranks_label(&step.ranks);
         let added = step.with.median_s - step.without.median_s;
         let priced = (cost.lora_shrink + cost.lora_expand).as_secs_f64();
         let whole = cost.total().as_secs_f64();
         let lora_error = if added > 0.0 {
             let e = priced / added - 1.0;
-            lora_errors.entry(step.pattern.clone()).or_default().push(e);
+            lora_errors
+                .entry((ranks.clone(), step.pattern.clone()))
+                .or_default()
+                .push(e);
             format!("{:+.1}%", e * 100.0)
         } else {
             "n/a".into()
         };
         lines.push(format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {lora_error} | {:+.1}% |",
+            "| {ranks} | {} | {} | {} | {} | {} | {} | {} | {lora_error} | {:+.1}% |",
             step.pattern,
             step.contexts.len(),
             shape.distinct_adapters,
@@ -848,18 +853,18 @@ fn lora_spread_table(
     }
     let medians: Vec<String> = lora_errors
         .into_iter()
-        .map(|(pattern, mut e)| {
+        .map(|((ranks, pattern), mut e)| {
             e.sort_by(f64::total_cmp);
-            format!("{pattern} {:+.1}%", e[e.len() / 2] * 100.0)
+            format!(
+                "- ranks {ranks}, {pattern}: {:+.1}%",
+                e[e.len() / 2] * 100.0
+            )
         })
         .collect();
     Ok(format!(
-        "\n\n## Decode LoRA of mixed ranks at spread contexts: measured vs priced\n\nRow i on an adapter of rank {} (i modulo {}), distinct while {} adapters last, at the contexts of the pattern (`even-LO-HI`: evenly over LO..=HI; `even-16-16` is the grid's own context); what the adapters add (the step minus the same rows without adapters, host-timed, measured together) against the LoRA the profile prices, and the whole step against the parts. Not used by the fit: it checks whether the grid's context prices live steps' LoRA (docs/FIDELITY.md, session 23).\n\n| contexts | decode rows | distinct adapters | without (ms) | with (ms) | adapters add (ms) | priced LoRA (ms) | priced against added | whole step, parts against measured |\n|---|---|---|---|---|---|---|---|---|\n{}\n\nMedian of the priced LoRA against what the adapters add, by pattern: {}.",
-        ranks_label(&steps[0].ranks),
-        steps[0].ranks.len(),
-        steps[0].adapters,
+        "\n\n## Decode LoRA at spread contexts: measured vs priced\n\nRow i on an adapter of rank `ranks[i modulo their count]`, distinct while the adapters last (all ranks: the widest rank mix's; one rank: the grid's of that rank), at the contexts of the pattern (`even-LO-HI`: evenly over LO..=HI; `even-16-16` is the grid's own context). What the adapters add (the step minus the same rows without adapters, host-timed, measured together) against the LoRA the profile prices, and the whole step against the parts. Not used by the fit: it checks whether the grid's context prices live steps' LoRA (docs/FIDELITY.md, session 23).\n\n| ranks | contexts | decode rows | distinct adapters | without (ms) | with (ms) | adapters add (ms) | priced LoRA (ms) | priced against added | whole step, parts against measured |\n|---|---|---|---|---|---|---|---|---|---|\n{}\n\nMedian of the priced LoRA against what the adapters add:\n\n{}",
         lines.join("\n"),
-        medians.join(", ")
+        medians.join("\n")
     ))
 }
 
@@ -2111,7 +2116,7 @@ mod tests {
         }
         let table = lora_spread_table(&c, &profile).unwrap();
         assert!(
-            table.contains("Row i on an adapter of rank 8/16/32/64 (i modulo 4), distinct while 256 adapters last"),
+            table.contains("| ranks | contexts | decode rows | distinct adapters | without (ms) |"),
             "{table}"
         );
         // Each line's price is the cost model's for the step's shape: the same rows, ranks,
@@ -2127,7 +2132,7 @@ mod tests {
             let priced = (cost.lora_shrink + cost.lora_expand).as_secs_f64() * 1e3;
             assert!(priced > 0.0);
             let line = format!(
-                "| {} | {} | {} | 8.000 | {:.3} | {added:.3} | {priced:.3} | {:+.1}% |",
+                "| 8/16/32/64 | {} | {} | {} | 8.000 | {:.3} | {added:.3} | {priced:.3} | {:+.1}% |",
                 step.pattern,
                 step.contexts.len(),
                 step.contexts.len(),
@@ -2136,12 +2141,32 @@ mod tests {
             );
             assert!(table.contains(&line), "{line}\n{table}");
         }
-        assert!(table.contains("by pattern: even-16-1024 "), "{table}");
+        assert!(
+            table.contains("- ranks 8/16/32/64, even-16-1024: "),
+            "{table}"
+        );
+        // One rank alone: its own line and median, its rows on that rank's adapters.
+        c.lora_spread_steps.push(LoraSpreadStep {
+            pattern: "even-512-512".into(),
+            contexts: vec![512; 4],
+            ranks: vec![64],
+            adapters: 64,
+            with: stat(9.0e-3),
+            without: stat(8.0e-3),
+        });
+        let shape = mixed_rank_shape_of(&[512; 4], &[64], 64);
+        assert_eq!((shape.lora_token_rank, shape.distinct_rank_sum), (256, 256));
+        let table = lora_spread_table(&c, &profile).unwrap();
+        assert!(
+            table.contains("| 64 | even-512-512 | 4 | 4 | 8.000 | 9.000 | 1.000 |"),
+            "{table}"
+        );
+        assert!(table.contains("- ranks 64, even-512-512: "), "{table}");
         let raw = serde_json::to_string(&c).unwrap();
         let back: Calibration = serde_json::from_str(&raw).unwrap();
         assert_eq!(back.lora_spread_steps, c.lora_spread_steps);
         let (_, report) = derive(&c, None).unwrap();
-        assert!(report.contains("## Decode LoRA of mixed ranks at spread contexts"));
+        assert!(report.contains("## Decode LoRA at spread contexts"));
     }
 
     /// The default grid of decode rows holds points with more adapters than tokens (1 row, 4

@@ -114,12 +114,12 @@ pub struct Calibration {
     /// these steps vary the context and the popularity one at a time. Not used by the fit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lora_condition_steps: Vec<LoraConditionStep>,
-    /// What decode rows' LoRA of mixed ranks adds to steps whose requests read different
-    /// numbers of cached rows, as a server's do (from session 23; absent before, and not
-    /// written when empty). Host 29's live replays of S2 and GQA cells (docs/FIDELITY.md,
-    /// session 23) found the adapters adding 10-15% less than the grid prices at 96-199 rows,
-    /// while the grid's own mixed-rank steps at context 16 match it within 1-3%. Not used by
-    /// the fit.
+    /// What decode rows' LoRA adds to steps whose requests read different numbers of cached
+    /// rows, as a server's do: every grid rank mixed, and the lowest and the highest alone
+    /// (from session 23; absent before, and not written when empty). Host 29's live replays
+    /// of S2 and GQA cells (docs/FIDELITY.md, session 23) found the adapters adding 10-34%
+    /// less than the grid prices from 96 rows, while the grid's own mixed-rank steps at
+    /// context 16 match it within 1-3%. Not used by the fit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lora_spread_steps: Vec<LoraSpreadStep>,
     /// The cuBLASLt version (`cublasLtGetVersion`) and the base GEMMs' algorithm for each

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Session 23, call 3: calibrate's new check, decode LoRA of mixed ranks at spread contexts
-# (`lora_spread_steps`), on Llama-7B and Llama-3-8B: does the grid's context (16) price the
-# LoRA of live-like batches, which host 29's replays found adding 10-15% less at 96-199 rows?
+# Session 23, call 3 (not run: no machine could be started): calibrate's new check, decode LoRA
+# at spread contexts (`lora_spread_steps`: ranks 8-64 mixed, 8 alone, 64 alone), on Llama-7B and
+# Llama-3-8B: does the grid's context (16) price the LoRA of live-like batches, which host 29's
+# replays found adding 10-34% less from 96 rows and up to 12% more below?
 # Then host 28's S1 n=100 85% cell replayed as recorded and without adapters (rank 8 only).
 #   BUDGET=460 bash docs/fidelity/runs-23/call-3/call.sh $OUT   (.devx as in runs-21's calls)
 set -u
@@ -23,7 +24,7 @@ for m in llama-7b llama-3-8b; do
   stage calibrate $m
   timeout $(($(left) - 10)) $B calibrate --model $m --reps 4 --out /tmp/profiles > $OUT/calibrate-$m.log 2>&1; echo "calibrate $m rc $?"
   f=$(ls /tmp/profiles/*-$m.md 2>/dev/null | head -1)
-  [ -n "$f" ] && grep -A 40 "^## Decode LoRA of mixed ranks at spread" $f | grep -E "^\| even|^Median"
+  [ -n "$f" ] && grep -A 90 "^## Decode LoRA at spread" $f | grep -E "^- ranks"
   # Each model's profile comes back even if the call is cut short after it.
   tar czf $OUT/profiles-$m.tgz -C /tmp profiles
 done
