@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Independent reference for slora-plan's executor: transformers + peft on seeded random models.
 
-For each config (MHA and GQA Llama; or the tiny CI fixture with --tiny) this script
+For each config (MHA and GQA Llama, and MHA with adapters on q and v only; or the tiny CI
+fixture with --tiny) this script
 
 1. builds a LlamaForCausalLM with seeded random weights (fp16 values, generated on the CPU so a
    cuda run and a cpu run save identical files) and saves it with save_pretrained (config.json +
    model.safetensors);
-2. adds PEFT LoRA adapters (ranks 8, 16, 32, 64 with lora_alpha 16, 8, 64, 32 on q,k,v,o_proj)
+2. adds PEFT LoRA adapters (ranks 8, 16, 32, 64 with lora_alpha 16, 8, 64, 32 on q,k,v,o_proj;
+   config mha-qv: on q_proj and v_proj only, peft's default for Llama)
    whose lora_A AND lora_B are seeded random values (peft would start B at zero, which tests
    nothing). The values are fp16-representable, stored as float32 as peft 0.21 saves them, so the
    Rust loader's float32 -> f16 conversion is exact;
@@ -44,6 +46,11 @@ CONFIGS = {
                 intermediate_size=1376, vocab_size=1000, rope_theta=10000.0, tie_word_embeddings=False),
     "gqa": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                 intermediate_size=1376, vocab_size=1000, rope_theta=500000.0, tie_word_embeddings=False),
+    # The MHA shape again (another seed), its adapters on q_proj and v_proj only: peft's default
+    # targets for Llama. No decode row then targets k_proj or o_proj, the executor's case of a
+    # module without rows (its f32 delta zeroed by the decode helpers, not by an expand).
+    "mha-qv": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                   intermediate_size=1376, vocab_size=1000, rope_theta=10000.0, tie_word_embeddings=False),
     # The CI fixture: < 200 KB in all, tied embeddings, MLP targets too.
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=80, vocab_size=96, rope_theta=10000.0, tie_word_embeddings=True),
@@ -55,6 +62,8 @@ PROMPT_LENS = [7, 19, 33, 64, 12]
 REQUEST_ADAPTERS = ["a8", "a16", "a32", "a64", None]
 TINY_ADAPTERS = [("a4", 4, 8)]
 TINY_TARGETS = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+# Each config's adapters target these modules (ATTENTION where not listed).
+TARGETS = {"tiny": TINY_TARGETS, "mha-qv": ["q_proj", "v_proj"]}
 TINY_PROMPT_LENS = [5, 9]
 TINY_REQUEST_ADAPTERS = ["a4", None]
 
@@ -167,7 +176,7 @@ def greedy(peft_model, prompt, name, steps, device):
 def run_config(name, args, device, dtype, out_dir):
     tiny = name == "tiny"
     adapters = TINY_ADAPTERS if tiny else ADAPTERS
-    targets = TINY_TARGETS if tiny else ATTENTION
+    targets = TARGETS.get(name, ATTENTION)
     lens = TINY_PROMPT_LENS if tiny else PROMPT_LENS
     req_adapters = TINY_REQUEST_ADAPTERS if tiny else REQUEST_ADAPTERS
     steps = args.steps if args.steps is not None else (8 if tiny else 32)
@@ -238,7 +247,7 @@ def main():
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                     help="compute dtype; files are always fp16. float32 is a fallback for a CPU "
                          "torch without fp16 kernels and gives a looser comparison")
-    ap.add_argument("--configs", default="mha,gqa", help="comma-separated: mha, gqa")
+    ap.add_argument("--configs", default="mha,gqa,mha-qv", help="comma-separated: mha, gqa, mha-qv")
     ap.add_argument("--tiny", action="store_true", help="write the tiny CI fixture instead")
     ap.add_argument("--steps", type=int, default=None, help="greedy steps (32; 8 with --tiny)")
     ap.add_argument("--seed", type=int, default=0)
@@ -255,7 +264,7 @@ def main():
     names = ["tiny"] if args.tiny else [c.strip() for c in args.configs.split(",") if c.strip()]
     for n in names:
         if n not in CONFIGS:
-            sys.exit(f"reference.py: unknown config {n!r}; known: mha, gqa")
+            sys.exit(f"reference.py: unknown config {n!r}; known: mha, gqa, mha-qv")
     os.makedirs(args.out, exist_ok=True)
     for n in names:
         shutil.rmtree(os.path.join(args.out, n), ignore_errors=True)
