@@ -3,11 +3,12 @@
 # at spread contexts (`lora_spread_steps`: ranks 8-64 mixed, 8 alone, 64 alone), on Llama-7B and
 # Llama-3-8B: does the grid's context (16) price the LoRA of live-like batches, which host 29's
 # replays found adding 10-34% less from 96 rows and up to 12% more below?
-# Then host 28's S1 n=100 85% cell replayed as recorded and without adapters (rank 8 only).
-#   BUDGET=460 bash docs/fidelity/runs-23/call-3/call.sh $OUT   (.devx as in runs-21's calls)
+# First the reference check with the new mha-qv config; then host 28's S1 n=100 85% cell
+# replayed as recorded and without adapters (rank 8 only).
+#   BUDGET=560 bash docs/fidelity/runs-23/call-3/call.sh $OUT   (.devx as in runs-21's calls)
 set -u
 OUT=$1
-start=$(date +%s); budget=${BUDGET:-460}
+start=$(date +%s); budget=${BUDGET:-560}
 left() { echo $((budget - ($(date +%s) - start))); }
 mkdir -p .dev && tar xJf .devx/bins.tar.xz -C .dev && cp .devx/AzureLLMInferenceTrace_conv.csv .dev/
 B=.dev/slora-plan
@@ -19,6 +20,12 @@ finish() {
   (cd $OUT && tar czf logs.tgz --remove-files $(ls | grep -v '\.tgz$\|\.csv\.gz$'))
   echo "call done in $(($(date +%s) - start)) s"
 }
+# The reference check first: its new config mha-qv (adapters on q and v only) has not met the
+# GPU executor yet.
+stage reference
+timeout 120 python3 tests/gpu/reference.py --out /tmp/ref > $OUT/reference.log 2>&1; echo "reference.py rc $?"
+timeout 90 $B doctor --reference /tmp/ref >> $OUT/reference.log 2>&1; echo "doctor --reference rc $?"
+grep -E "^(mha|gqa|mha-qv) \(run|FAIL|-> " $OUT/reference.log | cut -c1-150 | tail -n 12
 for m in llama-7b llama-3-8b; do
   [ "$(left)" -gt 130 ] || { echo "no time to calibrate $m"; break; }
   stage calibrate $m
