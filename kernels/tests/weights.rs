@@ -863,16 +863,22 @@ fn tiny_fixture_matches_transformers() {
     for c in &checks {
         println!("{c}");
         c.verdict(REL_TOL).unwrap();
-        assert_eq!(c.prompt.rows, 14);
+        assert_eq!(c.prompt.rows, 5 + 9 + 7);
         assert_eq!(c.prompt.argmax_agree, c.prompt.rows);
     }
-    // The fixture's adapter targets every projection and its model ties its embeddings.
+    // The fixture's first adapter targets every projection, its second q and v only (peft's
+    // default for Llama: the other modules have no rows for it), and its model ties its
+    // embeddings.
     let config = &suite.configs[0];
     let (model, extras, weights) = load_llama(&config.model_dir).unwrap();
     assert!(extras.tie_word_embeddings && weights.lm_head.is_none());
     let adapter = load_peft_adapter(&config.adapters[0].1, &model).unwrap();
     assert_eq!(adapter.targets, TargetModule::ALL.to_vec());
     assert_eq!(adapter.rank, 4);
+    let qv = load_peft_adapter(&config.adapters[1].1, &model).unwrap();
+    assert_eq!(qv.targets, vec![TargetModule::Q, TargetModule::V]);
+    assert_eq!(qv.rank, 2);
+    assert_eq!(config.requests[2].adapter, Some(1));
 }
 
 #[test]

@@ -60,12 +60,14 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADAPTERS = [("a8", 8, 16), ("a16", 16, 8), ("a32", 32, 64), ("a64", 64, 32)]
 PROMPT_LENS = [7, 19, 33, 64, 12]
 REQUEST_ADAPTERS = ["a8", "a16", "a32", "a64", None]
-TINY_ADAPTERS = [("a4", 4, 8)]
+TINY_ADAPTERS = [("a4", 4, 8), ("a2qv", 2, 4)]
 TINY_TARGETS = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
-# Each config's adapters target these modules (ATTENTION where not listed).
+# Each config's adapters target these modules (ATTENTION where not listed), unless the adapter
+# names its own: the fixture's second adapter targets q and v only, so CI checks that case too.
 TARGETS = {"tiny": TINY_TARGETS, "mha-qv": ["q_proj", "v_proj"]}
-TINY_PROMPT_LENS = [5, 9]
-TINY_REQUEST_ADAPTERS = ["a4", None]
+ADAPTER_TARGETS = {"a2qv": ["q_proj", "v_proj"]}
+TINY_PROMPT_LENS = [5, 9, 7]
+TINY_REQUEST_ADAPTERS = ["a4", None, "a2qv"]
 
 
 def uniform(gen, shape, bound):
@@ -107,7 +109,8 @@ def add_adapters(model, adapters, targets, seed):
 
     peft_model = None
     for name, rank, alpha in adapters:
-        lc = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+        lc = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ADAPTER_TARGETS.get(name, targets),
+                        lora_dropout=0.0, bias="none")
         if peft_model is None:
             peft_model = get_peft_model(model, lc, adapter_name=name)
         else:
@@ -230,7 +233,7 @@ def run_config(name, args, device, dtype, out_dir):
         "model": os.path.join(name, "model"),
         "logits": logits_name,
         "adapters": [{"name": a, "path": os.path.join(name, "adapters", a), "rank": r, "alpha": al,
-                      "targets": targets} for a, r, al in adapters],
+                      "targets": ADAPTER_TARGETS.get(a, targets)} for a, r, al in adapters],
         "decode_steps": steps,
         "prompt_logits_from": "one right-padded mixed batch (peft adapter_names)",
         "greedy_from": "per request, batch size 1, KV cache, argmax, EOS ignored",
