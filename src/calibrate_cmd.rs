@@ -804,9 +804,9 @@ fn lora_condition_table(c: &Calibration) -> String {
 
 /// What the LoRA adds to the steps of `lora_spread_steps` (with adapters − without, measured
 /// together) against what `profile` prices it (shrink + expand), and the whole steps against
-/// the parts; empty without those steps. The grid's own context (16 for every row) comes first
-/// for each set of ranks, so the rows below it say how far context and spread move the
-/// adapters' cost from what the grid measured, rank by rank.
+/// the parts; empty without those steps. The grid's own context (16 for every row) is the
+/// first pattern, so the patterns after it say how far context and spread move the adapters'
+/// cost from what the grid measured, set of ranks by set of ranks.
 fn lora_spread_table(
     c: &Calibration,
     profile: &CalibrationProfile,

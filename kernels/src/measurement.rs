@@ -151,9 +151,9 @@ pub struct LoraConditionStep {
 
 /// One decode step of [`Calibration::lora_spread_steps`]: one request per entry of
 /// `contexts` (cached rows, batch order), row `i` on an adapter of rank `ranks[i % len]`,
-/// the first `min(rows, adapters)` rows on distinct adapters (as the widest of
-/// [`Calibration::rank_mixes`]); the step with its adapters and the same rows without, measured
-/// together (host-timed, no events).
+/// the first `min(rows, adapters)` rows on distinct adapters (every rank: as the widest of
+/// [`Calibration::rank_mixes`]; one rank: that rank's grid adapters); the step with its
+/// adapters and the same rows without, measured together (host-timed, no events).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraSpreadStep {
