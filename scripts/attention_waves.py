@@ -40,14 +40,20 @@ def load(path):
 
 
 class Grid:
-    def __init__(self, profile):
-        points = profile.get("attention_decode") or []
-        if not points:
-            sys.exit("attention_waves: the profile has no attention_decode grid")
-        self.t = {(p["batch"], p["context"]): p["time"]["median_s"] * 1e3 for p in points}
+    def __init__(self, profile, path):
+        try:
+            points = profile["attention_decode"]
+            self.t = {(p["batch"], p["context"]): p["time"]["median_s"] * 1e3 for p in points}
+            self.kv = int(profile["model"]["num_kv_heads"])
+            self.name = f"{profile['gpu_name']} x {profile['model']['name']}"
+        except (KeyError, TypeError, ValueError) as e:
+            sys.exit(f"attention_waves: {path}: not a calibrated profile ({type(e).__name__}: {e})")
         self.batches = sorted({k[0] for k in self.t})
         self.contexts = sorted({k[1] for k in self.t})
-        self.kv = profile["model"]["num_kv_heads"]
+        missing = [(b, c) for b in self.batches for c in self.contexts if (b, c) not in self.t]
+        if not self.t or missing or self.kv < 1:
+            sys.exit(f"attention_waves: {path}: attention_decode is not a complete grid "
+                     f"({len(self.t)} points, {len(missing)} missing; KV heads {self.kv})")
 
     def units(self, batch, context):
         return self.kv * batch * (context + 1) / PARTITION
@@ -124,16 +130,15 @@ def main():
     ap.add_argument("--raw", help="its measurement, <gpu>-<model>.raw.json (for the spread steps)")
     ap.add_argument("--wave-size", type=float, help="work units a wave (default: the best leave-one-out fit)")
     args = ap.parse_args()
-    profile = load(args.profile)
-    grid = Grid(profile)
-    print(f"{profile['gpu_name']} x {profile['model']['name']}: {grid.kv} KV heads")
+    if args.wave_size is not None and not args.wave_size > 0:
+        sys.exit(f"attention_waves: --wave-size must be positive, got {args.wave_size:g}")
+    grid = Grid(load(args.profile), args.profile)
+    print(f"{grid.name}: {grid.kv} KV heads")
     print("\n| batch | " + " | ".join(f"context {c} (ms, units)" for c in grid.contexts) + " |")
     print("|---|" + "---|" * len(grid.contexts))
     for b in grid.batches:
         cells = [f"{grid.t[(b, c)]:.2f} ({grid.units(b, c):.0f})" for c in grid.contexts]
         print(f"| {b} | " + " | ".join(cells) + " |")
-    if args.wave_size is not None and not args.wave_size > 0:
-        sys.exit(f"attention_waves: --wave-size must be positive, got {args.wave_size}")
     wave = args.wave_size
     if wave is None:
         wave = min(range(64, 4096, 8), key=lambda s: statistics.fmean(grid.leave_one_out(s)))
@@ -142,7 +147,10 @@ def main():
     print(f"- steps at wave crossings, {wave:g} units a wave: {summary(grid.leave_one_out(wave))}")
     if not args.raw:
         return
-    steps = load(args.raw).get("spread_decode_steps") or []
+    raw = load(args.raw)
+    steps = raw.get("spread_decode_steps") if isinstance(raw, dict) else None
+    if steps is None:
+        sys.exit(f"attention_waves: {args.raw}: not a calibration's measurement (no spread_decode_steps)")
     if not steps:
         print("\nThe measurement has no spread steps.")
         return
@@ -150,9 +158,16 @@ def main():
     print("\n| pattern | batch | measured (ms) | linear | waves |")
     print("|---|---|---|---|---|")
     errors = ([], [])
-    for s in steps:
-        measured = s["attention"]["median_s"] * 1e3
-        prices = spread_prices(grid, s["contexts"], wave)
+    for i, s in enumerate(steps):
+        try:
+            measured = s["attention"]["median_s"] * 1e3
+            if not s["contexts"]:
+                raise ValueError("no contexts (a step decodes at least one request)")
+            prices = spread_prices(grid, s["contexts"], wave)
+            if not measured > 0:
+                raise ValueError(f"attention {measured} ms")
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            sys.exit(f"attention_waves: {args.raw}: spread_decode_steps[{i}]: {type(e).__name__}: {e}")
         e = [p / measured - 1 for p in prices]
         for k in range(2):
             errors[k].append(abs(e[k]))
