@@ -263,8 +263,15 @@ pub const SPREAD_PATTERNS: [SpreadPattern; 5] = [
     },
 ];
 
-/// Decode batch sizes of the spread steps: where live steps lie, densest at 8-64 rows.
-pub const SPREAD_BATCHES: [u32; 10] = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
+/// Decode batch sizes of the spread steps: where live steps lie, densest at 8-64 rows. From
+/// session 23 also between the attention grid's batch sizes (40, 56, 80, 112, 160, 224): with
+/// few KV heads decode attention jumps where a wave of blocks fills (Llama-3-8B: 48-64 requests
+/// at 512 cached rows, 96-128 at 256), and a spread batch smears the jump by an amount only a
+/// batch between the grid's points shows (docs/FIDELITY.md, session 23). The spread excess is
+/// fitted at every size measured, so it follows the smeared jump.
+pub const SPREAD_BATCHES: [u32; 16] = [
+    8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+];
 
 impl SpreadPattern {
     /// A stable name for the measurement file and reports (`even-16-1024`, `quarter-64-1024`).
