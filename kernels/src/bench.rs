@@ -374,94 +374,34 @@ mod imp {
             .into_iter()
             .enumerate()
             {
-                exec.reset();
                 exec.gpu.set_dependent_launch(dependent);
                 exec.set_shrink_work_list(listed);
                 exec.set_cuda_graphs(graphs);
                 exec.set_phase_timing(timing);
                 exec.set_lora_overlap(overlap);
-                let mut engine = Scheduler::new(EngineConfig {
-                    model: model.clone(),
-                    adapters: specs.clone(),
+                let run = DecodeBatch {
+                    model: &model,
+                    specs: &specs,
                     pool_pages,
-                    pool_layout: PoolLayout::Unified,
-                    scheduler: SchedulerConfig {
-                        max_batch_size: max_batch as u32,
-                        max_prefill_tokens: 8192,
-                        ..SchedulerConfig::default()
+                    max_batch,
+                    prompt,
+                    adapters: match adapters {
+                        0 => BatchAdapters::None,
+                        1 => BatchAdapters::Distinct,
+                        _ => BatchAdapters::Popular(&zipf),
                     },
-                })
-                .map_err(|e| crate::Error::Plan {
-                    step: 0,
-                    reason: e.to_string(),
-                })?;
-                for (b, &popular) in zipf.iter().enumerate() {
-                    let id = RequestId(next_id);
-                    next_id += 1;
-                    let tokens: Vec<u32> = (0..prompt)
-                        .map(|t| (t * 7919 + b as u32 * 104_729) % 32000)
-                        .collect();
-                    exec.add_request(id, tokens)?;
-                    let adapter = match adapters {
-                        0 => None,
-                        1 => Some(super::distinct_adapter(b)),
-                        _ => Some(AdapterId(popular)),
-                    };
-                    engine
-                        .submit(
-                            RequestMeta {
-                                id,
-                                adapter,
-                                tenant: None,
-                                prompt_tokens: prompt,
-                                output_tokens: super::DECODE_OUTPUT,
-                            },
-                            Nanos::ZERO,
-                        )
-                        .map_err(|e| crate::Error::Plan {
-                            step: 0,
-                            reason: e.to_string(),
-                        })?;
                 }
-                let mut now = Nanos::ZERO;
-                let mut decode_ms = Vec::new();
-                while let Some(plan) = engine.plan_step(now).map_err(|e| crate::Error::Plan {
-                    step: 0,
-                    reason: e.to_string(),
-                })? {
-                    let report = exec.execute(&plan).map_err(|e| crate::Error::Plan {
-                        step: plan.step,
-                        reason: e.to_string(),
-                    })?;
-                    if plan.prefill.is_empty() && plan.decode.len() == batch {
-                        decode_ms.push(report.elapsed.0 as f64 / 1e6);
-                        if adapters == 1 && decode_ms.len() == 1 {
-                            adapter_bytes = plan.distinct_rank_sum as f64 * 2.0 * 1024.0 * 1024.0;
-                        }
-                        if adapters == 2 {
-                            zipf_distinct = plan.distinct_adapters;
-                        }
-                        if timing && decode_ms.len() > 3 {
-                            phases.extend(exec.last_phase_times.clone());
-                        }
-                    }
-                    now = now + report.elapsed;
-                    let outcome =
-                        engine
-                            .complete_step(&report, now)
-                            .map_err(|e| crate::Error::Plan {
-                                step: plan.step,
-                                reason: e.to_string(),
-                            })?;
-                    for f in outcome.finished {
-                        exec.remove_request(f.request);
-                    }
-                    if decode_ms.len() >= 15 {
-                        break;
-                    }
+                .run(&mut exec, batch, &mut next_id)?;
+                if adapters == 1 && !timing {
+                    adapter_bytes = run.adapter_bytes;
                 }
-                let skip = decode_ms.len().min(3);
-                times[k] = median(&mut decode_ms[skip..].to_vec());
+                if adapters == 2 {
+                    zipf_distinct = run.distinct_adapters;
+                }
+                if timing {
+                    phases = run.phases;
+                }
+                times[k] = run.median_ms;
             }
             exec.set_phase_timing(false);
             exec.set_shrink_work_list(true);
@@ -529,6 +469,18 @@ mod imp {
         }
         exec.set_cuda_graphs(true);
         exec.set_lora_overlap(true);
+        lines.extend(lora_beside_variants(
+            &mut exec,
+            DecodeBatch {
+                model: &model,
+                specs: &specs,
+                pool_pages,
+                max_batch,
+                prompt,
+                adapters: BatchAdapters::Distinct,
+            },
+            &mut next_id,
+        )?);
         // Prefill steps: the prompt rows' LoRA on tensor cores (the default) and on the SIMT
         // baseline, and the same prompts without adapters, measured in the same run.
         lines.push(String::new());
@@ -608,6 +560,198 @@ mod imp {
     /// adapter of `specs` when `with adapters`. One-token requests on the same adapters run to
     /// completion first on the same engine, so the adapters are resident and the timed step is
     /// the prefill alone (an error if it still plans loads).
+    /// The decode rows' LoRA beside the q/k/v and o GEMMs, three ways of giving it SMs:
+    /// as served (both streams at one priority, the GEMMs planned for the whole GPU); the
+    /// LoRA stream at the greatest priority (`Gpu::set_urgent_lora`); the GEMMs planned for
+    /// fewer SMs (`GpuExecutor::set_beside_gemm_sms`); and both. Each against the same batch
+    /// without adapters, interleaved over three rounds (median of the rounds' medians), at
+    /// the batches where the LoRA runs beside the GEMMs.
+    fn lora_beside_variants(
+        exec: &mut GpuExecutor,
+        distinct: DecodeBatch<'_>,
+        next_id: &mut u64,
+    ) -> Result<Vec<String>> {
+        let sms = exec.gpu.info()?.multiprocessors.max(1) as u32;
+        let none = DecodeBatch {
+            adapters: BatchAdapters::None,
+            ..distinct
+        };
+        // (urgent LoRA stream, SMs left to the LoRA: the GEMMs are planned for the rest)
+        let variants: [(bool, u32); 8] = [
+            (false, 0),
+            (true, 0),
+            (false, 8),
+            (false, 16),
+            (false, 32),
+            (true, 8),
+            (true, 16),
+            (true, 32),
+        ];
+        let mut lines = vec![
+            String::new(),
+            format!("The decode rows' LoRA beside the q/k/v and o GEMMs (all-distinct adapters, context 512; host-timed decode steps, median of 3 interleaved rounds of medians): LoRA stream at the greatest priority or not, and SMs left to it by planning those GEMMs for fewer of the GPU's {sms} (cuBLASLt's SM-count target):"),
+            "| batch | without adapters (ms) | urgent LoRA | SMs left | with adapters (ms) | adapter overhead | rounds (ms) |".into(),
+            "|---|---|---|---|---|---|---|".into(),
+        ];
+        for batch in [1usize, 16, 32, 48] {
+            if batch > crate::executor::LORA_OVERLAP_MAX_DECODE_ROWS {
+                continue;
+            }
+            let mut base = Vec::new();
+            let mut with: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+            for _round in 0..3 {
+                exec.set_urgent_lora(false);
+                exec.set_beside_gemm_sms(0);
+                base.push(none.run(exec, batch, next_id)?.median_ms);
+                for (k, &(urgent, left)) in variants.iter().enumerate() {
+                    exec.set_urgent_lora(urgent);
+                    exec.set_beside_gemm_sms(if left == 0 {
+                        0
+                    } else {
+                        sms.saturating_sub(left).max(1)
+                    });
+                    with[k].push(distinct.run(exec, batch, next_id)?.median_ms);
+                }
+            }
+            exec.set_urgent_lora(false);
+            exec.set_beside_gemm_sms(0);
+            let base_ms = median(&mut base.clone());
+            for (k, &(urgent, left)) in variants.iter().enumerate() {
+                let ms = median(&mut with[k].clone());
+                let rounds: Vec<String> = with[k].iter().map(|t| format!("{t:.2}")).collect();
+                lines.push(format!(
+                    "| {batch} | {base_ms:.2} | {} | {left} | {ms:.2} | {:+.1}% | {} |",
+                    if urgent { "yes" } else { "no" },
+                    100.0 * (ms / base_ms - 1.0),
+                    rounds.join(", ")
+                ));
+            }
+        }
+        Ok(lines)
+    }
+
+    /// Which adapters a measured decode batch's requests use.
+    enum BatchAdapters<'a> {
+        None,
+        /// Each request its own adapter (`distinct_adapter`): the worst case.
+        Distinct,
+        /// Request `b` on adapter `ids[b]` (a popularity's quantiles).
+        Popular(&'a [u32]),
+    }
+
+    /// A decode batch of synthetic requests at one context, driven by the engine through
+    /// the executor with the executor's switches as the caller set them.
+    struct DecodeBatch<'a> {
+        model: &'a ModelSpec,
+        specs: &'a [slora_engine::AdapterSpec],
+        pool_pages: u32,
+        max_batch: usize,
+        prompt: u32,
+        adapters: BatchAdapters<'a>,
+    }
+
+    /// What [`DecodeBatch::run`] measured.
+    struct DecodeRun {
+        /// Median host-timed milliseconds of the decode steps at the full batch, the first
+        /// three (capture, tuning) left out.
+        median_ms: f64,
+        /// Bytes of the distinct adapters' rows a step reads.
+        adapter_bytes: f64,
+        distinct_adapters: u32,
+        /// Per-phase times of the steps after the first three (phase timing on only).
+        phases: Vec<PhaseTimes>,
+    }
+
+    impl DecodeBatch<'_> {
+        /// Prefills `batch` requests, then times up to 15 decode steps of the whole batch.
+        fn run(
+            &self,
+            exec: &mut GpuExecutor,
+            batch: usize,
+            next_id: &mut u64,
+        ) -> Result<DecodeRun> {
+            let plan_err = |step: u64, e: String| crate::Error::Plan { step, reason: e };
+            exec.reset();
+            let mut engine = Scheduler::new(EngineConfig {
+                model: self.model.clone(),
+                adapters: self.specs.to_vec(),
+                pool_pages: self.pool_pages,
+                pool_layout: PoolLayout::Unified,
+                scheduler: SchedulerConfig {
+                    max_batch_size: self.max_batch as u32,
+                    max_prefill_tokens: 8192,
+                    ..SchedulerConfig::default()
+                },
+            })
+            .map_err(|e| plan_err(0, e.to_string()))?;
+            for b in 0..batch {
+                let id = RequestId(*next_id);
+                *next_id += 1;
+                let tokens: Vec<u32> = (0..self.prompt)
+                    .map(|t| (t * 7919 + b as u32 * 104_729) % 32000)
+                    .collect();
+                exec.add_request(id, tokens)?;
+                let adapter = match self.adapters {
+                    BatchAdapters::None => None,
+                    BatchAdapters::Distinct => Some(super::distinct_adapter(b)),
+                    BatchAdapters::Popular(ids) => Some(AdapterId(ids[b])),
+                };
+                engine
+                    .submit(
+                        RequestMeta {
+                            id,
+                            adapter,
+                            tenant: None,
+                            prompt_tokens: self.prompt,
+                            output_tokens: super::DECODE_OUTPUT,
+                        },
+                        Nanos::ZERO,
+                    )
+                    .map_err(|e| plan_err(0, e.to_string()))?;
+            }
+            let mut now = Nanos::ZERO;
+            let mut decode_ms = Vec::new();
+            let mut measured = DecodeRun {
+                median_ms: f64::NAN,
+                adapter_bytes: 0.0,
+                distinct_adapters: 0,
+                phases: Vec::new(),
+            };
+            while let Some(plan) = engine
+                .plan_step(now)
+                .map_err(|e| plan_err(0, e.to_string()))?
+            {
+                let report = exec
+                    .execute(&plan)
+                    .map_err(|e| plan_err(plan.step, e.to_string()))?;
+                if plan.prefill.is_empty() && plan.decode.len() == batch {
+                    decode_ms.push(report.elapsed.0 as f64 / 1e6);
+                    if decode_ms.len() == 1 {
+                        measured.adapter_bytes =
+                            plan.distinct_rank_sum as f64 * 2.0 * 1024.0 * 1024.0;
+                        measured.distinct_adapters = plan.distinct_adapters;
+                    }
+                    if decode_ms.len() > 3 {
+                        measured.phases.extend(exec.last_phase_times.clone());
+                    }
+                }
+                now = now + report.elapsed;
+                let outcome = engine
+                    .complete_step(&report, now)
+                    .map_err(|e| plan_err(plan.step, e.to_string()))?;
+                for f in outcome.finished {
+                    exec.remove_request(f.request);
+                }
+                if decode_ms.len() >= 15 {
+                    break;
+                }
+            }
+            let skip = decode_ms.len().min(3);
+            measured.median_ms = median(&mut decode_ms[skip..].to_vec());
+            Ok(measured)
+        }
+    }
+
     fn prefill_step(
         exec: &mut GpuExecutor,
         model: &ModelSpec,

@@ -272,3 +272,24 @@ where
     }
     gpu.gemm.linear(gpu, x, w, y, t, inp, out, accumulate)
 }
+
+/// [`linear`] planned for `sm_target` SMs (0: all), leaving the others to a kernel beside it.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_on_sms<X, W, Y>(
+    gpu: &Gpu,
+    x: &X,
+    w: &W,
+    y: &mut Y,
+    t: usize,
+    inp: usize,
+    out: usize,
+    sm_target: u32,
+) -> Result<()>
+where
+    X: DevicePtr<f16>,
+    W: DevicePtr<f16>,
+    Y: DevicePtrMut<f16>,
+{
+    gpu.gemm
+        .linear_on_sms(gpu, x, w, y, t, inp, out, false, sm_target)
+}

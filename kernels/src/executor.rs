@@ -164,6 +164,9 @@ pub struct GpuExecutor {
     /// groups each row has: the default) or over the full grid of `ceil(max_rank / 4)` groups
     /// a row (the baseline `bench-gpu` compares against).
     shrink_work_list: bool,
+    /// SMs the q/k/v and o GEMMs are planned for while the decode rows' LoRA runs beside
+    /// them (0, the default: the whole GPU); see [`GpuExecutor::set_beside_gemm_sms`].
+    beside_sm_target: u32,
     /// Which MBGMM kernels run the prompt rows' LoRA (tensor cores unless `bench-gpu` asks
     /// for the SIMT baseline).
     prefill_lora_path: lora::PrefillPath,
@@ -187,6 +190,8 @@ struct GraphKey {
     lora: Vec<(u8, bool)>,
     partitions: usize,
     overlap_lora: bool,
+    urgent_lora: bool,
+    beside_sm_target: u32,
     kv_offset: usize,
     generation: u64,
 }
@@ -357,6 +362,7 @@ impl GpuExecutor {
             last_phase_times: None,
             lora_overlap: true,
             shrink_work_list: true,
+            beside_sm_target: 0,
             prefill_lora_path: lora::PrefillPath::default(),
         })
     }
@@ -388,6 +394,22 @@ impl GpuExecutor {
     /// rank exiting at once (the baseline `bench-gpu` compares against).
     pub fn set_shrink_work_list(&mut self, on: bool) {
         self.shrink_work_list = on;
+        self.graph = None;
+    }
+
+    /// Plans the q/k/v and o GEMMs that the decode rows' LoRA runs beside for `sm_target`
+    /// SMs (0: the whole GPU, the default). At decode batches those GEMMs are weight streams
+    /// whose blocks fill every SM, so the LoRA kernels beside them only run in their tails;
+    /// a GEMM sized for fewer SMs leaves the rest to the LoRA. `bench-gpu` measures it.
+    pub fn set_beside_gemm_sms(&mut self, sm_target: u32) {
+        self.beside_sm_target = sm_target;
+        self.graph = None;
+    }
+
+    /// Runs the decode rows' LoRA beside the GEMMs at the device's greatest stream priority
+    /// (off by default; see [`Gpu::set_urgent_lora`]).
+    pub fn set_urgent_lora(&mut self, on: bool) {
+        self.gpu.set_urgent_lora(on);
         self.graph = None;
     }
 
@@ -967,6 +989,8 @@ impl GpuExecutor {
                     },
                     partitions: decode_plan.as_ref().map_or(0, |p| p.partitions),
                     overlap_lora,
+                    urgent_lora: self.gpu.urgent_lora(),
+                    beside_sm_target: self.beside_sm_target,
                     kv_offset: r_kv_start,
                     generation: self.buffer_generation,
                 });
@@ -1066,7 +1090,7 @@ impl GpuExecutor {
                         // `normed`); split_qkv adds them after the join.
                         g.fork_lora()?;
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
-                        let s = &g.lora_stream;
+                        let s = g.lora();
                         let dq = b.lora_dq.slice_mut(..n_rows * qw);
                         let dk = b.lora_dk.slice_mut(..n_rows * kvw);
                         let dv = b.lora_dv.slice_mut(..n_rows * kvw);
@@ -1084,7 +1108,14 @@ impl GpuExecutor {
                             &mut b.lora_side_scratch,
                         )?;
                     }
-                    device::linear(
+                    // With the LoRA beside it, the GEMM may be planned for fewer SMs than
+                    // the GPU has (`set_beside_gemm_sms`).
+                    let beside_sms = if overlap_lora {
+                        self.beside_sm_target
+                    } else {
+                        0
+                    };
+                    device::linear_on_sms(
                         g,
                         &b.normed.slice(..rows * h),
                         &lw.qkv,
@@ -1092,7 +1123,7 @@ impl GpuExecutor {
                         rows,
                         h,
                         qw + 2 * kvw,
-                        false,
+                        beside_sms,
                     )?;
                     let qkv_delta = overlap_lora.then(|| layers::QkvDelta {
                         first_row: p_rows,
@@ -1216,7 +1247,7 @@ impl GpuExecutor {
                         let mut d_o = b.lora_do.slice_mut(..n_rows * h);
                         lora_decode_on(
                             &ctx,
-                            &g.lora_stream,
+                            g.lora(),
                             TargetModule::O,
                             qw,
                             h,
@@ -1225,7 +1256,7 @@ impl GpuExecutor {
                             &mut b.lora_side_scratch,
                         )?;
                     }
-                    device::linear(
+                    device::linear_on_sms(
                         g,
                         &b.attn.slice(..rows * qw),
                         &lw.o,
@@ -1233,7 +1264,7 @@ impl GpuExecutor {
                         rows,
                         qw,
                         h,
-                        false,
+                        beside_sms,
                     )?;
                     if any_lora {
                         let ctx = LoraLayer::new(&lora_step, &self.pool, layer.clone(), side);
@@ -1346,10 +1377,16 @@ impl GpuExecutor {
             };
             let enqueued = enqueue();
             if capture {
-                let captured = self
-                    .gpu
-                    .stream
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+                use cudarc::driver::sys::CUgraphInstantiate_flags as Flags;
+                // Kernel nodes carry their capture stream's priority; only this flag makes
+                // a replay honour it (the urgent LoRA stream's). The graph allocates
+                // nothing, so it needs no auto-free.
+                let flags = if self.gpu.urgent_lora() {
+                    Flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
+                } else {
+                    Flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH
+                };
+                let captured = self.gpu.stream.end_capture(flags);
                 match (enqueued, captured) {
                     (Ok(()), Ok(Some(graph))) => {
                         graph

@@ -44,6 +44,9 @@ struct Shape {
     inp: usize,
     out: usize,
     accumulate: bool,
+    /// SMs cuBLASLt is told to plan for (`CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET`): 0 for the
+    /// whole GPU, fewer while the decode rows' LoRA runs beside the GEMM on the others.
+    sm_target: u32,
 }
 
 /// The descriptors of one shape and the algorithm chosen for it.
@@ -67,6 +70,7 @@ struct Bucket {
     inp: usize,
     out: usize,
     accumulate: bool,
+    sm_target: u32,
 }
 
 /// A bucket's tuning result.
@@ -205,7 +209,7 @@ impl LtGemm {
         let tuned = self.tuned.lock().unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<TunedShape> = tuned
             .iter()
-            .filter(|(_, t)| !t.adopted)
+            .filter(|(b, t)| !t.adopted && b.sm_target == 0)
             .map(|(b, t)| TunedShape {
                 tokens: t.timed_at,
                 inp: b.inp,
@@ -221,8 +225,11 @@ impl LtGemm {
     /// Every bucket tuned or adopted so far, with its algorithm, sorted by shape and tokens.
     pub fn algorithms(&self) -> Vec<BucketAlgorithm> {
         let tuned = self.tuned.lock().unwrap_or_else(|e| e.into_inner());
+        // Profiles record the whole-GPU algorithms only: those are what calibration prices
+        // and what a server adopts; an SM-count target is a run-time experiment.
         let mut rows: Vec<BucketAlgorithm> = tuned
             .iter()
+            .filter(|(b, _)| b.sm_target == 0)
             .map(|(b, t)| BucketAlgorithm {
                 tokens: b.t,
                 inp: b.inp,
@@ -259,6 +266,7 @@ impl LtGemm {
                 inp: e.inp,
                 out: e.out,
                 accumulate: e.accumulate,
+                sm_target: 0,
             };
             let plan = self.describe(shape)?;
             let algo = sys::cublasLtMatmulAlgo_t { data: e.algo };
@@ -278,6 +286,7 @@ impl LtGemm {
                     inp: e.inp,
                     out: e.out,
                     accumulate: e.accumulate,
+                    sm_target: 0,
                 },
                 Tuned {
                     algo,
@@ -315,6 +324,30 @@ impl LtGemm {
         W: DevicePtr<f16>,
         Y: DevicePtrMut<f16>,
     {
+        self.linear_on_sms(gpu, x, w, y, t, inp, out, accumulate, 0)
+    }
+
+    /// [`LtGemm::linear`] planned for `sm_target` SMs (0: the whole GPU), its algorithm tuned
+    /// under that target. cuBLASLt sizes its grid for that many SMs, so kernels on another
+    /// stream keep the rest.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_on_sms<X, W, Y>(
+        &self,
+        gpu: &Gpu,
+        x: &X,
+        w: &W,
+        y: &mut Y,
+        t: usize,
+        inp: usize,
+        out: usize,
+        accumulate: bool,
+        sm_target: u32,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f16>,
+        W: DevicePtr<f16>,
+        Y: DevicePtrMut<f16>,
+    {
         if t == 0 {
             return Ok(());
         }
@@ -323,6 +356,7 @@ impl LtGemm {
             inp,
             out,
             accumulate,
+            sm_target,
         };
         let stream = &gpu.stream;
         let (xp, _gx) = x.device_ptr(stream);
@@ -389,6 +423,7 @@ impl LtGemm {
             inp: shape.inp,
             out: shape.out,
             accumulate: shape.accumulate,
+            sm_target: shape.sm_target,
         });
         let mut known = bucket.and_then(|b| {
             self.tuned
@@ -447,6 +482,19 @@ impl LtGemm {
             )
         }
         .map_err(blas_err(ctx()))?;
+        if shape.sm_target > 0 {
+            let target = shape.sm_target as i32;
+            // SAFETY: `desc` is live; the attribute is an int32_t.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
+                    (&target) as *const i32 as *const c_void,
+                    std::mem::size_of::<i32>(),
+                )
+            }
+            .map_err(blas_err(ctx()))?;
+        }
         let (inp, out, t) = (shape.inp as u64, shape.out as u64, shape.t as u64);
         // Each layout is owned by `plan` as soon as it exists, so an error frees the others.
         plan.a = lt::create_matrix_layout(f16_t, inp, out, inp as i64).map_err(blas_err(ctx()))?;
@@ -574,6 +622,7 @@ impl LtGemm {
             inp: bucket.inp,
             out: bucket.out,
             accumulate: bucket.accumulate,
+            sm_target: bucket.sm_target,
         };
         let mut plan = self.describe(shape)?;
         let candidates = self.candidates(&plan, shape, true)?;

@@ -41,6 +41,12 @@ pub struct Gpu {
     /// and joined back to `stream` with [`Gpu::fork_lora`] and [`Gpu::join_lora`] (see
     /// `GpuExecutor::forward`).
     pub lora_stream: Arc<CudaStream>,
+    /// The same role at the device's greatest stream priority, used instead of `lora_stream`
+    /// while [`Gpu::set_urgent_lora`] is on: when the LoRA kernels and a GEMM both have blocks
+    /// waiting, the block scheduler starts the LoRA's first, so their short launches run
+    /// under the GEMM's weight stream instead of after it (`bench-gpu` measures both).
+    urgent_lora_stream: Arc<CudaStream>,
+    urgent_lora: std::sync::atomic::AtomicBool,
     /// Reused for every fork and join, so a step records events instead of creating them.
     fork_event: CudaEvent,
     join_event: CudaEvent,
@@ -150,6 +156,14 @@ impl Gpu {
         let lora_stream = ctx
             .new_stream()
             .map_err(driver_err("creating the LoRA stream"))?;
+        // Lower numbers are higher priorities; the range's low end is the greatest.
+        ctx.bind_to_thread()
+            .map_err(driver_err("binding the context"))?;
+        let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
+            .map_err(driver_err("reading the stream priority range"))?;
+        let urgent_lora_stream = ctx
+            .new_stream_with_priority(greatest)
+            .map_err(driver_err("creating the urgent LoRA stream"))?;
         let fork_event = ctx
             .new_event(None)
             .map_err(driver_err("creating the LoRA fork event"))?;
@@ -167,6 +181,8 @@ impl Gpu {
             stream,
             copy_stream,
             lora_stream,
+            urgent_lora_stream,
+            urgent_lora: std::sync::atomic::AtomicBool::new(false),
             fork_event,
             join_event,
             blas,
@@ -239,7 +255,7 @@ impl Gpu {
         self.fork_event
             .record(&self.stream)
             .map_err(driver_err("recording the LoRA fork event"))?;
-        self.lora_stream
+        self.lora()
             .wait(&self.fork_event)
             .map_err(driver_err("forking the LoRA stream"))
     }
@@ -248,11 +264,35 @@ impl Gpu {
     /// every fork is joined before a capture ends.
     pub fn join_lora(&self) -> Result<()> {
         self.join_event
-            .record(&self.lora_stream)
+            .record(self.lora())
             .map_err(driver_err("recording the LoRA join event"))?;
         self.stream
             .wait(&self.join_event)
             .map_err(driver_err("joining the LoRA stream"))
+    }
+
+    /// The stream the decode rows' LoRA runs on beside the GEMMs: `lora_stream`, or its
+    /// greatest-priority twin while [`Gpu::set_urgent_lora`] is on.
+    pub fn lora(&self) -> &Arc<CudaStream> {
+        if self.urgent_lora() {
+            &self.urgent_lora_stream
+        } else {
+            &self.lora_stream
+        }
+    }
+
+    /// Runs the decode rows' LoRA at the device's greatest stream priority (off by default).
+    /// A graph captured with it on must be instantiated with
+    /// `CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY`: capture copies each stream's priority
+    /// into its kernel nodes, and without the flag a replay runs every node at the priority of
+    /// the stream it is launched into.
+    pub fn set_urgent_lora(&self, on: bool) {
+        self.urgent_lora
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn urgent_lora(&self) -> bool {
+        self.urgent_lora.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn arch(&self) -> &str {
