@@ -577,15 +577,17 @@ mod imp {
             ..distinct
         };
         // (urgent LoRA stream, SMs left to the LoRA: the GEMMs are planned for the rest)
-        let variants: [(bool, u32); 8] = [
+        let variants: [(bool, u32); 10] = [
             (false, 0),
             (true, 0),
             (false, 8),
             (false, 16),
             (false, 32),
+            (false, 64),
             (true, 8),
             (true, 16),
             (true, 32),
+            (true, 64),
         ];
         let mut lines = vec![
             String::new(),
