@@ -98,7 +98,19 @@ enum Command {
     },
     /// On a GPU machine: measure copy bandwidth and GEMM rate, then the LoRA kernels and full
     /// decode and prefill steps of synthetic Llama-7B against them (Markdown for BENCHMARKS.md).
-    BenchGpu,
+    BenchGpu {
+        /// Measure one table only (after the ceilings): `lora-beside`, the decode rows' LoRA
+        /// beside the q/k/v and o GEMMs with those GEMMs planned for fewer SMs and the LoRA
+        /// stream at the greatest priority.
+        #[arg(long, value_enum)]
+        only: Option<BenchOnly>,
+    },
+}
+
+/// `bench-gpu --only`'s tables.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum BenchOnly {
+    LoraBeside,
 }
 
 /// Why the command failed; decides the exit code.
@@ -216,9 +228,12 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare_cmd::run(&args).map_err(CliError::from),
         Command::Replay(args) => replay_cmd::run(&args).map_err(CliError::from),
         Command::Doctor { reference } => doctor(reference.as_deref()),
-        Command::BenchGpu => slora_kernels::bench::gpu_benchmarks()
-            .map(|lines| lines.iter().for_each(|l| println!("{l}")))
-            .map_err(CliError::BenchGpu),
+        Command::BenchGpu { only } => slora_kernels::bench::gpu_benchmarks(match only {
+            None => slora_kernels::bench::BenchSection::All,
+            Some(BenchOnly::LoraBeside) => slora_kernels::bench::BenchSection::LoraBeside,
+        })
+        .map(|lines| lines.iter().for_each(|l| println!("{l}")))
+        .map_err(CliError::BenchGpu),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

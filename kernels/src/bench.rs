@@ -4,9 +4,18 @@
 
 use crate::error::Result;
 
-/// Runs every benchmark; returns Markdown lines (tables) for BENCHMARKS.md.
-pub fn gpu_benchmarks() -> Result<Vec<String>> {
-    imp::gpu_benchmarks()
+/// Which of `bench-gpu`'s tables to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchSection {
+    /// Every table.
+    All,
+    /// The ceilings and the decode rows' LoRA beside the GEMMs only (a short GPU call).
+    LoraBeside,
+}
+
+/// Runs the benchmarks of `section`; returns Markdown lines (tables) for BENCHMARKS.md.
+pub fn gpu_benchmarks(section: BenchSection) -> Result<Vec<String>> {
+    imp::gpu_benchmarks(section)
 }
 
 /// Output tokens of each request in the decode benchmark: enough for 15 timed steps.
@@ -43,7 +52,7 @@ fn decode_batch_pages(
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use crate::error::{Error, Result};
-    pub fn gpu_benchmarks() -> Result<Vec<String>> {
+    pub fn gpu_benchmarks(_section: super::BenchSection) -> Result<Vec<String>> {
         Err(Error::CudaNotCompiled)
     }
 }
@@ -115,7 +124,7 @@ mod imp {
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     }
 
-    pub fn gpu_benchmarks() -> Result<Vec<String>> {
+    pub fn gpu_benchmarks(section: super::BenchSection) -> Result<Vec<String>> {
         let gpu = Gpu::new(0)?;
         let info = gpu.info()?;
         let mut out = vec![format!("GPU: {} ({} SMs)", info.name, info.multiprocessors)];
@@ -154,8 +163,10 @@ mod imp {
         ));
         drop((a, b, c));
 
-        out.extend(mbgmv(&gpu, copy_bw)?);
-        out.extend(decode_steps(gpu, copy_bw, gemm_rate)?);
+        if section == super::BenchSection::All {
+            out.extend(mbgmv(&gpu, copy_bw)?);
+        }
+        out.extend(decode_steps(gpu, copy_bw, gemm_rate, section)?);
         Ok(out)
     }
 
@@ -272,7 +283,12 @@ mod imp {
     /// Full steps of synthetic Llama-7B driven by the engine: decode at context ~512 for
     /// several batch sizes, with adapters (distinct per request, from 1,000 registered with
     /// mixed ranks) and without; and one prefill of 4,096 tokens across 8 adapters.
-    fn decode_steps(gpu: Gpu, copy_bw: f64, gemm_rate: f64) -> Result<Vec<String>> {
+    fn decode_steps(
+        gpu: Gpu,
+        copy_bw: f64,
+        gemm_rate: f64,
+        section: super::BenchSection,
+    ) -> Result<Vec<String>> {
         let model = ModelSpec::preset("llama-7b").map_err(|e| crate::Error::Plan {
             step: 0,
             reason: e.to_string(),
@@ -335,6 +351,18 @@ mod imp {
             "|---|---|---|---|---|---|---|---|---|---|".into(),
         ];
         let mut next_id = 0u64;
+        let distinct = DecodeBatch {
+            model: &model,
+            specs: &specs,
+            pool_pages,
+            max_batch,
+            prompt,
+            adapters: BatchAdapters::Distinct,
+        };
+        if section == super::BenchSection::LoraBeside {
+            lines.extend(lora_beside_variants(&mut exec, distinct, &mut next_id)?);
+            return Ok(lines);
+        }
         let dependent_default = exec.gpu.dependent_launch_enabled();
         for batch in [1usize, 32, 64, 128, 256] {
             let needed =
@@ -456,8 +484,13 @@ mod imp {
                 continue;
             }
             let bytes = 2.0 * (r.inp * r.out + r.tokens * (r.inp + r.out)) as f64;
+            let planned_for = if r.sm_target > 0 {
+                format!(" ({} SMs)", r.sm_target)
+            } else {
+                String::new()
+            };
             lines.push(format!(
-                "| {} | {} -> {} | {:.1} | {:.1} | {:.0} | {:+.1}% |",
+                "| {} | {} -> {}{planned_for} | {:.1} | {:.1} | {:.0} | {:+.1}% |",
                 r.tokens,
                 r.inp,
                 r.out,
@@ -469,18 +502,7 @@ mod imp {
         }
         exec.set_cuda_graphs(true);
         exec.set_lora_overlap(true);
-        lines.extend(lora_beside_variants(
-            &mut exec,
-            DecodeBatch {
-                model: &model,
-                specs: &specs,
-                pool_pages,
-                max_batch,
-                prompt,
-                adapters: BatchAdapters::Distinct,
-            },
-            &mut next_id,
-        )?);
+        lines.extend(lora_beside_variants(&mut exec, distinct, &mut next_id)?);
         // Prefill steps: the prompt rows' LoRA on tensor cores (the default) and on the SIMT
         // baseline, and the same prompts without adapters, measured in the same run.
         lines.push(String::new());
@@ -560,12 +582,13 @@ mod imp {
     /// adapter of `specs` when `with adapters`. One-token requests on the same adapters run to
     /// completion first on the same engine, so the adapters are resident and the timed step is
     /// the prefill alone (an error if it still plans loads).
-    /// The decode rows' LoRA beside the q/k/v and o GEMMs, three ways of giving it SMs:
-    /// as served (both streams at one priority, the GEMMs planned for the whole GPU); the
-    /// LoRA stream at the greatest priority (`Gpu::set_urgent_lora`); the GEMMs planned for
-    /// fewer SMs (`GpuExecutor::set_beside_gemm_sms`); and both. Each against the same batch
-    /// without adapters, interleaved over three rounds (median of the rounds' medians), at
-    /// the batches where the LoRA runs beside the GEMMs.
+    /// The decode rows' LoRA beside the q/k/v and o GEMMs, and ways of giving it SMs: as
+    /// served (both streams at one priority, the GEMMs planned for the whole GPU); the q/k/v
+    /// and o GEMMs planned for fewer SMs (`GpuExecutor::set_beside_gemm_sms`), in the steps
+    /// with adapters and in those without, so that the overhead compares like GEMMs; and
+    /// each with the LoRA stream at the greatest priority (`Gpu::set_urgent_lora`).
+    /// Interleaved over three rounds (median of the rounds' medians), at the batches where
+    /// the LoRA runs beside the GEMMs.
     fn lora_beside_variants(
         exec: &mut GpuExecutor,
         distinct: DecodeBatch<'_>,
@@ -576,56 +599,50 @@ mod imp {
             adapters: BatchAdapters::None,
             ..distinct
         };
-        // (urgent LoRA stream, SMs left to the LoRA: the GEMMs are planned for the rest)
-        let variants: [(bool, u32); 10] = [
-            (false, 0),
-            (true, 0),
-            (false, 8),
-            (false, 16),
-            (false, 32),
-            (false, 64),
-            (true, 8),
-            (true, 16),
-            (true, 32),
-            (true, 64),
-        ];
+        // SMs left to the LoRA (the q/k/v and o GEMMs are planned for the rest, with
+        // adapters and without), and for each, the LoRA stream at its usual or the greatest
+        // priority.
+        let left_sms = [0u32, 8, 16, 32];
         let mut lines = vec![
             String::new(),
-            format!("The decode rows' LoRA beside the q/k/v and o GEMMs (all-distinct adapters, context 512; host-timed decode steps, median of 3 interleaved rounds of medians): LoRA stream at the greatest priority or not, and SMs left to it by planning those GEMMs for fewer of the GPU's {sms} (cuBLASLt's SM-count target):"),
-            "| batch | without adapters (ms) | urgent LoRA | SMs left | with adapters (ms) | adapter overhead | rounds (ms) |".into(),
-            "|---|---|---|---|---|---|---|".into(),
+            format!("The decode rows' LoRA beside the q/k/v and o GEMMs (all-distinct adapters, context 512; host-timed decode steps, median of 3 interleaved rounds of medians): SMs left by planning those GEMMs (with adapters and without) for fewer of the GPU's {sms} (cuBLASLt's SM-count target), and the LoRA stream at the greatest priority or not:"),
+            "| batch | SMs left | without adapters (ms) | with adapters (ms) | adapter overhead | urgent LoRA stream (ms) | its overhead | against the whole-GPU step without adapters: with / urgent |".into(),
+            "|---|---|---|---|---|---|---|---|".into(),
         ];
         for batch in [1usize, 16, 32, 48] {
             if batch > crate::executor::LORA_OVERLAP_MAX_DECODE_ROWS {
                 continue;
             }
-            let mut base = Vec::new();
-            let mut with: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+            // [SMs left][without, with, urgent] -> one median per round
+            let mut times = vec![[Vec::new(), Vec::new(), Vec::new()]; left_sms.len()];
             for _round in 0..3 {
-                exec.set_urgent_lora(false);
-                exec.set_beside_gemm_sms(0);
-                base.push(none.run(exec, batch, next_id)?.median_ms);
-                for (k, &(urgent, left)) in variants.iter().enumerate() {
-                    exec.set_urgent_lora(urgent);
+                for (k, &left) in left_sms.iter().enumerate() {
                     exec.set_beside_gemm_sms(if left == 0 {
                         0
                     } else {
                         sms.saturating_sub(left).max(1)
                     });
-                    with[k].push(distinct.run(exec, batch, next_id)?.median_ms);
+                    for (v, (run, urgent)) in
+                        [(&none, false), (&distinct, false), (&distinct, true)]
+                            .into_iter()
+                            .enumerate()
+                    {
+                        exec.set_urgent_lora(urgent);
+                        times[k][v].push(run.run(exec, batch, next_id)?.median_ms);
+                    }
                 }
             }
             exec.set_urgent_lora(false);
             exec.set_beside_gemm_sms(0);
-            let base_ms = median(&mut base.clone());
-            for (k, &(urgent, left)) in variants.iter().enumerate() {
-                let ms = median(&mut with[k].clone());
-                let rounds: Vec<String> = with[k].iter().map(|t| format!("{t:.2}")).collect();
+            let whole_gpu_base = median(&mut times[0][0].clone());
+            for (k, &left) in left_sms.iter().enumerate() {
+                let [base, with, urgent] = [0, 1, 2].map(|v| median(&mut times[k][v].clone()));
                 lines.push(format!(
-                    "| {batch} | {base_ms:.2} | {} | {left} | {ms:.2} | {:+.1}% | {} |",
-                    if urgent { "yes" } else { "no" },
-                    100.0 * (ms / base_ms - 1.0),
-                    rounds.join(", ")
+                    "| {batch} | {left} | {base:.2} | {with:.2} | {:+.1}% | {urgent:.2} | {:+.1}% | {:+.1}% / {:+.1}% |",
+                    100.0 * (with / base - 1.0),
+                    100.0 * (urgent / base - 1.0),
+                    100.0 * (with / whole_gpu_base - 1.0),
+                    100.0 * (urgent / whole_gpu_base - 1.0),
                 ));
             }
         }

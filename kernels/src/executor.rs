@@ -397,10 +397,11 @@ impl GpuExecutor {
         self.graph = None;
     }
 
-    /// Plans the q/k/v and o GEMMs that the decode rows' LoRA runs beside for `sm_target`
-    /// SMs (0: the whole GPU, the default). At decode batches those GEMMs are weight streams
+    /// Plans the q/k/v and o GEMMs of steps of at most `LORA_OVERLAP_MAX_DECODE_ROWS` rows
+    /// (those the decode rows' LoRA runs beside) for `sm_target` SMs (0: the whole GPU, the
+    /// default), with adapters or without. At decode batches those GEMMs are weight streams
     /// whose blocks fill every SM, so the LoRA kernels beside them only run in their tails;
-    /// a GEMM sized for fewer SMs leaves the rest to the LoRA. `bench-gpu` measures it.
+    /// a GEMM sized for fewer SMs may leave the rest to the LoRA. `bench-gpu` measures it.
     pub fn set_beside_gemm_sms(&mut self, sm_target: u32) {
         self.beside_sm_target = sm_target;
         self.graph = None;
@@ -896,6 +897,16 @@ impl GpuExecutor {
             && !self.phase_timing
             && decode_rows <= LORA_OVERLAP_MAX_DECODE_ROWS
             && dec_adapter.iter().any(Option::is_some);
+        // The SM target of the q/k/v and o GEMMs (`set_beside_gemm_sms`) holds for every step
+        // of at most LORA_OVERLAP_MAX_DECODE_ROWS rows, with adapters or not, so that a step
+        // and the same step without adapters differ by the LoRA alone, not by the GEMMs'
+        // algorithms.
+        let beside_sms =
+            if self.lora_overlap && !self.phase_timing && rows <= LORA_OVERLAP_MAX_DECODE_ROWS {
+                self.beside_sm_target
+            } else {
+                0
+            };
         let ti = &self.tables_i32;
         let tf = &self.tables_f32;
         let d_tokens = ti.slice(r_tokens);
@@ -1108,13 +1119,6 @@ impl GpuExecutor {
                             &mut b.lora_side_scratch,
                         )?;
                     }
-                    // With the LoRA beside it, the GEMM may be planned for fewer SMs than
-                    // the GPU has (`set_beside_gemm_sms`).
-                    let beside_sms = if overlap_lora {
-                        self.beside_sm_target
-                    } else {
-                        0
-                    };
                     device::linear_on_sms(
                         g,
                         &b.normed.slice(..rows * h),

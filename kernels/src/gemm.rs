@@ -106,6 +106,8 @@ pub struct TunedShape {
     pub out: usize,
     pub heuristic_ms: f64,
     pub chosen_ms: f64,
+    /// The SM-count target it was planned and tuned for (0: the whole GPU).
+    pub sm_target: u32,
 }
 
 /// One token bucket's algorithm as plain data: what `calibrate` records in a profile and
@@ -209,16 +211,17 @@ impl LtGemm {
         let tuned = self.tuned.lock().unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<TunedShape> = tuned
             .iter()
-            .filter(|(b, t)| !t.adopted && b.sm_target == 0)
+            .filter(|(_, t)| !t.adopted)
             .map(|(b, t)| TunedShape {
                 tokens: t.timed_at,
                 inp: b.inp,
                 out: b.out,
                 heuristic_ms: t.heuristic_ms,
                 chosen_ms: t.chosen_ms,
+                sm_target: b.sm_target,
             })
             .collect();
-        rows.sort_by_key(|r| (r.out, r.inp, r.tokens));
+        rows.sort_by_key(|r| (r.out, r.inp, r.tokens, r.sm_target));
         rows
     }
 
