@@ -615,18 +615,21 @@ mod imp {
             }
             // [SMs left][without, with, urgent] -> one median per round
             let mut times = vec![[Vec::new(), Vec::new(), Vec::new()]; left_sms.len()];
-            for _round in 0..3 {
+            let kinds = [(&none, false), (&distinct, false), (&distinct, true)];
+            for round in 0..3 {
                 for (k, &left) in left_sms.iter().enumerate() {
                     exec.set_beside_gemm_sms(if left == 0 {
                         0
                     } else {
                         sms.saturating_sub(left).max(1)
                     });
-                    for (v, (run, urgent)) in
-                        [(&none, false), (&distinct, false), (&distinct, true)]
-                            .into_iter()
-                            .enumerate()
-                    {
+                    // Each round starts at another of the three, so that each runs once in
+                    // each position: session 24's first version always ran the served form
+                    // right after the step without adapters, and could not tell a gain from
+                    // an order effect.
+                    for i in 0..kinds.len() {
+                        let v = (i + round) % kinds.len();
+                        let (run, urgent) = kinds[v];
                         exec.set_urgent_lora(urgent);
                         times[k][v].push(run.run(exec, batch, next_id)?.median_ms);
                     }
