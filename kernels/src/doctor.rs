@@ -181,13 +181,13 @@ mod imp {
                 max_prefill_tokens: (max_prompt as u32).max(64),
                 ..SchedulerConfig::default()
             };
-            // One executor, four runs of the batch: a first one in line that tunes the GEMMs
+            // One executor, five runs of the batch: a first one in line that tunes the GEMMs
             // (each executor times cuBLASLt's candidates, so two executors may pick different
             // algorithms and differ in the last bits), then in line, with the decode rows'
-            // LoRA on its own stream beside the base GEMMs (how the executor serves), and in
-            // line again. The last three are compared with the reference; the overlapped run
-            // must give the bits of the in-line runs, which show how far two in-line runs
-            // differ at all.
+            // LoRA on its own stream beside the base GEMMs (how the executor serves), in line
+            // again, and run 4 (below). The last four are compared with the reference; the
+            // overlapped run must give the bits of the in-line runs, which show how far two
+            // in-line runs differ at all.
             let gpu = Gpu::new(0)?;
             let mut exec = GpuExecutor::new(
                 gpu,
