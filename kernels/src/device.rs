@@ -270,7 +270,7 @@ where
     if t == 0 {
         return Ok(());
     }
-    gpu.gemm.linear(gpu, x, w, y, t, inp, out, accumulate)
+    gpu.gemm.linear(gpu, x, w, y, t, inp, out, accumulate, 0)
 }
 
 /// [`linear`] planned for `sm_target` SMs (0: all), leaving the others to a kernel beside it.
@@ -290,6 +290,5 @@ where
     W: DevicePtr<f16>,
     Y: DevicePtrMut<f16>,
 {
-    gpu.gemm
-        .linear_on_sms(gpu, x, w, y, t, inp, out, false, sm_target)
+    gpu.gemm.linear(gpu, x, w, y, t, inp, out, false, sm_target)
 }

@@ -309,32 +309,11 @@ impl LtGemm {
         Ok(report)
     }
 
-    /// `y[t, out] (+)= x[t, inp] · w[out, inp]ᵀ` on the compute stream.
-    #[allow(clippy::too_many_arguments)] // one GEMM: operands, sizes, and accumulate
+    /// `y[t, out] (+)= x[t, inp] · w[out, inp]ᵀ` on the compute stream, planned for
+    /// `sm_target` SMs (0: the whole GPU) with its algorithm tuned under that target: cuBLASLt
+    /// then sizes its grid for that many SMs, so kernels on another stream may keep the rest.
+    #[allow(clippy::too_many_arguments)] // one GEMM: operands, sizes, accumulate, SMs
     pub fn linear<X, W, Y>(
-        &self,
-        gpu: &Gpu,
-        x: &X,
-        w: &W,
-        y: &mut Y,
-        t: usize,
-        inp: usize,
-        out: usize,
-        accumulate: bool,
-    ) -> Result<()>
-    where
-        X: DevicePtr<f16>,
-        W: DevicePtr<f16>,
-        Y: DevicePtrMut<f16>,
-    {
-        self.linear_on_sms(gpu, x, w, y, t, inp, out, accumulate, 0)
-    }
-
-    /// [`LtGemm::linear`] planned for `sm_target` SMs (0: the whole GPU), its algorithm tuned
-    /// under that target. cuBLASLt sizes its grid for that many SMs, so kernels on another
-    /// stream keep the rest.
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_on_sms<X, W, Y>(
         &self,
         gpu: &Gpu,
         x: &X,
@@ -738,7 +717,7 @@ pub fn check_adoption(gpu: &Gpu) -> Result<crate::ops::layers::CheckResult> {
     for &t in &counts {
         let x = upload(gpu, &rng.f16s(t * inp, -1.0, 1.0))?;
         let mut y = upload(gpu, &vec![f16::ZERO; t * out])?;
-        tuner.linear(gpu, &x, &w, &mut y, t, inp, out, false)?;
+        tuner.linear(gpu, &x, &w, &mut y, t, inp, out, false, 0)?;
         outputs.push((x, download(gpu, &y.as_view())?));
     }
     let recorded = tuner.algorithms();
@@ -753,7 +732,7 @@ pub fn check_adoption(gpu: &Gpu) -> Result<crate::ops::layers::CheckResult> {
     for (k, &t) in counts.iter().enumerate() {
         let (x, want) = &outputs[k];
         let mut y = upload(gpu, &vec![f16::ZERO; t * out])?;
-        adopter.linear(gpu, x, &w, &mut y, t, inp, out, false)?;
+        adopter.linear(gpu, x, &w, &mut y, t, inp, out, false, 0)?;
         let got = download(gpu, &y.as_view())?;
         let r = compare_f16(String::new(), &got, want);
         if worst.as_ref().is_none_or(|w| r.max_abs_err > w.max_abs_err) {
