@@ -4,7 +4,7 @@
 # SMs (cuBLASLt's SM-count target), against the batch-32 adapter overhead (+12.5%, issue 4).
 # Then session 23's call 3: the reference check with mha-qv, calibrate with the spread LoRA
 # check (7B, 3-8B; on an H200 also 13B), host 28's S1 n=100 85% cell replayed recorded and without adapters.
-#   BUDGET=560 bash docs/fidelity/runs-24/call-1/call.sh $OUT   (.devx as in runs-21's calls)
+#   BUDGET=560 bash docs/fidelity/runs-24/host-30/call-1/call.sh $OUT   (.devx as in runs-21's calls)
 set -u
 OUT=$1
 start=$(date +%s); budget=${BUDGET:-560}
