@@ -825,7 +825,16 @@ fn lora_spread_table(
     // (ranks, pattern) -> the priced LoRA's errors against what the adapters add.
     let mut lora_errors: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     for ((step, shape), cost) in steps.iter().zip(&shapes).zip(&costs) {
-        let ranks = ranks_label(&step.ranks);
+        let ranks = if step.sharing.is_empty() {
+            ranks_label(&step.ranks)
+        } else {
+            format!(
+                "{} ({} shared, {})",
+                ranks_label(&step.ranks),
+                step.adapters,
+                step.sharing
+            )
+        };
         let added = step.with.median_s - step.without.median_s;
         let priced = (cost.lora_shrink + cost.lora_expand).as_secs_f64();
         let whole = cost.total().as_secs_f64();
@@ -862,7 +871,7 @@ fn lora_spread_table(
         })
         .collect();
     Ok(format!(
-        "\n\n## Decode LoRA at spread contexts: measured vs priced\n\nRow i on an adapter of rank `ranks[i modulo their count]`, distinct while the adapters last (all ranks: the widest rank mix's; one rank: the grid's of that rank), at the contexts of the pattern (`even-LO-HI`: evenly over LO..=HI; `even-16-16` is the grid's own context). What the adapters add (the step minus the same rows without adapters, host-timed, measured together) against the LoRA the profile prices, and the whole step against the parts. Not used by the fit: it checks whether the grid's context prices live steps' LoRA (docs/FIDELITY.md, session 23).\n\n| ranks | contexts | decode rows | distinct adapters | without (ms) | with (ms) | adapters add (ms) | priced LoRA (ms) | priced against added | whole step, parts against measured |\n|---|---|---|---|---|---|---|---|---|---|\n{}\n\nMedian of the priced LoRA against what the adapters add:\n\n{}",
+        "\n\n## Decode LoRA at spread contexts: measured vs priced\n\nRow i on an adapter of rank `ranks[i modulo their count]`, distinct while the adapters last (all ranks: the widest rank mix's; one rank: the grid's of that rank), at the contexts of the pattern (`even-LO-HI`: evenly over LO..=HI; `even-16-16` is the grid's own context). At the grid's context, also every rank mixed over fewer adapters than rows (`N shared`), the rows on one adapter round robin as in the grids or adjacent; the price is the same for both. What the adapters add (the step minus the same rows without adapters, host-timed, measured together) against the LoRA the profile prices, and the whole step against the parts. Not used by the fit: it checks whether the grid's context and sharing price live steps' LoRA (docs/FIDELITY.md, sessions 23 and 24).\n\n| ranks | contexts | decode rows | distinct adapters | without (ms) | with (ms) | adapters add (ms) | priced LoRA (ms) | priced against added | whole step, parts against measured |\n|---|---|---|---|---|---|---|---|---|---|\n{}\n\nMedian of the priced LoRA against what the adapters add:\n\n{}",
         lines.join("\n"),
         medians.join("\n")
     ))
@@ -1415,6 +1424,13 @@ fn read_raw(path: &Path) -> Result<Calibration, CalibrateError> {
                     t.median_s
                 )));
             }
+        }
+        use slora_kernels::measurement::{SHARING_ADJACENT, SHARING_ROUND_ROBIN};
+        if !["", SHARING_ROUND_ROBIN, SHARING_ADJACENT].contains(&step.sharing.as_str()) {
+            return Err(bad(format!(
+                "lora_spread_steps[{i}].sharing: must be empty, \"{SHARING_ROUND_ROBIN}\" or \"{SHARING_ADJACENT}\", got {:?}",
+                step.sharing
+            )));
         }
     }
     Ok(c)
@@ -2061,6 +2077,7 @@ mod tests {
             adapters: 256,
             with: stat(with),
             without: stat(0.01),
+            sharing: String::new(),
         };
         for (step, says) in [
             (
@@ -2078,6 +2095,13 @@ mod tests {
             (
                 lora_spread(vec![16, 1024], vec![8, 64], 0.0),
                 "lora_spread_steps[1].with.median_s: must be a positive time, got 0",
+            ),
+            (
+                LoraSpreadStep {
+                    sharing: "sideways".into(),
+                    ..lora_spread(vec![16, 1024], vec![8, 64], 0.012)
+                },
+                "lora_spread_steps[1].sharing: must be empty, \"round robin\" or \"adjacent\", got \"sideways\"",
             ),
         ] {
             let mut bad = c.clone();
@@ -2112,6 +2136,7 @@ mod tests {
                 adapters: 256,
                 with: stat(with),
                 without: stat(8.0e-3),
+                sharing: String::new(),
             });
         }
         let table = lora_spread_table(&c, &profile).unwrap();
@@ -2153,6 +2178,7 @@ mod tests {
             adapters: 64,
             with: stat(9.0e-3),
             without: stat(8.0e-3),
+            sharing: String::new(),
         });
         let shape = mixed_rank_shape_of(&[512; 4], &[64], 64);
         assert_eq!((shape.lora_token_rank, shape.distinct_rank_sum), (256, 256));
@@ -2162,7 +2188,34 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("- ranks 64, even-512-512: "), "{table}");
+        // Mixed ranks over 64 shared adapters, round robin and adjacent: one line and one
+        // median each, priced alike (the same rows, ranks and distinct adapters).
+        for (sharing, with) in [("round robin", 9.5e-3), ("adjacent", 9.0e-3)] {
+            c.lora_spread_steps.push(LoraSpreadStep {
+                pattern: "even-16-16".into(),
+                contexts: vec![16; 128],
+                ranks: ranks.clone(),
+                adapters: 64,
+                with: stat(with),
+                without: stat(8.0e-3),
+                sharing: sharing.into(),
+            });
+        }
+        let table = lora_spread_table(&c, &profile).unwrap();
+        let priced: Vec<&str> = table
+            .lines()
+            .filter(|l| l.starts_with("| 8/16/32/64 (64 shared, "))
+            .map(|l| l.split('|').nth(8).unwrap_or(""))
+            .collect();
+        assert_eq!(priced.len(), 2, "{table}");
+        assert_eq!(priced[0], priced[1], "{table}");
+        assert!(table.contains("| 8/16/32/64 (64 shared, adjacent) | even-16-16 | 128 | 64 | 8.000 | 9.000 | 1.000 |"), "{table}");
+        assert!(
+            table.contains("- ranks 8/16/32/64 (64 shared, round robin), even-16-16: "),
+            "{table}"
+        );
         let raw = serde_json::to_string(&c).unwrap();
+        assert!(raw.contains("\"sharing\":\"adjacent\""), "{raw}");
         let back: Calibration = serde_json::from_str(&raw).unwrap();
         assert_eq!(back.lora_spread_steps, c.lora_spread_steps);
         let (_, report) = derive(&c, None).unwrap();

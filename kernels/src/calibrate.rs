@@ -31,8 +31,9 @@ use std::time::Instant;
 pub use crate::measurement::{
     zipf_rows, Calibration, LoraConditionStep, LoraSpreadStep, RankMixSteps, SpreadDecodeStep,
     SpreadPattern, Stat, LORA_CONDITION_ADAPTERS, LORA_CONDITION_CONTEXTS, LORA_CONDITION_TOKENS,
-    LORA_DECODE_ADAPTERS, LORA_DECODE_TOKENS, LORA_SPREAD_PATTERNS, LORA_SPREAD_TOKENS,
-    MIXED_CONTEXT, MIXED_SHAPES, SPREAD_BATCHES, SPREAD_PATTERNS,
+    LORA_DECODE_ADAPTERS, LORA_DECODE_TOKENS, LORA_SHARED_ADAPTERS, LORA_SPREAD_PATTERNS,
+    LORA_SPREAD_TOKENS, MIXED_CONTEXT, MIXED_SHAPES, SHARING_ADJACENT, SHARING_ROUND_ROBIN,
+    SPREAD_BATCHES, SPREAD_PATTERNS,
 };
 
 /// The axes measured. Multi-axis grids are complete (every combination).
@@ -706,21 +707,62 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
             ));
         }
     }
-    for pattern in &LORA_SPREAD_PATTERNS {
+    // At the grid's own context, also every rank mixed over fewer adapters than rows, the
+    // rows on one adapter round robin (as in the grids) and adjacent: S2's and GQA's live
+    // LoRA from 96 rows, 100 adapters shared, cost 10-34% less than priced where S1's rank 8
+    // did not (docs/FIDELITY.md, session 24).
+    let shared: Vec<AdapterId> = spread_sets
+        .first()
+        .filter(|(ranks, _)| ranks.len() > 1)
+        .map(|(_, cycle)| {
+            cycle
+                .iter()
+                .copied()
+                .take(LORA_SHARED_ADAPTERS as usize)
+                .collect()
+        })
+        .unwrap_or_default();
+    for (p, pattern) in LORA_SPREAD_PATTERNS.iter().enumerate() {
         for &tokens in LORA_SPREAD_TOKENS.iter().filter(|&&t| t <= max_decode) {
             let contexts = pattern.contexts(tokens);
             let (_, without) = b.measure(reps, |b| b.decode_plan_of(&contexts, &[]))?;
             let without = Stat::of(without);
-            for (ranks, cycle) in &spread_sets {
-                let used = &cycle[..(tokens as usize).min(cycle.len())];
+            let n = shared.len();
+            let shared_sets: Vec<(&str, Vec<AdapterId>)> = if p == 0 && n > 0 && tokens as usize > n
+            {
+                let rows = tokens as usize;
+                vec![
+                    (SHARING_ROUND_ROBIN, shared.clone()),
+                    (
+                        SHARING_ADJACENT,
+                        (0..rows).map(|r| shared[r * n / rows]).collect(),
+                    ),
+                ]
+            } else {
+                Vec::new()
+            };
+            // (sharing, ranks, the rows' adapters, distinct adapters of the set)
+            let sets = spread_sets
+                .iter()
+                .map(|(ranks, cycle)| {
+                    let used = &cycle[..(tokens as usize).min(cycle.len())];
+                    ("", ranks, used, cycle.len())
+                })
+                .chain(
+                    shared_sets
+                        .iter()
+                        .map(|(sharing, rows)| (*sharing, &grid.lora_ranks, rows.as_slice(), n)),
+                );
+            for (sharing, ranks, used, adapters) in sets {
                 let (_, with) = b.measure(reps, |b| b.decode_plan_of(&contexts, used))?;
                 lora_spread_steps.push(LoraSpreadStep {
                     pattern: pattern.name(),
                     contexts: contexts.clone(),
                     ranks: ranks.clone(),
-                    adapters: cycle.len() as u32,
+                    adapters: adapters as u32,
                     with: Stat::of(with),
                     without,
+                    sharing: sharing.into(),
                 });
             }
         }

@@ -164,7 +164,23 @@ pub struct LoraSpreadStep {
     pub adapters: u32,
     pub with: Stat,
     pub without: Stat,
+    /// How rows share the `adapters` when there are more rows than adapters: empty, row `i` on
+    /// adapter `i % adapters` (rows sharing one are as far apart as they can be, as in the
+    /// grids); [`SHARING_ADJACENT`], each adapter's rows next to each other (session 24's
+    /// lead: a block that reads an adapter's rows soon after another may find them in the
+    /// L2, as live batches' popular adapters may).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sharing: String,
 }
+
+/// [`LoraSpreadStep::sharing`] of steps whose rows on one adapter are adjacent.
+pub const SHARING_ADJACENT: &str = "adjacent";
+/// [`LoraSpreadStep::sharing`] of the same steps' baseline, rows round robin over the same
+/// adapters (the grids' way), named so that the report sets the two side by side.
+pub const SHARING_ROUND_ROBIN: &str = "round robin";
+/// Distinct adapters of the shared mixed-rank steps of [`Calibration::lora_spread_steps`]:
+/// fewer than their rows, as in live cells of 100 adapters at 96-256 rows.
+pub const LORA_SHARED_ADAPTERS: u32 = 64;
 
 /// Context patterns of [`Calibration::lora_spread_steps`]: the LoRA grid's own context (16,
 /// every row), one long context for every row, and two spreads a server's batches have.
