@@ -16,6 +16,10 @@ slots (the earliest free): a wave count softened by the blocks' unequal lengths.
    per head ~ sum over buckets >= 256 of (rows+count)/256 - count/2.
 I_M(S): grid_part applied to M's values at the grid's nodes (so the term is 0 on the grid).
 excess': decode_spread_excess refitted after the term, as calibrate fits it (even-16-*).
+
+Needs numpy, and `cargo build --release` first (data.py prices the replays with
+`target/release/slora-plan replay`). Work files go to $DECODE_WAVES_WORK (/tmp/decode-waves).
+An analysis of session 25 (docs/FIDELITY.md); nothing here is used by the cost model.
 """
 import sys, pickle, copy, statistics, os
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
