@@ -26,6 +26,10 @@ pub enum ReplayPass {
     /// The plans without their adapters, phase-timed: the parts of the base step alone
     /// (whether a phase's excess over the profile comes with the adapters or without them).
     NoLoraPhases,
+    /// The plans as recorded with each step's decode rows grouped by adapter
+    /// (`GpuExecutor::set_decode_rows_by_adapter`): what placing rows that share an adapter
+    /// next to each other saves on the live run's own steps.
+    ByAdapter,
 }
 
 impl ReplayPass {
@@ -35,6 +39,7 @@ impl ReplayPass {
             ReplayPass::NoLora => "no_lora",
             ReplayPass::Phases => "phases",
             ReplayPass::NoLoraPhases => "no_lora_phases",
+            ReplayPass::ByAdapter => "by_adapter",
         }
     }
 
@@ -542,6 +547,9 @@ mod gpu {
         use_recorded_pool(setup, recorded, Some(loaded.pool_pages as u64), origin)
             .map_err(|e| ExecuteError::Setup(e.to_string()))?;
         loaded.exec.set_phase_timing(pass.phase_timed());
+        loaded
+            .exec
+            .set_decode_rows_by_adapter(pass == ReplayPass::ByAdapter);
         let mut timings = Vec::new();
         let result = {
             let mut backend = GpuBackend {
@@ -565,6 +573,7 @@ mod gpu {
             result
         };
         loaded.exec.set_phase_timing(false);
+        loaded.exec.set_decode_rows_by_adapter(false);
         loaded.exec.reset();
         let summary = result.map_err(|e| ExecuteError::Setup(e.to_string()))?;
         if summary.drifted > 0 || summary.replayed < summary.recorded {

@@ -101,7 +101,8 @@ enum Command {
     BenchGpu {
         /// Measure one table only (after the ceilings): `lora-beside`, the decode rows' LoRA
         /// beside the q/k/v and o GEMMs with those GEMMs planned for fewer SMs and the LoRA
-        /// stream at the greatest priority.
+        /// stream at the greatest priority; `lora-sharing`, where the decode rows that share
+        /// an adapter sit in the batch, and the executor grouping them by adapter.
         #[arg(long, value_enum)]
         only: Option<BenchOnly>,
     },
@@ -111,6 +112,7 @@ enum Command {
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum BenchOnly {
     LoraBeside,
+    LoraSharing,
 }
 
 /// Why the command failed; decides the exit code.
@@ -231,6 +233,7 @@ fn main() -> ExitCode {
         Command::BenchGpu { only } => slora_kernels::bench::gpu_benchmarks(match only {
             None => slora_kernels::bench::BenchSection::All,
             Some(BenchOnly::LoraBeside) => slora_kernels::bench::BenchSection::LoraBeside,
+            Some(BenchOnly::LoraSharing) => slora_kernels::bench::BenchSection::LoraSharing,
         })
         .map(|lines| lines.iter().for_each(|l| println!("{l}")))
         .map_err(CliError::BenchGpu),
@@ -302,6 +305,11 @@ fn doctor(reference: Option<&Path>) -> Result<(), CliError> {
                     failed += 1;
                     println!("  -> FAIL: {line}");
                 }
+            }
+            if let Some((differ, rows)) = run.grouped_vs_served {
+                println!(
+                    "  ({differ} of {rows} logit rows differ in some bit from the run in the plan's row order)"
+                );
             }
         }
     }

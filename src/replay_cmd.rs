@@ -27,7 +27,8 @@ pub struct ReplayArgs {
     pub execute: bool,
     /// With --execute, the passes in order: `recorded` (the plans as made), `no-lora` (the
     /// same plans with no adapter on any row), `phases` (as recorded, CUDA events between the
-    /// phases of each step), `no-lora-phases` (without adapters, phase-timed).
+    /// phases of each step), `no-lora-phases` (without adapters, phase-timed), `by-adapter`
+    /// (as recorded, each step's decode rows grouped by adapter).
     #[arg(
         long,
         value_enum,

@@ -11,6 +11,9 @@ pub enum BenchSection {
     All,
     /// The ceilings and the decode rows' LoRA beside the GEMMs only (a short GPU call).
     LoraBeside,
+    /// The ceilings and where the decode rows that share an adapter sit only (a short GPU
+    /// call).
+    LoraSharing,
 }
 
 /// Runs the benchmarks of `section`; returns Markdown lines (tables) for BENCHMARKS.md.
@@ -363,6 +366,10 @@ mod imp {
             lines.extend(lora_beside_variants(&mut exec, distinct, &mut next_id)?);
             return Ok(lines);
         }
+        if section == super::BenchSection::LoraSharing {
+            lines.extend(lora_sharing_placement(&mut exec, distinct, &mut next_id)?);
+            return Ok(lines);
+        }
         let dependent_default = exec.gpu.dependent_launch_enabled();
         for batch in [1usize, 32, 64, 128, 256] {
             let needed =
@@ -503,6 +510,7 @@ mod imp {
         exec.set_cuda_graphs(true);
         exec.set_lora_overlap(true);
         lines.extend(lora_beside_variants(&mut exec, distinct, &mut next_id)?);
+        lines.extend(lora_sharing_placement(&mut exec, distinct, &mut next_id)?);
         // Prefill steps: the prompt rows' LoRA on tensor cores (the default) and on the SIMT
         // baseline, and the same prompts without adapters, measured in the same run.
         lines.push(String::new());
@@ -652,7 +660,101 @@ mod imp {
         Ok(lines)
     }
 
+    /// Where the decode rows that share an adapter sit in the batch, and the executor's
+    /// grouping of them (`GpuExecutor::set_decode_rows_by_adapter`). Two populations, each
+    /// placed two ways (the same adapters on the same number of rows):
+    /// - two rows per adapter (S2's live steps with 100 adapters have 1.5-2 from 64 rows),
+    ///   round robin (row b on adapter b mod batch/2: how `calibrate`'s grids share) or
+    ///   adjacent (rows 2j and 2j + 1 on adapter j);
+    /// - Zipf(1) over the 1,000 adapters at the batch's quantiles, adjacent (sorted, as in the
+    ///   decode table) or interleaved (row b takes quantile 37 b mod batch).
+    ///
+    /// The round-robin and interleaved batches are measured again with the executor grouping
+    /// rows by adapter, which should cost what the adjacent ones do. Host-timed decode steps
+    /// (CUDA graphs, the LoRA as served), median of 3 rounds of 12-step medians, each round
+    /// in another order; overheads against the same batch without adapters.
+    fn lora_sharing_placement(
+        exec: &mut GpuExecutor,
+        distinct: DecodeBatch<'_>,
+        next_id: &mut u64,
+    ) -> Result<Vec<String>> {
+        let mut lines = vec![
+            String::new(),
+            "Where decode rows that share an adapter sit (ranks 8-64 mixed, context 512; host-timed decode steps, median of 3 rounds; overhead against the same batch without adapters; \"grouped\": the executor lays out rows by adapter):".into(),
+            "| batch | without adapters (ms) | 2 rows an adapter, round robin | adjacent | round robin, grouped | Zipf(1) adjacent | Zipf(1) interleaved | interleaved, grouped | distinct (Zipf) |".into(),
+            "|---|---|---|---|---|---|---|---|---|".into(),
+        ];
+        for batch in [32usize, 64, 128, 256] {
+            let needed = super::decode_batch_pages(
+                distinct.model,
+                distinct.specs,
+                batch,
+                distinct.prompt,
+                super::DECODE_OUTPUT,
+            );
+            if batch > distinct.max_batch || needed > distinct.pool_pages as u64 {
+                lines.push(format!(
+                    "| {batch} | not run: the batch holds {needed} pool pages at its largest; the pool has {} |",
+                    distinct.pool_pages
+                ));
+                continue;
+            }
+            let pairs = batch / 2;
+            let round_robin: Vec<u32> = (0..batch)
+                .map(|b| super::distinct_adapter(b % pairs).0)
+                .collect();
+            let adjacent: Vec<u32> = (0..batch)
+                .map(|b| super::distinct_adapter(b / 2).0)
+                .collect();
+            let zipf = crate::measurement::zipf_quantiles(batch as u32, 1000);
+            let interleaved: Vec<u32> = (0..batch).map(|b| zipf[b * 37 % batch]).collect();
+            // (adapters, the executor grouping rows by adapter)
+            let runs: [(BatchAdapters<'_>, bool); 7] = [
+                (BatchAdapters::None, false),
+                (BatchAdapters::Popular(&round_robin), false),
+                (BatchAdapters::Popular(&adjacent), false),
+                (BatchAdapters::Popular(&round_robin), true),
+                (BatchAdapters::Popular(&zipf), false),
+                (BatchAdapters::Popular(&interleaved), false),
+                (BatchAdapters::Popular(&interleaved), true),
+            ];
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+            let mut zipf_distinct = 0;
+            for round in 0..3 {
+                for i in 0..runs.len() {
+                    let k = (i + round * 3) % runs.len();
+                    let (adapters, grouped) = runs[k];
+                    exec.set_decode_rows_by_adapter(grouped);
+                    let run = DecodeBatch {
+                        adapters,
+                        ..distinct
+                    }
+                    .run(exec, batch, next_id)?;
+                    if k == 4 {
+                        zipf_distinct = run.distinct_adapters;
+                    }
+                    times[k].push(run.median_ms);
+                }
+            }
+            exec.set_decode_rows_by_adapter(false);
+            let t: Vec<f64> = times.iter_mut().map(|v| median(v)).collect();
+            let cell = |k: usize| format!("{:.2} ms, {:+.1}%", t[k], 100.0 * (t[k] / t[0] - 1.0));
+            lines.push(format!(
+                "| {batch} | {:.2} | {} | {} | {} | {} | {} | {} | {zipf_distinct} |",
+                t[0],
+                cell(1),
+                cell(2),
+                cell(3),
+                cell(4),
+                cell(5),
+                cell(6)
+            ));
+        }
+        Ok(lines)
+    }
+
     /// Which adapters a measured decode batch's requests use.
+    #[derive(Clone, Copy)]
     enum BatchAdapters<'a> {
         None,
         /// Each request its own adapter (`distinct_adapter`): the worst case.
@@ -663,6 +765,7 @@ mod imp {
 
     /// A decode batch of synthetic requests at one context, driven by the engine through
     /// the executor with the executor's switches as the caller set them.
+    #[derive(Clone, Copy)]
     struct DecodeBatch<'a> {
         model: &'a ModelSpec,
         specs: &'a [slora_engine::AdapterSpec],

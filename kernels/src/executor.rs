@@ -164,6 +164,10 @@ pub struct GpuExecutor {
     /// groups each row has: the default) or over the full grid of `ceil(max_rank / 4)` groups
     /// a row (the baseline `bench-gpu` compares against).
     shrink_work_list: bool,
+    /// Whether a step's decode rows are laid out grouped by adapter
+    /// (`lora::decode_rows_by_adapter`) instead of in the plan's order (the default); see
+    /// [`GpuExecutor::set_decode_rows_by_adapter`].
+    decode_rows_by_adapter: bool,
     /// SMs the q/k/v and o GEMMs are planned for while the decode rows' LoRA runs beside
     /// them (0, the default: the whole GPU); see [`GpuExecutor::set_beside_gemm_sms`].
     beside_sm_target: u32,
@@ -362,6 +366,7 @@ impl GpuExecutor {
             last_phase_times: None,
             lora_overlap: true,
             shrink_work_list: true,
+            decode_rows_by_adapter: false,
             beside_sm_target: 0,
             prefill_lora_path: lora::PrefillPath::default(),
         })
@@ -394,6 +399,16 @@ impl GpuExecutor {
     /// rank exiting at once (the baseline `bench-gpu` compares against).
     pub fn set_shrink_work_list(&mut self, on: bool) {
         self.shrink_work_list = on;
+        self.graph = None;
+    }
+
+    /// Lays out each step's decode rows grouped by adapter (rows sharing one next to each
+    /// other) instead of in the plan's order (off by default). Every per-row kernel computes
+    /// each row as before; what changes is which MBGMV blocks run together, and so whether
+    /// rows that share an adapter read its rows from L2 (docs/FIDELITY.md, session 25).
+    /// `bench-gpu --only lora-sharing` and `replay --passes by-adapter` measure it.
+    pub fn set_decode_rows_by_adapter(&mut self, on: bool) {
+        self.decode_rows_by_adapter = on;
         self.graph = None;
     }
 
@@ -720,7 +735,13 @@ impl GpuExecutor {
             }
         }
         let prefill_rows = token_ids.len();
-        for dw in &plan.decode {
+        let decode_order: Vec<usize> = if self.decode_rows_by_adapter {
+            let adapters: Vec<Option<AdapterId>> = plan.decode.iter().map(|d| d.adapter).collect();
+            lora::decode_rows_by_adapter(&adapters)
+        } else {
+            (0..plan.decode.len()).collect()
+        };
+        for dw in decode_order.iter().map(|&i| &plan.decode[i]) {
             let r = self.requests.get_mut(&dw.request).ok_or_else(|| {
                 Self::plan_err(step, format!("{} decodes but was never added", dw.request))
             })?;

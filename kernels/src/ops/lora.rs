@@ -301,6 +301,19 @@ pub fn shrink_work(ranks: impl IntoIterator<Item = usize>, max_rank: usize) -> V
     work
 }
 
+/// The order in which the executor lays out a step's decode rows when it groups them by
+/// adapter (`GpuExecutor::set_decode_rows_by_adapter`): the indices of `adapters` (each decode
+/// row's adapter, in the plan's order; `None` first) sorted by adapter, rows of one adapter in
+/// the plan's order. The MBGMV kernels give each row its own blocks, which read that row's
+/// adapter rows; in this order the blocks of rows sharing an adapter run next to each other,
+/// so the second and later reads of the same rows can come from L2 rather than HBM. Each
+/// row's arithmetic does not depend on where it sits, so the order changes no result.
+pub fn decode_rows_by_adapter<K: Ord>(adapters: &[K]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..adapters.len()).collect();
+    order.sort_by(|&a, &b| adapters[a].cmp(&adapters[b]));
+    order
+}
+
 /// A shrink grid of `blocks` work-list entries, checked against the full grid's `full` blocks:
 /// a list is never empty and never longer than the full grid (each entry is one of its blocks).
 fn shrink_work_blocks(kernel: &'static str, full: u32, blocks: usize) -> Result<u32> {
@@ -3029,6 +3042,29 @@ mod tests {
         assert_eq!(plan.shrink.grid.0, 3 * 4);
         assert_eq!(plan.expand.grid.0, 3 * 4);
         assert!(LoraDecodePlan::new(shape(), 0).unwrap().is_empty());
+    }
+
+    /// Rows sharing an adapter become adjacent, rows without one come first, and rows of
+    /// one adapter keep the plan's order; every row appears once.
+    #[test]
+    fn decode_rows_by_adapter_groups_rows_stably() {
+        let adapters = [
+            Some(7u32),
+            None,
+            Some(3),
+            Some(7),
+            None,
+            Some(3),
+            Some(9),
+            Some(7),
+        ];
+        let order = decode_rows_by_adapter(&adapters);
+        assert_eq!(order, vec![1, 4, 2, 5, 0, 3, 7, 6]);
+        let keys: Vec<_> = order.iter().map(|&i| adapters[i]).collect();
+        assert!(keys.windows(2).all(|w| w[0] <= w[1]), "{keys:?}");
+        assert!(decode_rows_by_adapter::<Option<u32>>(&[]).is_empty());
+        let distinct = [Some(2u32), Some(0), Some(1)];
+        assert_eq!(decode_rows_by_adapter(&distinct), vec![1, 2, 0]);
     }
 
     #[test]
