@@ -1124,15 +1124,49 @@ fn whole_step_checks(
             .map(|(b, x, s)| (*b, *x, s.median_s))
             .collect();
         let shapes: Vec<_> = rows.iter().map(|r| decode_shape(r.0, r.1)).collect();
+        let predicted = predict(c, profile, &shapes)?;
         report.push_str(&check_table(
             "Whole decode steps: measured vs the parts",
             "Host-timed steps as the executor runs them (no events, no adapters).",
             ["batch", "context"],
             &rows,
-            &predict(c, profile, &shapes)?,
+            &predicted,
         ));
+        report.push_str(&host_prep_table(c, &rows, &predicted));
     }
     Ok(report)
+}
+
+/// The whole decode steps' host preparation (`Calibration::decode_step_prep`: the host time
+/// before a step's first kernel, its tables built and uploaded) beside what the steps cost
+/// over the parts: whether the shortfall that grows with cached rows is host work. Empty
+/// without the measurement (before session 25).
+fn host_prep_table(c: &Calibration, rows: &[(u32, u32, f64)], predicted: &[f64]) -> String {
+    let prep: std::collections::HashMap<(u32, u32), f64> = c
+        .decode_step_prep
+        .iter()
+        .map(|(b, x, s)| ((*b, *x), s.median_s))
+        .collect();
+    let lines: Vec<String> = rows
+        .iter()
+        .zip(predicted)
+        .filter_map(|(&(b, x, measured), p)| {
+            let host = prep.get(&(b, x))?;
+            Some(format!(
+                "| {b} | {x} | {} | {:.3} | {:+.3} |",
+                u64::from(b) * u64::from(x + 1),
+                host * 1e3,
+                (measured - p) * 1e3
+            ))
+        })
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n\n## Whole decode steps: host preparation\n\nThe host time of the steps above before their first kernel (the step's tables built and uploaded; the page tables grow with the cached rows), beside what each step costs over the parts. Not used by the fit: it says whether that excess is host work (docs/FIDELITY.md, session 25).\n\n| batch | context | cached rows read | host preparation (ms) | measured - parts (ms) |\n|---|---|---|---|---|\n{}",
+        lines.join("\n")
+    )
 }
 
 /// Fits the profile's `prefill_extra_chunks` on the whole steps of several prompts (`rows`:
@@ -1389,6 +1423,14 @@ fn read_raw(path: &Path) -> Result<Calibration, CalibrateError> {
     c.model.validate().map_err(|e| bad(format!("model: {e}")))?;
     if c.date.is_empty() {
         return Err(bad("date: missing (the measurement's date)".into()));
+    }
+    for (i, (_, _, t)) in c.decode_step_prep.iter().enumerate() {
+        if !(t.median_s.is_finite() && t.median_s >= 0.0) {
+            return Err(bad(format!(
+                "decode_step_prep[{i}].median_s: must be a time of at least 0, got {}",
+                t.median_s
+            )));
+        }
     }
     for (i, step) in c.spread_decode_steps.iter().enumerate() {
         if step.contexts.is_empty() {
@@ -1781,6 +1823,7 @@ mod tests {
             fixed_overhead: stat(1e-9),
             sampling_per_token: stat(1e-7),
             decode_steps: Vec::new(),
+            decode_step_prep: Vec::new(),
             mixed_steps: Vec::new(),
             mixed_rank: 64,
             mixed_adapters: 16,
@@ -1889,6 +1932,22 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("over 3 steps: 9.1%"), "{report}");
+        // Without the host preparation measured (before session 25) its table is left out;
+        // with it, each step's row sets it beside what the step costs over the parts.
+        assert!(!report.contains("host preparation"), "{report}");
+        c.decode_step_prep = decode
+            .iter()
+            .map(|&(b, x)| (b, x, stat(1e-6 * f64::from(b))))
+            .collect();
+        let (_, report) = derive(&c, None).unwrap();
+        let row = format!(
+            "| 32 | 512 | 16416 | 0.032 | {:+.3} |",
+            0.1 * times[1] * 1e3
+        );
+        assert!(
+            report.contains("## Whole decode steps: host preparation") && report.contains(&row),
+            "{row}\n{report}"
+        );
     }
 
     /// Spread steps whose attention costs a known amount beyond the grid's estimate give the
@@ -2067,6 +2126,13 @@ mod tests {
             bad.spread_decode_steps = vec![spread(vec![16, 512], 1e-3), step];
             refused(&bad, says);
         }
+        // Host preparation: a time below zero.
+        let mut bad = c.clone();
+        bad.decode_step_prep = vec![(8, 64, stat(1e-4)), (32, 512, stat(-1e-3))];
+        refused(
+            &bad,
+            "decode_step_prep[1].median_s: must be a time of at least 0, got -0.001",
+        );
         use slora_kernels::measurement::LoraSpreadStep;
         // LoRA spread steps: no requests, no ranks (the report cycles over them), a rank of 0,
         // or a time that is no time.

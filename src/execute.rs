@@ -75,6 +75,8 @@ pub struct ReplayTiming {
     pub executed_s: f64,
     /// GPU seconds per phase (`PHASE_NAMES`), for a `Phases` pass.
     pub phases_s: Option<[f64; 7]>,
+    /// Host seconds before the step's first kernel (`GpuExecutor::last_host_prep_s`).
+    pub host_prep_s: f64,
 }
 
 /// The profile algorithms a live run may adopt, or why it tunes its own: the profile must
@@ -309,6 +311,8 @@ mod gpu {
         seed: u64,
         /// A replay's pass, and the phase times of each step it ran (`Phases` only).
         pass: Option<(ReplayPass, Vec<Option<[f64; 7]>>)>,
+        /// A replay's host preparation of each step it ran, seconds.
+        host_preps: Vec<f64>,
     }
 
     impl Executor for GpuBackend<'_> {
@@ -330,6 +334,7 @@ mod gpu {
                 let times = self.exec.last_phase_times.take();
                 phases.push(times.map(|t| PHASES.map(|p| t.get(p) * 1e-3)));
             }
+            self.host_preps.push(self.exec.last_host_prep_s);
             Ok(report)
         }
     }
@@ -508,6 +513,7 @@ mod gpu {
             vocab: setup.engine.model.vocab_size,
             seed: setup.scenario.seed,
             pass: None,
+            host_preps: Vec::new(),
         };
         let run = serve(
             setup,
@@ -557,18 +563,23 @@ mod gpu {
                 vocab: setup.engine.model.vocab_size,
                 seed: setup.scenario.seed,
                 pass: Some((pass, Vec::new())),
+                host_preps: Vec::new(),
             };
             let result = slora_sim::replay::replay(setup, recorded, &mut backend, &mut |s| {
                 timings.push(ReplayTiming {
                     index: s.index,
                     executed_s: s.executed.as_secs_f64(),
                     phases_s: None,
+                    host_prep_s: 0.0,
                 })
             });
             if let Some((_, phases)) = backend.pass.take() {
                 for (t, p) in timings.iter_mut().zip(phases) {
                     t.phases_s = p;
                 }
+            }
+            for (t, prep) in timings.iter_mut().zip(&backend.host_preps) {
+                t.host_prep_s = *prep;
             }
             result
         };

@@ -223,7 +223,11 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayCmdError> {
                     pass: pass.name(),
                     source,
                 })?;
-            let _ = write!(header, ",executed_{}_s", pass.name());
+            let _ = write!(
+                header,
+                ",executed_{0}_s,executed_{0}_host_prep_s",
+                pass.name()
+            );
             if pass.phase_timed() {
                 // `phase_*` for the pass with adapters (as in earlier tables), else prefixed.
                 let prefix = if pass.without_adapters() {
@@ -247,7 +251,7 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayCmdError> {
                         row.index
                     )));
                 }
-                let mut cell = format!("{:.9}", t.executed_s);
+                let mut cell = format!("{:.9},{:.9}", t.executed_s, t.host_prep_s);
                 if pass.phase_timed() {
                     for v in t.phases_s.unwrap_or([0.0; 7]) {
                         let _ = write!(cell, ",{v:.9}");

@@ -118,6 +118,8 @@ struct Bench {
     next_request: u64,
     next_step: u64,
     vocab: u32,
+    /// `GpuExecutor::last_host_prep_s` of each host-timed run of the last `measure`.
+    host_preps: Vec<f64>,
 }
 
 impl Bench {
@@ -262,6 +264,7 @@ impl Bench {
         self.release(&plan);
         let mut phases = Vec::with_capacity(reps);
         let mut hosts = Vec::with_capacity(reps);
+        self.host_preps.clear();
         for _ in 0..reps {
             let plan = make(self);
             let (_, p) = self.run(&plan, true)?;
@@ -269,6 +272,7 @@ impl Bench {
             phases.extend(p);
             let plan = make(self);
             let (host, _) = self.run(&plan, false)?;
+            self.host_preps.push(self.exec.last_host_prep_s);
             self.release(&plan);
             hosts.push(host);
         }
@@ -381,6 +385,7 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         next_request: 0,
         next_step: 0,
         vocab: model.vocab_size,
+        host_preps: Vec::new(),
     };
     // The executor runs launch by launch while serving live (see `--execute`): calibrate it so.
     b.exec.set_cuda_graphs(false);
@@ -392,6 +397,7 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
     let mut lm_head = Vec::new();
     let mut attention_decode = Vec::new();
     let mut decode_steps = Vec::new();
+    let mut decode_step_prep = Vec::new();
     let mut overheads = Vec::new();
     let mut sampling = Vec::new();
     for &batch in &grid.decode_batches {
@@ -406,6 +412,7 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
             let sum = phase_stat(&phases, |p| p.total());
             overheads.push((host.median_s - sum.median_s).max(0.0));
             decode_steps.push((batch, context, host));
+            decode_step_prep.push((batch, context, Stat::of(b.host_preps.clone())));
             if ci == 0 {
                 base_gemm.push((batch, phase_stat(&phases, |p| p.get(Phase::Dense))));
                 lm_head.push((batch, phase_stat(&phases, |p| p.get(Phase::LmHead))));
@@ -848,6 +855,7 @@ pub fn calibrate(model: &ModelSpec, grid: &Grid, progress: &dyn Fn(&str)) -> Res
         fixed_overhead,
         sampling_per_token,
         decode_steps,
+        decode_step_prep,
         mixed_steps,
         mixed_rank,
         mixed_adapters: max_adapters,

@@ -156,6 +156,13 @@ pub struct GpuExecutor {
     phase_timing: bool,
     /// Per-phase GPU times of the last step run with phase timing on.
     pub last_phase_times: Option<PhaseTimes>,
+    /// Host seconds of the last step before its first kernel was enqueued: plan checks,
+    /// adapter loads issued, the step's tables built and uploaded. The page tables grow with
+    /// the step's cached rows; `calibrate` reports this beside what its whole decode steps
+    /// cost over the parts (docs/FIDELITY.md, session 25).
+    pub last_host_prep_s: f64,
+    /// When the step being run began (set by `run`).
+    step_started: Instant,
     /// Whether the decode rows' LoRA runs on the LoRA stream beside the base GEMMs (the
     /// default) or in line on the compute stream (always so while phase timing is on, so
     /// that each phase's events bracket its own kernels).
@@ -364,6 +371,8 @@ impl GpuExecutor {
             last_logits: Vec::new(),
             phase_timing: false,
             last_phase_times: None,
+            last_host_prep_s: 0.0,
+            step_started: Instant::now(),
             lora_overlap: true,
             shrink_work_list: true,
             decode_rows_by_adapter: false,
@@ -623,6 +632,8 @@ impl GpuExecutor {
     }
 
     fn run(&mut self, plan: &StepPlan) -> Result<()> {
+        self.step_started = Instant::now();
+        self.last_host_prep_s = 0.0;
         for a in &plan.aborted {
             self.requests.remove(&a.request);
         }
@@ -1002,6 +1013,7 @@ impl GpuExecutor {
         }
 
         let n_sample = sample.len();
+        self.last_host_prep_s = self.step_started.elapsed().as_secs_f64();
         // ---- Forward --------------------------------------------------------------------------
         // Decode-only steps run as a CUDA graph: captured the first time a batch shape is seen,
         // replayed (one launch instead of ~20 per layer) while it is unchanged. Any capture

@@ -65,6 +65,11 @@ pub struct Calibration {
     /// Whole decode steps as the executor runs them (host-timed, no events): `(batch,
     /// context, seconds)`, for checking a cost model's sum of parts against real steps.
     pub decode_steps: Vec<(u32, u32, Stat)>,
+    /// Of the same steps, the host seconds before the first kernel was enqueued (the step's
+    /// tables built and uploaded: `GpuExecutor::last_host_prep_s`), `(batch, context,
+    /// seconds)`. From session 25; empty in measurements taken before. Not used by the fit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decode_step_prep: Vec<(u32, u32, Stat)>,
     /// Whole steps with a prompt, as a server runs them: one prompt of `prefill` tokens
     /// (context 0) beside `decode` decode rows at context `MIXED_CONTEXT`, the requests on
     /// the LoRA grid's adapters of rank `mixed_rank` round robin (`min(decode + 1, adapters)`

@@ -10,7 +10,8 @@
 #      (the live run's own steps: what grouping saves where S2's LoRA is priced high).
 #   4. `bench-gpu --only lora-beside` (session 24's fixed variant table, never run).
 #   5. Llama-7B calibrated (the spread check's shared-adapter steps, round robin vs
-#      adjacent), while the budget lasts.
+#      adjacent; and each whole decode step's host preparation beside what it costs over
+#      the parts, GQA's lead), while the budget lasts.
 #   BUDGET=560 bash docs/fidelity/runs-25/next/call.sh $OUT   (.devx as in runs-24's calls)
 set -u
 OUT=$1
@@ -41,7 +42,8 @@ for lo, hi in [(1, 64), (64, 128), (128, 192), (192, 257)]:
     r = [x for x in rows if x["prefill_tokens"] == "0" and lo <= int(x["decode_requests"]) < hi]
     if r:
         a = sum(float(x["executed_recorded_s"]) for x in r); b = sum(float(x["executed_by_adapter_s"]) for x in r)
-        print(f"decode rows {lo}-{hi - 1}: {len(r)} steps, grouped/recorded - 1 = {100 * (b / a - 1):+.2f}%")
+        prep = statistics.median(float(x["executed_recorded_host_prep_s"]) for x in r)
+        print(f"decode rows {lo}-{hi - 1}: {len(r)} steps, grouped/recorded - 1 = {100 * (b / a - 1):+.2f}%, host preparation {prep * 1e3:.3f} ms")
 a = sum(float(x["executed_recorded_s"]) for x in rows); b = sum(float(x["executed_by_adapter_s"]) for x in rows)
 print(f"all {len(rows)} steps: {100 * (b / a - 1):+.2f}%")
 PY
@@ -57,6 +59,7 @@ if [ "$(left)" -gt 140 ]; then
   timeout $(($(left) - 10)) $B calibrate --model llama-7b --reps 4 --out /tmp/profiles > $OUT/calibrate-llama-7b.log 2>&1; echo "calibrate rc $?"
   f=$(ls /tmp/profiles/*-llama-7b.md 2>/dev/null | head -1)
   [ -n "$f" ] && grep -E "shared" $f | cut -d"|" -f2-11 | head -24
+  [ -n "$f" ] && grep -A 80 "^## Whole decode steps: host preparation" $f | grep -E "^\| [0-9]+ \| (1024|2048) \|"
   tar czf $OUT/profiles.tgz -C /tmp profiles
 fi
 stage end
