@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Session 25's second call, for branch `segmented-mbgmv` (the segmented MBGMV kernels: each
-# run of up to 4 decode rows on one adapter reads it once). Run it on the machine of call.sh
-# (main's binary), with the branch's binary in .devx/bins-seg.tar.xz:
-#   git checkout segmented-mbgmv && cargo build --release --features cuda && \
-#     strip -o .dev/slora-plan target/release/slora-plan && tar cJf .devx/bins-seg.tar.xz -C .dev slora-plan
-#   (then rebuild main's binary into .devx/bins.tar.xz, as for call.sh)
+# Session 25's second call, for the segmented MBGMV kernels (each run of up to 4 decode rows
+# on one adapter reads it once): the patch segmented-mbgmv.patch beside this script (session
+# 25's branch `segmented-mbgmv`, one commit on main at b5c6be4; branches do not survive from
+# one session to the next, so it is kept as a patch). Run it on the machine of call.sh (main's
+# binary), with the patched binary in .devx/bins-seg.tar.xz:
+#   git switch -c segmented-mbgmv && git am docs/fidelity/runs-25/next/segmented-mbgmv.patch && \
+#     cargo build --release --features cuda && strip -o .dev/slora-plan target/release/slora-plan && \
+#     tar cJf .devx/bins-seg.tar.xz -C .dev slora-plan
+#   (then main's binary into .devx/bins.tar.xz, as for call.sh)
 #   BUDGET=560 bash docs/fidelity/runs-25/next/call-seg.sh $OUT
 # 1. doctor: every kernel check, the segmented kernels on grouped rows among them (stop if any
 #    fails); 2. the reference check with runs 5 (grouped) and 6 (grouped, segmented);
