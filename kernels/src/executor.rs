@@ -746,13 +746,13 @@ impl GpuExecutor {
             }
         }
         let prefill_rows = token_ids.len();
-        let decode_order: Vec<usize> = if self.decode_rows_by_adapter {
+        // Grouped by adapter only when asked: the plan's order costs nothing to keep.
+        let grouped: Option<Vec<usize>> = self.decode_rows_by_adapter.then(|| {
             let adapters: Vec<Option<AdapterId>> = plan.decode.iter().map(|d| d.adapter).collect();
             lora::decode_rows_by_adapter(&adapters)
-        } else {
-            (0..plan.decode.len()).collect()
-        };
-        for dw in decode_order.iter().map(|&i| &plan.decode[i]) {
+        });
+        for i in 0..plan.decode.len() {
+            let dw = &plan.decode[grouped.as_ref().map_or(i, |order| order[i])];
             let r = self.requests.get_mut(&dw.request).ok_or_else(|| {
                 Self::plan_err(step, format!("{} decodes but was never added", dw.request))
             })?;
